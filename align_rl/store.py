@@ -1,0 +1,92 @@
+"""Writing states as a WeatherBench2-layout zarr store, atomically.
+
+Layout: variables with WeatherBench2 long names; pressure-level variables have dims
+(time, level, latitude, longitude), surface variables (time, latitude, longitude); ``level`` is int
+hPa, latitude ascending. A store is written to ``PATH.tmp-<pid>`` and renamed into place, so a
+crash never leaves a half-written ``PATH``. Reading is in :mod:`align_rl.era5`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from .errors import InputError
+from .schema import CHANNEL_INFO, LEVEL_VARS, LEVELS, LONG_NAMES, SURFACE_VARS, UNITS, channels_of
+from .states import States
+
+
+def states_to_dataset(states: States, derived: tuple[str, ...] = ()) -> xr.Dataset:
+    """WeatherBench2-layout dataset of ``states``; variables in ``derived`` are labelled so."""
+    v = states.values
+    coords = {
+        "time": states.times,
+        "level": np.array(LEVELS, dtype=np.int64),
+        "latitude": states.lat,
+        "longitude": states.lon,
+    }
+    data_vars: dict[str, Any] = {}
+    for var in SURFACE_VARS:
+        (i,) = channels_of(var)
+        data_vars[LONG_NAMES[var]] = (("time", "latitude", "longitude"), v[:, i])
+    for var in LEVEL_VARS:
+        idx = channels_of(var)
+        data_vars[LONG_NAMES[var]] = (("time", "level", "latitude", "longitude"), v[:, idx])
+    ds = xr.Dataset(data_vars, coords=coords)
+    for var in SURFACE_VARS + LEVEL_VARS:
+        a = ds[LONG_NAMES[var]].attrs
+        a["units"] = UNITS[var]
+        a["short_name"] = var
+        a["derived"] = var in derived
+    ds["level"].attrs["units"] = "hPa"
+    ds["latitude"].attrs["units"] = "degrees_north"
+    ds["longitude"].attrs["units"] = "degrees_east"
+    ds.attrs.update({k: (json.dumps(val) if isinstance(val, (dict, list)) else val)
+                     for k, val in states.attrs.items()})
+    return ds
+
+
+def write_states(
+    path: str | Path,
+    states: States,
+    derived: tuple[str, ...] = (),
+    overwrite: bool = False,
+    time_chunk: int = 8,
+) -> Path:
+    """Write ``states`` (physical units) to a zarr store at ``path``, atomically.
+
+    Dict- or list-valued ``states.attrs`` are stored as JSON strings (e.g. ``normalization``).
+    """
+    path = Path(path)
+    if not np.all(np.isfinite(states.values)):
+        raise InputError(f"refusing to write {path}: the states hold NaN or inf values")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} exists; remove it or pass overwrite")
+    ds = states_to_dataset(states, derived)
+    ds = ds.chunk({"time": time_chunk})
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        ds.to_zarr(tmp, mode="w", consolidated=True)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def channel_table() -> list[dict[str, Any]]:
+    """The 69 channels as rows (index, name, long_name, level, units), for docs and reports."""
+    return [
+        {"index": c.index, "name": c.name, "long_name": c.long_name, "level": c.level, "units": c.units}
+        for c in CHANNEL_INFO
+    ]
