@@ -32,8 +32,8 @@ EARTH_RADIUS = 6371008.7714
 
 
 def _coords(lat: Any, lon: Any, H: int, W: int) -> tuple[np.ndarray, np.ndarray, float]:
-    lat = np.asarray(lat.detach().cpu() if isinstance(lat, torch.Tensor) else lat, dtype=np.float64)
-    lon = np.asarray(lon.detach().cpu() if isinstance(lon, torch.Tensor) else lon, dtype=np.float64)
+    lat = np.asarray(lat.detach().cpu().numpy() if isinstance(lat, torch.Tensor) else lat, dtype=np.float64)
+    lon = np.asarray(lon.detach().cpu().numpy() if isinstance(lon, torch.Tensor) else lon, dtype=np.float64)
     if lat.shape != (H,) or lon.shape != (W,):
         raise InputError(f"lat {lat.shape} / lon {lon.shape} do not match a field of {H}x{W}")
     if H < 3:
@@ -106,7 +106,7 @@ def geo_imbalance(x_phys, lat, lon, level: int = 500, band: float = 15.0):
     except KeyError as exc:
         raise InputError(f"no channels at level {level} hPa: {exc}") from None
     H, W = x.shape[-2:]
-    lat_np = np.asarray(lat.detach().cpu() if isinstance(lat, torch.Tensor) else lat, dtype=np.float64)
+    lat_np = np.asarray(lat.detach().cpu().numpy() if isinstance(lat, torch.Tensor) else lat, dtype=np.float64)
     keep = np.abs(lat_np) >= band
     if not keep.any():
         raise InputError(f"no latitudes with |lat| >= {band}°; lower the band")

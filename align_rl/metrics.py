@@ -43,8 +43,8 @@ def _back(x: torch.Tensor, as_numpy: bool):
 
 def lat_weight_column(lat: Any, like: torch.Tensor) -> torch.Tensor:
     """``cos(lat)/mean(cos(lat))`` as a column ``(H, 1)`` of ``like``'s dtype and device."""
-    lat_t = torch.as_tensor(np.ascontiguousarray(lat.detach().cpu() if isinstance(lat, torch.Tensor) else lat,
-                                       dtype=np.float64))
+    lat_np = lat.detach().cpu().numpy() if isinstance(lat, torch.Tensor) else lat
+    lat_t = torch.tensor(np.array(lat_np, dtype=np.float64))
     if lat_t.ndim != 1 or lat_t.numel() != like.shape[-2]:
         raise InputError(f"latitude of shape {tuple(lat_t.shape)} does not match the field's "
                          f"{like.shape[-2]} rows")

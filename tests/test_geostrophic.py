@@ -45,7 +45,7 @@ def metpy_geostrophic(phi: np.ndarray, lat: np.ndarray, lon: np.ndarray):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pint's UnitStrippedWarning inside xarray
         ug, vg = mpcalc.geostrophic_wind(da)
-    return (ug.metpy.convert_units("m/s").values, vg.metpy.convert_units("m/s").values)
+        return (ug.metpy.convert_units("m/s").values, vg.metpy.convert_units("m/s").values)
 
 
 def analytic_phi(grid: Grid, wave: int = 3):
