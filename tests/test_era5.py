@@ -305,3 +305,15 @@ def test_normalizer_round_trip_and_missing(tmp_path):
     with pytest.raises(InputError, match="no states in the training range"):
         era5.compute_normalizer(s, ["1990-01-01", "1990-12-31"])
     assert isinstance(norm, Normalizer)
+
+
+def test_reads_what_the_project_writer_writes(tmp_path):
+    from align_rl.store import write_states
+
+    s = make_states(T=5, attrs={"splits": {"train": ["2000-01-01", "2000-01-01"]}})
+    s.attrs["normalization"] = era5.compute_normalizer(s).to_dict()
+    p = write_states(tmp_path / "w.zarr", s, derived=("q", "msl"))
+    r = era5.open_states(p, time_range=[s.times[1], None])
+    np.testing.assert_array_equal(r.values, s.values[1:])
+    assert r.attrs["splits"] == {"train": ["2000-01-01", "2000-01-01"]}
+    np.testing.assert_allclose(era5.load_normalizer(p).mean, era5.compute_normalizer(s).mean)
