@@ -1,0 +1,49 @@
+"""RewardActor: holds the forecaster (48 h rollouts) and the normaliser, scores candidates.
+
+Thin: the science is :func:`align_rl.candidates.score_candidates` (rewards of
+:mod:`align_rl.rewards`). Declared with ``max_restarts`` / ``max_task_retries`` and resources from
+``cfg.actors``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from .sampler import actor_options
+
+
+class RewardActor:
+    def __init__(self, forecaster: Any, normalizer: Any, lat, lon, cfg: dict, threads: int = 1):
+        from align_rl.config import config_from_dict
+
+        torch.set_num_threads(max(1, int(threads)))
+        self.cfg = config_from_dict(cfg)
+        self.forecaster = forecaster
+        if hasattr(forecaster, "eval"):
+            forecaster.eval()
+        self.normalizer = normalizer
+        self.lat, self.lon = np.asarray(lat), np.asarray(lon)
+
+    def score(self, tasks: list, drawn):
+        """``[{reward: (N,)}]`` per task, or ``drawn`` unchanged when it is a stale-weights marker."""
+        from align_rl.candidates import score_candidates
+
+        if isinstance(drawn, dict):
+            return drawn
+        return score_candidates(self.forecaster, self.normalizer, self.lat, self.lon, tasks, drawn,
+                                self.cfg.rewards)
+
+    def info(self) -> dict:
+        return {"pid": os.getpid()}
+
+
+def make_rewarders(cfg, forecaster_ref, normalizer, lat, lon, n: int | None = None) -> list:
+    cls = ray.remote(RewardActor).options(**actor_options(cfg))
+    threads = max(1, int(cfg.actors.cpus_per_actor))
+    return [cls.remote(forecaster_ref, normalizer, lat, lon, cfg.to_dict(), threads)
+            for _ in range(int(n or cfg.actors.rewarders))]
