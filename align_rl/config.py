@@ -143,11 +143,15 @@ class PairsConfig:
     decile: float = 0.1
     guidance: str = "dps"  # guidance used to draw candidates
     store: str | None = None  # default: <workdir>/pairs.zarr
+    # pair modes the main job aligns a model for, one aligned model each (M and/or P)
+    variants: list[str] = field(default_factory=lambda: ["M"])
 
 
 @dataclass
 class DPOConfig:
-    beta: float = 8000.0  # see align_rl/dpo.py for the convention (mean over latent elements)
+    # β of L = −log σ(−β(Δ_w − Δ_l)); Δ = ‖ε−ε_θ‖² − ‖ε−ε_ref‖² as the MEAN over latent elements,
+    # no factor ½, ω(λ_t) ≡ 1, the paper's T folded into β (align_rl/dpo.py)
+    beta: float = 8000.0
     lr: float = 1e-5
     batch_size: int = 16
     steps: int = 300
@@ -159,6 +163,7 @@ class DPOConfig:
     sync_every: int = 50  # online: learner steps between weight syncs / pair refreshes
     staleness: int = 2  # online: pairs older than this many policy versions leave the buffer
     online_backgrounds: int = 8  # online: new backgrounds per refresh
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before a run fails
 
 
 @dataclass
@@ -170,7 +175,7 @@ class ActorsConfig:
     gpus_per_actor: float = 0.0
     max_restarts: int = 3
     max_task_retries: int = 3
-    batch_size: int = 8
+    batch_size: int = 4  # backgrounds per sampler / reward actor call
 
 
 @dataclass
@@ -377,6 +382,12 @@ def validate(cfg: Config) -> None:
     _choice(cfg.guidance.dps_likelihood, ("norm", "gaussian"), "guidance.dps_likelihood")
     _choice(cfg.pairs.guidance, ("obsfree", "repaint", "dps"), "pairs.guidance")
     _choice(cfg.pairs.mode, ("M", "P"), "pairs.mode")
+    for v in cfg.pairs.variants:
+        _choice(v, ("M", "P"), "pairs.variants[]")
+    if cfg.dpo.sync_every < 1 or cfg.dpo.staleness < 0 or cfg.dpo.steps < 1:
+        raise ConfigError("dpo.steps and dpo.sync_every must be >= 1, dpo.staleness >= 0")
+    if cfg.actors.samplers < 1 or cfg.actors.rewarders < 1 or cfg.actors.batch_size < 1:
+        raise ConfigError("actors.samplers, actors.rewarders and actors.batch_size must be >= 1")
     _choice(cfg.dpo.mode, ("offline", "online"), "dpo.mode")
     _positive(cfg.dpo.beta, "dpo.beta")
     _positive(cfg.dpo.lr, "dpo.lr")
