@@ -32,7 +32,7 @@ from .normalization import Normalizer
 from .schema import CHANNEL_INFO, LEVEL_VARS, LEVELS, LONG_NAMES, N_CHANNELS, SURFACE_VARS
 from .states import States
 
-_ALIASES = {"lat": "latitude", "lon": "longitude"}
+_ALIASES = {"lat": "latitude", "lon": "longitude", "pressure_level": "level"}
 TimeRange = Sequence[Any] | None
 
 
@@ -51,6 +51,8 @@ def _open_dataset(path: str | Path) -> xr.Dataset:
                 "(or pip install -e '.[gcs]')"
             ) from None
         kwargs: dict[str, Any] = {"storage_options": {"token": "anon"}}
+    elif "://" in p:  # another fsspec URL (https://, s3://, …): let fsspec resolve it
+        kwargs = {}
     else:
         if not Path(p).exists():
             raise InputError(f"store {p} does not exist; check the path (data.path)")
@@ -63,7 +65,8 @@ def _open_dataset(path: str | Path) -> xr.Dataset:
         raise
     except Exception as exc:  # a folder that is not a zarr store, a broken store
         raise InputError(f"cannot open {p} as a zarr store: {exc}") from None
-    return ds.rename({k: v for k, v in _ALIASES.items() if k in ds.dims or k in ds.coords})
+    return ds.rename({k: v for k, v in _ALIASES.items()
+                      if (k in ds.dims or k in ds.coords) and v not in ds.dims and v not in ds.coords})
 
 
 def _check_coord(ds: xr.Dataset, name: str, path: str) -> np.ndarray:

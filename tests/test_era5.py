@@ -184,7 +184,8 @@ def test_longitudes_from_minus_180_are_rolled(tmp_path):
 def test_lat_lon_aliases(tmp_path):
     s = make_states(T=1)
     r = era5.open_states(write_layout(tmp_path / "s.zarr", s,
-                                      edit=lambda ds: ds.rename(latitude="lat", longitude="lon")))
+                                      edit=lambda ds: ds.rename(latitude="lat", longitude="lon",
+                                                                level="pressure_level")))
     np.testing.assert_array_equal(r.values, s.values)
 
 
