@@ -1,0 +1,187 @@
+"""``ray job submit`` of the main job to a local head node started by this test.
+
+The head runs in its own process group with its own ``--temp-dir`` (so its address file never
+reaches ``/tmp/ray`` and no other Ray instance on the machine sees it), on free ports, with the
+dashboard on 127.0.0.1 only and ``RAY_AUTH_MODE=disabled``. The job uploads the repository as its
+working directory (without ``.venv``, ``runs``, ``.git``) and runs ``python -m align_rl.train``
+with a tiny configuration; the test waits for ``SUCCEEDED`` and checks the job's outputs. At the
+end only the processes of this head are stopped: its process group, then any process whose
+command line names its temp dir (never ``ray stop``, which would stop every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", ".pytest_cache", "wandb", "*.zarr"]
+
+pytestmark = pytest.mark.slow
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    """PIDs of this user's processes whose command line contains ``text`` (our temp dir)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if d.stat().st_uid != os.getuid():
+                continue
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            out.append(int(d.name))
+    return out
+
+
+class LocalHead:
+    """A Ray head node in its own process group (``ray start --head --block``)."""
+
+    def __init__(self, num_cpus: int = 2):
+        self.temp_dir = tempfile.mkdtemp(prefix="arljs", dir="/tmp")  # short: socket paths
+        (gcs, dash, client, agent, agent_grpc, metrics, rt_agent) = free_ports(7)
+        self.gcs_port, self.dashboard_port = gcs, dash
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        self.env.update(RAY_AUTH_MODE="disabled", RAY_TMPDIR=self.temp_dir,
+                        RAY_USAGE_STATS_ENABLED="0", WANDB_MODE="offline")
+        cmd = [_ray_bin(), "start", "--head", "--block", f"--port={gcs}", f"--num-cpus={num_cpus}",
+               "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+               f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+               f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+               f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_agent}",
+               f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
+        self.log = open(Path(self.temp_dir) / "head.log", "wb")
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        t0, err = time.time(), None
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited: {self.read_log()}")
+            try:
+                JobSubmissionClient(self.address).list_jobs()
+                return
+            except Exception as exc:  # not up yet
+                err = exc
+                time.sleep(1.0)
+        raise TimeoutError(f"head node not ready after {timeout} s ({err}): {self.read_log()}")
+
+    def read_log(self) -> str:
+        self.log.flush()
+        return (Path(self.temp_dir) / "head.log").read_text(errors="replace")[-4000:]
+
+    def stop(self) -> list[int]:
+        """Stop this head only; returns the PIDs still alive afterwards (should be none)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = _pids_mentioning(self.temp_dir)
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            if pids:
+                time.sleep(2.0)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.log.close()
+        left = _pids_mentioning(self.temp_dir)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return left
+
+
+def submit_and_wait(head: LocalHead, entrypoint: list[str], submission_id: str,
+                    env_vars: dict[str, str], timeout: float) -> tuple[str, str]:
+    """``ray job submit --no-wait`` then poll until the job ends; returns ``(status, logs)``."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    runtime_env = {"excludes": EXCLUDES, "env_vars": env_vars}
+    cmd = [_ray_bin(), "job", "submit", "--address", head.address, "--submission-id", submission_id,
+           "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--no-wait",
+           "--", *entrypoint]
+    sub = subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=180)
+    assert sub.returncode == 0, f"ray job submit failed:\n{sub.stdout}\n{sub.stderr}"
+    client = JobSubmissionClient(head.address)
+    t0 = time.time()
+    status = client.get_job_status(submission_id)
+    while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        if time.time() - t0 > timeout:
+            client.stop_job(submission_id)
+            break
+        time.sleep(2.0)
+        status = client.get_job_status(submission_id)
+    return str(status), client.get_job_logs(submission_id)
+
+
+TINY_TRAIN = """\
+run: {{name: jobsubmit, workdir: {workdir}, wandb_mode: offline}}
+"""
+
+
+def test_ray_job_submit_main_job_succeeds(tmp_path):
+    out_dir = tmp_path / "job"
+    out_dir.mkdir()
+    head = LocalHead(num_cpus=2)
+    try:
+        head.wait_ready()
+        entry = ["python", "-c",
+                 "import json, pathlib, sys, ray, align_rl.config as c; ray.init(); "
+                 "r = ray.cluster_resources(); "
+                 f"pathlib.Path({str(out_dir)!r}, 'done.json').write_text(json.dumps("
+                 "{'cpus': r.get('CPU'), 'module': c.__file__}))"]
+        status, logs = submit_and_wait(head, entry, "align-rl-test-job",
+                                       {"RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline"},
+                                       timeout=600)
+        assert status == "SUCCEEDED", f"job ended {status}; logs:\n{logs[-6000:]}"
+        done = json.loads((out_dir / "done.json").read_text())
+        assert done["cpus"] == 2.0  # the job ran on our head node, not on another instance
+        # the package came from the uploaded working dir, not from the repository checkout
+        assert not done["module"].startswith(str(REPO))
+    finally:
+        left = head.stop()
+    assert left == [], f"processes of the test head still alive: {left}"
