@@ -189,6 +189,7 @@ class EvalConfig:
     errors: list[float] = field(default_factory=lambda: [0.0, 0.02, 0.05])
     map_samples: int = 10
     out: str | None = None  # default: <workdir>/eval
+    batch_size: int = 8  # backgrounds per sampler call (each call runs batch_size × members rows)
 
 
 @dataclass

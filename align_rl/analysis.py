@@ -1,0 +1,121 @@
+"""One call from a background and observations to an ensemble of analyses (SPEC §5, §6).
+
+``analyse(codec, eps_model, x_b, obs, method, sampler_cfg, guidance_cfg, generator)``:
+``z_b = E(x_b)`` → ``N`` guided latent samples per background → ``x_a = D(z_a)``. The sampler
+actors of the alignment, the evaluation and the benchmarks all call this function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .diffusion.guidance import METHODS, make_guidance
+from .diffusion.sampler import sample
+from .errors import ConfigError, InputError
+
+
+@dataclass
+class Analysis:
+    """``latents`` (B, N, C, h, w) standardised; ``fields`` (B, N, 69, H, W) normalised units."""
+
+    latents: torch.Tensor
+    fields: torch.Tensor
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Ensemble-mean field (B, 69, H, W), normalised."""
+        return self.fields.mean(dim=1)
+
+
+def _device_of(module: Any) -> torch.device:
+    try:
+        return next(module.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def _get(cfg: Any, key: str, default: Any) -> Any:
+    if cfg is None:
+        return default
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def analyse(
+    codec: Any,
+    eps_model: Any,
+    x_b: torch.Tensor,
+    obs: Any,
+    method: str,
+    sampler_cfg: Any,
+    guidance_cfg: Any = None,
+    generator: torch.Generator | None = None,
+    members: int | None = None,
+    batch_size: int | None = None,
+    autocast: dict | None = None,
+    progress: bool = False,
+) -> Analysis:
+    """Analyses of the backgrounds ``x_b`` (B, 69, H, W) normalised given ``obs`` (Observations
+    with ``values``/``mask`` (B, 69, H, W) normalised; may be None for ``method="obsfree"``).
+
+    ``method``: obsfree | repaint | dps. ``sampler_cfg``: ``steps``, ``corrections``, ``tau``,
+    ``members`` (``members`` argument overrides); ``guidance_cfg``: ``dps_zeta``,
+    ``dps_likelihood``, ``dps_gamma``. ``eps_model(z_t, t, z_b)`` is the score network (e.g.
+    ``LatentDiT``). ``batch_size``: most backgrounds per sampler call (all when None; every call
+    runs ``batch_size · N`` rows). ``autocast``: ``torch.autocast`` kwargs for the networks (e.g.
+    bf16 on CUDA). Randomness comes from ``generator`` only; the networks run on their device.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"guidance method {method!r} is not one of {', '.join(METHODS)}")
+    if x_b.ndim != 4:
+        raise InputError(f"x_b must be (B, 69, H, W) normalised, got {tuple(x_b.shape)}")
+    if not torch.isfinite(x_b).all():
+        raise InputError("the background holds NaN or inf values; check the background store")
+    if obs is not None and obs.values.shape != x_b.shape:
+        raise InputError(f"observations {tuple(obs.values.shape)} do not match the backgrounds "
+                         f"{tuple(x_b.shape)}")
+    n = int(members if members is not None else _get(sampler_cfg, "members", 8))
+    steps = int(_get(sampler_cfg, "steps", 32))
+    corr = int(_get(sampler_cfg, "corrections", 1))
+    tau = float(_get(sampler_cfg, "tau", 0.1))
+    dev = _device_of(codec)
+    B = x_b.shape[0]
+    bs = B if not batch_size else max(1, int(batch_size))
+
+    def eps_fn(z, t, zb):
+        if autocast:
+            with torch.autocast(**autocast):
+                return eps_model(z, t, zb).float()
+        return eps_model(z, t, zb)
+
+    def decode(z):
+        if autocast:
+            with torch.autocast(**autocast):
+                return codec.decode(z).float()
+        return codec.decode(z)
+
+    lat_out, fld_out = [], []
+    for i in range(0, B, bs):
+        xb = x_b[i:i + bs].to(dev, torch.float32)
+        o = obs[i:i + bs].to(dev) if obs is not None and hasattr(obs, "to") else obs
+        extra = {"autocast": autocast} if method == "dps" and autocast else {}
+        guidance = make_guidance(method, codec, o, guidance_cfg, **extra)
+        with torch.no_grad():
+            z_b = codec.encode(xb)
+        z = sample(eps_fn, z_b, n, steps, corr, tau, guidance=guidance, generator=generator,
+                   progress=progress)
+        with torch.no_grad():
+            x = decode(z.reshape(-1, *z.shape[2:])).reshape(z.shape[0], n, *xb.shape[1:])
+        lat_out.append(z)
+        fld_out.append(x)
+    fields = torch.cat(fld_out)
+    if not torch.isfinite(fields).all():
+        raise InputError(
+            f"the {method} analyses hold NaN or inf values; lower guidance.dps_zeta or sampler.tau, "
+            "or check the checkpoints"
+        )
+    return Analysis(torch.cat(lat_out), fields)

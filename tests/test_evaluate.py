@@ -1,0 +1,167 @@
+"""The evaluation on tiny models and a tiny synthetic world (16 × 32): files, tables, pairing,
+hand-checked background scores, and the analyses store read back by align_rl.score."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from align_rl.config import load_config
+from align_rl.errors import ConfigError
+from align_rl.evaluate import EvalData, load_models, paired_change, run_evaluation, select_times
+from align_rl.grid import Grid
+from align_rl.models.dit import build_dit
+from align_rl.models.forecaster import EmulatorForecaster, build_emulator
+from align_rl.models.vae import LatentCodec, build_vae
+from align_rl.normalization import Normalizer
+from align_rl.schema import N_CHANNELS, channel_index
+from align_rl.states import States
+from align_rl.store import write_states
+from align_rl.workspace import Workspace
+from tests.analytic_models import GaussianPrior
+
+GRID = Grid(16, 32)
+
+
+def _world(n_times: int, seed: int = 0) -> States:
+    """Smooth random physical fields, 6-hourly from 2005-01-01 (the test split)."""
+    rng = np.random.default_rng(seed)
+    lat, lon = GRID.lat, GRID.lon
+    la, lo = np.meshgrid(np.deg2rad(lat), np.deg2rad(lon), indexing="ij")
+    scale = np.full(N_CHANNELS, 5.0)
+    mean = np.full(N_CHANNELS, 10.0)
+    iz = channel_index("z500")
+    mean[iz], scale[iz] = 5.5e4, 800.0
+    vals = np.empty((n_times, N_CHANNELS, *GRID.shape), np.float32)
+    for t in range(n_times):
+        a = rng.normal(size=(N_CHANNELS, 4))
+        f = (a[:, 0, None, None] * np.cos(la) * np.cos(lo + 0.1 * t) + a[:, 1, None, None] * np.sin(2 * la)
+             + a[:, 2, None, None] * np.cos(la) * np.sin(2 * lo) + 0.3 * a[:, 3, None, None])
+        vals[t] = mean[:, None, None] + scale[:, None, None] * f
+    times = np.datetime64("2005-01-01T00", "ns") + np.arange(n_times) * np.timedelta64(6, "h")
+    return States(vals, times, lat, lon)
+
+
+class Prior(nn.Module):
+    """ε of the Gaussian prior N(a z_b, s² I), plus an optional small random DiT term."""
+
+    def __init__(self, a=1.0, s=0.5, dit=None):
+        super().__init__()
+        self.g = GaussianPrior(a, s)
+        self.dit = dit
+
+    def forward(self, z, t, z_b):
+        e = self.g(z, t, z_b)
+        return e if self.dit is None else e + 0.01 * self.dit(z, t, z_b)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.manual_seed(0)
+    tmp = tmp_path_factory.mktemp("eval")
+    truth = _world(24)
+    norm = Normalizer.fit(truth.values)
+    truth.attrs["normalization"] = norm.to_dict()
+    rng = np.random.default_rng(1)
+    bg_vals = truth.values + rng.normal(size=truth.values.shape).astype(np.float32) * norm.std[None, :, None, None].astype(np.float32) * 0.3
+    backgrounds = States(bg_vals[8:], truth.times[8:], truth.lat, truth.lon)  # t − 48 h exists
+    cfg = load_config(None, [
+        f"run.workdir={tmp}", "run.wandb_mode=disabled", "data.grid=16x32",
+        "data.test=[2005-01-01, 2005-12-31]",
+        "vae.embed_dim=16", "vae.depth=1", "vae.heads=2", "vae.latent_channels=4",
+        "diffusion.embed_dim=16", "diffusion.depth=1", "diffusion.heads=2",
+        "sampler.steps=4", "sampler.corrections=1", "sampler.tau=0.05",
+        "eval.times=3", "eval.members=2", "eval.map_samples=2", "eval.batch_size=2",
+        "eval.ablations=[density]", "eval.densities=[0.05]",
+        "obs.density=0.1", "guidance.dps_zeta=0.01",
+    ])
+    vae = build_vae(cfg.vae, GRID)
+    codec = LatentCodec(vae, torch.zeros(4), torch.ones(4)).eval()
+    dit = build_dit(cfg.diffusion, codec.latent_shape)
+    nn.init.normal_(dit.out.weight, std=0.1)
+    forecaster = EmulatorForecaster(build_emulator({"hidden": 8, "depth": 1}, GRID))
+    truth_store = write_states(tmp / "truth.zarr", truth)
+    data = EvalData(truth, backgrounds, norm, codec, forecaster, truth_store=truth_store)
+    ref = Prior()
+    models = {"reference": ref, "copy": ref, "Align-M": Prior(a=0.9, s=0.45, dit=dit)}
+    out = tmp / "eval"
+    summary = run_evaluation(cfg, Workspace.from_config(cfg), models, data=data, out=out, progress=False)
+    return cfg, data, summary, out
+
+
+def test_files_tables_and_rows(setup):
+    cfg, data, summary, out = setup
+    for f in ("report.md", "metrics.json", "metrics.csv", "maps/z500_error_reduction.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    assert not list(out.parent.glob("eval.tmp-*"))
+    report = (out / "report.md").read_text()
+    for text in ("Table 1", "Table 2", "Table 3", "Background", "| DPS |", "| Repaint |", "| ObsFree |",
+                 "Align-M-DPS", "copy-Repaint", "CRPS", "spread/skill", "density=0.05", "Checks"):
+        assert text in report, text
+    doc = json.loads((out / "metrics.json").read_text())
+    main = doc["scores"]["main"]
+    for row in ("background", "reference/dps", "Align-M/obsfree", "copy/repaint"):
+        assert row in main
+    assert set(main["reference/dps"]["analysis"]) == {"member", "ensmean", "ensemble"}
+    assert "geo_score" in main["reference/dps"]["analysis"]["member"]
+    assert "Align-M/obsfree" not in doc["scores"]["density=0.05"]  # no obs-free ablation
+    assert len(doc["per_time"]["main"]["reference/dps"]["analysis"]["member"]["mse"]) == 3
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("setting,table,row")
+    assert any(r.startswith("main,forecast,Align-M/dps,Align-M,dps,member,wrmse_z500,") for r in rows)
+    assert summary["n_times"] == 3 and len(summary["checks"]) == 2
+
+
+def test_background_scores_match_a_hand_computation(setup):
+    _, data, summary, _ = setup
+    times = select_times(data.truth, data.backgrounds, ["2005-01-01", "2005-12-31"], 3)
+    norm = data.normalizer
+    idx_t = [data.truth.time_index(t) for t in times]
+    idx_b = [data.backgrounds.time_index(t) for t in times]
+    xt, xb = data.truth.values[idx_t].astype(np.float64), data.backgrounds.values[idx_b].astype(np.float64)
+    mse = ((norm.normalize(xb) - norm.normalize(xt)) ** 2).mean(axis=(1, 2, 3)).mean()
+    w = GRID.weights()[None, :, None]
+    iz = channel_index("z500")
+    wr = np.sqrt((w * (xb[:, iz] - xt[:, iz]) ** 2).mean(axis=(1, 2))).mean()
+    bg = summary["scores"]["main"]["background"]["analysis"]["member"]
+    assert bg["mse"] == pytest.approx(mse, rel=1e-6)
+    assert bg["wrmse_z500"] == pytest.approx(wr, rel=1e-6)
+
+
+def test_comparisons_are_paired(setup):
+    """The same network under another name sees the same observations and noise: 0 % change."""
+    _, _, summary, _ = setup
+    for meth in ("obsfree", "repaint", "dps"):
+        ch = summary["changes"]["main"][f"copy/{meth}"]
+        for tab in ("analysis", "forecast"):
+            for m, c in ch[tab]["member"].items():
+                assert c["pct"] == pytest.approx(0.0, abs=1e-9), (meth, tab, m)
+    assert summary["scores"]["main"]["Align-M/dps"] != summary["scores"]["main"]["reference/dps"]
+
+
+def test_analyses_store_is_read_by_score(setup):
+    from align_rl.score import score_stores
+
+    _, data, summary, out = setup
+    store = out / summary["files"]["analyses"]["reference/dps"]
+    res = score_stores(store, data.truth_store, progress=False)
+    assert res["n_times"] == 3
+    ens = summary["scores"]["main"]["reference/dps"]["analysis"]["ensmean"]
+    assert res["mse"] == pytest.approx(ens["mse"], rel=1e-4)
+    assert res["wrmse"]["z500"] == pytest.approx(ens["wrmse_z500"], rel=1e-4)
+
+
+def test_paired_change_and_bad_model_spec():
+    base = np.array([1.0, 2.0, 3.0, 4.0])
+    c = paired_change(base * 0.9, base)
+    assert c["pct"] == pytest.approx(-10.0)
+    assert c["ci"][0] == pytest.approx(-10.0) and c["ci"][1] == pytest.approx(-10.0)
+    c = paired_change(base + np.array([0.1, -0.1, 0.3, -0.2]), base)
+    assert c["ci"][0] <= c["pct"] <= c["ci"][1]
+    cfg = load_config(None, [])
+    with pytest.raises(ConfigError, match="NAME=CHECKPOINT"):
+        load_models(["no-equals-sign"], cfg)
