@@ -1,0 +1,1 @@
+"""Networks: the field VAE, the latent DiT score model, the 6 h forecasters."""

@@ -1,0 +1,317 @@
+"""6-hourly forecasters on normalised fields: ``step(x_prev, x_curr) -> x_next`` and ``rollout``.
+
+All take and return the project's normalised fields ``(B, 69, H, W)``, latitude ascending:
+- :class:`EmulatorForecaster` wraps :class:`EmulatorNet`, a small residual convnet trained here.
+- :class:`OnnxForecaster` runs an ONNX file with FengWu's interface.
+- :class:`TorchForecaster` runs any torch module with the same stacked-frames interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError, InputError
+from ..normalization import Normalizer
+from ..schema import N_CHANNELS
+
+
+class PeriodicConv2d(nn.Conv2d):
+    """``k × k`` convolution, circular padding in longitude (last axis), replicate in latitude."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int = 3):
+        super().__init__(cin, cout, kernel_size, padding=0)
+        self.pad = kernel_size // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.pad
+        if p:
+            x = F.pad(x, (p, p, 0, 0), mode="circular")
+            x = F.pad(x, (0, 0, p, p), mode="replicate")
+        return super().forward(x)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv1 = PeriodicConv2d(dim, dim, 3)
+        self.conv2 = PeriodicConv2d(dim, dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.gelu(self.conv1(F.gelu(x))))
+
+
+class EmulatorNet(nn.Module):
+    """Residual 6 h step ``x_next = x_curr + f(x_prev, x_curr)`` on normalised ``(B, 69, H, W)``.
+
+    ``f``: the two frames stacked (138 channels, like FengWu) → pixel-unshuffle by 2 → 1 × 1
+    conv to ``hidden`` → ``depth`` residual blocks of two periodic 3 × 3 convs at half resolution
+    → 1 × 1 conv → pixel-shuffle back to full resolution (zero-initialised, so the untrained
+    network is persistence). Needs even H and W.
+    """
+
+    def __init__(self, hidden: int = 96, depth: int = 4, channels: int = N_CHANNELS):
+        super().__init__()
+        self.channels = channels
+        self.stem = nn.Conv2d(2 * channels * 4, hidden, 1)
+        self.blocks = nn.Sequential(*(ResBlock(hidden) for _ in range(depth)))
+        self.head = nn.Conv2d(hidden, channels * 4, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x_prev: torch.Tensor, x_curr: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([x_prev, x_curr], dim=1)
+        h = self.stem(F.pixel_unshuffle(x, 2))
+        h = self.head(F.gelu(self.blocks(h)))
+        return x_curr + F.pixel_shuffle(h, 2)
+
+
+def build_emulator(fc_cfg: Any, grid: Any = None) -> EmulatorNet:
+    """The emulator of a ``forecaster`` config section (dataclass or dict); ``grid`` (Grid, "32x64"
+    or (H, W)) is recorded on the network (``net.grid``) so that checkpoints can check it."""
+    c = asdict(fc_cfg) if is_dataclass(fc_cfg) else dict(fc_cfg)
+    hidden, depth = int(c["hidden"]), int(c["depth"])
+    if hidden < 1 or depth < 0:
+        raise ConfigError(f"forecaster.hidden={hidden} must be >= 1 and forecaster.depth={depth} >= 0")
+    net = EmulatorNet(hidden=hidden, depth=depth)
+    if grid is not None:
+        from .vae import _grid_shape
+
+        H, W = _grid_shape(grid)
+        if H % 2 or W % 2:
+            raise ConfigError(f"the emulator needs an even grid, got {H}x{W}")
+        net.grid = (H, W)
+    return net
+
+
+def _check_pair(x_prev: torch.Tensor, x_curr: torch.Tensor) -> None:
+    if x_prev.shape != x_curr.shape or x_curr.ndim != 4 or x_curr.shape[1] != N_CHANNELS:
+        raise InputError(
+            f"forecasters take two frames (B, {N_CHANNELS}, H, W) of one shape, got "
+            f"{tuple(x_prev.shape)} and {tuple(x_curr.shape)}"
+        )
+
+
+class Forecaster:
+    """Interface: ``step(x_prev, x_curr) -> x_next`` on normalised ``(B, 69, H, W)`` (6 h apart)."""
+
+    def step(self, x_prev: torch.Tensor, x_curr: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def rollout(self, x_prev: torch.Tensor, x_curr: torch.Tensor, n_steps: int) -> torch.Tensor:
+        """``n_steps`` 6 h steps from ``(x_{t−6h}, x_t)`` -> ``(B, n_steps, 69, H, W)``, the states
+        at ``t + 6h, …, t + 6h · n_steps`` (gradients flow unless called under no_grad)."""
+        _check_pair(x_prev, x_curr)
+        if n_steps < 1:
+            raise InputError(f"rollout needs n_steps >= 1, got {n_steps}")
+        out = []
+        for _ in range(n_steps):
+            x_prev, x_curr = x_curr, self.step(x_prev, x_curr)
+            out.append(x_curr)
+        return torch.stack(out, dim=1)
+
+
+class EmulatorForecaster(nn.Module, Forecaster):
+    """The trained :class:`EmulatorNet` as a forecaster (differentiable)."""
+
+    def __init__(self, net: EmulatorNet):
+        super().__init__()
+        self.net = net
+
+    def step(self, x_prev: torch.Tensor, x_curr: torch.Tensor) -> torch.Tensor:
+        _check_pair(x_prev, x_curr)
+        return self.net(x_prev, x_curr)
+
+    def forward(self, x_prev: torch.Tensor, x_curr: torch.Tensor) -> torch.Tensor:
+        return self.step(x_prev, x_curr)
+
+
+def _load_stats(path: str | Path | None, what: str) -> np.ndarray | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"forecaster {what} file {p} does not exist; set forecaster.{what}_path")
+    a = np.asarray(np.load(p), dtype=np.float64).reshape(-1)
+    if a.shape != (N_CHANNELS,):
+        raise InputError(f"forecaster {what} file {p} must hold {N_CHANNELS} values, has {a.size}")
+    if not np.all(np.isfinite(a)) or (what == "std" and np.any(a <= 0)):
+        raise InputError(f"forecaster {what} file {p} holds NaN/inf or non-positive std values")
+    return a
+
+
+class _StackedForecaster(Forecaster):
+    """Shared conversion for models with FengWu's interface: input ``(B, 138, H, W)`` = the two
+    frames stacked, normalised with the model's own mean/std (physical units, (69,)) and in the
+    model's latitude order; output ``(B, ≥69, H, W)`` whose first 69 channels are the next state.
+
+    Project-normalised ``x`` → model-normalised ``x · s_p / s_m + (m_p − m_m) / s_m``, and back.
+    Without model statistics, the model is assumed to use the project's normalisation.
+    """
+
+    def __init__(self, normalizer: Normalizer | None, mean=None, std=None,
+                 lat_north_to_south: bool = True):
+        if (mean is None) != (std is None):
+            raise InputError("give both the model's mean and std files, or neither")
+        if mean is not None and normalizer is None:
+            raise InputError("model statistics need the project's normalizer to convert fields")
+        if mean is not None:
+            sp, mp = normalizer.std, normalizer.mean
+            self._a = torch.as_tensor(sp / std, dtype=torch.float32).reshape(-1, 1, 1)
+            self._b = torch.as_tensor((mp - mean) / std, dtype=torch.float32).reshape(-1, 1, 1)
+        else:
+            self._a = self._b = None
+        self.flip = bool(lat_north_to_south)
+
+    def _to_model(self, x: torch.Tensor) -> torch.Tensor:
+        if self._a is not None:
+            x = x * self._a.to(x) + self._b.to(x)
+        return torch.flip(x, dims=(-2,)) if self.flip else x
+
+    def _from_model(self, y: torch.Tensor) -> torch.Tensor:
+        if self.flip:
+            y = torch.flip(y, dims=(-2,))
+        if self._a is not None:
+            y = (y - self._b.to(y)) / self._a.to(y)
+        return y
+
+    def _run(self, stacked: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def step(self, x_prev: torch.Tensor, x_curr: torch.Tensor) -> torch.Tensor:
+        _check_pair(x_prev, x_curr)
+        stacked = torch.cat([self._to_model(x_prev), self._to_model(x_curr)], dim=1)
+        out = self._run(stacked)
+        if out.ndim != 4 or out.shape[1] < N_CHANNELS or out.shape[-2:] != x_curr.shape[-2:]:
+            raise InputError(
+                f"the forecast model returned {tuple(out.shape)}; expected (B, >= {N_CHANNELS}, "
+                f"{x_curr.shape[-2]}, {x_curr.shape[-1]}) with the next state first"
+            )
+        return self._from_model(out[:, :N_CHANNELS])
+
+
+class OnnxForecaster(_StackedForecaster):
+    """An ONNX model with FengWu's interface (input ``input`` ``(B, 138, H, W)``, output ``output``).
+
+    ``path``: the .onnx file; ``normalizer``: the project's; ``mean_path``/``std_path``: the model's
+    statistics (``.npy``, (69,), physical units; default: the project's normalisation);
+    ``lat_north_to_south``: the model expects latitude descending (FengWu: True). Models with a
+    fixed batch of 1 are run one sample at a time. Not differentiable.
+    """
+
+    def __init__(self, path: str | Path, normalizer: Normalizer | None, mean_path=None,
+                 std_path=None, lat_north_to_south: bool = True, providers: list[str] | None = None):
+        p = Path(path)
+        if not p.exists():
+            raise CheckpointError(f"ONNX forecaster {p} does not exist; set forecaster.path=FILE.onnx")
+        super().__init__(normalizer, _load_stats(mean_path, "mean"), _load_stats(std_path, "std"),
+                         lat_north_to_south)
+        try:
+            import onnxruntime as ort
+        except ImportError:  # pragma: no cover
+            raise ConfigError("forecaster.kind=onnx needs onnxruntime: pip install 'align_rl[onnx]'") from None
+        if providers is None:
+            avail = ort.get_available_providers()
+            providers = [pv for pv in ("CUDAExecutionProvider", "CPUExecutionProvider") if pv in avail]
+        try:
+            self.session = ort.InferenceSession(str(p), providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise CheckpointError(f"cannot open ONNX model {p}: {exc}") from None
+        inputs = self.session.get_inputs()
+        names = [i.name for i in inputs]
+        self.input_name = "input" if "input" in names else names[0]
+        outs = [o.name for o in self.session.get_outputs()]
+        self.output_name = "output" if "output" in outs else outs[0]
+        shape = next(i.shape for i in inputs if i.name == self.input_name)
+        if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != 2 * N_CHANNELS):
+            raise CheckpointError(
+                f"ONNX model {p} takes {shape}; expected (B, {2 * N_CHANNELS}, H, W) (two frames)"
+            )
+        self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
+        self.grid = tuple(shape[2:]) if all(isinstance(s, int) for s in shape[2:]) else None
+
+    def _run(self, stacked: torch.Tensor) -> torch.Tensor:
+        if self.grid is not None and tuple(stacked.shape[-2:]) != self.grid:
+            raise InputError(f"the ONNX model runs on a {self.grid} grid; fields are {tuple(stacked.shape[-2:])}")
+        arr = stacked.detach().to("cpu", torch.float32).numpy()
+        if self.fixed_batch:
+            parts = [
+                self.session.run([self.output_name], {self.input_name: arr[i : i + self.fixed_batch]})[0]
+                for i in range(0, arr.shape[0], self.fixed_batch)
+            ]
+            out = np.concatenate(parts, axis=0)
+        else:
+            out = self.session.run([self.output_name], {self.input_name: arr})[0]
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(stacked.device)
+
+
+class TorchForecaster(_StackedForecaster):
+    """Any torch module with the stacked-frames interface ``(B, 138, H, W) -> (B, ≥69, H, W)``
+    (``stacked=True``) or ``module(x_prev, x_curr) -> (B, ≥69, H, W)`` (``stacked=False``);
+    normalisation and latitude order as :class:`OnnxForecaster` (default: the project's,
+    latitude ascending). Differentiable."""
+
+    def __init__(self, module: nn.Module, normalizer: Normalizer | None = None, mean=None, std=None,
+                 lat_north_to_south: bool = False, stacked: bool = True):
+        super().__init__(normalizer, mean, std, lat_north_to_south)
+        self.module = module
+        self.stacked = stacked
+
+    def _run(self, stacked: torch.Tensor) -> torch.Tensor:
+        if self.stacked:
+            return self.module(stacked)
+        return self.module(stacked[:, :N_CHANNELS], stacked[:, N_CHANNELS:])
+
+    def to(self, device) -> "TorchForecaster":
+        self.module.to(device)
+        return self
+
+
+def _load_torch_module(path: Path) -> nn.Module:
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except Exception:
+        pass
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read torch forecaster {path}: {exc}") from None
+    if not isinstance(obj, nn.Module):
+        raise CheckpointError(
+            f"{path} holds a {type(obj).__name__}, not a torch module; save the whole module "
+            "(torch.save(module) or torch.jit.save) or an align_rl forecaster checkpoint"
+        )
+    return obj
+
+
+def load_forecaster(cfg, ws, normalizer: Normalizer | None, device: str | torch.device = "cpu") -> Forecaster:
+    """The forecaster named by ``cfg.forecaster.kind``: ``emulator`` loads
+    ``cfg.forecaster.path`` or ``ws.final_checkpoint("forecaster")`` (checked against the config);
+    ``onnx`` opens ``cfg.forecaster.path`` with the mean/std files; ``torch`` loads an align_rl
+    forecaster checkpoint, a TorchScript file or a pickled module. Modules are put in eval mode."""
+    from ..checkpoints import is_checkpoint, load_model
+
+    fc = cfg.forecaster
+    if fc.kind == "emulator":
+        path = Path(fc.path) if fc.path else ws.final_checkpoint("forecaster")
+        net, _ = load_model(path, "forecaster", expect=fc, device=device)
+        return EmulatorForecaster(net).eval()
+    if not fc.path:
+        raise ConfigError(f"forecaster.kind={fc.kind} needs forecaster.path=FILE")
+    if fc.kind == "onnx":
+        return OnnxForecaster(fc.path, normalizer, fc.mean_path, fc.std_path, fc.lat_north_to_south)
+    path = Path(fc.path)
+    if not path.exists():
+        raise CheckpointError(f"torch forecaster {path} does not exist; set forecaster.path")
+    if is_checkpoint(path):
+        net, _ = load_model(path, "forecaster", device=device)
+        return EmulatorForecaster(net).eval()
+    module = _load_torch_module(path).to(device).eval()
+    return TorchForecaster(module, normalizer, _load_stats(fc.mean_path, "mean"),
+                           _load_stats(fc.std_path, "std"), fc.lat_north_to_south)

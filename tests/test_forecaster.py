@@ -1,0 +1,186 @@
+"""Forecasters: the emulator's residual periodic step, ONNX (FengWu interface) and torch modules
+checked against a known linear map computed by hand in physical units."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from align_rl.checkpoints import save_model
+from align_rl.config import load_config
+from align_rl.errors import CheckpointError, ConfigError, InputError
+from align_rl.models.forecaster import (EmulatorForecaster, OnnxForecaster, TorchForecaster,
+                                        build_emulator, load_forecaster)
+from align_rl.normalization import Normalizer
+from align_rl.workspace import Workspace
+
+H, W = 8, 16
+
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+class LinearStep(nn.Module):
+    """Known map on the model's normalised, north-to-south fields:
+    ``out[:69] = 0.5 x_curr + 0.25 x_prev + 0.1 · row``, plus 3 extra channels (ignored)."""
+
+    def forward(self, x):
+        prev, curr = x[:, :69], x[:, 69:]
+        row = torch.arange(x.shape[-2], dtype=x.dtype).reshape(1, 1, -1, 1)
+        nxt = 0.5 * curr + 0.25 * prev + 0.1 * row
+        return torch.cat([nxt, prev[:, :3]], dim=1)
+
+
+def _expected(prev_p, curr_p, norm, m_mean, m_std):
+    """The same map by hand: project-normalised, latitude ascending, numpy."""
+    phys = lambda x: x * norm.std[:, None, None] + norm.mean[:, None, None]
+    to_m = lambda x: ((phys(x) - m_mean[:, None, None]) / m_std[:, None, None])[..., ::-1, :]
+    row = np.arange(H, dtype=np.float64)[:, None]
+    nxt_m = 0.5 * to_m(curr_p) + 0.25 * to_m(prev_p) + 0.1 * row
+    nxt_phys = nxt_m[..., ::-1, :] * m_std[:, None, None] + m_mean[:, None, None]
+    return (nxt_phys - norm.mean[:, None, None]) / norm.std[:, None, None]
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    rng = np.random.default_rng(0)
+    norm = Normalizer(rng.normal(0, 5, 69), rng.uniform(0.5, 2, 69))
+    m_mean = norm.mean + rng.normal(0, 1, 69)
+    m_std = norm.std * rng.uniform(0.7, 1.4, 69)
+    np.save(tmp_path / "mean.npy", m_mean)
+    np.save(tmp_path / "std.npy", m_std)
+    prev = rng.normal(size=(2, 69, H, W)).astype(np.float32)
+    curr = rng.normal(size=(2, 69, H, W)).astype(np.float32)
+    return tmp_path, norm, m_mean, m_std, prev, curr
+
+
+def _export(path, dynamic: bool):
+    kwargs = dict(input_names=["input"], output_names=["output"], opset_version=17, dynamo=False)
+    if dynamic:
+        kwargs["dynamic_axes"] = {"input": {0: "batch"}, "output": {0: "batch"}}
+    torch.onnx.export(LinearStep(), (torch.zeros(1, 138, H, W),), str(path), **kwargs)
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_onnx_forecaster_matches_hand_computation(setup, dynamic):
+    tmp, norm, m_mean, m_std, prev, curr = setup
+    onnx_path = tmp / "m.onnx"
+    _export(onnx_path, dynamic)
+    fc = OnnxForecaster(onnx_path, norm, tmp / "mean.npy", tmp / "std.npy", lat_north_to_south=True)
+    out = fc.step(torch.from_numpy(prev), torch.from_numpy(curr)).numpy()
+    ref = _expected(prev.astype(np.float64), curr.astype(np.float64), norm, m_mean, m_std)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    # the rollout feeds (x_curr, x_next) back in
+    roll = fc.rollout(torch.from_numpy(prev), torch.from_numpy(curr), 3).numpy()
+    assert roll.shape == (2, 3, 69, H, W)
+    r2 = _expected(curr.astype(np.float64), ref, norm, m_mean, m_std)
+    np.testing.assert_allclose(roll[:, 1], r2, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_forecaster_same_map_and_differentiable(setup):
+    tmp, norm, m_mean, m_std, prev, curr = setup
+    fc = TorchForecaster(LinearStep(), norm, m_mean, m_std, lat_north_to_south=True)
+    x = torch.from_numpy(curr).requires_grad_(True)
+    out = fc.step(torch.from_numpy(prev), x)
+    ref = _expected(prev.astype(np.float64), curr.astype(np.float64), norm, m_mean, m_std)
+    np.testing.assert_allclose(out.detach().numpy(), ref, rtol=1e-4, atol=1e-4)
+    out.sum().backward()
+    # d out / d x_curr = 0.5 (channel-wise factors cancel between the two conversions)
+    torch.testing.assert_close(x.grad, torch.full_like(x, 0.5))
+    # without model statistics nor flip: the module sees project-normalised fields directly
+    plain = TorchForecaster(LinearStep(), lat_north_to_south=False)
+    got = plain.step(torch.from_numpy(prev), torch.from_numpy(curr))
+    row = torch.arange(H, dtype=torch.float32).reshape(1, 1, -1, 1)
+    torch.testing.assert_close(got, 0.5 * torch.from_numpy(curr) + 0.25 * torch.from_numpy(prev) + 0.1 * row)
+
+
+def test_emulator_is_residual_periodic_and_rolls_out():
+    net = build_emulator({"hidden": 8, "depth": 2}, (H, W))
+    fc = EmulatorForecaster(net)
+    prev, curr = torch.randn(2, 69, H, W), torch.randn(2, 69, H, W)
+    torch.testing.assert_close(fc.step(prev, curr), curr)  # zero-initialised head: persistence
+    torch.manual_seed(1)
+    nn.init.normal_(net.head.weight, std=0.05)
+    out = fc.step(prev, curr)
+    assert (out - curr).abs().mean() > 1e-3
+    # circular in longitude: rolling the inputs by 2 columns rolls the output
+    rolled = fc.step(torch.roll(prev, 2, -1), torch.roll(curr, 2, -1))
+    torch.testing.assert_close(rolled, torch.roll(out, 2, -1), atol=1e-5, rtol=1e-5)
+    roll = fc.rollout(prev, curr, 3)
+    assert roll.shape == (2, 3, 69, H, W)
+    s1 = fc.step(prev, curr)
+    s2 = fc.step(curr, s1)
+    torch.testing.assert_close(roll[:, 1], s2)
+    torch.testing.assert_close(roll[:, 2], fc.step(s1, s2))
+    with pytest.raises(InputError):
+        fc.step(prev, curr[:, :10])
+
+
+def test_emulator_learns_advection():
+    """A field moving one column east per step: the trained emulator beats persistence."""
+    torch.manual_seed(0)
+    net = build_emulator({"hidden": 16, "depth": 1}, (H, W))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    lon = torch.arange(W) * 2 * torch.pi / W
+
+    def batch(n):
+        ph = torch.rand(n, 1, 1, 1) * 2 * torch.pi  # one phase for all channels
+        f = lambda k: torch.sin(lon - (k * 2 * torch.pi / W) + ph).expand(n, 69, H, W)
+        return f(0), f(1), f(2)
+
+    for _ in range(150):
+        a, b, c = batch(16)
+        loss = ((net(a, b) - c) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    a, b, c = batch(8)
+    with torch.no_grad():
+        err = ((net(a, b) - c) ** 2).mean()
+    assert err < 0.1 * ((b - c) ** 2).mean()
+
+
+def test_load_forecaster_by_kind(setup, tmp_path):
+    tmp, norm, m_mean, m_std, prev, curr = setup
+    cfg = load_config(overrides={"forecaster": {"hidden": 8, "depth": 1}, "run": {"workdir": str(tmp / "run")}})
+    ws = Workspace.from_config(cfg)
+    with pytest.raises(CheckpointError, match="pretrain"):
+        load_forecaster(cfg, ws, norm)
+    net = build_emulator(cfg.forecaster, (H, W))
+    nn.init.normal_(net.head.weight, std=0.05)
+    save_model(ws.final_checkpoint("forecaster"), net, "forecaster", cfg.forecaster)
+    fc = load_forecaster(cfg, ws, norm)
+    p, c = torch.from_numpy(prev), torch.from_numpy(curr)
+    torch.testing.assert_close(fc.step(p, c), net(p, c))
+    # a checkpoint of another architecture is refused
+    cfg2 = load_config(overrides={"forecaster": {"hidden": 16, "depth": 1}, "run": {"workdir": str(tmp / "run")}})
+    with pytest.raises(CheckpointError, match="hidden"):
+        load_forecaster(cfg2, ws, norm)
+    # onnx
+    _export(tmp / "m.onnx", True)
+    cfg3 = load_config(overrides={"forecaster": {"kind": "onnx", "path": str(tmp / "m.onnx"),
+                                                 "mean_path": str(tmp / "mean.npy"),
+                                                 "std_path": str(tmp / "std.npy")}})
+    out = load_forecaster(cfg3, ws, norm).step(p, c).numpy()
+    np.testing.assert_allclose(out, _expected(prev.astype(np.float64), curr.astype(np.float64), norm, m_mean, m_std),
+                               rtol=1e-4, atol=1e-4)
+    # torch: a pickled module
+    torch.save(LinearStep(), tmp / "m.pt")
+    cfg4 = load_config(overrides={"forecaster": {"kind": "torch", "path": str(tmp / "m.pt"),
+                                                 "mean_path": str(tmp / "mean.npy"),
+                                                 "std_path": str(tmp / "std.npy")}})
+    np.testing.assert_allclose(load_forecaster(cfg4, ws, norm).step(p, c).numpy(), out, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="forecaster.path"):
+        load_forecaster(load_config(overrides={"forecaster": {"kind": "onnx"}}), ws, norm)
+
+
+def test_bad_statistics_files(setup):
+    tmp, norm, *_ = setup
+    _export(tmp / "m.onnx", True)
+    np.save(tmp / "short.npy", np.ones(5))
+    with pytest.raises(InputError, match="69"):
+        OnnxForecaster(tmp / "m.onnx", norm, tmp / "mean.npy", tmp / "short.npy")
+    with pytest.raises(InputError, match="both"):
+        OnnxForecaster(tmp / "m.onnx", norm, tmp / "mean.npy", None)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        OnnxForecaster(tmp / "nope.onnx", norm)
