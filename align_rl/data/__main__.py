@@ -1,0 +1,98 @@
+"""``python -m align_rl.data {simulate,spinup,stats}`` — see :mod:`align_rl.data`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from ..config import load_config
+from ..errors import InputError, cli_errors
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m align_rl.data",
+                                 description="The embedded Held–Suarez world (dinosaur-torch).")
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("simulate", help="simulate the world and write a WeatherBench2-layout zarr")
+    s.add_argument("--out", required=True, help="output zarr path")
+    s.add_argument("--grid", help="target grid NLATxNLON (32x64, 64x128, 128x256; default: config)")
+    s.add_argument("--days", type=int, help="simulated days per member (default: config data.days)")
+    s.add_argument("--members", type=int, help="members, run as one batch (default: config)")
+    s.add_argument("--seed", type=int, help="seed of the member perturbations (default: config)")
+    s.add_argument("--burn-in", type=float, dest="burn_in",
+                   help="days discarded after perturbing the members (default: config)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    s.add_argument("--config", help="YAML config file (its data section is used)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+    p = sub.add_parser("spinup", help="recreate the spun-up restart from rest")
+    p.add_argument("--days", type=int, default=None, help="days from rest (default 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="restart file (default: the committed one)")
+    p.add_argument("--quiet", action="store_true")
+    t = sub.add_parser("stats", help="print a store's normalisation statistics; compute them over "
+                       "the training range and store them when absent (or with --recompute)")
+    t.add_argument("path")
+    t.add_argument("--train", nargs=2, metavar=("START", "END"),
+                   help="training time range (default: config data.train)")
+    t.add_argument("--recompute", action="store_true")
+    t.add_argument("--config")
+    return ap
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "simulate":
+        from .simulate import build_world, check_request
+
+        ov = list(args.overrides)
+        for key, val in (("grid", args.grid), ("days", args.days), ("members", args.members),
+                         ("seed", args.seed), ("burn_in_days", args.burn_in)):
+            if val is not None:
+                ov.append(f"data.{key}={val}")
+        cfg = load_config(args.config, ov)
+        d = cfg.data
+        check_request(d.grid, d.days, d.members, d.burn_in_days)
+        t0 = time.perf_counter()
+        out = build_world(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+        n = d.members * d.days * 4
+        dt = time.perf_counter() - t0
+        print(f"wrote {out}: {n} states ({d.members} members × {d.days} days, 6-hourly) on "
+              f"{d.grid} in {dt:.1f} s ({n / dt:.1f} states/s)")
+        return 0
+    if args.command == "spinup":
+        from .spinup import DEFAULT_RESTART, DEFAULT_SPINUP_DAYS, run_spinup
+
+        days = DEFAULT_SPINUP_DAYS if args.days is None else args.days
+        if days <= 0:
+            raise InputError(f"--days={days} must be positive")
+        out = run_spinup(args.out or DEFAULT_RESTART, days, args.seed, progress=not args.quiet)
+        print(f"wrote restart {out} ({days} days from rest, seed {args.seed})")
+        return 0
+    if args.command == "stats":
+        from pathlib import Path
+
+        from . import stored_attrs
+        from .simulate import store_normalization
+
+        if not Path(args.path).exists():
+            raise InputError(f"store {args.path} does not exist")
+        attrs = stored_attrs(args.path)
+        if "normalization" not in attrs or args.recompute:
+            train = args.train or load_config(args.config).data.train
+            how = store_normalization(args.path, list(train))
+            print(f"stored normalisation statistics over {how} in {args.path}")
+            attrs = stored_attrs(args.path)
+        norm = attrs.pop("normalization")
+        print(json.dumps(attrs, indent=1, default=str))
+        for name, m, s in zip(norm["channels"], norm["mean"], norm["std"]):
+            print(f"{name:>6s} mean {m:14.6g} std {s:12.6g}")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

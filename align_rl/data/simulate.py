@@ -1,0 +1,182 @@
+"""Simulate the embedded Held–Suarez world and write it as a WeatherBench2-layout store.
+
+``M`` members run as one batch from the committed spun-up restart. Every member gets independent
+random temperature noise (std ``PERTURBATION_K``, spectrally truncated) and the first
+``burn_in_days`` are discarded (skipped for a single member), so that the members' weather has
+decorrelated by the first saved state (measured: see ``bench/bench_world.py`` and BENCHMARKS.md). Output every 6 h: member ``m``
+is stored as the year ``2000 + m`` (``2000+m-01-01T00`` onwards), so the data splits are time
+ranges; ``4 · days`` states per member.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import Config, DataConfig
+from ..errors import InputError
+from ..grid import Grid
+from ..normalization import Normalizer
+from ..schema import N_CHANNELS
+from ..states import States
+from ..store import write_states
+from .diagnostics import DERIVED, Diagnoser
+from .dycore import broadcast_members, get_dycore, model_threads
+from .spinup import DEFAULT_RESTART, load_restart
+
+BASE_YEAR = 2000
+OUTPUT_HOURS = 6
+PERTURBATION_K = 1.0
+MAX_DAYS = 365  # a member must fit in its year
+MAX_BYTES = 8 * 2**30  # the states are held in memory before writing
+SOURCE = "held-suarez dinosaur-torch"
+
+
+def member_times(member: int, n_times: int) -> np.ndarray:
+    """The 6-hourly times of member ``member``: year ``2000 + member`` from Jan 1 00 UTC."""
+    start = np.datetime64(f"{BASE_YEAR + member:04d}-01-01T00:00", "ns")
+    return start + np.arange(n_times) * np.timedelta64(OUTPUT_HOURS, "h")
+
+
+def check_request(grid: str | Grid, days: int, members: int, burn_in_days: float = 0.0) -> Grid:
+    """Validate a simulation request; InputError naming the bad value and the fix."""
+    g = grid if isinstance(grid, Grid) else Grid.parse(grid)
+    if isinstance(days, bool) or int(days) != days or days <= 0:
+        raise InputError(f"days={days!r} must be a positive whole number of days")
+    if days > MAX_DAYS:
+        raise InputError(f"days={days} exceeds {MAX_DAYS}: each member is stored as one calendar "
+                         "year; use more members instead of more days")
+    if isinstance(members, bool) or int(members) != members or members <= 0:
+        raise InputError(f"members={members!r} must be a positive whole number")
+    if burn_in_days < 0:
+        raise InputError(f"burn_in_days={burn_in_days!r} must be >= 0")
+    nbytes = members * days * (24 // OUTPUT_HOURS) * N_CHANNELS * g.nlat * g.nlon * 4
+    if nbytes > MAX_BYTES:
+        raise InputError(f"{members} members × {days} days on {g} need {nbytes / 2**30:.1f} GiB in "
+                         f"memory (limit {MAX_BYTES / 2**30:.0f} GiB); use fewer days or members "
+                         "or a coarser grid")
+    return g
+
+
+def simulate(grid: str | Grid = "32x64", days: int = 60, members: int = 6, seed: int = 0,
+             burn_in_days: float = 20.0, restart: str | Path = DEFAULT_RESTART,
+             progress: bool = True) -> States:
+    """Run the world; returns the states (``members · 4 · days``, 69, H, W), physical units.
+
+    Members are ordered member-major (all times of member 0, then member 1, …)."""
+    g = check_request(grid, days, members, burn_in_days)
+    d = get_dycore()
+    state0, info = load_restart(restart, d.spec)
+    state = broadcast_members(state0, members)
+    gen = torch.Generator().manual_seed(int(seed))
+    state = d.perturb(state, PERTURBATION_K, gen)
+    diag = Diagnoser(d, g)
+    n_out = days * (24 // OUTPUT_HOURS)
+    per_out = d.steps_per(OUTPUT_HOURS)
+    # the burn-in decorrelates members; a single member starts from the spun-up restart directly
+    burn_in_days = float(burn_in_days) if members > 1 else 0.0
+    n_burn = int(round(burn_in_days * d.steps_per(24)))
+    values = np.empty((members, n_out, N_CHANNELS, g.nlat, g.nlon), dtype=np.float32)
+    t0 = time.perf_counter()
+    total = n_burn + (n_out - 1) * per_out
+    with model_threads(), tqdm(total=total, desc=f"simulate {members}×{days} d on {g}",
+                               unit="step", disable=not progress) as bar:
+        state = d.advance(state, n_burn, callback=lambda i: bar.update(1))
+        for k in range(n_out):
+            if k:
+                state = d.advance(state, per_out, callback=lambda i: bar.update(1))
+            values[:, k] = diag(state)
+    if not np.all(np.isfinite(values)):
+        raise InputError("the simulation produced NaN/inf values (model blow-up); nothing written")
+    corr = member_correlation(values)
+    times = np.concatenate([member_times(m, n_out) for m in range(members)])
+    attrs = {
+        "source": SOURCE,
+        "members": members,
+        "days": days,
+        "burn_in_days": burn_in_days,
+        "seed": int(seed),
+        "perturbation_k": PERTURBATION_K,
+        "model": d.spec.to_dict(),
+        "restart": {k: v for k, v in info.items() if k != "model"},
+        "derived_channels": list(DERIVED),
+        "member_years": f"member m is the year {BASE_YEAR}+m, 6-hourly from Jan 1 00 UTC",
+        "wall_seconds": round(time.perf_counter() - t0, 2),
+        # mean correlation between members of the z500 eddy field (departure from zonal mean)
+        "member_correlation_z500": {
+            "first_state": None if members < 2 else round(float(corr[0]), 4),
+            "mean": None if members < 2 else round(float(np.mean(corr)), 4),
+        },
+    }
+    return States(values.reshape((members * n_out,) + values.shape[2:]), times, g.lat, g.lon, attrs)
+
+
+def member_correlation(values: np.ndarray, channel: str = "z500") -> np.ndarray:
+    """Mean Pearson correlation between members of the eddy field (departure from the zonal mean)
+    of ``channel``, per time: ``values`` (M, T, 69, H, W) -> (T,) (NaN when M < 2)."""
+    from ..schema import channel_index
+
+    x = values[:, :, channel_index(channel)].astype(np.float64)  # (M, T, H, W)
+    x = x - x.mean(axis=-1, keepdims=True)
+    x = x.reshape(x.shape[0], x.shape[1], -1)
+    x = x - x.mean(axis=-1, keepdims=True)
+    x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-30)
+    m = x.shape[0]
+    if m < 2:
+        return np.full(x.shape[1], np.nan)
+    pairs = [(a, b) for a in range(m) for b in range(a + 1, m)]
+    return np.mean([np.sum(x[a] * x[b], axis=-1) for a, b in pairs], axis=0)
+
+
+def fit_normalizer(states: States, train: list[str]) -> tuple[Normalizer, str]:
+    """Normalisation statistics over the training time range, or over all times (and say so)
+    when the range holds no state (a run with too few members)."""
+    sel = states.select(train[0], train[1])
+    if len(sel) > 0:
+        return Normalizer.fit(sel.values), f"train {train[0]}..{train[1]} ({len(sel)} states)"
+    return (Normalizer.fit(states.values),
+            f"all {len(states)} states: the run has too few members to fill the training range "
+            f"{train[0]}..{train[1]}")
+
+
+def build_world(cfg: Config, out: str | Path, overwrite: bool = False, progress: bool = True
+                ) -> Path:
+    """Simulate the world that ``cfg.data`` describes and write it to ``out`` (atomic)."""
+    data: DataConfig = cfg.data
+    out = Path(out)
+    g = check_request(data.grid, data.days, data.members, data.burn_in_days)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} exists; remove it or pass --overwrite")
+    states = simulate(g, data.days, data.members, data.seed, data.burn_in_days, progress=progress)
+    norm, how = fit_normalizer(states, data.train)
+    states.attrs.update({
+        "normalization": norm.to_dict(),
+        "normalization_split": how,
+        "splits": {k: list(getattr(data, k)) for k in ("train", "val", "pref", "test")},
+        "config_hash": cfg.section_hash("data"),
+        "data_config": dataclasses.asdict(data),
+    })
+    return write_states(out, states, derived=DERIVED, overwrite=overwrite)
+
+
+def store_normalization(path: str | Path, train: list[str]) -> str:
+    """Compute the normalisation statistics of a local WeatherBench2-layout store over ``train``
+    (all times when the range is empty) and write them into its attributes; returns which states
+    they cover."""
+    import json
+
+    import zarr
+
+    from ..era5 import open_states
+
+    states = open_states(path)
+    norm, how = fit_normalizer(states, train)
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs.update({"normalization": json.dumps(norm.to_dict()), "normalization_split": how})
+    zarr.consolidate_metadata(str(path))
+    return how
