@@ -32,10 +32,30 @@ class CandidatePool:
         self.cfg = cfg
         self.version = int(version)
         self._refs = (ray.put(models.codec), ray.put(models.eps_model), ray.put(models.forecaster))
-        self.samplers = make_samplers(cfg, self._refs[0], self._refs[1], self.version, samplers)
-        self.rewarders = make_rewarders(cfg, self._refs[2], models.normalizer, lat, lon)
+        self._norm, self._lat, self._lon = models.normalizer, lat, lon
+        self._n_samplers = samplers
+        self._base_version = self.version
+        self.samplers: list = []
+        self.rewarders: list = []
         self.weights_ref = None
         self.resubmitted = 0
+        self.ensure()
+
+    def ensure(self) -> None:
+        """Start the actors when they are not running (after :meth:`release`), with the current
+        policy weights."""
+        if self.samplers:
+            return
+        self.samplers = make_samplers(self.cfg, self._refs[0], self._refs[1], self._base_version,
+                                      self._n_samplers)
+        self.rewarders = make_rewarders(self.cfg, self._refs[2], self._norm, self._lat, self._lon)
+        if self.weights_ref is not None:
+            ray.get([s.set_weights.remote(self.weights_ref, self.version) for s in self.samplers])
+
+    def release(self) -> None:
+        """Stop the actors and free their resources (e.g. for the learner on a small machine);
+        the next :meth:`build` starts them again."""
+        self.shutdown()
 
     def set_weights(self, state_dict: dict, version: int) -> float:
         """Put the policy weights in the object store ONCE and load them in every sampler;
@@ -64,6 +84,8 @@ class CandidatePool:
         guidance = guidance or cfg.pairs.guidance
         done = store.done_keys()
         todo = [t for t in tasks if (int(t.bg_id), self.version, guidance) not in done]
+        if todo:
+            self.ensure()
         bs = max(1, int(cfg.actors.batch_size))
         chunks = [todo[i:i + bs] for i in range(0, len(todo), bs)]
         pending: dict = {}

@@ -24,7 +24,7 @@ import torch
 
 from .errors import InputError
 from .pair_store import CandidateGroup
-from .pairs import background_pairs
+from .pairs import background_pairs, pair_rng, seed_of
 
 
 @dataclass
@@ -51,11 +51,6 @@ class Drawn:
     z_b: np.ndarray
     latents: np.ndarray
     fields: np.ndarray
-
-
-def seed_of(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across processes and machines)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
 def valid_times(truth_times: np.ndarray, bg_times: np.ndarray, start: str, end: str,
@@ -170,7 +165,7 @@ def make_group(task: BackgroundTask, drawn: Drawn, scores: dict[str, np.ndarray]
     """The store group of one background with its pairs for every mode in ``modes``."""
     pairs = {}
     for m in modes:
-        rng = np.random.default_rng(seed_of(seed, task.bg_id, drawn.version, ord(m)))
+        rng = pair_rng(seed, task.bg_id, drawn.version, m)
         pairs[m] = background_pairs(scores, m, weights, int(pairs_cfg.pairs_per_background), rng,
                                     int(pairs_cfg.top_k_phys), float(pairs_cfg.decile))
     return CandidateGroup(task.bg_id, task.time, drawn.version, guidance, drawn.z_b, drawn.latents,

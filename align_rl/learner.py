@@ -271,6 +271,11 @@ def run_dpo(
     reference_ckpt = Path(reference_ckpt).resolve()
     init_ckpt = Path(init_ckpt).resolve() if init_ckpt is not None else reference_ckpt
     out_dir = Path(out_dir if out_dir is not None else Path(ws.dpo) / mode).resolve()
+    state = read_state(out_dir)
+    if state is not None and int(state["step"]) >= steps:
+        m = dict(state["history"][-1]) if state["history"] else {}
+        return DPOResult(out_dir / POLICY_FILE, m, int(state["version"]), int(state["step"]),
+                         list(state["history"]))
     store_path, ps = resolve_pairs(pairs_source, mode)
     if len(ps) == 0:
         raise InputError(f"no preference pairs (mode {mode}) in {store_path}; build pairs first")
@@ -278,14 +283,9 @@ def run_dpo(
     if init_meta["kind"] != "diffusion":
         raise CheckpointError(f"{init_ckpt} is a {init_meta['kind']} checkpoint, not the diffusion model")
     ref_sec = _diffusion_section(reference_ckpt)
-    state = read_state(out_dir)
     resume = False
     if state is None:
         version = int(init_meta.get("extra", {}).get("dpo_version", 0)) + 1
-    elif int(state["step"]) >= steps:
-        m = dict(state["history"][-1]) if state["history"] else {}
-        return DPOResult(out_dir / POLICY_FILE, m, int(state["version"]), int(state["step"]),
-                         list(state["history"]))
     elif int(state["step"]) < int(state.get("target", steps)):
         version, resume = int(state["version"]), True  # an interrupted call: same version
     else:

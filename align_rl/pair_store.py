@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, InputError
-from .pairs import HASH_BYTES, MODES, background_pairs, pair_hash
+from .pairs import HASH_BYTES, MODES, background_pairs, pair_hash, pair_rng
 
 FORMAT = "align_rl.pairs/1"
 GUIDANCES = ("obsfree", "repaint", "dps")
@@ -351,8 +351,9 @@ class PairStore:
         """A new pair set from the STORED per-candidate scores (no sampling, no rollouts).
 
         Per committed background group: ``select`` by ``mode`` with ``weights``, stratified
-        ``pair_up`` (rng seeded by ``(seed, bg_id, version)``), dedup by content hash. Not written
-        to the store; hand it to :class:`PairDataset` or ``run_dpo``.
+        ``pair_up`` (:func:`~align_rl.pairs.pair_rng`, so the same weights and seed give back the pairs
+        built with the candidates), dedup by content hash. Not written to the store; hand
+        ``(store, pair_set)`` to :class:`PairDataset` or ``run_dpo``.
         """
         c = self.committed
         mv = c.get("min_version", 0) if min_version is None else int(min_version)
@@ -370,7 +371,7 @@ class PairStore:
             if len(rows) < 2:
                 continue
             s = {k: v[rows] for k, v in sc.items()}
-            rng = np.random.default_rng([int(seed), int(bg["bg_id"][b]), int(bg["version"][b])])
+            rng = pair_rng(seed, int(bg["bg_id"][b]), int(bg["version"][b]), mode)
             pl = background_pairs(s, mode, weights, per_background, rng, top_k, decile)
             if len(pl) == 0:
                 continue

@@ -84,6 +84,17 @@ def pair_up(winners: np.ndarray, losers: np.ndarray, per_background: int,
     return np.asarray(out, dtype=np.int64).reshape(-1, 2)
 
 
+def seed_of(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes and machines)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def pair_rng(seed: int, bg_id: int, version: int, mode: str) -> np.random.Generator:
+    """The generator of one background's pair subsample (the same when pairs are first built and
+    when :meth:`~align_rl.pair_store.PairStore.reselect` rebuilds them with the same weights)."""
+    return np.random.default_rng(seed_of(seed, bg_id, version, ord(mode)))
+
+
 def pair_hash(z_b: np.ndarray, z_w: np.ndarray, z_l: np.ndarray) -> bytes:
     """Content hash (16 bytes) of a pair: SHA-256 over the float32 bytes of ``z_b, z_w, z_l``."""
     h = hashlib.sha256()

@@ -57,6 +57,11 @@ def test_kill_sampler_same_unique_pairs(tmp_path, ray_session):
     sc = store.scores()
     ps = store.pair_set("P")
     assert np.all(sc["phys"][ps.winner] > sc["phys"][ps.loser])
+    # reselecting with the same weights from the stored scores gives back the stored pairs
+    for mode in ("M", "P"):
+        re = store.reselect(cfg.rewards.weights, mode, cfg.pairs.pairs_per_background, cfg.run.seed,
+                            cfg.pairs.top_k_phys, cfg.pairs.decile)
+        assert sorted(map(bytes, re.hash)) == sorted(map(bytes, store.pair_set(mode).hash))
     # a rerun finds everything done
     again = pool.build(tasks, store, ["M", "P"], progress=False)
     pool.shutdown()

@@ -89,3 +89,29 @@ def tiny_world(tmp_path: Path, extra: list[str] | None = None, n_times: int = 24
     ref = save_model(ws.final_checkpoint("diffusion"), dit, "diffusion", cfg.diffusion)
     models = SimpleNamespace(codec=codec, eps_model=dit, forecaster=fc, normalizer=norm)
     return cfg, ws, models, truth, bg, ref
+
+
+def write_tiny_world(path: Path, per_year: int = 24, years=(2000, 2003, 2004, 2005)) -> Path:
+    """A WeatherBench2-layout store of smooth random states (8 × 16), ``per_year`` 6-hourly times
+    from Jan 1 of each year (train 2000, val 2003, pref 2004, test 2005), with its statistics."""
+    from align_rl.store import write_states
+
+    vals, times = [], []
+    for k, y in enumerate(years):
+        t = np.datetime64(f"{y}-01-01T00", "ns") + np.arange(per_year) * np.timedelta64(6, "h")
+        s, _ = tiny_states(t, seed=k)
+        vals.append(s.values)
+        times.append(t)
+    st = States(np.concatenate(vals), np.concatenate(times), LAT, LON)
+    st.attrs["normalization"] = Normalizer.fit(st.values).to_dict()
+    return write_states(path, st)
+
+
+TRAIN_OVERRIDES = [
+    "data.source=zarr", "data.train=[2000-01-01, 2000-12-31]", "data.val=[2003-01-01, 2003-12-31]",
+    "data.pref=[2004-01-01, 2004-12-31]", "data.test=[2005-01-01, 2005-12-31]",
+    "forecaster.steps=10", "vae.steps=10", "diffusion.steps=10",
+    "pretrain.checkpoint_every=10", "pretrain.val_every=10",
+    "guidance.methods=[obsfree, dps]", "guidance.dps_zeta=0.01",
+    "eval.times=2", "eval.members=2", "eval.map_samples=1", "eval.batch_size=2",
+]
