@@ -61,6 +61,15 @@ class Prior(nn.Module):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread avoids oversubscription on a shared machine
+    try:
+        yield from _setup(tmp_path_factory)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _setup(tmp_path_factory):
     torch.manual_seed(0)
     tmp = tmp_path_factory.mktemp("eval")
     truth = _world(24)
@@ -90,7 +99,7 @@ def setup(tmp_path_factory):
     models = {"reference": ref, "copy": ref, "Align-M": Prior(a=0.9, s=0.45, dit=dit)}
     out = tmp / "eval"
     summary = run_evaluation(cfg, Workspace.from_config(cfg), models, data=data, out=out, progress=False)
-    return cfg, data, summary, out
+    yield cfg, data, summary, out
 
 
 def test_files_tables_and_rows(setup):
@@ -165,3 +174,19 @@ def test_paired_change_and_bad_model_spec():
     cfg = load_config(None, [])
     with pytest.raises(ConfigError, match="NAME=CHECKPOINT"):
         load_models(["no-equals-sign"], cfg)
+
+
+def test_gpu_paper_scale_script_dry_run_and_cpu_refusal():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_paper_scale.py"
+    r = subprocess.run([sys.executable, str(script), "--dry-run"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "CPU (dry run): one dps analysis" in r.stdout
+    if not torch.cuda.is_available():
+        r = subprocess.run([sys.executable, str(script), "--no-write"], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 2 and "no CUDA device" in r.stderr
