@@ -75,7 +75,7 @@ from typing import Any, Callable
 import yaml
 
 from .config import Config, _apply, config_from_dict, load_config, parse_overrides
-from .errors import AlignRLError, ConfigError, InputError, cli_errors
+from .errors import ConfigError, InputError, cli_errors
 
 SPEC_KEYS = ("name", "question", "base", "search", "metric", "mode", "scheduler", "asha",
              "num_samples", "stages", "steps_per_stage", "validation", "resources_per_trial",
@@ -522,8 +522,6 @@ def dpo_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     """One Tune trial: reselected pairs, DPO in ``stages``, a validation and a report after each."""
     from ray import tune
 
-    from .checkpoints import load_model
-    from .evaluate import run_evaluation
     from .learner import run_dpo
     from .pair_store import PairStore
     from .workspace import Workspace
@@ -542,36 +540,44 @@ def dpo_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     sps, stages = int(ctx["steps_per_stage"]), int(ctx["stages"])
     ref_ckpt = Path(ctx["reference_ckpt"])
     store = PairStore.open(ctx["pairs"], mode="r")
-    pairs = _policy_pairs(store, cfg) if cfg.dpo.mode == "offline" else None
+    pairs = _policy_pairs(store, cfg)
+    online: dict[str, Any] = {}
+    if cfg.dpo.mode == "online":
+        store = seed_trial_store(store, tdir / "pairs.zarr", pairs)
     ckpt = None
-    for stage in range(1, stages + 1):
-        t0 = time.time()
-        if cfg.dpo.mode == "offline":
-            res = run_dpo(cfg, ws, (store, pairs), ref_ckpt, init_ckpt=ckpt, steps=stage * sps,
-                          out_dir=tdir / "dpo", progress=False)
-        else:
-            res = _online_stage(cfg, ws, ref_ckpt, ckpt, stage * sps, tdir / "dpo")
-        ckpt = res.checkpoint
-        model, _ = load_model(ckpt, "diffusion")
-        summary = run_evaluation(vcfg, ws, {"policy": model}, data=data, out=tdir / "val" / f"stage_{stage}",
-                                 progress=False)
-        m = with_changes(eval_metrics(summary, f"policy/{method}"), ref_metrics)
-        for k, src in _DPO_METRICS.items():
-            if src in res.metrics:
-                m[k] = float(res.metrics[src])
-        m.update(stage=stage, dpo_steps=int(res.step), policy_version=int(res.version),
-                 pairs=int(len(pairs)) if pairs is not None else -1, stage_seconds=time.time() - t0)
-        tune.report(m)
-
-
-def _online_stage(cfg: Config, ws: Any, ref_ckpt: Path, init_ckpt: Path | None, steps: int, out_dir: Path):
-    """Online trials: the alignment module's online loop up to ``steps`` learner steps."""
     try:
-        from .online import run_online  # type: ignore[attr-defined]
-    except ImportError as exc:
-        raise ConfigError("dpo.mode=online trials need align_rl.online.run_online "
-                          f"({exc}); sweep dpo.mode over offline only") from None
-    return run_online(cfg, ws, reference_ckpt=ref_ckpt, init_ckpt=init_ckpt, steps=steps, out_dir=out_dir)
+        for stage in range(1, stages + 1):
+            t0 = time.time()
+            if cfg.dpo.mode == "offline":
+                res = run_dpo(cfg, ws, (store, pairs), ref_ckpt, init_ckpt=ckpt, steps=stage * sps,
+                              out_dir=tdir / "dpo", progress=False)
+            else:
+                res = _online_stage(cfg, ws, ctx, store, stage * sps, tdir / "dpo", online)
+            ckpt = res.checkpoint
+            _validate_and_report(cfg, vcfg, ws, res, ctx, tdir, stage, data, ref_metrics, method,
+                                 len(pairs) if cfg.dpo.mode == "offline" else store.num_pairs, t0)
+    finally:
+        if "pool" in online:
+            online["pool"].shutdown()
+
+
+def _validate_and_report(cfg, vcfg, ws, res, ctx, tdir, stage, data, ref_metrics, method, n_pairs, t0):
+    """The stage's short validation of the policy ``res.checkpoint`` and ``tune.report``."""
+    from ray import tune
+
+    from .checkpoints import load_model
+    from .evaluate import run_evaluation
+
+    model, _ = load_model(res.checkpoint, "diffusion")
+    summary = run_evaluation(vcfg, ws, {"policy": model}, data=data, out=tdir / "val" / f"stage_{stage}",
+                             progress=False)
+    m = with_changes(eval_metrics(summary, f"policy/{method}"), ref_metrics)
+    for k, src in _DPO_METRICS.items():
+        if src in res.metrics:
+            m[k] = float(res.metrics[src])
+    m.update(stage=stage, dpo_steps=int(res.step), policy_version=int(res.version),
+             pairs=int(n_pairs), stage_seconds=time.time() - t0)
+    tune.report(m)
 
 
 # ============================================================================= shared inputs
@@ -585,7 +591,7 @@ def prepare_shared(cfg: Config, spec: SweepSpec, out: Path, progress: bool = Tru
     from .workspace import Workspace
 
     ws = Workspace.from_config(cfg)
-    pairs_path = _ensure_pairs(cfg, ws, spec, progress)
+    pairs_path, world = _ensure_pairs(cfg, ws, spec, progress)
     vcfg = validation_config(cfg, spec.validation)
     data, ref_model = load_eval_data(vcfg, ws)
     ref_file = out / "reference_val.json"
@@ -603,6 +609,7 @@ def prepare_shared(cfg: Config, spec: SweepSpec, out: Path, progress: bool = Tru
         ref = eval_metrics(summary, f"reference/{spec.validation['method']}")
         _write_atomic(ref_file, json.dumps({"key": key, "metrics": ref}, indent=1))
     return {"base": cfg.to_dict(), "name": spec.name, "workdir": str(ws.root), "sweep_dir": str(out),
+            "world": str(world),
             "pairs": str(pairs_path), "reference_ckpt": str(ws.final_checkpoint("diffusion")),
             "validation": dict(spec.validation), "reference_metrics": ref, "eval_data": data,
             "stages": spec.stages, "steps_per_stage": steps_per_stage(spec, cfg)}
@@ -613,12 +620,82 @@ def _file_id(p: Path) -> str:
     return f"{Path(p).name}:{st.st_size}:{int(st.st_mtime)}"
 
 
-def _ensure_pairs(cfg: Config, ws: Any, spec: SweepSpec, progress: bool) -> Path:
-    """The shared pair store with the reference's scored candidates (built by the main job's
-    offline pair step when absent)."""
-    from . import train
+def _ensure_pairs(cfg: Config, ws: Any, spec: SweepSpec, progress: bool) -> tuple[Path, Path]:
+    """The shared pair store with the reference's scored candidates, exactly as the main job
+    builds it (same store identity ``align_rl.train.store_meta``, the same first
+    ``pairs.backgrounds`` backgrounds of the seeded order): reused when the main job (or an
+    earlier sweep) has built it, completed otherwise. Returns ``(store path, dataset path)``."""
+    from actors.pool import CandidatePool
 
-    return Path(train.ensure_pairs(cfg, ws, progress=progress))
+    from .data import ensure_world
+    from .pair_store import PairStore
+    from .pretrain import ensure_pretrained
+    from .train import PrefData, store_meta
+
+    world = ensure_world(cfg, ws, progress=progress)
+    models = ensure_pretrained(cfg, ws, progress=progress)
+    reference_ckpt = Path(models.paths.get("diffusion", ws.final_checkpoint("diffusion")))
+    pref = PrefData(cfg, ws, world, models, progress)
+    path = Path(cfg.pairs.store or ws.pairs)
+    store = PairStore.open(path, tuple(models.codec.latent_shape), list(cfg.rewards.names),
+                           meta=store_meta(cfg, reference_ckpt))
+    first = [int(i) for i in pref.order[:int(cfg.pairs.backgrounds)]]
+    todo = [i for i in first if (i, 0, cfg.pairs.guidance) not in store.done_keys()]
+    if todo:
+        pool = CandidatePool(cfg, models, pref.lat, pref.lon)
+        try:
+            pool.build(pref.tasks(todo), store, list(dict.fromkeys(cfg.pairs.variants)), progress=progress)
+        finally:
+            pool.shutdown()
+    return path, Path(world)
+
+
+def seed_trial_store(shared: Any, path: Path, pairs: Any) -> Any:
+    """A trial's own pair store (online trials: their policy's candidates must not mix with other
+    trials'): the reference's candidates of the shared store with the trial's reselected
+    ``pairs`` (a :class:`~align_rl.pair_store.PairSet` of version-0 rows), committed as version 0."""
+    import numpy as np
+
+    from .pair_store import CandidateGroup, PairStore
+
+    if path.exists():
+        shutil.rmtree(path)
+    store = PairStore.open(path, shared.latent_shape, shared.reward_names, meta=dict(shared.g.attrs.get("meta", {})))
+    bg = shared.backgrounds()
+    cb = shared._col("candidates/background")
+    sc = shared.scores()
+    groups = []
+    for b in np.unique(pairs.background):
+        rows = np.flatnonzero(cb == b)
+        sel = pairs.background == b
+        local = np.stack([np.searchsorted(rows, pairs.winner[sel]), np.searchsorted(rows, pairs.loser[sel])], 1)
+        groups.append(CandidateGroup(
+            bg_id=int(bg["bg_id"][b]), time=int(bg["time"][b].astype("int64")), version=0,
+            guidance=str(bg["guidance"][b]), z_b=shared.background_latents(np.array([b]))[0],
+            latents=shared.candidate_latents(rows), scores={k: v[rows] for k, v in sc.items()},
+            pairs={pairs.mode: local}))
+    store.append(groups)
+    return store
+
+
+def _online_stage(cfg: Config, ws: Any, ctx: dict, store: Any, steps: int, out_dir: Path, state: dict):
+    """Online trials: :func:`align_rl.online.run_online` up to ``steps`` learner steps (it resumes
+    in ``out_dir``), with the trial's own sampler / reward actors and pair store."""
+    from actors.pool import CandidatePool
+
+    from .online import run_online
+    from .pretrain import ensure_pretrained
+    from .train import PrefData
+
+    if "pool" not in state:
+        models = ensure_pretrained(cfg, ws, progress=False)
+        state["pref"] = PrefData(cfg, ws, Path(ctx["world"]), models, progress=False)
+        state["pool"] = CandidatePool(cfg, models, state["pref"].lat, state["pref"].lon)
+    c = config_from_dict(cfg.to_dict())
+    c.dpo.steps = int(steps)
+    pref = state["pref"]
+    return run_online(c, ws, state["pool"], store, pref.tasks, pref.order, Path(ctx["reference_ckpt"]),
+                      cfg.pairs.mode, out_dir, progress=False, log=lambda m: None)
 
 
 # ============================================================================= running

@@ -270,3 +270,74 @@ def test_tune_sweep_with_asha_finds_the_known_best_and_writes_results(tmp_path, 
     assert best.run.workdir == cfg.run.workdir
     assert json.loads((out / "best.json").read_text())["params"] == {"dpo.beta": 100, "pairs.mode": "M"}
     assert (out / "spec.yaml").exists() and (out / "tune").is_dir()
+
+
+# ----------------------------------------------------------------------------- real DPO trials
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_dpo_trials_reselect_shared_pairs_train_in_stages_and_validate(tmp_path, ray_session):
+    """Two trials (-M with assimilation-only weights, -P) on the tiny world: pairs reselected from
+    the shared store's scores (the store is not modified), two DPO stages each, validation
+    metrics that an independent evaluation of the final policy reproduces."""
+    import numpy as np
+    import torch
+
+    from actors.pool import CandidatePool
+    from align_rl.checkpoints import load_model
+    from align_rl.evaluate import EvalData, run_evaluation
+    from align_rl.pair_store import PairStore
+    from align_rl.sweep import dpo_trial, eval_metrics
+
+    from .test_actors import _tasks
+    from .tiny_align import LAT, LON, tiny_world
+
+    cfg, ws, models, truth, bg, ref_ckpt = tiny_world(
+        tmp_path, ["data.val=[2004-01-01, 2004-01-06]", "actors.samplers=1", "pairs.variants=[M]"])
+    store = PairStore.open(ws.pairs, models.codec.latent_shape, cfg.rewards.names)
+    pool = CandidatePool(cfg, models, LAT, LON)
+    pool.build(_tasks(cfg, truth, bg, models, 4), store, ["M"], progress=False)
+    pool.shutdown()
+    committed = store.committed
+    val = {"times": 2, "members": 2, "method": "obsfree"}
+    data = EvalData(truth, bg, models.normalizer, models.codec, models.forecaster)
+    vcfg = validation_config(cfg, val, seed=cfg.run.seed)
+    ref = eval_metrics(run_evaluation(vcfg, ws, {"reference": models.eps_model}, data=data,
+                                      out=tmp_path / "refval", progress=False), "reference/obsfree")
+    spec = parse_spec({"name": "tiny", "scheduler": "fifo", "stages": 2, "steps_per_stage": 2,
+                       "validation": val, "resources_per_trial": {"cpu": 1},
+                       "search": {"pairs.mode": {"grid": ["M", "P"]},
+                                  "rewards.weights": {"grid": [{"assim": 1.0, "forecast": 0.0, "phys": 0.0}]}}},
+                      "tiny.yaml")
+    out = tmp_path / "sweeps" / "tiny"
+    ctx = {"base": cfg.to_dict(), "name": "tiny", "workdir": str(ws.root), "sweep_dir": str(out),
+           "world": "", "pairs": str(ws.pairs), "reference_ckpt": str(ref_ckpt), "validation": val,
+           "reference_metrics": ref, "eval_data": data, "stages": 2, "steps_per_stage": 2}
+    res = run_sweep(spec, cfg, trainable=dpo_trial, ctx=ctx, progress=False)
+
+    assert [r.status for r in res.rows] == ["completed", "completed"], [r.error for r in res.rows]
+    assert store.committed == committed  # trials only read the shared store
+    sc = store.scores()
+    ref_state = torch.load(ref_ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    for r in res.rows:
+        mode = r.params["pairs.mode"]
+        assert r.metrics["dpo_steps"] == 4 and r.stages == 2
+        # the trial's pairs: every winner beats its loser on the trial's criterion
+        w = r.params["rewards.weights"]
+        ps = store.reselect(w, mode, cfg.pairs.pairs_per_background, cfg.run.seed,
+                            cfg.pairs.top_k_phys, cfg.pairs.decile, min_version=0)
+        assert r.metrics["pairs"] == len(ps) > 0
+        crit = sc["phys"] if mode == "P" else sum(w[k] * sc[k] for k in w)
+        assert np.all(crit[ps.winner] > crit[ps.loser])
+        # the policy moved away from the reference, and its validation is reproducible
+        ck = out / "trials" / r.trial_id / "dpo" / "policy.pt"
+        model, _ = load_model(ck, "diffusion")
+        moved = sum(float((p - ref_state[k]).abs().sum()) for k, p in model.state_dict().items())
+        assert moved > 0
+        again = eval_metrics(run_evaluation(vcfg, ws, {"policy": model}, data=data, out=tmp_path / f"v{mode}",
+                                            progress=False), "policy/obsfree")
+        assert r.metrics["val_mse"] == pytest.approx(again["val_mse"], rel=1e-6)
+        assert r.metrics["val_mse_change_pct"] == pytest.approx(100 * (again["val_mse"] - ref["val_mse"]) / ref["val_mse"], rel=1e-6)
+    best = load_config(out / "best_config.yaml")
+    assert best.dpo.steps == 4 and best.pairs.mode == res.best.params["pairs.mode"]
