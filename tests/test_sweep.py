@@ -290,14 +290,18 @@ def test_dpo_trials_reselect_shared_pairs_train_in_stages_and_validate(tmp_path,
     from align_rl.pair_store import PairStore
     from align_rl.sweep import dpo_trial, eval_metrics
 
-    from .test_actors import _tasks
+    from align_rl.candidates import background_order, make_tasks, valid_times
+
     from .tiny_align import LAT, LON, tiny_world
 
     cfg, ws, models, truth, bg, ref_ckpt = tiny_world(
         tmp_path, ["data.val=[2004-01-01, 2004-01-06]", "actors.samplers=1", "pairs.variants=[M]"])
     store = PairStore.open(ws.pairs, models.codec.latent_shape, cfg.rewards.names)
     pool = CandidatePool(cfg, models, LAT, LON)
-    pool.build(_tasks(cfg, truth, bg, models, 4), store, ["M"], progress=False)
+    times = valid_times(truth.times, bg.times, "2004-01-01", "2004-12-31", cfg.rewards.forecast_hours)
+    tasks = make_tasks(background_order(len(times), cfg.run.seed)[:4], times, truth, bg, models.normalizer,
+                       cfg.rewards.forecast_hours)
+    pool.build(tasks, store, ["M"], progress=False)
     pool.shutdown()
     committed = store.committed
     val = {"times": 2, "members": 2, "method": "obsfree"}
