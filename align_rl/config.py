@@ -105,6 +105,7 @@ class PretrainConfig:
     checkpoint_every: int = 250
     val_every: int = 250
     max_failures: int = 2
+    background_batch: int = 32  # times per forecast-actor call when computing the 48 h backgrounds
 
 
 @dataclass

@@ -1,0 +1,147 @@
+"""ForecastActor: holds a forecaster and runs n-step rollouts on batches of normalised fields.
+
+Thin: the science is the forecaster's ``rollout`` (:mod:`align_rl.models.forecaster`). Declared by
+:func:`make_forecasters` with ``max_restarts`` / ``max_task_retries`` and CPU / GPU resources from
+``cfg.actors``. A forecaster that cannot be pickled (an ONNX session) is rebuilt inside each actor
+from the config (``load_forecaster(cfg, ws, normalizer)``). :func:`forecast_batches` deals the
+batches of a job over the actors and submits a batch again when its actor died beyond Ray's own
+retries.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import ray
+import torch
+
+_RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+              ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError)
+
+
+class ForecastActor:
+    """``forecaster``: a forecaster object (usually an object ref resolved by Ray), or ``None``
+    with ``loader={"cfg": Config.to_dict(), "workdir": str, "normalizer": Normalizer.to_dict()}``
+    to load it here with :func:`align_rl.models.forecaster.load_forecaster`."""
+
+    def __init__(self, forecaster: Any = None, threads: int = 1, loader: dict | None = None,
+                 device: str = "cpu"):
+        torch.set_num_threads(max(1, int(threads)))
+        self.device = torch.device(device)
+        if forecaster is None:
+            if loader is None:
+                raise ValueError("ForecastActor needs a forecaster or a loader")
+            from align_rl.config import config_from_dict
+            from align_rl.models.forecaster import load_forecaster
+            from align_rl.normalization import Normalizer
+            from align_rl.workspace import Workspace
+
+            cfg = config_from_dict(loader["cfg"])
+            norm = Normalizer.from_dict(loader["normalizer"]) if loader.get("normalizer") else None
+            forecaster = load_forecaster(cfg, Workspace(root=Path(loader["workdir"])), norm,
+                                         device=self.device)
+        self.forecaster = forecaster
+        if hasattr(forecaster, "eval"):
+            forecaster.eval()
+        if hasattr(forecaster, "to"):
+            forecaster.to(self.device)
+        self.calls = 0
+
+    @torch.no_grad()
+    def rollout(self, batch_prev: np.ndarray, batch_curr: np.ndarray, n_steps: int,
+                last_only: bool = False) -> np.ndarray:
+        """``n_steps`` 6 h steps from normalised ``(B, 69, H, W)`` frames at ``t − 6h`` and ``t``
+        -> ``(B, n_steps, 69, H, W)`` float32 (``(B, 69, H, W)``, the last state, if ``last_only``)."""
+        xp = torch.as_tensor(np.asarray(batch_prev, dtype=np.float32), device=self.device)
+        xc = torch.as_tensor(np.asarray(batch_curr, dtype=np.float32), device=self.device)
+        out = self.forecaster.rollout(xp, xc, int(n_steps))
+        self.calls += 1
+        if last_only:
+            out = out[:, -1]
+        return out.detach().to("cpu", torch.float32).numpy()
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "calls": self.calls}
+
+
+def forecast_actor_options(cfg) -> dict:
+    """Ray options from ``cfg.actors``: CPUs, (fractional) GPUs, restarts, task retries."""
+    a = cfg.actors
+    opts: dict[str, Any] = {"num_cpus": float(a.cpus_per_actor), "max_restarts": int(a.max_restarts),
+                            "max_task_retries": int(a.max_task_retries)}
+    if a.gpus_per_actor > 0:
+        opts["num_gpus"] = float(a.gpus_per_actor)
+    return opts
+
+
+def make_forecasters(cfg, forecaster: Any = None, n: int | None = None, loader: dict | None = None) -> list:
+    """``n`` (default ``cfg.actors.forecasters``) forecast actors sharing one forecaster.
+
+    ``forecaster``: an object or an object ref (put once); when ``None``, ``loader`` (see
+    :class:`ForecastActor`) rebuilds it in each actor. GPU actors run their forecaster on cuda.
+    """
+    cls = ray.remote(ForecastActor).options(**forecast_actor_options(cfg))
+    threads = max(1, int(cfg.actors.cpus_per_actor))
+    device = "cuda" if cfg.actors.gpus_per_actor > 0 else "cpu"
+    return [cls.remote(forecaster, threads, loader, device) for _ in range(int(n or cfg.actors.forecasters))]
+
+
+def forecaster_handle(forecaster: Any, cfg, workdir: str, normalizer=None) -> tuple[Any, dict | None]:
+    """``(object ref, None)`` when the forecaster pickles, else ``(None, loader)`` for the actors
+    to load it themselves from the config (ONNX sessions do not pickle)."""
+    try:
+        return ray.put(forecaster), None
+    except Exception:
+        return None, {"cfg": cfg.to_dict(), "workdir": str(workdir),
+                      "normalizer": normalizer.to_dict() if normalizer is not None else None}
+
+
+def forecast_batches(
+    actors: Sequence,
+    batches: Sequence[tuple[np.ndarray, np.ndarray]],
+    n_steps: int,
+    last_only: bool = True,
+    on_result: Callable[[int, np.ndarray], None] | None = None,
+    max_resubmits: int = 3,
+) -> list[np.ndarray]:
+    """Run ``rollout(prev, curr, n_steps)`` for every batch on the actors, at most two calls in
+    flight per actor; results in the order of ``batches``. ``on_result(i, out)`` is called as
+    each batch arrives (progress, incremental writes). A batch whose actor died beyond Ray's
+    retries is submitted again to the next actor (up to ``max_resubmits`` times)."""
+    if not actors:
+        raise ValueError("forecast_batches needs at least one actor")
+    results: list[np.ndarray | None] = [None] * len(batches)
+    todo = list(range(len(batches)))[::-1]
+    pending: dict = {}
+    tries = [0] * len(batches)
+    k = 0
+
+    def submit(i: int) -> None:
+        nonlocal k
+        a = actors[k % len(actors)]
+        k += 1
+        prev, curr = batches[i]
+        pending[a.rollout.remote(prev, curr, n_steps, last_only)] = i
+
+    for _ in range(min(len(todo), 2 * len(actors))):
+        submit(todo.pop())
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(ready[0])
+        try:
+            out = ray.get(ready[0])
+        except _RETRYABLE:
+            tries[i] += 1
+            if tries[i] > max_resubmits:
+                raise
+            submit(i)
+            continue
+        results[i] = out
+        if on_result is not None:
+            on_result(i, out)
+        if todo:
+            submit(todo.pop())
+    return results  # type: ignore[return-value]

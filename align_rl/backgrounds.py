@@ -1,0 +1,240 @@
+"""The 48 h backgrounds ``x_b(t)``: the forecaster's 8 × 6 h forecast from the truth at ``t − 48 h``.
+
+SPEC §3: the forecaster takes two frames, so the forecast that verifies at ``t`` starts from the
+truth at ``t − 54 h`` and ``t − 48 h``; a background exists at every time ``t`` of the states whose
+two input times are in the states too (with 6-hourly data: from the 10th frame of each
+uninterrupted stretch on).
+
+The forecasts run on Ray forecast actors (:mod:`actors.forecast`) in batches of
+``cfg.pretrain.background_batch``. The result is cached in ``ws.backgrounds`` (a WeatherBench2-layout
+zarr store, physical units) whose attribute ``background_key`` records the dataset identity (source
+path and hash of the ``data`` config section) and the forecaster fingerprint (hash of its weights,
+or of its ONNX file and statistics). A call with the same key reuses the stored backgrounds and
+only computes the times missing from the store; a changed key recomputes them all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .normalization import Normalizer
+from .states import States
+
+STEP = np.timedelta64(6, "h")
+LEAD_STEPS = 8  # 8 × 6 h = 48 h
+KEY_ATTR = "background_key"
+
+
+def background_inputs(times: np.ndarray, lead_steps: int = LEAD_STEPS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices ``(target, prev, curr)`` into ``times`` (datetime64, ascending): ``times[curr] =
+    times[target] − lead_steps · 6 h`` and ``times[prev] = times[curr] − 6 h``, for every target
+    whose two input times exist. int64 arrays of equal length."""
+    t = np.asarray(times, dtype="datetime64[ns]")
+    lead = np.timedelta64(lead_steps * STEP, "ns")
+    step = np.timedelta64(STEP, "ns")
+
+    def find(want: np.ndarray) -> np.ndarray:
+        i = np.searchsorted(t, want)
+        ok = (i < len(t)) & (t[np.minimum(i, len(t) - 1)] == want)
+        return np.where(ok, i, -1)
+
+    curr = find(t - lead)
+    prev = find(t - lead - step)
+    ok = (curr >= 0) & (prev >= 0)
+    target = np.flatnonzero(ok).astype(np.int64)
+    return target, prev[ok].astype(np.int64), curr[ok].astype(np.int64)
+
+
+def _hash_update_state(h, state: dict) -> None:
+    for k in sorted(state):
+        v = state[k]
+        h.update(k.encode())
+        if isinstance(v, torch.Tensor):
+            h.update(str(tuple(v.shape)).encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+
+
+def _hash_file(h, path: str | Path | None) -> None:
+    if path is None:
+        h.update(b"none")
+        return
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+
+
+def forecaster_fingerprint(forecaster: Any, cfg=None) -> str:
+    """A short hash that changes when the forecaster's weights (or ONNX file / statistics) do.
+
+    torch modules: the state dict (``forecaster`` itself, or its ``module``); ONNX: the file at
+    ``cfg.forecaster.path`` and the mean / std files. Anything else: ``fingerprint`` attribute."""
+    h = hashlib.sha256()
+    h.update(type(forecaster).__name__.encode())
+    fp = getattr(forecaster, "fingerprint", None)
+    if isinstance(fp, str):
+        h.update(fp.encode())
+    elif isinstance(forecaster, torch.nn.Module):
+        _hash_update_state(h, forecaster.state_dict())
+    elif isinstance(getattr(forecaster, "module", None), torch.nn.Module):
+        _hash_update_state(h, forecaster.module.state_dict())
+        for name in ("mean", "std", "model_mean", "model_std"):
+            v = getattr(forecaster, name, None)
+            if v is not None:
+                h.update(np.asarray(v, dtype=np.float64).tobytes())
+    elif cfg is not None and cfg.forecaster.path:
+        for p in (cfg.forecaster.path, cfg.forecaster.mean_path, cfg.forecaster.std_path):
+            _hash_file(h, p)
+        h.update(str(cfg.forecaster.lat_north_to_south).encode())
+    else:
+        raise InputError(
+            f"cannot fingerprint a forecaster of type {type(forecaster).__name__} for the background "
+            "cache; give it a `fingerprint` string attribute or use a torch / ONNX forecaster"
+        )
+    return h.hexdigest()[:16]
+
+
+def background_key(cfg, states: States, forecaster: Any) -> dict[str, Any]:
+    """The cache key: dataset source path, hash of the ``data`` section, grid, forecaster hash."""
+    return {
+        "dataset": str(states.attrs.get("source", cfg.data.path or "embedded")),
+        "data_hash": cfg.section_hash("data"),
+        "grid": f"{len(states.lat)}x{len(states.lon)}",
+        "forecaster": forecaster_fingerprint(forecaster, cfg),
+        "lead_hours": int(LEAD_STEPS * 6),
+    }
+
+
+def _normalizer_of(states: States) -> Normalizer:
+    from .era5 import load_normalizer
+
+    return load_normalizer(states)
+
+
+def _open_cache(path: Path, key: dict) -> States | None:
+    if not path.exists():
+        return None
+    from .era5 import open_states
+
+    try:
+        cached = open_states(path)
+    except InputError:
+        return None  # unreadable: recompute
+    stored = cached.attrs.get(KEY_ATTR)
+    if isinstance(stored, str):
+        try:
+            stored = json.loads(stored)
+        except ValueError:
+            return None
+    return cached if stored == key else None
+
+
+def compute_backgrounds(
+    cfg,
+    states: States,
+    forecaster: Any,
+    target: np.ndarray,
+    prev: np.ndarray,
+    curr: np.ndarray,
+    normalizer: Normalizer,
+    workdir: str | Path,
+    progress: bool = True,
+) -> np.ndarray:
+    """48 h forecasts for the given index triples, on Ray forecast actors -> physical float32
+    ``(len(target), 69, H, W)``."""
+    import ray
+
+    from actors.forecast import forecast_batches, forecaster_handle, make_forecasters
+
+    from .training.harness import init_ray
+
+    init_ray()
+    bs = max(1, int(cfg.pretrain.background_batch))
+    chunks = [np.arange(i, min(i + bs, len(target))) for i in range(0, len(target), bs)]
+
+    def norm(idx: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(normalizer.normalize(states.values[idx]), dtype=np.float32)
+
+    batches = [(norm(prev[c]), norm(curr[c])) for c in chunks]
+    ref, loader = forecaster_handle(forecaster, cfg, str(workdir), normalizer)
+    actors = make_forecasters(cfg, ref, loader=loader)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(target), desc="backgrounds (48 h forecasts)", unit="t")
+    out = np.empty((len(target),) + states.values.shape[1:], dtype=np.float32)
+    try:
+        def store(i: int, res: np.ndarray) -> None:
+            out[chunks[i]] = normalizer.denormalize(res).astype(np.float32)
+            if bar is not None:
+                bar.update(len(chunks[i]))
+
+        forecast_batches(actors, batches, LEAD_STEPS, last_only=True, on_result=store)
+    finally:
+        if bar is not None:
+            bar.close()
+        for a in actors:
+            ray.kill(a, no_restart=True)
+    if not np.all(np.isfinite(out)):
+        raise InputError("the forecaster produced NaN or inf backgrounds; check the forecaster")
+    return out
+
+
+def ensure_backgrounds(cfg, ws, states: States, forecaster: Any, progress: bool = True) -> States:
+    """48 h backgrounds (physical units) at every time of ``states`` whose inputs (``t − 54 h`` and
+    ``t − 48 h``) are in ``states``; cached in ``ws.backgrounds`` (see the module docstring).
+
+    ``states``: truth with its normalisation statistics in ``attrs`` (as :func:`open_states`
+    returns it); ``forecaster``: any forecaster of :mod:`align_rl.models.forecaster` (normalised
+    ``rollout``). Returns :class:`States` whose ``times`` are the background times (ascending) and
+    whose ``attrs`` hold ``normalization`` and ``background_key``. Raises :class:`InputError` when no
+    time has its inputs.
+    """
+    from .store import write_states
+
+    target, prev, curr = background_inputs(states.times)
+    if len(target) == 0:
+        raise InputError(
+            f"no time of the {len(states)} states has both inputs of a 48 h forecast (t − 54 h and "
+            "t − 48 h); give at least 10 consecutive 6-hourly states"
+        )
+    normalizer = _normalizer_of(states)
+    key = background_key(cfg, states, forecaster)
+    path = Path(ws.backgrounds)
+    want = states.times[target]
+    cached = _open_cache(path, key)
+    have = np.zeros(len(target), dtype=bool)
+    if cached is not None:
+        have = np.isin(want, cached.times)
+    if not have.all():
+        t0 = time.perf_counter()
+        miss = ~have
+        new = compute_backgrounds(cfg, states, forecaster, target[miss], prev[miss], curr[miss],
+                                  normalizer, ws.root, progress)
+        times = want[miss]
+        if cached is not None:  # merge with what the store already holds
+            keep = ~np.isin(cached.times, times)
+            times = np.concatenate([cached.times[keep], times])
+            new = np.concatenate([cached.values[keep], new])
+        order = np.argsort(times)
+        attrs = {"normalization": normalizer.to_dict(), KEY_ATTR: key, "kind": "background",
+                 "description": "48 h forecasts (8 x 6 h) of the forecaster from the truth at t - 48 h",
+                 "seconds": round(time.perf_counter() - t0, 3)}
+        merged = States(new[order], times[order], states.lat, states.lon, attrs)
+        write_states(path, merged, overwrite=True)
+        cached = _open_cache(path, key)
+        if cached is None:  # pragma: no cover - the store was just written
+            raise InputError(f"cannot read back the backgrounds written to {path}")
+    idx = np.searchsorted(cached.times, want)
+    attrs = dict(cached.attrs)
+    attrs["normalization"] = normalizer.to_dict()
+    attrs[KEY_ATTR] = key
+    return States(cached.values[idx], want, states.lat, states.lon, attrs)

@@ -1,0 +1,461 @@
+"""Pretraining of the forecaster, the VAE and the latent diffusion model on Ray Train.
+
+``python -m align_rl.pretrain {forecaster|vae|diffusion|all} [--config FILE] [--force] [key=value ...]``
+
+Order (``all``): the forecaster emulator (one 6 h step from two frames), the VAE, the per-channel
+latent statistics (:func:`~align_rl.models.vae.fit_latent_stats` over the training split), the 48 h
+backgrounds of the training and validation splits (:func:`align_rl.backgrounds.ensure_backgrounds`,
+needed because the diffusion model learns ``p(z | z_b)`` with ``z_b = E(x_b)``), then the diffusion
+model. Each training runs under a Ray Train ``TorchTrainer`` (:mod:`align_rl.training.harness`)
+with checkpoints below ``ws.checkpoints(model)``; the final network is written with
+:func:`~align_rl.checkpoints.save_model` to ``ws.final_checkpoint(model)`` with its *identity*
+(config section, dataset key, seed and, for the diffusion model, the hashes of the VAE and of the
+forecaster it was trained with) in ``extra["identity"]``. :func:`ensure_pretrained` reuses a final
+checkpoint whose identity matches and trains what is missing. The summary (validation split,
+normalised units) is printed and written to ``<workdir>/pretrain_summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import Config, load_config
+from .errors import CheckpointError, InputError, cli_errors
+from .normalization import Normalizer
+from .states import States
+from .workspace import Workspace
+
+STAGES = ("forecaster", "vae", "diffusion")
+SUMMARY_FILE = "pretrain_summary.json"
+
+
+@dataclass
+class PretrainedModels:
+    """The pretrained networks of a run (all in eval mode, on CPU).
+
+    ``forecaster``: 6 h forecaster on normalised fields (``step``/``rollout``); ``codec``: the
+    :class:`~align_rl.models.vae.LatentCodec` (VAE + latent statistics); ``eps_model``: the
+    :class:`~align_rl.models.dit.LatentDiT`; ``normalizer``: the dataset's statistics; ``paths``:
+    final checkpoint of each model; ``summary``: the quality numbers of :func:`evaluate_models`
+    when they were computed in this call (else those stored in the summary file, or {})."""
+
+    forecaster: Any
+    codec: Any
+    eps_model: Any
+    normalizer: Normalizer | None = None
+    paths: dict[str, Path] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PretrainData:
+    """Truth of the training and validation splits (physical States with their statistics) and
+    their normalised values ``(T, 69, H, W)`` float32."""
+
+    store: Path | str
+    train: States
+    val: States
+    normalizer: Normalizer
+    train_norm: np.ndarray
+    val_norm: np.ndarray
+    refs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (len(self.train.lat), len(self.train.lon))
+
+    def ref(self, name: str, value_fn) -> Any:
+        """An object ref of ``value_fn()``, put in the object store once."""
+        import ray
+
+        if name not in self.refs:
+            self.refs[name] = ray.put(value_fn())
+        return self.refs[name]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _json_hash(obj: Any, n: int = 12) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def data_key(cfg: Config, store: Path | str) -> dict[str, str]:
+    """Identity of the dataset: its path and the hash of the ``data`` config section."""
+    return {"store": str(store), "data_hash": cfg.section_hash("data")}
+
+
+def load_data(cfg: Config, ws: Workspace, progress: bool = True) -> PretrainData:
+    """The dataset of the run (simulated when absent), split into training and validation truth."""
+    from .data import ensure_world
+    from .era5 import load_normalizer, open_states
+    from .training.datasets import normalized_values
+
+    store = ensure_world(cfg, ws, progress=progress)
+    kw = {"coarsen": cfg.data.coarsen, "expect_grid": cfg.data.grid}
+    train = open_states(store, time_range=cfg.data.train, **kw)
+    val = open_states(store, time_range=cfg.data.val, **kw)
+    norm = load_normalizer(train)
+    return PretrainData(store, train, val, norm, normalized_values(train, norm), normalized_values(val, norm))
+
+
+def _identity(cfg: Config, stage: str, data: PretrainData, deps: dict[str, str] | None = None) -> dict:
+    section = asdict(getattr(cfg, stage))
+    return {"stage": stage, "config": section, "data": data_key(cfg, data.store),
+            "grid": list(data.grid), "seed": int(cfg.run.seed), "deps": deps or {}}
+
+
+def _stored_identity(path: Path) -> dict | None:
+    from .checkpoints import read_checkpoint
+
+    try:
+        return read_checkpoint(path)["extra"].get("identity")
+    except CheckpointError:
+        return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def _wandb(cfg: Config, ws: Workspace, stage: str, ident_hash: str) -> dict:
+    return {"mode": cfg.run.wandb_mode, "project": cfg.run.wandb_project, "dir": str(ws.root / "wandb"),
+            "name": f"pretrain-{stage}", "group": f"{cfg.run.name}-pretrain",
+            "id": f"{cfg.run.name}-pretrain-{stage}-{ident_hash}".replace("/", "-")}
+
+
+def _log(msg: str) -> None:
+    print(f"[pretrain] {msg}", flush=True)
+
+
+def _train(cfg: Config, ws: Workspace, stage: str, loop_config: dict, ident: dict,
+           num_workers: int | None = None, extra_loop: dict | None = None):
+    from .training.harness import init_ray, run_training
+
+    init_ray()
+    ih = _json_hash(ident)
+    section = getattr(cfg, stage)
+    lc = dict(loop_config)
+    lc.update(model_cfg=asdict(section), steps=int(section.steps), lr=float(section.lr),
+              batch_size=int(section.batch_size), seed=int(cfg.run.seed),
+              wandb=_wandb(cfg, ws, stage, ih))
+    lc.update(extra_loop or {})
+    _log(f"training {stage}: {section.steps} steps, batch {section.batch_size}, "
+         f"{num_workers or cfg.pretrain.num_workers} worker(s) (run {stage}-{ih})")
+    res = run_training(stage, lc, cfg.pretrain, ws.checkpoints(stage), f"{stage}-{ih}", num_workers)
+    _log(f"{stage} done in {res.wall_s:.0f} s ({res.samples_per_s:.1f} samples/s); "
+         + ", ".join(f"{k} {v:.4g}" for k, v in res.metrics.items() if k.startswith("val_")))
+    return res
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def pretrain_forecaster(cfg: Config, ws: Workspace, data: PretrainData, force: bool = False,
+                        loop_extra: dict | None = None):
+    """The forecaster of ``cfg.forecaster``: the emulator is trained (or reused); ONNX / torch
+    forecasters are loaded as configured. Returns ``(forecaster, info)``."""
+    from .checkpoints import save_model
+    from .models.forecaster import EmulatorForecaster, build_emulator, load_forecaster
+
+    info: dict[str, Any] = {"trained": False}
+    if cfg.forecaster.kind != "emulator" or cfg.forecaster.path:
+        return load_forecaster(cfg, ws, data.normalizer), info
+    path = ws.final_checkpoint("forecaster")
+    ident = _identity(cfg, "forecaster", data)
+    if not force and path.exists() and _same(_stored_identity(path), ident):
+        _log(f"forecaster: reusing {path}")
+        return load_forecaster(cfg, ws, data.normalizer), info
+    ref = data.ref("train_seq", lambda: {"values": data.train_norm, "times": data.train.times})
+    vref = data.ref("val_seq", lambda: {"values": data.val_norm, "times": data.val.times})
+    res = _train(cfg, ws, "forecaster", {"grid": list(data.grid), "data": {"train": ref, "val": vref}},
+                 ident, extra_loop=loop_extra)
+    net = build_emulator(cfg.forecaster, data.grid)
+    net.load_state_dict(res.state_dict)
+    save_model(path, net, "forecaster", cfg.forecaster,
+               extra={"identity": ident, "metrics": res.metrics, "starts": res.starts,
+                      "samples_per_s": res.samples_per_s, "seconds": res.wall_s})
+    info.update(trained=True, metrics=res.metrics, samples_per_s=res.samples_per_s, seconds=res.wall_s)
+    return EmulatorForecaster(net).eval(), info
+
+
+def pretrain_vae(cfg: Config, ws: Workspace, data: PretrainData, force: bool = False,
+                 loop_extra: dict | None = None):
+    """Train (or reuse) the VAE, fit the latent statistics over the training split and save the
+    :class:`LatentCodec`. Returns ``(codec, info)``."""
+    from .checkpoints import load_codec, save_model
+    from .models.vae import LatentCodec, build_vae, fit_latent_stats
+
+    info: dict[str, Any] = {"trained": False}
+    path = ws.final_checkpoint("vae")
+    ident = _identity(cfg, "vae", data)
+    if not force and path.exists() and _same(_stored_identity(path), ident):
+        _log(f"vae: reusing {path}")
+        codec, _ = load_codec(path, expect=cfg.vae)
+        return codec, info
+    ref = data.ref("train_frames", lambda: {"values": data.train_norm})
+    vref = data.ref("val_frames", lambda: {"values": data.val_norm})
+    res = _train(cfg, ws, "vae", {"grid": list(data.grid), "data": {"train": ref, "val": vref},
+                                  "kl_weight": float(cfg.vae.kl_weight)}, ident, extra_loop=loop_extra)
+    vae = build_vae(cfg.vae, data.grid)
+    vae.load_state_dict(res.state_dict)
+    vae.eval()
+    t0 = time.perf_counter()
+    mean, std = fit_latent_stats(vae, torch.from_numpy(data.train_norm), batch_size=32)
+    codec = LatentCodec(vae, mean, std).eval()
+    _log(f"latent statistics over {len(data.train_norm)} training frames in {time.perf_counter() - t0:.1f} s")
+    save_model(path, codec, "vae", cfg.vae,
+               extra={"identity": ident, "metrics": res.metrics, "starts": res.starts,
+                      "samples_per_s": res.samples_per_s, "seconds": res.wall_s})
+    info.update(trained=True, metrics=res.metrics, samples_per_s=res.samples_per_s, seconds=res.wall_s)
+    return codec, info
+
+
+@torch.no_grad()
+def encode_all(codec, values: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Standardised latents ``(T, C, h, w)`` float32 of normalised fields ``(T, 69, H, W)``."""
+    codec.eval()
+    out = [codec.encode(torch.from_numpy(np.ascontiguousarray(values[i:i + batch_size]))).numpy()
+           for i in range(0, len(values), batch_size)]
+    return np.concatenate(out).astype(np.float32)
+
+
+def latent_pairs(codec, truth: States, truth_norm: np.ndarray, bg: States, normalizer: Normalizer):
+    """``(z, z_b)`` of the truth and of the background at every background time."""
+    idx = np.searchsorted(truth.times, bg.times)
+    if not np.array_equal(truth.times[np.minimum(idx, len(truth) - 1)], bg.times):
+        raise InputError("background times are not all in the truth; recompute the backgrounds")
+    z = encode_all(codec, truth_norm[idx])
+    zb = encode_all(codec, np.ascontiguousarray(normalizer.normalize(bg.values), dtype=np.float32))
+    return z, zb
+
+
+def _module_hash(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def pretrain_diffusion(cfg: Config, ws: Workspace, data: PretrainData, codec, forecaster,
+                       force: bool = False, loop_extra: dict | None = None, progress: bool = True):
+    """Backgrounds of the training and validation splits, their latents, then train (or reuse)
+    the diffusion model. Returns ``(eps_model, info)``; ``info["backgrounds"]`` holds the
+    validation backgrounds (States)."""
+    from .backgrounds import ensure_backgrounds, forecaster_fingerprint
+    from .checkpoints import load_model, save_model
+    from .models.dit import build_dit
+
+    info: dict[str, Any] = {"trained": False}
+    path = ws.final_checkpoint("diffusion")
+    deps = {"vae": _module_hash(codec), "forecaster": forecaster_fingerprint(forecaster, cfg)}
+    ident = _identity(cfg, "diffusion", data, deps)
+    latent_shape = tuple(codec.latent_shape)
+    if not force and path.exists() and _same(_stored_identity(path), ident):
+        _log(f"diffusion: reusing {path}")
+        model, _ = load_model(path, "diffusion", expect=cfg.diffusion, shapes={"latent_shape": latent_shape})
+        return model, info
+    t0 = time.perf_counter()
+    bg_train = ensure_backgrounds(cfg, ws, data.train, forecaster, progress=progress)
+    bg_val = ensure_backgrounds(cfg, ws, data.val, forecaster, progress=progress)
+    info["background_seconds"] = time.perf_counter() - t0
+    _log(f"backgrounds: {len(bg_train)} train + {len(bg_val)} val times in {info['background_seconds']:.0f} s")
+    z, zb = latent_pairs(codec, data.train, data.train_norm, bg_train, data.normalizer)
+    vz, vzb = latent_pairs(codec, data.val, data.val_norm, bg_val, data.normalizer)
+    import ray
+
+    loop = {"latent_shape": list(latent_shape),
+            "data": {"train": ray.put({"z": z, "z_b": zb}), "val": ray.put({"z": vz, "z_b": vzb})}}
+    res = _train(cfg, ws, "diffusion", loop, ident, extra_loop=loop_extra)
+    model = build_dit(cfg.diffusion, latent_shape)
+    model.load_state_dict(res.state_dict)
+    model.eval()
+    save_model(path, model, "diffusion", cfg.diffusion,
+               extra={"identity": ident, "metrics": res.metrics, "starts": res.starts,
+                      "samples_per_s": res.samples_per_s, "seconds": res.wall_s})
+    info.update(trained=True, metrics=res.metrics, samples_per_s=res.samples_per_s, seconds=res.wall_s)
+    return model, info
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _rmse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)))
+
+
+@torch.no_grad()
+def evaluate_models(cfg: Config, ws: Workspace, data: PretrainData, models: PretrainedModels,
+                    max_samples: int = 256, progress: bool = True) -> dict[str, Any]:
+    """Quality on the validation split, normalised units (RMSE over all 69 channels and points):
+
+    ``forecaster_rmse_6h`` vs ``persistence_rmse_6h`` (one step from the truth);
+    ``background_rmse_48h`` (the cached 48 h backgrounds) vs ``climatology_rmse`` (the training
+    split's mean field at each grid point, against the same truth); ``vae_recon_mse``
+    (``D(E(x))`` with the posterior mean); ``diffusion_val_loss`` (denoising score matching,
+    fixed seed, four draws of ``(t, ε)`` per pair)."""
+    from .backgrounds import ensure_backgrounds
+    from .models.dit import dsm_loss
+    from .training.datasets import consecutive_starts, fixed_subset
+
+    out: dict[str, Any] = {}
+    v = data.val_norm
+    starts = consecutive_starts(data.val.times, 3)
+    sel = starts[fixed_subset(len(starts), max_samples)]
+    se_f, se_p = [], []
+    for c in np.array_split(sel, max(1, len(sel) // 32)):
+        x0, x1, x2 = (torch.from_numpy(v[c + k]) for k in range(3))
+        pred = models.forecaster.step(x0, x1)
+        se_f.append(((pred - x2) ** 2).double().mean(dim=(1, 2, 3)).numpy())
+        se_p.append(((x1 - x2) ** 2).double().mean(dim=(1, 2, 3)).numpy())
+    out["forecaster_rmse_6h"] = float(np.sqrt(np.mean(np.concatenate(se_f))))
+    out["persistence_rmse_6h"] = float(np.sqrt(np.mean(np.concatenate(se_p))))
+
+    bg = ensure_backgrounds(cfg, ws, data.val, models.forecaster, progress=progress)
+    idx = np.searchsorted(data.val.times, bg.times)
+    bgn = data.normalizer.normalize(bg.values).astype(np.float32)
+    clim = data.train_norm.mean(axis=0, dtype=np.float64)
+    out["background_rmse_48h"] = _rmse(bgn, v[idx])
+    out["climatology_rmse"] = float(np.sqrt(np.mean((v[idx] - clim[None]) ** 2)))
+    out["persistence_rmse_48h"] = _rmse(v[np.searchsorted(data.val.times, bg.times - np.timedelta64(48, "h"))], v[idx])
+
+    codec = models.codec
+    fsel = fixed_subset(len(v), max_samples)
+    se = 0.0
+    for c in np.array_split(fsel, max(1, len(fsel) // 32)):
+        x = torch.from_numpy(v[c])
+        mean, _ = codec.vae.encode(x)
+        se += float(((codec.vae.decode(mean) - x) ** 2).double().sum())
+    out["vae_recon_mse"] = se / (len(fsel) * v[0].size)
+
+    bsel = fixed_subset(len(idx), max_samples)
+    z, zb = latent_pairs(codec, data.val, v, States(bg.values[bsel], bg.times[bsel], bg.lat, bg.lon,
+                                                    bg.attrs), data.normalizer)
+    gen = torch.Generator().manual_seed(1234)
+    losses = []
+    for _ in range(4):
+        for c in np.array_split(np.arange(len(z)), max(1, len(z) // 64)):
+            losses.append(float(dsm_loss(models.eps_model, torch.from_numpy(z[c]),
+                                         torch.from_numpy(zb[c]), generator=gen)) * len(c))
+    out["diffusion_val_loss"] = float(np.sum(losses) / (4 * len(z)))
+    out["val_times"] = int(len(v))
+    out["background_times"] = int(len(idx))
+    return out
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The summary as aligned lines (normalised units)."""
+    def f(k: str) -> str:
+        return f"{s[k]:.4f}" if isinstance(s.get(k), (int, float)) and not math.isnan(s[k]) else "n/a"
+
+    lines = [
+        "pretraining summary (validation split, normalised units)",
+        f"  forecaster 6 h RMSE        {f('forecaster_rmse_6h')}   persistence {f('persistence_rmse_6h')}",
+        f"  48 h background RMSE       {f('background_rmse_48h')}   climatology {f('climatology_rmse')}"
+        f"   persistence {f('persistence_rmse_48h')}",
+        f"  VAE reconstruction MSE     {f('vae_recon_mse')}   (target <= 0.02)",
+        f"  diffusion validation loss  {f('diffusion_val_loss')}   (denoising score matching)",
+    ]
+    if "seconds" in s:
+        lines.append(f"  wall time                  {s['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def ensure_pretrained(cfg: Config, ws: Workspace, stages: tuple[str, ...] = STAGES,
+                      force: tuple[str, ...] = (), evaluate: bool = False,
+                      progress: bool = True, data: PretrainData | None = None) -> PretrainedModels:
+    """The pretrained models of a run: reuse each final checkpoint whose identity matches the
+    configuration (and the dataset, and for the diffusion model the VAE and forecaster), train
+    what is missing, in the order forecaster → VAE (+ latent statistics) → backgrounds →
+    diffusion. ``stages``: the models wanted (the diffusion model needs the other two; a stage
+    left out is loaded only when needed). ``force``: stages to retrain even when cached.
+    ``evaluate``: compute the summary (:func:`evaluate_models`) and write it to
+    ``<workdir>/pretrain_summary.json``."""
+    t0 = time.perf_counter()
+    for s in tuple(stages) + tuple(force):
+        if s not in STAGES:
+            raise InputError(f"unknown pretraining stage {s!r}; choose from {', '.join(STAGES)}")
+    data = data or load_data(cfg, ws, progress=progress)
+    need = set(stages)
+    if "diffusion" in need:
+        need |= {"forecaster", "vae"}
+    forecaster = codec = eps = None
+    infos: dict[str, Any] = {}
+    if "forecaster" in need:
+        forecaster, infos["forecaster"] = pretrain_forecaster(cfg, ws, data, force="forecaster" in force)
+    if "vae" in need:
+        codec, infos["vae"] = pretrain_vae(cfg, ws, data, force="vae" in force)
+    if "diffusion" in need:
+        eps, infos["diffusion"] = pretrain_diffusion(cfg, ws, data, codec, forecaster,
+                                                     force="diffusion" in force, progress=progress)
+    paths = {s: ws.final_checkpoint(s) for s in STAGES if ws.final_checkpoint(s).exists()}
+    models = PretrainedModels(forecaster, codec, eps, data.normalizer, paths)
+    summary_path = ws.root / SUMMARY_FILE
+    if evaluate and forecaster is not None and codec is not None and eps is not None:
+        summary = evaluate_models(cfg, ws, data, models, progress=progress)
+        summary["seconds"] = time.perf_counter() - t0
+        summary["training"] = {k: {kk: vv for kk, vv in v.items() if kk != "backgrounds"}
+                               for k, v in infos.items()}
+        summary_path.write_text(json.dumps(summary, indent=2, default=str))
+        models.summary = summary
+    elif summary_path.exists():
+        try:
+            models.summary = json.loads(summary_path.read_text())
+        except ValueError:
+            models.summary = {}
+    return models
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m align_rl.pretrain", description=__doc__.split("\n\n")[0])
+    p.add_argument("stage", choices=(*STAGES, "all"), help="what to pretrain (all: every model, in order)")
+    p.add_argument("--config", default=None, help="YAML config file (sections as in align_rl.config)")
+    p.add_argument("--force", action="store_true", help="retrain the named stage(s) even when cached")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. vae.steps=200")
+    return p
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    ws = Workspace.from_config(cfg)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    force = stages if args.force else ()
+    t0 = time.perf_counter()
+    models = ensure_pretrained(cfg, ws, stages, force=force, evaluate=args.stage in ("all", "diffusion"),
+                               progress=not args.no_progress)
+    for s, pth in models.paths.items():
+        print(f"{s}: {pth}")
+    if models.summary and args.stage in ("all", "diffusion"):
+        print(format_summary(models.summary))
+    print(f"pretrain {args.stage} finished in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

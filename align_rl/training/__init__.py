@@ -1,0 +1,1 @@
+"""Pretraining on Ray Train: datasets over normalised states, per-worker loops, the runner."""

@@ -1,0 +1,140 @@
+"""The shared Ray Train runner of the pretraining tasks.
+
+:func:`run_training` builds a ``TorchTrainer`` (Ray Train V2) for one task of
+:mod:`align_rl.training.loops`:
+
+- ``ScalingConfig(num_workers, use_gpu, resources_per_worker)`` from ``cfg.pretrain``
+  (``num_workers``, ``use_gpu``, ``cpus_per_worker``; one GPU per worker when ``use_gpu``);
+- DDP over gloo on CPU, nccl on GPU (``TorchConfig(backend=...)``);
+- ``RunConfig(name=run_name, storage_path=...)`` with ``FailureConfig(max_failures)``: a worker that
+  dies restarts the worker group, which resumes from the latest reported checkpoint; a new
+  ``fit()`` with the same name and storage path resumes too (Ray Train V2 restores its checkpoint
+  manager from storage), so callers put a hash of everything that defines the run in the name;
+- ``CheckpointConfig(num_to_keep=2)``.
+
+The result is read back on the driver as a :class:`TrainResult` (the final weights as a state
+dict, the metrics history, the step at which each attempt started).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import PretrainConfig
+from .loops import STATE_FILE, train_loop
+
+
+@dataclass
+class TrainResult:
+    """What a pretraining run left: ``state_dict`` of the final network (CPU tensors), ``metrics``
+    (the last reported metrics that hold validation values), ``history`` (every report of rank 0),
+    ``starts`` (the step each attempt started from: ``[0]`` for an uninterrupted run,
+    ``[0, k]`` after one failure recovered from the checkpoint of step ``k``), ``checkpoint``
+    (directory of the last Ray checkpoint), ``wall_s`` (seconds of ``fit()``)."""
+
+    task: str
+    state_dict: dict[str, torch.Tensor]
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    checkpoint: str = ""
+    wall_s: float = 0.0
+
+    @property
+    def samples_per_s(self) -> float:
+        """Training throughput of the last attempt (global samples per second, steps only)."""
+        vals = [h["samples_per_s"] for h in self.history if "samples_per_s" in h]
+        return float(vals[-1]) if vals else float("nan")
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to Ray: the cluster in ``RAY_ADDRESS`` if set, else a small local instance
+    (no dashboard, ``RAY_AUTH_MODE=disabled`` unless set). No-op when Ray is already up."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}})
+
+
+def scaling_config(pre: PretrainConfig, num_workers: int | None = None):
+    """``ScalingConfig`` of ``cfg.pretrain`` (``num_workers`` overrides the config)."""
+    from ray.train import ScalingConfig
+
+    n = int(num_workers if num_workers is not None else pre.num_workers)
+    res: dict[str, float] = {"CPU": float(pre.cpus_per_worker)}
+    if pre.use_gpu:
+        res["GPU"] = 1.0
+    return ScalingConfig(num_workers=n, use_gpu=bool(pre.use_gpu), resources_per_worker=res)
+
+
+def run_training(
+    task: str,
+    loop_config: dict[str, Any],
+    pre: PretrainConfig,
+    storage_path: str | Path,
+    run_name: str,
+    num_workers: int | None = None,
+    log_level: str = "WARNING",
+) -> TrainResult:
+    """Run the ``task`` loop under a ``TorchTrainer`` and return its result.
+
+    ``loop_config``: the loop's config (see :mod:`align_rl.training.loops`) without the keys this
+    function fills in (``task``, ``threads``, ``checkpoint_every``, ``val_every``, ``num_workers``).
+    ``storage_path``: folder of the Ray run (absolute); ``run_name``: its name below it.
+    Raises ``RuntimeError`` naming the task when training fails more than ``max_failures`` times.
+    """
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    storage_path = Path(storage_path).expanduser().resolve()
+    storage_path.mkdir(parents=True, exist_ok=True)
+    sc = scaling_config(pre, num_workers)
+    config = dict(loop_config)
+    config.update(task=task, threads=max(1, int(pre.cpus_per_worker)),
+                  checkpoint_every=int(pre.checkpoint_every), val_every=int(pre.val_every),
+                  num_workers=sc.num_workers)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if pre.use_gpu else "gloo"),
+        scaling_config=sc,
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage_path),
+            failure_config=FailureConfig(max_failures=int(pre.max_failures)),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level=log_level),
+        ),
+    )
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # TrainingFailedError and friends: name the task and the way out
+        raise RuntimeError(
+            f"pretraining {task} failed after {pre.max_failures} recoveries: {exc}; its checkpoints "
+            f"are in {storage_path / run_name} (a rerun resumes from the latest)"
+        ) from exc
+    wall = time.perf_counter() - t0
+    if result.checkpoint is None:
+        raise RuntimeError(f"pretraining {task} reported no checkpoint; see {storage_path / run_name}")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    history = list(state["history"])
+    with_val = [h for h in history if "val_loss" in h]
+    metrics = dict(with_val[-1] if with_val else (history[-1] if history else {}))
+    return TrainResult(task=task, state_dict=state["model"], metrics=metrics, history=history,
+                       starts=list(state["starts"]), checkpoint=str(result.checkpoint.path),
+                       wall_s=wall)
