@@ -111,27 +111,27 @@ def sample(
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc="sampling", unit="step", leave=False)
+    # the schedule on the time grid, in float64, computed once
+    grid = 1.0 - torch.arange(steps + 1, dtype=torch.float64) / steps  # exactly t_k = 1 − k/K
+    mus, sigs = mu(grid).tolist(), sigma(grid).tolist()
+    times = [torch.full((M,), float(v), dtype=z.dtype, device=z.device) for v in grid.tolist()]
     with torch.no_grad():
         for k in it:
-            t = 1.0 - k / steps
-            s = 1.0 - (k + 1) / steps
-            tt = torch.full((M,), t, dtype=z.dtype, device=z.device)
-            ss = torch.full((M,), s, dtype=z.dtype, device=z.device)
-            mu_t, mu_s = mu(torch.tensor(t, dtype=torch.float64)), mu(torch.tensor(s, dtype=torch.float64))
-            sig_t, sig_s = sigma(torch.tensor(t, dtype=torch.float64)), sigma(torch.tensor(s, dtype=torch.float64))
-            r = float(mu_s / mu_t)
+            t, s = float(grid[k]), float(grid[k + 1])
+            mu_t, mu_s, sig_t, sig_s = mus[k], mus[k + 1], sigs[k], sigs[k + 1]
+            r = mu_s / mu_t
             # predictor
-            eps = eps_fn(z, tt, zb).to(z.dtype)
-            z_seen, t_seen = z, (float(mu_t), float(sig_t))
-            z = r * z + float(sig_s - r * sig_t) * eps
+            eps = eps_fn(z, times[k], zb).to(z.dtype)
+            z_seen, t_seen = z, (mu_t, sig_t)
+            z = r * z + (sig_s - r * sig_t) * eps
             # Langevin corrections at s
             for _ in range(corrections):
-                eps = eps_fn(z, ss, zb).to(z.dtype)
-                z_seen, t_seen = z, (float(mu_s), float(sig_s))
+                eps = eps_fn(z, times[k + 1], zb).to(z.dtype)
+                z_seen, t_seen = z, (mu_s, sig_s)
                 delta = tau / eps.square().mean(dim=dims).clamp_min(1e-12)  # (M,)
                 delta = _per_sample(delta, z)
                 xi = _randn_like(z, generator)
-                z = z - (delta * eps + torch.sqrt(2 * delta) * xi) * float(sig_s)
+                z = z - (delta * eps + torch.sqrt(2 * delta) * xi) * sig_s
             if guidance is not None:
                 z0_hat = (z_seen - t_seen[1] * eps) / t_seen[0]
                 ctx = StepContext(eps_fn=eps_fn, z_b=zb, members=members, t=t, s=s, step=k,
