@@ -397,6 +397,20 @@ def validate(cfg: Config) -> None:
     for k in ("steps", "members"):
         _positive(getattr(cfg.sampler, k), f"sampler.{k}")
     _positive(cfg.sampler.corrections, "sampler.corrections", strict=False)
+    _positive(cfg.sampler.tau, "sampler.tau")
+    _positive(cfg.guidance.dps_zeta, "guidance.dps_zeta", strict=False)
+    _positive(cfg.guidance.dps_gamma, "guidance.dps_gamma", strict=False)
+    for ab in cfg.eval.ablations:
+        _choice(ab, ("density", "error"), "eval.ablations[]")
+    if cfg.eval.members < 2:
+        raise ConfigError("eval.members must be >= 2 (ensemble mean, CRPS and spread/skill need it)")
+    for k in ("times", "batch_size", "map_samples"):
+        _positive(getattr(cfg.eval, k), f"eval.{k}")
+    for d in cfg.eval.densities:
+        if not 0 < d <= 1:
+            raise ConfigError(f"eval.densities entry {d} must lie in (0, 1]")
+    for e in cfg.eval.errors:
+        _positive(e, "eval.errors[]", strict=False)
     if cfg.pairs.candidates < 2:
         raise ConfigError("pairs.candidates must be >= 2 (rewards compare candidates)")
     for k, w in cfg.rewards.weights.items():
