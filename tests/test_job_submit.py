@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", ".pytest_cache", "wandb", "*.zarr"]
@@ -158,30 +159,49 @@ def submit_and_wait(head: LocalHead, entrypoint: list[str], submission_id: str,
     return str(status), client.get_job_logs(submission_id)
 
 
-TINY_TRAIN = """\
-run: {{name: jobsubmit, workdir: {workdir}, wandb_mode: offline}}
-"""
+def tiny_train_config(tmp: Path) -> tuple[Path, Path]:
+    """A tiny world store and a ``--config`` YAML of the main job on it (8 × 16 grid, tiny
+    networks, a few steps of everything); returns ``(config path, run workdir)``."""
+    from align_rl.config import load_config, parse_overrides
+
+    from .tiny_align import OVERRIDES, TRAIN_OVERRIDES, write_tiny_world
+
+    world = write_tiny_world(tmp / "world.zarr")
+    run = tmp / "run"
+    nested = parse_overrides(OVERRIDES + TRAIN_OVERRIDES + [
+        f"data.path={world}", f"run.workdir={run}", "run.name=jobsubmit", "run.wandb_mode=offline",
+        "dpo.steps=4", "dpo.checkpoint_every=2", "guidance.methods=[obsfree]"])
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(nested, sort_keys=False))
+    cfg = load_config(path)  # a valid config file
+    assert cfg.data.grid == "8x16" and cfg.run.workdir == str(run)
+    return path, run
 
 
 def test_ray_job_submit_main_job_succeeds(tmp_path):
-    out_dir = tmp_path / "job"
-    out_dir.mkdir()
+    cfg_path, run = tiny_train_config(tmp_path)
     head = LocalHead(num_cpus=2)
     try:
         head.wait_ready()
-        entry = ["python", "-c",
-                 "import json, pathlib, sys, ray, align_rl.config as c; ray.init(); "
-                 "r = ray.cluster_resources(); "
-                 f"pathlib.Path({str(out_dir)!r}, 'done.json').write_text(json.dumps("
-                 "{'cpus': r.get('CPU'), 'module': c.__file__}))"]
-        status, logs = submit_and_wait(head, entry, "align-rl-test-job",
-                                       {"RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline"},
-                                       timeout=600)
+        status, logs = submit_and_wait(
+            head, ["python", "-m", "align_rl.train", "--config", str(cfg_path)], "align-rl-test-train",
+            {"RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}, timeout=1500)
         assert status == "SUCCEEDED", f"job ended {status}; logs:\n{logs[-6000:]}"
-        done = json.loads((out_dir / "done.json").read_text())
-        assert done["cpus"] == 2.0  # the job ran on our head node, not on another instance
-        # the package came from the uploaded working dir, not from the repository checkout
-        assert not done["module"].startswith(str(REPO))
+        summary = json.loads((run / "train_summary.json").read_text())
+        assert summary["variants"]["M"]["step"] == 4
+        assert Path(summary["variants"]["M"]["checkpoint"]).exists()
+        assert (run / "eval" / "report.md").exists()
+        # the driver ran from the uploaded working dir (not the checkout) and used our head
+        assert "[align_rl.train]" in logs
+        jobs = [j for j in _list_jobs(head) if j.submission_id == "align-rl-test-train"]
+        assert len(jobs) == 1 and jobs[0].entrypoint.startswith("python -m align_rl.train")
+        assert jobs[0].runtime_env["working_dir"].startswith("gcs://")
     finally:
         left = head.stop()
     assert left == [], f"processes of the test head still alive: {left}"
+
+
+def _list_jobs(head: LocalHead):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(head.address).list_jobs()
