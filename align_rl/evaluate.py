@@ -299,6 +299,7 @@ def run_evaluation(
     z500_err: dict[tuple[str, str], np.ndarray] = {}  # (model, method) -> (map_n, H, W) |ens mean − GT|
     ens_means: dict[tuple[str, str], np.ndarray] = {}  # main setting, physical (T, 69, H, W)
     obs_fraction: dict[str, float] = {}
+    failures: list[dict] = []
     # background rows (the same in every setting)
     f_bg = forecast_48h(data.forecaster, x_prev, x_b)
     bg_an = deterministic_metrics(x_b, x_true, norm, lat, lon)
@@ -329,9 +330,14 @@ def run_evaluation(
                 gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + 100 * si + mi)
                 for i in range(0, T, bs):
                     sl = slice(i, min(T, i + bs))
-                    an = analyse(data.codec, eps_model, x_b[sl], obs[sl], meth, cfg.sampler,
-                                 cfg.guidance, generator=gen, members=members)
-                    xa = an.fields.float().cpu()
+                    try:
+                        an = analyse(data.codec, eps_model, x_b[sl], obs[sl], meth, cfg.sampler,
+                                     cfg.guidance, generator=gen, members=members)
+                        xa = an.fields.float().cpu()
+                    except InputError as exc:  # diverged (NaN): score as NaN, report, go on
+                        failures.append({"setting": s.name, "row": row, "times": [i, sl.stop],
+                                         "error": str(exc)})
+                        xa = torch.full((sl.stop - i, members, *x_b.shape[1:]), float("nan"))
                     ens = xa.mean(dim=1)
                     col.add(s.name, row, "analysis", "member",
                             deterministic_metrics(xa, x_true[sl], norm, lat, lon))
@@ -360,6 +366,7 @@ def run_evaluation(
         bar.close()
     per_time = col.arrays()
     ens_means = {k: np.concatenate(v) for k, v in ens_means.items()}
+    ens_means = {k: v for k, v in ens_means.items() if np.all(np.isfinite(v))}  # no store of NaNs
     z500_err = {k: np.concatenate(v) for k, v in z500_err.items()}
 
     summary = summarise(per_time, baseline, list(models), methods, settings, seed=cfg.run.seed)
@@ -375,6 +382,7 @@ def run_evaluation(
         "guidance": cfg.to_dict()["guidance"],
         "grid": f"{len(lat)}x{len(lon)}",
         "forecast_start": "(truth at t-6h, analysis at t), 8 x 6 h",
+        "failures": failures,
     })
     summary["checks"] = paper_checks(summary, baseline)
 

@@ -167,6 +167,10 @@ def write_report_md(path: Path, summary: dict, baseline: str, models: list[str],
         if not c["passed"]:
             L.append("  - not reproduced on this run; see the numbers above (small ensembles, few "
                      "times and a briefly trained prior make these orderings noisy)")
+    if s.get("failures"):
+        L += ["", "## Failures", "", "Analyses that diverged (NaN) are scored as missing:", ""]
+        L += [f"- {f['setting']} {f['row']} times {f['times'][0]}–{f['times'][1]}: {f['error']}"
+              for f in s["failures"]]
     L += ["", "## Files", ""] + [f"- `{f}`" for f in files]
     L += ["", f"Evaluation time: {s.get('seconds', 0):.0f} s.", ""]
     path.write_text("\n".join(L))
@@ -200,16 +204,17 @@ def plot_maps(path: Path, maps: dict[str, np.ndarray], lat: np.ndarray, lon: np.
     import matplotlib.pyplot as plt
 
     rows: list[tuple[str, list[np.ndarray | None]]] = []
-    bg = maps["background"].mean(axis=0)
+    bg = np.nanmean(maps["background"], axis=0)
     rows.append((f"background → {baseline}", [
-        bg - maps[f"{baseline}/{m}"].mean(axis=0) if f"{baseline}/{m}" in maps else None for m in methods]))
+        bg - np.nanmean(maps[f"{baseline}/{m}"], axis=0) if f"{baseline}/{m}" in maps else None
+        for m in methods]))
     for mo in models:
         if mo == baseline:
             continue
         rows.append((f"{baseline} → {mo}", [
-            maps[f"{baseline}/{m}"].mean(axis=0) - maps[f"{mo}/{m}"].mean(axis=0)
+            np.nanmean(maps[f"{baseline}/{m}"], axis=0) - np.nanmean(maps[f"{mo}/{m}"], axis=0)
             if f"{mo}/{m}" in maps and f"{baseline}/{m}" in maps else None for m in methods]))
-    vals = [np.abs(p).max() for _, ps in rows for p in ps if p is not None]
+    vals = [np.nanmax(np.abs(p)) for _, ps in rows for p in ps if p is not None and np.isfinite(p).any()]
     vmax = float(max(vals)) if vals and max(vals) > 0 else 1.0
     fig, axes = plt.subplots(len(rows), len(methods), figsize=(4.2 * len(methods), 2.4 * len(rows) + 0.6),
                              squeeze=False, constrained_layout=True)

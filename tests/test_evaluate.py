@@ -190,3 +190,27 @@ def test_gpu_paper_scale_script_dry_run_and_cpu_refusal():
         r = subprocess.run([sys.executable, str(script), "--no-write"], capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 2 and "no CUDA device" in r.stderr
+
+
+class _Diverging(nn.Module):
+    def forward(self, z, t, z_b):
+        return torch.full_like(z, float("nan"))
+
+
+def test_a_diverging_model_is_reported_not_fatal(setup, tmp_path):
+    cfg0, data, _, _ = setup
+    cfg = load_config(None, [f"run.workdir={tmp_path}", "run.wandb_mode=disabled", "data.grid=16x32",
+                             "data.test=[2005-01-01, 2005-12-31]", "sampler.steps=2",
+                             "guidance.methods=[obsfree]", "eval.times=2", "eval.members=2",
+                             "eval.map_samples=1"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        s = run_evaluation(cfg, Workspace.from_config(cfg), {"reference": Prior(), "bad": _Diverging()},
+                           data=data, out=tmp_path / "ev", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert s["failures"] and s["failures"][0]["row"] == "bad/obsfree"
+    assert "bad/obsfree" not in s["files"]["analyses"] and "reference/obsfree" in s["files"]["analyses"]
+    assert "## Failures" in (tmp_path / "ev" / "report.md").read_text()
+    assert np.isfinite(s["scores"]["main"]["reference/obsfree"]["analysis"]["member"]["mse"])
