@@ -47,7 +47,12 @@ def append_row(row: str, path: Path) -> None:
     else:
         head, tail = text.split(SECTION_HEAD, 1)
         lines = tail.split("\n")
-        last = max(i for i, ln in enumerate(lines) if ln.startswith("|"))
+        end = next((i for i, ln in enumerate(lines) if i > 0 and (ln.startswith("#") or ln.startswith("<!--"))),
+                   len(lines))  # this section only
+        rows = [i for i, ln in enumerate(lines[:end]) if ln.startswith("|")]
+        if not rows:
+            raise SystemExit(f"the section {SECTION_HEAD!r} of {path} has no table; restore its header")
+        last = rows[-1]
         lines.insert(last + 1, row)
         text = head + SECTION_HEAD + "\n".join(lines)
     path.write_text(text)
