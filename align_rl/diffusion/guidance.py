@@ -80,11 +80,12 @@ class LatentRepaint:
         y = _rows(self.obs.values, ctx, z)
         s = torch.tensor(ctx.s, dtype=torch.float64)
         mu_s, sig_s = float(mu(s)), float(sigma(s))
+        M = z.shape[0]
         with torch.no_grad():
-            x_fill = self.codec.decode(ctx.z0_hat)
+            x_fill, x_cur = self.codec.decode(torch.cat([ctx.z0_hat, z])).split(M)  # one call
             x_obs = m * y + (1 - m) * x_fill
             z_obs = mu_s * self.codec.encode(x_obs) + sig_s * _randn_like(z, ctx.generator)
-            x_mix = m * self.codec.decode(z_obs) + (1 - m) * self.codec.decode(z)
+            x_mix = m * self.codec.decode(z_obs) + (1 - m) * x_cur
             return self.codec.encode(x_mix).to(z.dtype)
 
 
