@@ -236,19 +236,25 @@ def run(cfg: Config, progress: bool = True, evaluate: bool = True) -> dict:
     results = {}
     info: dict[str, Any] = {"pairs": {}, "dpo": {}}
     try:
-        t = time.perf_counter()
-        first = [int(i) for i in pref.order[:int(cfg.pairs.backgrounds)]]
-        built = pool.build(pref.tasks(first), pstore, variants, progress=progress)
-        timings["pairs_s"] = time.perf_counter() - t
+        if cfg.dpo.mode == "offline":
+            t = time.perf_counter()
+            first = [int(i) for i in pref.order[:int(cfg.pairs.backgrounds)]]
+            built = pool.build(pref.tasks(first), pstore, variants, progress=progress)
+            timings["pairs_s"] = time.perf_counter() - t
+            _log(f"pairs: {built['pairs']} new ({built['backgrounds']} backgrounds in "
+                 f"{built['seconds']:.1f} s); store holds {pstore.num_pairs} pairs")
         pool.release()  # free the actors' resources for the learner
-        _log(f"pairs: {built['pairs']} new ({built['backgrounds']} backgrounds in "
-             f"{built['seconds']:.1f} s); store holds {pstore.num_pairs} pairs")
         for v in variants:
             out_dir = dpo_dir(cfg, ws, v, meta)
             t = time.perf_counter()
             if cfg.dpo.mode == "online":
-                res = run_online(cfg, ws, pool, pstore, pref.tasks, pref.order, reference_ckpt, v,
+                # each online variant has its own lineage of policy versions, so its own buffer
+                vpath = pstore.path.with_name(pstore.path.name.removesuffix(".zarr") + f"-online-{v}.zarr")
+                vstore = PairStore.open(vpath, tuple(models.codec.latent_shape),
+                                        list(cfg.rewards.names), meta=meta)
+                res = run_online(cfg, ws, pool, vstore, pref.tasks, pref.order, reference_ckpt, v,
                                  out_dir, progress=progress, log=_log)
+                info["pairs"][v] = len(vstore.pair_set(v))
             else:
                 ps = pstore.pair_set(v, min_version=0)
                 ps = ps if len(ps) else pstore.reselect(

@@ -42,7 +42,7 @@ def _setup(tmp_path, extra=None):
 
 @pytest.mark.slow
 def test_run_dpo_trains_checkpoints_and_resumes(tmp_path, ray_session):
-    cfg, ws, ref, st = _setup(tmp_path)
+    cfg, ws, ref, st = _setup(tmp_path, ["run.wandb_mode=offline"])
     res = run_dpo(cfg, ws, ws.pairs, ref, steps=4, progress=False)
     assert res.version == 1 and res.step == 4
     for k in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
@@ -56,6 +56,7 @@ def test_run_dpo_trains_checkpoints_and_resumes(tmp_path, ray_session):
     assert diff > 0
     lines = [json.loads(x) for x in (ws.dpo / "M" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    assert list((ws.dpo / "M" / "wandb").glob("**/offline-run-*")), "no offline wandb run"
     # a second call with more steps continues from step 4 and publishes version 2
     res2 = run_dpo(cfg, ws, (st, st.pair_set("M")), ref, steps=6, progress=False)
     assert res2.version == 2 and res2.step == 6
