@@ -200,6 +200,7 @@ def main(argv=None) -> int:
 
     cfg = load_config(overrides=[f"sampler.steps={a.steps}", "pairs.guidance=dps", "actors.batch_size=1",
                                  "run.wandb_mode=disabled"])
+    load0 = os.getloadavg()[0]
     codec, dit, fc = demo_models(cfg)
     truth, bg, norm = synthetic(cfg, 24 + 2 * a.backgrounds + 16)
     models = SimpleNamespace(codec=codec, eps_model=dit, forecaster=fc, normalizer=norm)
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
     text = f"""{SECTION}
 
 Machine: {machine()}; measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, other jobs
-sharing the machine. Demo-size networks (32 × 64 grid, VAE and DiT of the `demo` preset, random
+sharing the machine (1-min load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end). Demo-size networks (32 × 64 grid, VAE and DiT of the `demo` preset, random
 weights), {cfg.pairs.candidates} candidates per background, DPS guidance, sampler {a.steps} steps +
 {cfg.sampler.corrections} correction, rewards {', '.join(cfg.rewards.names)} (48 h forecasts of every candidate).
 

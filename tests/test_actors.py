@@ -70,7 +70,6 @@ def test_kill_sampler_same_unique_pairs(tmp_path, ray_session):
 
 def test_weight_sync_and_stale_restart(tmp_path, ray_session):
     import ray
-    import torch
 
     from actors.pool import CandidatePool
 
