@@ -63,9 +63,11 @@ class ForecasterConfig:
     mean_path: str | None = None  # FengWu-style mean/std files (npy) for kind onnx
     std_path: str | None = None
     lat_north_to_south: bool = True  # ONNX model expects latitude descending (FengWu)
-    hidden: int = 96
+    # emulator (demo sizes measured in bench/bench_models.py: ~0.23 s per training step of 16 on
+    # one idle core at 32x64)
+    hidden: int = 64
     depth: int = 4
-    steps: int = 1500
+    steps: int = 800
     lr: float = 1e-3
     batch_size: int = 16
 
@@ -76,11 +78,11 @@ class VAEConfig:
     patch: int = 4
     latent_channels: int = 69
     embed_dim: int = 128
-    depth: int = 4
+    depth: int = 3  # window blocks in the encoder and again in the decoder
     heads: int = 4
-    window: int = 4
+    window: int = 4  # in tokens (patches); must divide H/patch and W/patch
     kl_weight: float = 1e-6
-    steps: int = 1500
+    steps: int = 1000
     lr: float = 1e-3
     batch_size: int = 16
 
@@ -89,10 +91,11 @@ class VAEConfig:
 class DiffusionConfig:
     preset: str = "demo"  # demo | paper
     patch: int = 2
-    embed_dim: int = 192
+    embed_dim: int = 128
     depth: int = 4
     heads: int = 4
-    steps: int = 3000
+    background_skip: bool = False  # also add z_b's patch embedding to the noisy tokens (beside cross-attention)
+    steps: int = 2000
     lr: float = 1e-3
     batch_size: int = 32
 
@@ -224,7 +227,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
     "paper": {
         "data": {"grid": "128x256"},
-        "vae": {"preset": "paper", "embed_dim": 1024, "depth": 24, "heads": 16, "window": 8},
+        "vae": {"preset": "paper", "embed_dim": 1024, "depth": 24, "heads": 16, "window": 8,
+                "lr": 2e-4, "batch_size": 32, "steps": 140_000},
         "diffusion": {"preset": "paper", "embed_dim": 1024, "depth": 24, "heads": 16,
                       "steps": 100_000, "lr": 1e-4, "batch_size": 32},
         "sampler": {"steps": 128, "corrections": 2, "members": 32},
