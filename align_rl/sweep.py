@@ -932,7 +932,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     cfg_items, spec_ov = split_overrides(args.overrides)
     spec = load_spec(args.spec, spec_ov)
     cfg = build_base_config(spec, args.config, cfg_items)

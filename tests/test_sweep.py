@@ -345,3 +345,47 @@ def test_dpo_trials_reselect_shared_pairs_train_in_stages_and_validate(tmp_path,
         assert r.metrics["val_mse_change_pct"] == pytest.approx(100 * (again["val_mse"] - ref["val_mse"]) / ref["val_mse"], rel=1e-6)
     best = load_config(out / "best_config.yaml")
     assert best.dpo.steps == 4 and best.pairs.mode == res.best.params["pairs.mode"]
+
+
+@pytest.mark.slow
+def test_sweep_cli_end_to_end_on_a_tiny_world(tmp_path):
+    """``python -m align_rl.sweep tune_configs/smoke.yaml`` on a tiny world from scratch: shared
+    inputs built as the main job builds them (pretraining, backgrounds, pairs), the reference
+    validated once, two trials, the results table and a best configuration that loads."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from .test_job_submit import _pids_mentioning, tiny_train_config
+
+    cfg_path, run = tiny_train_config(tmp_path)
+    rt = tempfile.mkdtemp(prefix="arlsw", dir="/tmp")  # a private Ray temp dir (no shared address file)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="disabled", RAY_TMPDIR=rt, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "align_rl.sweep", str(REPO / "tune_configs" / "smoke.yaml"),
+           "--config", str(cfg_path), "--quiet", "steps_per_stage=2", "run.wandb_mode=offline"]
+    try:
+        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500,
+                           start_new_session=True)
+    finally:
+        left = _pids_mentioning(rt)
+        shutil.rmtree(rt, ignore_errors=True)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
+    assert left == []
+    out = run / "sweeps" / "smoke"
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["dpo.beta"] for r in rows) == ["2000", "8000"]
+    assert all(r["status"] == "completed" and r["stages"] == "2" for r in rows)
+    assert all(float(r["val_mse"]) > 0 and r["val_mse_change_pct"] != "" for r in rows)
+    best = load_config(out / "best_config.yaml")
+    assert best.dpo.beta in (2000.0, 8000.0) and best.dpo.steps == 4 and best.data.grid == "8x16"
+    ref = json.loads((out / "reference_val.json").read_text())["metrics"]
+    assert ref["val_mse"] > 0
+    # the shared pair store is the main job's: pairs.backgrounds backgrounds of the reference
+    commit = json.loads((run / "pairs.zarr" / "COMMIT").read_text())
+    assert commit["backgrounds"] == best.pairs.backgrounds and commit["pairs"] > 0
+    assert "best:" in p.stdout and (out / "results.md").exists()
+    assert list((out / "wandb").glob("offline-run-*")), "the results table is logged to wandb (offline)"
