@@ -58,22 +58,53 @@ class PretrainedModels:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
 class PretrainData:
-    """Truth of the training and validation splits (physical States with their statistics) and
-    their normalised values ``(T, 69, H, W)`` float32."""
+    """The dataset of a run, read lazily: ``store`` (path), ``grid`` ``(H, W)`` and ``normalizer``
+    right away; the truth of the training and validation splits (``train``, ``val``: physical
+    States) and their normalised values (``train_norm``, ``val_norm``: ``(T, 69, H, W)`` float32)
+    on first use, so that a run whose models are all cached reads no fields."""
 
-    store: Path | str
-    train: States
-    val: States
-    normalizer: Normalizer
-    train_norm: np.ndarray
-    val_norm: np.ndarray
-    refs: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, cfg: Config, store: Path | str):
+        from .era5 import load_normalizer
+        from .grid import Grid
+
+        self.cfg, self.store = cfg, store
+        self.grid: tuple[int, int] = Grid.parse(cfg.data.grid).shape
+        self.normalizer: Normalizer = load_normalizer(store)
+        self.refs: dict[str, Any] = {}
+        self._split: dict[str, States] = {}
+        self._norm: dict[str, np.ndarray] = {}
+
+    def _load(self, name: str) -> States:
+        from .era5 import open_states
+
+        if name not in self._split:
+            self._split[name] = open_states(self.store, time_range=getattr(self.cfg.data, name),
+                                            coarsen=self.cfg.data.coarsen, expect_grid=self.cfg.data.grid)
+        return self._split[name]
+
+    def _normed(self, name: str) -> np.ndarray:
+        from .training.datasets import normalized_values
+
+        if name not in self._norm:
+            self._norm[name] = normalized_values(self._load(name), self.normalizer)
+        return self._norm[name]
 
     @property
-    def grid(self) -> tuple[int, int]:
-        return (len(self.train.lat), len(self.train.lon))
+    def train(self) -> States:
+        return self._load("train")
+
+    @property
+    def val(self) -> States:
+        return self._load("val")
+
+    @property
+    def train_norm(self) -> np.ndarray:
+        return self._normed("train")
+
+    @property
+    def val_norm(self) -> np.ndarray:
+        return self._normed("val")
 
     def ref(self, name: str, value_fn) -> Any:
         """An object ref of ``value_fn()``, put in the object store once."""
@@ -105,17 +136,10 @@ def data_key(cfg: Config, store: Path | str) -> dict[str, str]:
 
 
 def load_data(cfg: Config, ws: Workspace, progress: bool = True) -> PretrainData:
-    """The dataset of the run (simulated when absent), split into training and validation truth."""
+    """The dataset of the run (simulated when absent), read lazily (:class:`PretrainData`)."""
     from .data import ensure_world
-    from .era5 import load_normalizer, open_states
-    from .training.datasets import normalized_values
 
-    store = ensure_world(cfg, ws, progress=progress)
-    kw = {"coarsen": cfg.data.coarsen, "expect_grid": cfg.data.grid}
-    train = open_states(store, time_range=cfg.data.train, **kw)
-    val = open_states(store, time_range=cfg.data.val, **kw)
-    norm = load_normalizer(train)
-    return PretrainData(store, train, val, norm, normalized_values(train, norm), normalized_values(val, norm))
+    return PretrainData(cfg, ensure_world(cfg, ws, progress=progress))
 
 
 def _identity(cfg: Config, stage: str, data: PretrainData, deps: dict[str, str] | None = None) -> dict:
@@ -404,13 +428,16 @@ def ensure_pretrained(cfg: Config, ws: Workspace, stages: tuple[str, ...] = STAG
         need |= {"forecaster", "vae"}
     forecaster = codec = eps = None
     infos: dict[str, Any] = {}
+    lx = {"progress": bool(progress)}
     if "forecaster" in need:
-        forecaster, infos["forecaster"] = pretrain_forecaster(cfg, ws, data, force="forecaster" in force)
+        forecaster, infos["forecaster"] = pretrain_forecaster(cfg, ws, data, force="forecaster" in force,
+                                                              loop_extra=lx)
     if "vae" in need:
-        codec, infos["vae"] = pretrain_vae(cfg, ws, data, force="vae" in force)
+        codec, infos["vae"] = pretrain_vae(cfg, ws, data, force="vae" in force, loop_extra=lx)
     if "diffusion" in need:
         eps, infos["diffusion"] = pretrain_diffusion(cfg, ws, data, codec, forecaster,
-                                                     force="diffusion" in force, progress=progress)
+                                                     force="diffusion" in force, loop_extra=lx,
+                                                     progress=progress)
     paths = {s: ws.final_checkpoint(s) for s in STAGES if ws.final_checkpoint(s).exists()}
     models = PretrainedModels(forecaster, codec, eps, data.normalizer, paths)
     summary_path = ws.root / SUMMARY_FILE

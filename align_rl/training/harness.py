@@ -68,6 +68,23 @@ def init_ray(num_cpus: int | None = None) -> None:
              runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}})
 
 
+def _train_env_defaults() -> None:
+    """Ray Train settings (environment variables the driver passes on to the controller and the
+    workers), unless the user set them: a worker group may take up to 5 minutes to start on a busy
+    machine (default 60 s); the controller polls the workers every 0.5 s (default 2 s), so a short
+    run does not idle; on a single-node Ray the node-preemption watcher actor is not started."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    try:
+        single = len([n for n in ray.nodes() if n.get("Alive")]) <= 1
+    except Exception:  # pragma: no cover - not connected
+        single = False
+    if single:
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
 def scaling_config(pre: PretrainConfig, num_workers: int | None = None):
     """``ScalingConfig`` of ``cfg.pretrain`` (``num_workers`` overrides the config)."""
     from ray.train import ScalingConfig
@@ -99,6 +116,7 @@ def run_training(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    _train_env_defaults()
     storage_path = Path(storage_path).expanduser().resolve()
     storage_path.mkdir(parents=True, exist_ok=True)
     sc = scaling_config(pre, num_workers)

@@ -349,6 +349,10 @@ def train_loop(config: dict) -> None:
                 metrics.update(task.validate(_unwrap(model), val_ds, device, config))
             if rank == 0:
                 history.append(dict(metrics))
+                if do_val:
+                    print(f"[{config['task']}] step {step}/{steps} loss {metrics['loss']:.4g} "
+                          + " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("val_"))
+                          + f" ({metrics['samples_per_s']:.1f} samples/s)", flush=True)
                 if run is not None:
                     run.log(metrics, step=step)
             if do_ckpt:
