@@ -459,10 +459,13 @@ def _log_wandb(cfg: Config, summary: dict) -> None:
             for st, mets in stats.items():
                 for m, v in mets.items():
                     flat[f"eval/{row}/{tab}/{st}/{m}"] = v
-    run = wandb.init(project=cfg.run.wandb_project, name=f"{cfg.run.name}-eval", mode=cfg.run.wandb_mode,
-                     dir=str(Path(cfg.run.workdir)), config=cfg.to_dict(), reinit=True)
-    run.log(flat)
-    run.finish()
+    try:
+        run = wandb.init(project=cfg.run.wandb_project, name=f"{cfg.run.name}-eval",
+                         mode=cfg.run.wandb_mode, dir=str(Path(cfg.run.workdir)), config=cfg.to_dict())
+        run.log(flat)
+        run.finish()
+    except Exception as exc:  # logging must never lose a finished evaluation
+        print(f"warning: wandb logging of the evaluation failed: {exc}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- CLI
