@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from .config import Config, load_config
-from .errors import InputError, cli_errors
+from .errors import ConfigError, InputError, cli_errors
 from .workspace import Workspace
 
 PAPER = {  # Align-DA, ERA5, 1 % observations: % change of MSE against the unaligned model
@@ -210,6 +210,12 @@ def run(cfg: Config, progress: bool = True, evaluate: bool = True) -> dict:
     from .pretrain import ensure_pretrained
     from .training.harness import init_ray
 
+    from .rewards import check_names
+
+    check_names(list(cfg.rewards.names), cfg.rewards.weights)  # fail before any expensive step
+    for v in cfg.pairs.variants:
+        if v == "P" and "phys" not in cfg.rewards.names:
+            raise ConfigError("pairs.variants has P (ranked by Geo-Score): add phys to rewards.names")
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     ws = Workspace.from_config(cfg)

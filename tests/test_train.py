@@ -111,3 +111,17 @@ def test_online_rounds_sync_weights_and_drop_stale_pairs(tmp_path, ray_session):
     rec = json.loads((ws.dpo / "online" / "online.json").read_text())
     assert [r["round"] for r in rec] == [0, 1] and rec[1]["sync_s"] > 0
     assert rec[1]["version"] == 1 and rec[1]["result_version"] == 2
+
+
+def test_bad_config_fails_fast_with_exit_2(tmp_path, capsys):
+    from align_rl.train import main
+
+    for args, msg in ((["rewards.names=[assim,nope]"], "unknown reward"),
+                      (["rewards.names=[assim]", "rewards.weights={assim: 1}", "pairs.variants=[M,P]"],
+                       "add phys"),
+                      (["pairs.variants=[X]"], "pairs.variants")):
+        with pytest.raises(SystemExit) as e:
+            main(args + [f"run.workdir={tmp_path}"])
+        assert e.value.code == 2
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "world.zarr").exists()  # nothing expensive started
