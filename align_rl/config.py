@@ -169,6 +169,7 @@ class DPOConfig:
     staleness: int = 2  # online: pairs older than this many policy versions leave the buffer
     online_backgrounds: int = 8  # online: new backgrounds per refresh
     max_failures: int = 2  # worker-group restarts from the last checkpoint before a run fails
+    cpus_per_worker: float = 1.0  # CPUs of each learner worker (and its torch threads)
 
 
 @dataclass
