@@ -292,7 +292,7 @@ def run_dpo(
         version, resume = int(state["version"]) + 1, True
     init_ray()
     workers = int(cfg.dpo.num_workers)
-    res = {"CPU": float(cfg.actors.cpus_per_actor)}
+    res = {"CPU": float(cfg.dpo.cpus_per_worker)}
     if cfg.dpo.use_gpu:
         res["GPU"] = 1.0
     conf = {
@@ -300,7 +300,7 @@ def run_dpo(
         "winner": ps.winner.tolist(), "loser": ps.loser.tolist(), "background": ps.background.tolist(),
         "reference_ckpt": str(reference_ckpt), "init_ckpt": str(init_ckpt), "steps": steps,
         "seed": int(cfg.run.seed), "version": version, "out_dir": str(out_dir), "resume": resume,
-        "threads": max(1, int(cfg.actors.cpus_per_actor)), "diffusion_cfg": ref_sec,
+        "threads": max(1, int(cfg.dpo.cpus_per_worker)), "diffusion_cfg": ref_sec,
         "progress": progress, "crash": crash,
         "wandb": {"mode": cfg.run.wandb_mode, "project": cfg.run.wandb_project,
                   "dir": str(out_dir / "wandb"), "name": f"{cfg.run.name}-dpo-{mode}",
