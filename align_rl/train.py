@@ -70,6 +70,40 @@ def store_meta(cfg: Config, reference_ckpt: Path) -> dict:
             "reference": _file_hash(reference_ckpt)}
 
 
+def _meta_hash(meta: dict) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def open_pair_store(cfg: Config, ws: Workspace, latent_shape, reference_ckpt: Path,
+                    log=_log):
+    """The run's preference store for the current inputs (:func:`store_meta`).
+
+    With ``pairs.store`` set, that store (an error if it was built for other inputs). By default
+    ``<workdir>/pairs.zarr``: a store there built for other inputs (another dataset, reference
+    model, sampler, rewards ...) is moved aside to ``pairs-<hash>.zarr`` (nothing is deleted), and
+    a store set aside earlier for the current inputs is moved back, so switching configurations
+    reuses each one's pairs.
+    """
+    import os
+
+    from .pair_store import _COMMIT, PairStore
+
+    meta = store_meta(cfg, reference_ckpt)
+    path = Path(cfg.pairs.store or ws.pairs)
+    if cfg.pairs.store is None and (path / _COMMIT).exists():
+        old = dict(PairStore.open(path, mode="r").g.attrs.get("meta", {}))
+        if old != meta:
+            aside = path.with_name(f"pairs-{_meta_hash(old)}.zarr")
+            if not aside.exists():
+                os.replace(path, aside)
+                log(f"pair store {path} was built for other inputs: moved to {aside}")
+            mine = path.with_name(f"pairs-{_meta_hash(meta)}.zarr")
+            if mine.exists() and not path.exists():
+                os.replace(mine, path)
+                log(f"reusing the pair store {mine} built earlier for these inputs")
+    return PairStore.open(path, tuple(latent_shape), list(cfg.rewards.names), meta=meta)
+
+
 def dpo_dir(cfg: Config, ws: Workspace, variant: str, meta: dict) -> Path:
     """The learner folder of one variant, keyed by everything its result depends on."""
     key = json.dumps({"meta": meta, "dpo": cfg.to_dict()["dpo"], "weights": cfg.rewards.weights,
@@ -234,8 +268,7 @@ def run(cfg: Config, progress: bool = True, evaluate: bool = True) -> dict:
          f"backgrounds × {cfg.pairs.candidates} candidates ({cfg.pairs.guidance})")
 
     meta = store_meta(cfg, reference_ckpt)
-    pstore = PairStore.open(cfg.pairs.store or ws.pairs, tuple(models.codec.latent_shape),
-                            list(cfg.rewards.names), meta=meta)
+    pstore = open_pair_store(cfg, ws, models.codec.latent_shape, reference_ckpt)
     variants = list(dict.fromkeys(cfg.pairs.variants))
     pool = CandidatePool(cfg, models, pref.lat, pref.lon)
     results = {}

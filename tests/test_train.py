@@ -125,3 +125,27 @@ def test_bad_config_fails_fast_with_exit_2(tmp_path, capsys):
         assert e.value.code == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "world.zarr").exists()  # nothing expensive started
+
+
+def test_pair_store_of_other_inputs_is_set_aside_and_reused(tmp_path):
+    from align_rl.train import open_pair_store
+    from align_rl.workspace import Workspace
+
+    from .test_pair_store import SHAPE, group
+    from .tiny_align import tiny_config
+
+    ref = tmp_path / "ref.pt"
+    ref.write_bytes(b"reference weights")
+    cfg_a = tiny_config(tmp_path, ["rewards.names=[assim, phys]", "rewards.weights={assim: 1, phys: 1}"])
+    ws = Workspace.from_config(cfg_a)
+    st = open_pair_store(cfg_a, ws, SHAPE, ref, log=lambda m: None)
+    st.append([group(0), group(1)])
+    n = st.num_pairs
+    cfg_b = tiny_config(tmp_path, ["rewards.names=[assim, phys]", "rewards.weights={assim: 1, phys: 1}",
+                                   "sampler.steps=5"])
+    st_b = open_pair_store(cfg_b, ws, SHAPE, ref, log=lambda m: None)
+    assert st_b.path == ws.pairs and st_b.num_pairs == 0  # fresh store for the new inputs
+    assert len(list(tmp_path.glob("pairs-*.zarr"))) == 1  # the old one kept aside
+    st_a = open_pair_store(cfg_a, ws, SHAPE, ref, log=lambda m: None)
+    assert st_a.num_pairs == n  # switching back reuses the first store
+    assert len(list(tmp_path.glob("pairs-*.zarr"))) == 1
