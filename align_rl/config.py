@@ -186,8 +186,8 @@ class ActorsConfig:
 
 @dataclass
 class EvalConfig:
-    times: int = 16  # held-out analysis times from the test split
-    members: int = 8
+    times: int = 12  # held-out analysis times from the test split (intervals are over these)
+    members: int = 4  # ensemble members per analysis (≥ 2: ensemble mean, CRPS, spread/skill)
     models: list[str] = field(default_factory=lambda: ["reference"])
     baseline: str = "reference"
     ablations: list[str] = field(default_factory=list)  # density | error
