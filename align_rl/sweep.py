@@ -587,13 +587,13 @@ def prepare_shared(cfg: Config, spec: SweepSpec, out: Path, progress: bool = Tru
     """Dataset, pretrained models, backgrounds and the reference's scored candidates (each from its
     cache when present), then the reference's validation metrics (cached in
     ``reference_val.json``). Returns the trials' shared context."""
-    from .evaluate import load_eval_data, run_evaluation
+    from .evaluate import run_evaluation
     from .workspace import Workspace
 
     ws = Workspace.from_config(cfg)
     pairs_path, world = _ensure_pairs(cfg, ws, spec, progress)
     vcfg = validation_config(cfg, spec.validation)
-    data, ref_model = load_eval_data(vcfg, ws)
+    data, ref_model = validation_data(cfg, ws, progress)
     ref_file = out / "reference_val.json"
     key = {"validation": spec.validation, "val": list(cfg.data.val), "seed": cfg.run.seed,
            "sampler": cfg.to_dict()["sampler"], "obs": cfg.to_dict()["obs"],
@@ -613,6 +613,32 @@ def prepare_shared(cfg: Config, spec: SweepSpec, out: Path, progress: bool = Tru
             "pairs": str(pairs_path), "reference_ckpt": str(ws.final_checkpoint("diffusion")),
             "validation": dict(spec.validation), "reference_metrics": ref, "eval_data": data,
             "stages": spec.stages, "steps_per_stage": steps_per_stage(spec, cfg)}
+
+
+def validation_data(cfg: Config, ws: Any, progress: bool = False):
+    """``(EvalData of the VAL split, reference ε model)`` from the caches of the BASE config.
+
+    (Not ``load_eval_data(validation_config(...))``: the validation config moves ``data.test``,
+    which is part of the dataset identity that the pretraining and background caches are keyed
+    by, so it would retrain.)"""
+    import numpy as np
+
+    from . import era5
+    from .backgrounds import ensure_backgrounds
+    from .data import ensure_world
+    from .evaluate import LEAD_STEPS, STEP_HOURS, EvalData
+    from .pretrain import ensure_pretrained
+
+    store = ensure_world(cfg, ws, progress=progress)
+    pre = ensure_pretrained(cfg, ws, progress=progress)
+    normalizer = getattr(pre, "normalizer", None) or era5.load_normalizer(store)
+    h = np.timedelta64(1, "h")
+    start = np.datetime64(cfg.data.val[0]) - 2 * STEP_HOURS * LEAD_STEPS * h
+    end = np.datetime64(cfg.data.val[-1]) + np.timedelta64(1, "D") + STEP_HOURS * LEAD_STEPS * h
+    truth = era5.open_states(store, time_range=[start, end], coarsen=cfg.data.coarsen,
+                             expect_grid=cfg.data.grid)
+    bgs = ensure_backgrounds(cfg, ws, truth, pre.forecaster, progress=progress)
+    return EvalData(truth, bgs, normalizer, pre.codec, pre.forecaster, truth_store=Path(store)), pre.eps_model
 
 
 def _file_id(p: Path) -> str:
@@ -688,8 +714,9 @@ def _online_stage(cfg: Config, ws: Any, ctx: dict, store: Any, steps: int, out_d
     from .train import PrefData
 
     if "pool" not in state:
-        models = ensure_pretrained(cfg, ws, progress=False)
-        state["pref"] = PrefData(cfg, ws, Path(ctx["world"]), models, progress=False)
+        base = config_from_dict(ctx["base"])  # the caches' identity is the base config's
+        models = ensure_pretrained(base, ws, progress=False)
+        state["pref"] = PrefData(base, ws, Path(ctx["world"]), models, progress=False)
         state["pool"] = CandidatePool(cfg, models, state["pref"].lat, state["pref"].lon)
     c = config_from_dict(cfg.to_dict())
     c.dpo.steps = int(steps)

@@ -388,4 +388,13 @@ def test_sweep_cli_end_to_end_on_a_tiny_world(tmp_path):
     commit = json.loads((run / "pairs.zarr" / "COMMIT").read_text())
     assert commit["backgrounds"] == best.pairs.backgrounds and commit["pairs"] > 0
     assert "best:" in p.stdout and (out / "results.md").exists()
+    # every cache was built once, for the base config: one pretraining run per model, and the
+    # reference the pairs were drawn with is the one the trials trained against
+    from align_rl.pair_store import PairStore
+    from align_rl.train import _file_hash
+
+    for model in ("forecaster", "vae", "diffusion"):
+        assert len([d for d in (run / "checkpoints" / model).iterdir() if d.is_dir()]) == 1, model
+    meta = dict(PairStore.open(run / "pairs.zarr", mode="r").g.attrs["meta"])
+    assert meta["reference"] == _file_hash(run / "checkpoints" / "diffusion" / "final.pt")
     assert list((out / "wandb").glob("offline-run-*")), "the results table is logged to wandb (offline)"
