@@ -10,6 +10,7 @@ restart that :mod:`align_rl.data.simulate` starts from (committed as
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from .dycore import Dycore, ModelSpec, State, get_dycore, model_threads
+from .dycore import SPINUP_DT_MINUTES, Dycore, ModelSpec, State, get_dycore, model_threads
 
 RESTART_DIR = Path(__file__).resolve().parent / "restart"
 DEFAULT_RESTART = RESTART_DIR / "hs_t21_l20.npz"
@@ -68,7 +69,7 @@ def spinup(days: int = DEFAULT_SPINUP_DAYS, seed: int = 0, dycore: Dycore | None
     """Integrate ``days`` days from rest; returns the final one-member state."""
     if days <= 0:
         raise InputError(f"--days must be positive, got {days}")
-    d = dycore or get_dycore()
+    d = dycore or get_dycore(dataclasses.replace(ModelSpec(), dt_minutes=SPINUP_DT_MINUTES))
     gen = torch.Generator().manual_seed(seed)
     state = d.rest_state(1, noise_k=0.1, generator=gen)
     n = days * d.steps_per(24)
@@ -81,7 +82,7 @@ def spinup(days: int = DEFAULT_SPINUP_DAYS, seed: int = 0, dycore: Dycore | None
 def run_spinup(out: str | Path = DEFAULT_RESTART, days: int = DEFAULT_SPINUP_DAYS, seed: int = 0,
                progress: bool = True) -> Path:
     """Spin up and save the restart to ``out``."""
-    d = get_dycore()
+    d = get_dycore(dataclasses.replace(ModelSpec(), dt_minutes=SPINUP_DT_MINUTES))
     state = spinup(days, seed, d, progress)
     for k in _FIELDS:
         if not torch.isfinite(getattr(state, k)).all():

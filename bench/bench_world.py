@@ -1,0 +1,132 @@
+"""Benchmark of the embedded world: generation time of the default dataset and member decorrelation.
+
+    python bench/bench_world.py [--repeats 1] [--curve-days 30] [--no-write]
+
+1. Builds the default dataset (config ``data`` defaults: members × days × 4 six-hourly states on
+   the default grid, including the burn-in) with ``align_rl.data.simulate.build_world`` into a
+   temporary folder; reports the wall time (median over repeats), states/s and store size.
+2. Decorrelation: runs ``3`` members with no burn-in for ``--curve-days`` days and reports the mean
+   pairwise correlation of the z500 eddy field (departure from the zonal mean) against the time
+   since the perturbation; plus the value at the first stored state of the default dataset.
+Writes/replaces the section "Embedded world" of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from align_rl.config import load_config  # noqa: E402
+from align_rl.data import stored_attrs  # noqa: E402
+from align_rl.data.simulate import build_world, member_correlation, simulate  # noqa: E402
+
+SECTION = "## Embedded world (align_rl.data)"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores ({cpu}), {platform.system()}"
+
+
+def dir_size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def write_section(text: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    if SECTION in old:
+        head, rest = old.split(SECTION, 1)
+        nxt = rest.find("\n## ")
+        tail = rest[nxt + 1:] if nxt >= 0 else ""
+        new = head + text.rstrip("\n") + "\n" + ("\n" + tail if tail else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+    path.write_text(new)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--curve-days", type=int, default=30)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+
+    cfg = load_config()
+    d = cfg.data
+    n_states = d.members * d.days * 4
+    load0 = os.getloadavg()
+    times, size, attrs = [], 0, {}
+    for _ in range(args.repeats):
+        tmp = Path(tempfile.mkdtemp(prefix="bench_world_"))
+        try:
+            t0 = time.perf_counter()
+            out = build_world(cfg, tmp / "world.zarr", progress=False)
+            times.append(time.perf_counter() - t0)
+            size = dir_size(out)
+            attrs = stored_attrs(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    load1 = os.getloadavg()
+    med = statistics.median(times)
+    print(f"default world: {n_states} states in {med:.1f} s ({n_states / med:.2f} states/s)")
+
+    corr_lines = []
+    if args.curve_days > 0:
+        m = 3
+        t0 = time.perf_counter()
+        st = simulate(d.grid, args.curve_days, m, seed=1, burn_in_days=0.0, progress=False)
+        tc = time.perf_counter() - t0
+        v = st.values.reshape((m, -1) + st.values.shape[1:])
+        c = member_correlation(v)
+        for day in (0, 1, 2, 5, 10, 15, 20, 25, 30):
+            if day * 4 < len(c):
+                corr_lines.append(f"| {day} | {c[day * 4]:.3f} |")
+        print("correlation vs day:", " ".join(s.split("|")[2].strip() for s in corr_lines))
+        print(f"(curve run {m}×{args.curve_days} d took {tc:.1f} s)")
+    mc = attrs.get("member_correlation_z500", {})
+    text = f"""{SECTION}
+
+`python bench/bench_world.py` — machine: {machine()}; shared with other jobs while measured
+(load average {load0[0]:.1f} before, {load1[0]:.1f} after), so times are upper bounds.
+
+| dataset (config `data` defaults) | states | wall time (median of {args.repeats}) | states/s | store size |
+|---|---|---|---|---|
+| {d.members} members × {d.days} days + {d.burn_in_days:g} days burn-in, {d.grid}, T21 L20, dt 60 min | {n_states} | {med:.1f} s | {n_states / med:.2f} | {size / 2**20:.0f} MiB |
+
+Target: ≥ 1,000 six-hourly states in ≤ 5 minutes (300 s) on this 2-core machine.
+
+Member decorrelation (mean pairwise Pearson correlation of the z500 eddy field, i.e. the departure
+from the zonal mean, between members at the same time): at the first stored state of the default
+dataset {mc.get('first_state')}, averaged over all stored times {mc.get('mean')}.
+Against days since the perturbation (1 K grid-point temperature noise, 3 members, no burn-in):
+
+| day | correlation |
+|---|---|
+""" + "\n".join(corr_lines) + "\n"
+    if not args.no_write:
+        write_section(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
