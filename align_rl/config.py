@@ -37,10 +37,10 @@ class DataConfig:
     path: str | None = None  # store path or gs:// URL when source == zarr
     grid: str = "32x64"  # target grid NLATxNLON of the cell-centred WeatherBench family
     coarsen: int = 1  # block-average factor applied when reading a store
-    days: int = 60  # simulated days per member (the embedded world)
+    days: int = 44  # simulated days per member (the embedded world; 6 × 44 × 4 = 1,056 states)
     members: int = 6  # independent simulated trajectories; member m is stored as year 2000 + m
     seed: int = 0
-    burn_in_days: float = 20.0  # embedded world: discarded days after perturbing the members
+    burn_in_days: float = 15.0  # embedded world: discarded days after perturbing the members
     # time ranges [start, end] (inclusive, ISO dates); the embedded world maps members to years
     train: list[str] = field(default_factory=lambda: ["2000-01-01", "2002-12-31"])
     val: list[str] = field(default_factory=lambda: ["2003-01-01", "2003-12-31"])
