@@ -27,6 +27,7 @@ interrupted and rerun keeps its version.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -304,7 +305,7 @@ def run_dpo(
         "progress": progress, "crash": crash,
         "wandb": {"mode": cfg.run.wandb_mode, "project": cfg.run.wandb_project,
                   "dir": str(out_dir / "wandb"), "name": f"{cfg.run.name}-dpo-{mode}",
-                  "id": f"{cfg.run.name}-dpo-{mode}-{abs(hash(str(out_dir))) % 10**8}",
+                  "id": f"{cfg.run.name}-dpo-{mode}-{hashlib.sha256(str(out_dir).encode()).hexdigest()[:8]}",
                   "config": {"dpo": cfg.to_dict()["dpo"], "rewards": cfg.to_dict()["rewards"],
                              "mode": mode, "pairs": len(ps)}},
     }
