@@ -206,10 +206,12 @@ def test_store_layout(world):
 def test_held_suarez_climate(world):
     """Zonal- and time-mean u250, z500 and t850 of a short run lie in the Held–Suarez ranges.
 
-    Bounds are tolerant because 2 days × 2 members of T21 sample the eddies only thinly (the
-    zonal-mean jet fluctuates by several m/s from day to day) and T21 jets are a little broader
-    and weaker than the T63 of Held & Suarez; they still fail for a wrong forcing (no jet, or
-    the jet at the equator), wrong units (z in m instead of m²/s²), or a mis-ordered latitude.
+    Held & Suarez (T63): jet maxima ≈ 28–30 m/s at ≈ 45°, 200–250 hPa. This T21 model puts them
+    at ≈ 37 m/s near 37° (coarse resolution resolves fewer eddies, so the eddy-driven jet merges
+    with the subtropical jet: stronger and more equatorward). Bounds are tolerant for that and
+    because 2 days × 2 members sample the eddies thinly (the zonal-mean jet varies by several
+    m/s from day to day); they still fail for a wrong forcing (no jet, or the jet at the
+    equator or at the surface), wrong units (z in m instead of m²/s²), or a flipped latitude.
     """
     ds = xr.open_zarr(world)
     lat = ds["latitude"].values
@@ -217,7 +219,7 @@ def test_held_suarez_climate(world):
     for hemi in (lat > 0, lat < 0):
         la, u = np.abs(lat[hemi]), u250[hemi]
         k = int(np.argmax(u))
-        assert 20.0 <= u[k] <= 40.0, f"jet maximum {u[k]:.1f} m/s (HS94: 28–30 m/s)"
+        assert 20.0 <= u[k] <= 42.0, f"jet maximum {u[k]:.1f} m/s (HS94: 28–30 m/s)"
         assert 30.0 <= la[k] <= 55.0, f"jet at {la[k]:.1f}° (HS94: ~45°)"
     assert abs(u250[np.argmin(np.abs(lat))]) < 12.0  # weak winds at the equator
     # the jet is strongest near 200–250 hPa, not at the surface
