@@ -34,6 +34,15 @@ TABLE_METRICS = ["mse", "mae", "wrmse_u10", "wrmse_v500", "wrmse_z500", "wrmse_t
 METHOD_LABELS = {"obsfree": "ObsFree", "repaint": "Repaint", "dps": "DPS"}
 
 
+def _nanmean(a: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Mean over ``axis`` ignoring NaNs (all-NaN -> NaN, silently)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(a, axis=axis)
+
+
 def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
@@ -204,15 +213,15 @@ def plot_maps(path: Path, maps: dict[str, np.ndarray], lat: np.ndarray, lon: np.
     import matplotlib.pyplot as plt
 
     rows: list[tuple[str, list[np.ndarray | None]]] = []
-    bg = np.nanmean(maps["background"], axis=0)
+    bg = _nanmean(maps["background"], axis=0)
     rows.append((f"background → {baseline}", [
-        bg - np.nanmean(maps[f"{baseline}/{m}"], axis=0) if f"{baseline}/{m}" in maps else None
+        bg - _nanmean(maps[f"{baseline}/{m}"], axis=0) if f"{baseline}/{m}" in maps else None
         for m in methods]))
     for mo in models:
         if mo == baseline:
             continue
         rows.append((f"{baseline} → {mo}", [
-            np.nanmean(maps[f"{baseline}/{m}"], axis=0) - np.nanmean(maps[f"{mo}/{m}"], axis=0)
+            _nanmean(maps[f"{baseline}/{m}"], axis=0) - _nanmean(maps[f"{mo}/{m}"], axis=0)
             if f"{mo}/{m}" in maps and f"{baseline}/{m}" in maps else None for m in methods]))
     vals = [np.nanmax(np.abs(p)) for _, ps in rows for p in ps if p is not None and np.isfinite(p).any()]
     vmax = float(max(vals)) if vals and max(vals) > 0 else 1.0

@@ -120,6 +120,8 @@ def test_make_guidance_and_errors(problem):
     cfg = GuidanceConfig(dps_zeta=0.3, dps_likelihood="gaussian", dps_gamma=0.5)
     g = make_guidance("dps", codec, obs, cfg)
     assert isinstance(g, LatentDPS) and (g.zeta, g.likelihood, g.gamma) == (0.3, "gaussian", 0.5)
+    g = make_guidance("dps", codec, obs, {"dps_zeta": 0.2, "dps_likelihood": "gaussian"})
+    assert (g.zeta, g.likelihood, g.gamma) == (0.2, "gaussian", 1e-2)
     assert isinstance(make_guidance("repaint", codec, obs, cfg), LatentRepaint)
     assert isinstance(make_guidance("obsfree", codec, None, cfg), ObsFree)
     with pytest.raises(ConfigError, match="not one of"):

@@ -176,13 +176,14 @@ def make_guidance(method: str, codec: Any, obs: Any, guidance_cfg: Any = None, *
         return LatentRepaint(codec, obs)
     if method == "dps":
         g = guidance_cfg
-        return LatentDPS(
-            codec, obs,
-            zeta=getattr(g, "dps_zeta", 1.0) if g is not None else 1.0,
-            likelihood=getattr(g, "dps_likelihood", "norm") if g is not None else "norm",
-            gamma=getattr(g, "dps_gamma", 1e-2) if g is not None else 1e-2,
-            **kwargs,
-        )
+
+        def get(key, default):
+            if g is None:
+                return default
+            return g.get(key, default) if isinstance(g, dict) else getattr(g, key, default)
+
+        return LatentDPS(codec, obs, zeta=get("dps_zeta", 1.0), likelihood=get("dps_likelihood", "norm"),
+                         gamma=get("dps_gamma", 1e-2), **kwargs)
     raise ConfigError(f"guidance method {method!r} is not one of {', '.join(METHODS)}")
 
 
