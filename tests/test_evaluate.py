@@ -214,3 +214,26 @@ def test_a_diverging_model_is_reported_not_fatal(setup, tmp_path):
     assert "bad/obsfree" not in s["files"]["analyses"] and "reference/obsfree" in s["files"]["analyses"]
     assert "## Failures" in (tmp_path / "ev" / "report.md").read_text()
     assert np.isfinite(s["scores"]["main"]["reference/obsfree"]["analysis"]["member"]["mse"])
+
+
+def test_cli_runs_the_reference_and_refuses_a_missing_checkpoint(setup, tmp_path, monkeypatch, capsys):
+    import align_rl.evaluate as ev
+
+    _, data, _, _ = setup
+    monkeypatch.setattr(ev, "load_eval_data", lambda cfg, ws: (data, Prior()))
+    args = [f"run.workdir={tmp_path}", "run.wandb_mode=disabled", "data.grid=16x32",
+            "data.test=[2005-01-01, 2005-12-31]", "sampler.steps=2", "guidance.methods=[obsfree]",
+            "eval.times=2", "eval.members=2", "eval.map_samples=1"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert ev.main(["--out", str(tmp_path / "cli"), *args]) == 0
+        with pytest.raises(SystemExit) as exc:
+            ev.main(["--models", f"Align-M={tmp_path / 'missing.pt'}", *args])
+    finally:
+        torch.set_num_threads(threads)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "missing.pt" in err and "does not exist" in err
+    doc = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    assert doc["models"] == ["reference"] and "reference/obsfree" in doc["scores"]["main"]
