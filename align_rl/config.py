@@ -102,9 +102,11 @@ class DiffusionConfig:
 
 @dataclass
 class PretrainConfig:
-    num_workers: int = 1
+    # DDP workers (Ray Train); 0 = auto: one per free CPU of the Ray cluster (/ cpus_per_worker),
+    # at most 2 (on a 2-core machine 2 workers x 1 thread keep both cores busy)
+    num_workers: int = 0
     use_gpu: bool = False
-    cpus_per_worker: int = 1
+    cpus_per_worker: int = 1  # CPUs (= torch threads) per worker
     checkpoint_every: int = 250
     val_every: int = 250
     max_failures: int = 2

@@ -184,7 +184,7 @@ def _train(cfg: Config, ws: Workspace, stage: str, loop_config: dict, ident: dic
               wandb=_wandb(cfg, ws, stage, ih))
     lc.update(extra_loop or {})
     _log(f"training {stage}: {section.steps} steps, batch {section.batch_size}, "
-         f"{num_workers or cfg.pretrain.num_workers} worker(s) (run {stage}-{ih})")
+         f"{num_workers or cfg.pretrain.num_workers or 'auto'} worker(s) (run {stage}-{ih})")
     res = run_training(stage, lc, cfg.pretrain, ws.checkpoints(stage), f"{stage}-{ih}", num_workers)
     _log(f"{stage} done in {res.wall_s:.0f} s ({res.samples_per_s:.1f} samples/s); "
          + ", ".join(f"{k} {v:.4g}" for k, v in res.metrics.items() if k.startswith("val_")))

@@ -85,11 +85,24 @@ def _train_env_defaults() -> None:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
+def auto_workers(pre: PretrainConfig, cap: int = 2) -> int:
+    """``pretrain.num_workers=0``: one worker per ``cpus_per_worker`` free CPUs of the connected
+    Ray cluster, between 1 and ``cap`` (1 when Ray is not initialised)."""
+    import ray
+
+    if not ray.is_initialized():
+        return 1
+    free = float(ray.available_resources().get("CPU", 1.0))
+    return int(max(1, min(cap, free // max(1, int(pre.cpus_per_worker)))))
+
+
 def scaling_config(pre: PretrainConfig, num_workers: int | None = None):
     """``ScalingConfig`` of ``cfg.pretrain`` (``num_workers`` overrides the config)."""
     from ray.train import ScalingConfig
 
     n = int(num_workers if num_workers is not None else pre.num_workers)
+    if n <= 0:
+        n = auto_workers(pre)
     res: dict[str, float] = {"CPU": float(pre.cpus_per_worker)}
     if pre.use_gpu:
         res["GPU"] = 1.0
