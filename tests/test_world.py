@@ -197,10 +197,13 @@ def test_store_layout(world):
     np.testing.assert_allclose(norm["mean"][4 + 7], z500.astype(np.float64).mean(), rtol=1e-6)
     assert set(json.loads(ds.attrs["splits"])) == {"train", "val", "pref", "test"}
     assert len(ds.attrs["config_hash"]) == 12
-    # perturbed members: their weather differs, and the difference grows (chaotic dynamics)
+    # member 1 is member 0 turned by 180° and perturbed: turned back, the two differ a little
+    # and the difference grows (chaotic dynamics)
+    assert json.loads(ds.attrs["member_rotation_deg"]) == [0.0, 180.0]
     a = ds["geopotential"].sel(level=500).values.astype(np.float64)
-    diff = np.abs(a[0:8] - a[8:16]).mean(axis=(1, 2))  # m²/s², per time
+    diff = np.abs(a[0:8] - np.roll(a[8:16], -32, axis=-1)).mean(axis=(1, 2))  # m²/s², per time
     assert diff[0] > 0.1 and diff[-1] > 1.2 * diff[0], diff
+    assert np.abs(a[0:8] - a[8:16]).mean() > 10 * diff[-1]
 
 
 def test_held_suarez_climate(world):

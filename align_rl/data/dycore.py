@@ -182,6 +182,27 @@ class Dycore:
         return dataclasses.replace(
             state, temperature_variation=t + grid.clip_wavenumbers(grid.to_modal(noise)))
 
+    def rotate(self, state: State, degrees: np.ndarray) -> State:
+        """Rotate every member ``i`` eastward by ``degrees[i]`` in longitude (exact in spectral
+        space: each zonal wavenumber ``m`` turns by ``m·Δλ``). Held–Suarez forcing is zonally
+        symmetric and has no orography, so a rotated state is an equally valid state."""
+        n_m = self.grid.spec.longitude_wavenumbers
+        lam = torch.as_tensor(np.deg2rad(np.asarray(degrees, np.float64)), dtype=self.dtype)
+        m = torch.arange(1, n_m, dtype=self.dtype)
+        c = torch.cos(lam[:, None] * m[None])[:, None, :, None]  # (M, 1, n_m−1, 1)
+        s = torch.sin(lam[:, None] * m[None])[:, None, :, None]
+
+        def rot(x):
+            x = x.clone()
+            a_c, a_s = x[..., 1::2, :].clone(), x[..., 2::2, :].clone()
+            x[..., 1::2, :] = a_c * c - a_s * s
+            x[..., 2::2, :] = a_c * s + a_s * c
+            return x
+
+        return State(vorticity=rot(state.vorticity), divergence=rot(state.divergence),
+                     temperature_variation=rot(state.temperature_variation),
+                     log_surface_pressure=rot(state.log_surface_pressure))
+
 
 def broadcast_members(state: State, members: int) -> State:
     """Repeat a one-member state ``members`` times along the leading axis."""

@@ -88,7 +88,10 @@ def simulate(grid: str | Grid = "32x64", days: int = 44, members: int = 6, seed:
     state0, info = load_restart(restart, d.spec)
     state = broadcast_members(state0, members)
     gen = torch.Generator().manual_seed(int(seed))
-    state = d.perturb(state, PERTURBATION_K, gen)
+    # member m is turned by m/M of the circle (a multiple of 5.625°) so that members' weather
+    # differs from the first state on; the noise then makes their dynamics diverge
+    rotation = member_rotations(members)
+    state = d.perturb(d.rotate(state, rotation), PERTURBATION_K, gen)
     diag = Diagnoser(d, g)
     n_out = days * (24 // OUTPUT_HOURS)
     per_out = d.steps_per(OUTPUT_HOURS)
@@ -109,6 +112,7 @@ def simulate(grid: str | Grid = "32x64", days: int = 44, members: int = 6, seed:
     if not np.all(np.isfinite(values)):
         raise InputError("the simulation produced NaN/inf values (model blow-up); nothing written")
     corr = member_correlation(values)
+    corr_aligned = member_correlation(values, shifts_deg=rotation)
     times = np.concatenate([member_times(m, n_out) for m in range(members)])
     attrs = {
         "source": SOURCE,
@@ -128,16 +132,33 @@ def simulate(grid: str | Grid = "32x64", days: int = 44, members: int = 6, seed:
             "first_state": None if members < 2 else round(float(corr[0]), 4),
             "mean": None if members < 2 else round(float(np.mean(corr)), 4),
         },
+        # the same after undoing each member's rotation: how far the dynamics have diverged
+        "member_correlation_z500_aligned": {
+            "first_state": None if members < 2 else round(float(corr_aligned[0]), 4),
+            "mean": None if members < 2 else round(float(np.mean(corr_aligned)), 4),
+        },
+        "member_rotation_deg": [float(r) for r in rotation],
     }
     return States(values.reshape((members * n_out,) + values.shape[2:]), times, g.lat, g.lon, attrs)
 
 
-def member_correlation(values: np.ndarray, channel: str = "z500") -> np.ndarray:
+def member_rotations(members: int) -> np.ndarray:
+    """Longitude turn of each member in degrees: ``m/M`` of the circle, rounded to 5.625°."""
+    return np.array([360.0 * round(64 * m / members) / 64 for m in range(members)])
+
+
+def member_correlation(values: np.ndarray, channel: str = "z500",
+                       shifts_deg: np.ndarray | None = None) -> np.ndarray:
     """Mean Pearson correlation between members of the eddy field (departure from the zonal mean)
-    of ``channel``, per time: ``values`` (M, T, 69, H, W) -> (T,) (NaN when M < 2)."""
+    of ``channel``, per time: ``values`` (M, T, 69, H, W) -> (T,) (NaN when M < 2). With
+    ``shifts_deg`` each member is first turned back by its rotation (nearest grid column)."""
     from ..schema import channel_index
 
     x = values[:, :, channel_index(channel)].astype(np.float64)  # (M, T, H, W)
+    if shifts_deg is not None:
+        d = 360.0 / x.shape[-1]
+        x = np.stack([np.roll(x[i], -int(round(sh / d)), axis=-1)
+                      for i, sh in enumerate(shifts_deg)])
     x = x - x.mean(axis=-1, keepdims=True)
     x = x.reshape(x.shape[0], x.shape[1], -1)
     x = x - x.mean(axis=-1, keepdims=True)
