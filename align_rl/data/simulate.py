@@ -1,11 +1,15 @@
 """Simulate the embedded Held–Suarez world and write it as a WeatherBench2-layout store.
 
-``M`` members run as one batch from the committed spun-up restart. Every member gets independent
-random temperature noise (std ``PERTURBATION_K``, spectrally truncated) and the first
-``burn_in_days`` are discarded (skipped for a single member), so that the members' weather has
-decorrelated by the first saved state (measured: see ``bench/bench_world.py`` and BENCHMARKS.md). Output every 6 h: member ``m``
-is stored as the year ``2000 + m`` (``2000+m-01-01T00`` onwards), so the data splits are time
-ranges; ``4 · days`` states per member.
+``M`` members run as one batch from the committed spun-up restart. Member ``m`` is turned in
+longitude by ``m/M`` of the circle (Held–Suarez is zonally symmetric, so this is an equally valid
+state and the members' fields differ from the first state on: z500 eddy correlation ≈ 0), gets
+independent random temperature noise (std ``PERTURBATION_K``, spectrally truncated), and the
+first ``burn_in_days`` are discarded (skipped for a single member). The noise grows slowly at
+T21: with the rotations undone the members' z500 eddies still correlate ≈ 0.94 after 15 days and
+≈ 0.33 on average over the default 44 stored days (BENCHMARKS.md), so early in a run members
+are partly shifted copies of one another. Output every 6 h: member ``m`` is stored as the year
+``2000 + m`` (``2000+m-01-01T00`` onwards), so the data splits are time ranges; ``4 · days``
+states per member.
 """
 
 from __future__ import annotations
