@@ -5,8 +5,8 @@ longitude by ``m/M`` of the circle (Held–Suarez is zonally symmetric, so this 
 state and the members' fields differ from the first state on: z500 eddy correlation ≈ 0), gets
 independent random temperature noise (std ``PERTURBATION_K``, spectrally truncated), and the
 first ``burn_in_days`` are discarded (skipped for a single member). The noise grows slowly at
-T21: with the rotations undone the members' z500 eddies still correlate ≈ 0.94 after 15 days and
-≈ 0.33 on average over the default 44 stored days (BENCHMARKS.md), so early in a run members
+T21: with the rotations undone the members' z500 eddies still correlate ≈ 0.9 after 15 days and
+≈ 0.3 on average over the default 44 stored days (BENCHMARKS.md), so early in a run members
 are partly shifted copies of one another. Output every 6 h: member ``m`` is stored as the year
 ``2000 + m`` (``2000+m-01-01T00`` onwards), so the data splits are time ranges; ``4 · days``
 states per member.
