@@ -737,6 +737,35 @@ def _tune_scheduler(spec: SweepSpec):
     return ASHAScheduler(time_attr="training_iteration", max_t=int(a.pop("max_t", spec.stages)), **a)
 
 
+def trial_resources(spec: SweepSpec, base: dict, params: dict):
+    """What Tune reserves for a trial: its driver (``resources_per_trial``) and, for an online
+    trial, one bundle per sampler / reward actor (``actors.*``), which Tune schedules inside the
+    trial's placement group. The learner's workers are not in it (Ray Train V2 places them)."""
+    from ray.tune import PlacementGroupFactory
+
+    r = spec.resources_per_trial
+    bundles = [{"CPU": float(r.get("cpu", 0.0)), "GPU": float(r.get("gpu", 0.0))}]
+    if float(r.get("memory", 0.0)):
+        bundles[0]["memory"] = float(r["memory"])
+    cfg = trial_config(base, params)
+    if cfg.dpo.mode == "online":
+        a = cfg.actors
+        bundles += [{"CPU": float(a.cpus_per_actor), "GPU": float(a.gpus_per_actor)}] * (a.samplers + a.rewarders)
+    return PlacementGroupFactory([{k: v for k, v in b.items() if v} or {"CPU": 0.0} for b in bundles])
+
+
+def local_cpus(spec: SweepSpec, cfg: Config) -> int:
+    """CPUs of a local Ray instance (when no cluster is given) that hold one trial at a time:
+    its reservation plus the learner's workers (logical CPUs; a laptop may have fewer cores)."""
+    online = cfg.dpo.mode == "online" or "online" in (spec.search.get("dpo.mode").values or []
+                                                    if "dpo.mode" in spec.search else [])
+    need = float(spec.resources_per_trial.get("cpu", 0.0))
+    need += cfg.dpo.num_workers * float(cfg.actors.cpus_per_actor)
+    if online:
+        need += (cfg.actors.samplers + cfg.actors.rewarders) * float(cfg.actors.cpus_per_actor)
+    return max(os.cpu_count() or 1, math.ceil(need))
+
+
 def _trial_dirname(trial) -> str:
     return trial.trial_id
 
@@ -753,7 +782,7 @@ def run_sweep(spec: SweepSpec, cfg: Config, trainable: Callable[[dict, dict], No
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / "spec.yaml", yaml.safe_dump(spec.to_dict(), sort_keys=False))
     t0 = time.time()
-    init_ray()
+    init_ray(num_cpus=local_cpus(spec, cfg))
     if trainable is None:
         trainable = dpo_trial
         ctx = prepare_shared(cfg, spec, out, progress)
@@ -765,8 +794,9 @@ def run_sweep(spec: SweepSpec, cfg: Config, trainable: Callable[[dict, dict], No
     def entry(config: dict, ctx: dict) -> None:  # Tune passes the sampled point as `config`
         trainable(dict(config), ctx)
 
-    res = {k: v for k, v in spec.resources_per_trial.items() if v}
-    fn = tune.with_resources(tune.with_parameters(entry, ctx=ctx), res or {"cpu": 0})
+    base_d = cfg.to_dict()
+    fn = tune.with_resources(tune.with_parameters(entry, ctx=ctx),
+                             lambda config: trial_resources(spec, base_d, config))
     tuner = tune.Tuner(
         fn,
         param_space={k: d.domain() for k, d in spec.search.items()},
