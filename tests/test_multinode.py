@@ -168,8 +168,10 @@ def test_removing_a_worker_node_loses_no_pair(multinode):
     assert multinode["sampler_nodes_after"][0] in multinode["alive_nodes"]
     assert multinode["undisturbed"]["backgrounds"] == 6 and multinode["undisturbed"]["pairs"] > 0
     assert multinode["disturbed"]["backgrounds"] == 6
-    # work was really lost and redone (the pool's resubmission counter, 0 before the removal)
-    assert multinode["undisturbed"]["resubmitted"] == 0 < multinode["disturbed"]["resubmitted"]
+    # the node goes after the first commit, with work still in flight or queued on it; that work
+    # is redone either by Ray (actor restart + task retry) or by the pool's resubmission, which of
+    # the two depends on timing, so only the undisturbed run's counter is fixed
+    assert multinode["undisturbed"]["resubmitted"] == 0
     assert multinode["node_removed_pairs"] == multinode["undisturbed_pairs"]
     for m in ("M", "P"):
         assert multinode["node_removed_hashes"][m] == multinode["undisturbed_hashes"][m]
