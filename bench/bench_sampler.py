@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import argparse
-import platform
 import re
 import statistics
 import sys
@@ -32,6 +31,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_name  # noqa: E402
 
 from align_rl.analysis import analyse  # noqa: E402
 from align_rl.config import load_config  # noqa: E402
@@ -60,14 +61,7 @@ def replace_section(name: str, body: str, path: Path = BENCH_MD) -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     import os
 
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"

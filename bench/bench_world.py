@@ -28,6 +28,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_name, replace_section  # noqa: E402
 
 from align_rl.config import load_config  # noqa: E402
 from align_rl.data import stored_attrs  # noqa: E402
@@ -37,14 +39,7 @@ SECTION = "## Embedded world (align_rl.data)"
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return f"{os.cpu_count()} cores ({cpu}), {platform.system()}"
 
 
@@ -53,16 +48,7 @@ def dir_size(p: Path) -> int:
 
 
 def write_section(text: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION in old:
-        head, rest = old.split(SECTION, 1)
-        nxt = rest.find("\n## ")
-        tail = rest[nxt + 1:] if nxt >= 0 else ""
-        new = head + text.rstrip("\n") + "\n" + ("\n" + tail if tail else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    path.write_text(new)
+    replace_section(SECTION, text)
 
 
 def main() -> None:
