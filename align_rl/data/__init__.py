@@ -14,7 +14,6 @@ Python: :func:`ensure_world` (the dataset of a run), :func:`simulate` (states in
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..config import Config
@@ -29,15 +28,9 @@ def stored_attrs(path: str | Path) -> dict:
         attrs = dict(zarr.open_group(str(path), mode="r").attrs)
     except Exception:  # noqa: BLE001 - a missing or broken store simply is not reusable
         return {}
-    out = {}
-    for k, v in attrs.items():
-        if isinstance(v, str) and v[:1] in "[{":
-            try:
-                v = json.loads(v)
-            except ValueError:
-                pass
-        out[k] = v
-    return out
+    from ..era5 import _parse_attrs
+
+    return _parse_attrs(attrs)
 
 
 def ensure_world(cfg: Config, ws: Workspace, progress: bool = True) -> Path | str:
