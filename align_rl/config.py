@@ -91,7 +91,7 @@ class VAEConfig:
 class DiffusionConfig:
     preset: str = "demo"  # demo | paper
     patch: int = 2
-    embed_dim: int = 128
+    embed_dim: int = 288  # must be >= latent_channels·patch² (69·4 = 276), else tokens lose information
     depth: int = 4
     heads: int = 4
     background_skip: bool = False  # also add z_b's patch embedding to the noisy tokens (beside cross-attention)

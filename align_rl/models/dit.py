@@ -13,6 +13,7 @@ Also :func:`dsm_loss`, denoising score matching ``E‖ε_θ(μ z + σ ε, t, z_b
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
@@ -144,6 +145,11 @@ def build_dit(diff_cfg: Any, latent_shape: tuple[int, int, int]) -> LatentDiT:
         raise ConfigError(f"diffusion.embed_dim={D} is not divisible by diffusion.heads={heads}")
     if int(c["depth"]) < 1:
         raise ConfigError("diffusion.depth must be >= 1")
+    if D < C * p * p:
+        warnings.warn(
+            f"diffusion.embed_dim={D} is smaller than a patch token's {C}·{p}² = {C * p * p} values: "
+            "the score model cannot represent its input and its denoising loss stalls; "
+            f"use diffusion.embed_dim >= {C * p * p}", stacklevel=2)
     return LatentDiT((C, h, w), patch=p, embed_dim=D, depth=int(c["depth"]), heads=heads,
                      mlp_ratio=float(c.get("mlp_ratio", 4.0)),
                      background_skip=bool(c.get("background_skip", False)))
