@@ -64,6 +64,19 @@ def _pids_mentioning(text: str) -> list[int]:
     return out
 
 
+def _kill_pids_mentioning(text: str) -> None:
+    """SIGTERM, then SIGKILL, every process of ours whose command line contains ``text``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _pids_mentioning(text)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if pids:
+            time.sleep(2.0)
+
+
 class LocalHead:
     """A Ray head node in its own process group (``ray start --head --block``)."""
 
@@ -117,15 +130,7 @@ class LocalHead:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             pass
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = _pids_mentioning(self.temp_dir)
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            if pids:
-                time.sleep(2.0)
+        _kill_pids_mentioning(self.temp_dir)
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:

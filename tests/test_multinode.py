@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_job_submit import _pids_mentioning
+from .test_job_submit import _kill_pids_mentioning, _pids_mentioning
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,15 +128,7 @@ def multinode(tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
         log, _ = proc.communicate()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):  # anything of this cluster still alive
-            pids = _pids_mentioning(tmp)
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            if pids:
-                time.sleep(2)
+        _kill_pids_mentioning(tmp)  # anything of this cluster still alive
     text = log.decode(errors="replace")
     assert out.exists(), f"scenario wrote nothing (rc {proc.returncode}):\n{text[-6000:]}"
     res = json.loads(out.read_text())
