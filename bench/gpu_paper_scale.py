@@ -40,8 +40,8 @@ def append_row(row: str, path: Path) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     header = (f"{SECTION_HEAD}\n\nOne DPS analysis, 69 × 128 × 256, paper-preset networks (random "
               "weights), 128 steps + 2 corrections, bf16 autocast. The paper: ~30 s on an A100.\n\n"
-              "| date (UTC) | device | members | K | C | seconds | peak GPU memory (GiB) |\n"
-              "|---|---|---|---|---|---|---|\n")
+              "| date (UTC) | device | guidance | members | K | C | seconds | peak GPU memory (GiB) |\n"
+              "|---|---|---|---|---|---|---|---|\n")
     if SECTION_HEAD not in text:
         text = text.rstrip() + "\n\n" + header + row + "\n"
     else:
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
           f"{seconds:.1f} s; peak GPU memory {peak:.1f} GiB", flush=True)
     if not a.dry_run and not a.no_write:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
-        append_row(f"| {stamp} | {name} | {a.members} | {steps} | {corr} | {seconds:.1f} | {peak:.1f} |",
+        append_row(f"| {stamp} | {name} | {a.method} | {a.members} | {steps} | {corr} | {seconds:.1f} | {peak:.1f} |",
                    Path(a.bench_file))
         print(f"appended a row to {a.bench_file}")
     return 0
