@@ -29,7 +29,9 @@ class ForecastActor:
 
     def __init__(self, forecaster: Any = None, threads: int = 1, loader: dict | None = None,
                  device: str = "cpu"):
-        torch.set_num_threads(max(1, int(threads)))
+        from align_rl.cpu import configure_worker
+
+        configure_worker(threads)
         self.device = torch.device(device)
         if forecaster is None:
             if loader is None:

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
 
 from .sampler import actor_options
 
@@ -20,8 +19,9 @@ from .sampler import actor_options
 class RewardActor:
     def __init__(self, forecaster: Any, normalizer: Any, lat, lon, cfg: dict, threads: int = 1):
         from align_rl.config import config_from_dict
+        from align_rl.cpu import configure_worker
 
-        torch.set_num_threads(max(1, int(threads)))
+        configure_worker(threads)
         self.cfg = config_from_dict(cfg)
         self.forecaster = forecaster
         if hasattr(forecaster, "eval"):

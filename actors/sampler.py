@@ -13,14 +13,14 @@ import os
 from typing import Any
 
 import ray
-import torch
 
 
 class SamplerActor:
     def __init__(self, codec: Any, eps_model: Any, version: int, cfg: dict, threads: int = 1):
         from align_rl.config import config_from_dict
+        from align_rl.cpu import configure_worker
 
-        torch.set_num_threads(max(1, int(threads)))
+        configure_worker(threads)
         self.cfg = config_from_dict(cfg)
         self.codec = codec.eval()
         self.eps_model = eps_model.eval()

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from .config import Config, config_from_dict
+from .cpu import configure_worker
 from .errors import CheckpointError, ConfigError, InputError
 from .pair_store import PairDataset, PairSet, PairStore
 
@@ -122,7 +123,7 @@ def dpo_loop(conf: dict) -> None:
     cfg = config_from_dict(conf["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(conf.get("threads", 1))))
+    configure_worker(conf.get("threads", 1))
     device = ray.train.torch.get_device()
     out_dir = Path(conf["out_dir"])
     steps, seed, version = int(conf["steps"]), int(conf["seed"]), int(conf["version"])

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..cpu import configure_worker
+
 from .datasets import (
     FrameDataset,
     LatentPairDataset,
@@ -281,7 +283,7 @@ def train_loop(config: dict) -> None:
     task = TASKS[config["task"]]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    configure_worker(config.get("threads", 1))
     seed, steps = int(config["seed"]), int(config["steps"])
     device = ray.train.torch.get_device()
 
