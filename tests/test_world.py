@@ -315,3 +315,30 @@ def test_existing_output_is_not_overwritten(tmp_path, capsys):
     assert _main("simulate", "--out", str(out), "--days", "1", "--members", "1", "--quiet") == 2
     assert "exists" in capsys.readouterr().err
     assert (out / "keep").read_text() == "x"
+
+
+def test_thread_governor_drops_to_one_thread_when_steps_collapse():
+    """Steps of 0.1 s, then 5 s (another job took a core): the governor switches to one thread
+    after the slow window fills, and never on ordinary jitter."""
+    from align_rl.data.simulate import ThreadGovernor
+
+    before = torch.get_num_threads()
+    try:
+        now = [0.0]
+        gov = ThreadGovernor(2, window=4, factor=4.0, clock=lambda: now[0])
+        for dt in [0.1, 0.12, 0.09, 0.11, 0.1, 0.15, 0.1, 0.13] * 3:  # jitter: stays at 2
+            now[0] += dt
+            gov.tick()
+        assert gov.threads == 2 and gov.switched_at is None
+        for _ in range(4):
+            now[0] += 5.0
+            gov.tick()
+        assert gov.threads == 1 and gov.switched_at is not None
+        assert torch.get_num_threads() == 1
+        one = ThreadGovernor(1, clock=lambda: now[0])  # already single-threaded: nothing to do
+        for _ in range(20):
+            now[0] += 1.0 + 9 * (_ > 10)
+            one.tick()
+        assert one.threads == 1 and one.switched_at is None
+    finally:
+        torch.set_num_threads(before)
