@@ -125,3 +125,46 @@ def test_bad_input():
     model = build_dit(SMALL, (4, 4, 8))
     with pytest.raises(InputError, match="z_b"):
         model(torch.zeros(1, 4, 4, 8), torch.zeros(1), torch.zeros(1, 4, 8, 8))
+
+
+def _fit_and_probe(cfg: dict, shape, steps: int = 200):
+    """Train on N(0, I) latents, return the ε error at t = 0.9, where the optimum ε̂ = σ z_t
+    leaves only μ² ≈ 0.024 (VP: E[ε | z_t] = σ z_t for unit-variance Gaussian data)."""
+    torch.manual_seed(0)
+    model = build_dit(cfg, shape)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        z0 = torch.randn(32, *shape, generator=g)
+        loss = dsm_loss(model, z0, torch.zeros_like(z0), generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    z0 = torch.randn(64, *shape, generator=g)
+    t = torch.full((64,), 0.9)
+    eps = torch.randn(z0.shape, generator=g)
+    z_t = mu(t)[:, None, None, None] * z0 + sigma(t)[:, None, None, None] * eps
+    with torch.no_grad():
+        return ((model(z_t, t, torch.zeros_like(z0)) - eps) ** 2).mean().item()
+
+
+def test_a_token_narrower_than_its_patch_stalls_and_is_warned_about():
+    """Regression: a 12-channel latent with (2, 2) patches has 48-value tokens. A 16-wide
+    embedding keeps at most 16 of those directions, so even at t = 0.9, where ε ≈ z_t / σ is
+    trivial, its error stays near 1 − 16/48 ≈ 0.67; a 64-wide one learns it (the demo DiT once
+    had this defect with 69·2² = 276-value tokens and a 128-wide embedding)."""
+    shape = (12, 4, 8)
+    with pytest.warns(UserWarning, match="embed_dim=16 is smaller than a patch token's 12·2² = 48"):
+        narrow = _fit_and_probe({"patch": 2, "embed_dim": 16, "depth": 1, "heads": 2}, shape)
+    wide = _fit_and_probe({"patch": 2, "embed_dim": 64, "depth": 1, "heads": 2}, shape)
+    optimum = (mu(torch.tensor(0.9)) ** 2).item()
+    assert narrow > 0.5
+    assert wide < 0.2 and wide < narrow / 3
+    assert wide > 0.5 * optimum  # no model beats the Bayes optimum
+
+
+@pytest.mark.parametrize("preset", ["demo", "paper"])
+def test_presets_embed_a_whole_patch_token(preset):
+    cfg = load_config(preset=preset)
+    assert cfg.diffusion.embed_dim >= cfg.vae.latent_channels * cfg.diffusion.patch ** 2
