@@ -127,7 +127,7 @@ def test_bad_input():
         model(torch.zeros(1, 4, 4, 8), torch.zeros(1), torch.zeros(1, 4, 8, 8))
 
 
-def _fit_and_probe(cfg: dict, shape, steps: int = 200):
+def _fit_and_probe(cfg: dict, shape, steps: int = 60):
     """Train on N(0, I) latents, return the ε error at t = 0.9, where the optimum ε̂ = σ z_t
     leaves only μ² ≈ 0.024 (VP: E[ε | z_t] = σ z_t for unit-variance Gaussian data)."""
     torch.manual_seed(0)
