@@ -95,6 +95,13 @@ class DiffusionConfig:
     depth: int = 4
     heads: int = 4
     background_skip: bool = False  # also add z_b's patch embedding to the noisy tokens (beside cross-attention)
+    # ε̂ = σ/(μ²+σ²)·z_t + F_θ: the network learns the residual from the Gaussian optimum, so ε̂
+    # follows the scale of z_t (the final LayerNorm cannot) and the sampler's ODE stays stable
+    eps_skip: bool = True
+    # Ray Train workers for the score model (0 = pretrain.num_workers) and CPUs (= torch threads)
+    # per worker (0 = pretrain.cpus_per_worker): on CPUs one 2-thread worker beats 2 DDP workers
+    num_workers: int = 1
+    cpus_per_worker: int = 2
     steps: int = 2000
     lr: float = 1e-3
     batch_size: int = 32
@@ -233,7 +240,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vae": {"preset": "paper", "embed_dim": 1024, "depth": 24, "heads": 16, "window": 8,
                 "lr": 2e-4, "batch_size": 32, "steps": 140_000},
         "diffusion": {"preset": "paper", "embed_dim": 1024, "depth": 24, "heads": 16,
-                      "steps": 100_000, "lr": 1e-4, "batch_size": 32},
+                      "steps": 100_000, "lr": 1e-4, "batch_size": 32,
+                      "num_workers": 0, "cpus_per_worker": 0},  # the pretrain section's GPU workers
         "sampler": {"steps": 128, "corrections": 2, "members": 32},
         "pairs": {"candidates": 32},
         "dpo": {"beta": 8000.0, "lr": 1e-5, "batch_size": 32, "steps": 500},
@@ -385,6 +393,10 @@ def validate(cfg: Config) -> None:
     if cfg.data.source == "zarr" and not cfg.data.path:
         raise ConfigError("data.source=zarr needs data.path=PATH_OR_URL of a WeatherBench2 store")
     _choice(cfg.run.wandb_mode, ("offline", "online", "disabled"), "run.wandb_mode")
+    for key in ("num_workers", "cpus_per_worker"):
+        if int(getattr(cfg.diffusion, key)) < 0:
+            raise ConfigError(f"diffusion.{key}={getattr(cfg.diffusion, key)} must be >= 0 "
+                              f"(0: use pretrain.{key})")
     _choice(cfg.run.device, ("auto", "cpu", "cuda"), "run.device")
     if not 0 < cfg.obs.density <= 1:
         raise ConfigError(f"obs.density={cfg.obs.density} must lie in (0, 1]")

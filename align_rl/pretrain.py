@@ -23,7 +23,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,8 +142,11 @@ def load_data(cfg: Config, ws: Workspace, progress: bool = True) -> PretrainData
     return PretrainData(cfg, ensure_world(cfg, ws, progress=progress))
 
 
+RESOURCE_KEYS = ("num_workers", "cpus_per_worker")  # how a model trains, not what it is
+
+
 def _identity(cfg: Config, stage: str, data: PretrainData, deps: dict[str, str] | None = None) -> dict:
-    section = asdict(getattr(cfg, stage))
+    section = {k: v for k, v in asdict(getattr(cfg, stage)).items() if k not in RESOURCE_KEYS}
     return {"stage": stage, "config": section, "data": data_key(cfg, data.store),
             "grid": list(data.grid), "seed": int(cfg.run.seed), "deps": deps or {}}
 
@@ -171,8 +174,24 @@ def _log(msg: str) -> None:
     print(f"[pretrain] {msg}", flush=True)
 
 
+def _diffusion_resources(cfg: Config):
+    """``cfg.pretrain`` with the score model's own ``num_workers`` / ``cpus_per_worker`` (0: keep
+    the pretrain value); the CPUs per worker are capped by the Ray cluster's CPUs."""
+    import ray
+
+    from .training.harness import init_ray
+
+    init_ray()
+    d = cfg.diffusion
+    pre = cfg.pretrain
+    cpus = int(d.cpus_per_worker) or int(pre.cpus_per_worker)
+    if not pre.use_gpu and ray.is_initialized():
+        cpus = max(1, min(cpus, int(ray.cluster_resources().get("CPU", 1))))
+    return replace(pre, num_workers=int(d.num_workers) or int(pre.num_workers), cpus_per_worker=cpus)
+
+
 def _train(cfg: Config, ws: Workspace, stage: str, loop_config: dict, ident: dict,
-           num_workers: int | None = None, extra_loop: dict | None = None):
+           num_workers: int | None = None, extra_loop: dict | None = None, pretrain_cfg=None):
     from .training.harness import init_ray, run_training
 
     init_ray()
@@ -183,9 +202,11 @@ def _train(cfg: Config, ws: Workspace, stage: str, loop_config: dict, ident: dic
               batch_size=int(section.batch_size), seed=int(cfg.run.seed),
               wandb=_wandb(cfg, ws, stage, ih))
     lc.update(extra_loop or {})
+    pre = pretrain_cfg or cfg.pretrain
     _log(f"training {stage}: {section.steps} steps, batch {section.batch_size}, "
-         f"{num_workers or cfg.pretrain.num_workers or 'auto'} worker(s) (run {stage}-{ih})")
-    res = run_training(stage, lc, cfg.pretrain, ws.checkpoints(stage), f"{stage}-{ih}", num_workers)
+         f"{num_workers or pre.num_workers or 'auto'} worker(s) × {pre.cpus_per_worker} CPU(s) "
+         f"(run {stage}-{ih})")
+    res = run_training(stage, lc, pre, ws.checkpoints(stage), f"{stage}-{ih}", num_workers)
     _log(f"{stage} done in {res.wall_s:.0f} s ({res.samples_per_s:.1f} samples/s); "
          + ", ".join(f"{k} {v:.4g}" for k, v in res.metrics.items() if k.startswith("val_")))
     return res
@@ -310,7 +331,8 @@ def pretrain_diffusion(cfg: Config, ws: Workspace, data: PretrainData, codec, fo
 
     loop = {"latent_shape": list(latent_shape),
             "data": {"train": ray.put({"z": z, "z_b": zb}), "val": ray.put({"z": vz, "z_b": vzb})}}
-    res = _train(cfg, ws, "diffusion", loop, ident, extra_loop=loop_extra)
+    res = _train(cfg, ws, "diffusion", loop, ident, extra_loop=loop_extra,
+                 pretrain_cfg=_diffusion_resources(cfg))
     model = build_dit(cfg.diffusion, latent_shape)
     model.load_state_dict(res.state_dict)
     model.eval()

@@ -35,7 +35,11 @@ def test_demo_shapes_count_and_zero_init():
     z = torch.randn(3, 69, 8, 16)
     eps = model(z, torch.rand(3), torch.randn(3, 69, 8, 16))
     assert eps.shape == z.shape
-    assert torch.all(eps == 0)  # adaLN-Zero output layer: ε̂ = 0 before training
+    # adaLN-Zero output layer: before training ε̂ is the output skip alone, E[ε | z_t] for N(0, I)
+    assert cfg.eps_skip
+    torch.testing.assert_close(model(z, torch.full((3,), 0.4), z), (sigma(0.4) / (mu(0.4) ** 2 + sigma(0.4) ** 2)) * z)
+    assert torch.all(build_dit({**SMALL, "eps_skip": False}, (6, 4, 8))(
+        torch.randn(2, 6, 4, 8), torch.rand(2), torch.randn(2, 6, 4, 8)) == 0)
     assert sum(p.numel() for p in model.parameters()) == _hand_count(69, 8, 16, 2, cfg.embed_dim, cfg.depth)
 
 
@@ -168,3 +172,28 @@ def test_a_token_narrower_than_its_patch_stalls_and_is_warned_about():
 def test_presets_embed_a_whole_patch_token(preset):
     cfg = load_config(preset=preset)
     assert cfg.diffusion.embed_dim >= cfg.vae.latent_channels * cfg.diffusion.patch ** 2
+
+
+def test_output_skip_keeps_the_sampler_on_the_data_scale():
+    """The untrained skip model is the exact ε of N(0, I) latents: DDIM samples stay unit-variance.
+    A model whose ε̂ ignores the scale of z_t (the final LayerNorm alone) with a 5 % error lets the
+    predictor's μ(t−Δ)/μ(t) amplify it: its samples' variance explodes."""
+    from align_rl.diffusion.sampler import sample
+
+    model = build_dit({**SMALL, "eps_skip": True}, (4, 4, 8)).eval()
+    zb = torch.zeros(8, 4, 4, 8)
+    with torch.no_grad():
+        z = sample(model, zb, 4, steps=32, corrections=0, tau=0.1, generator=torch.Generator().manual_seed(0))
+    assert 0.8 < z.var().item() < 1.25
+
+    g = torch.Generator().manual_seed(1)
+    bias = 0.05 * torch.randn(1, 4, 4, 8, generator=g)
+
+    def scale_blind(z_t, t, z_b):  # unit-norm ε̂ pointing along z_t, plus a fixed 5 % error
+        n = z_t.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None] / z_t[0].numel() ** 0.5
+        return z_t / n + bias
+
+    with torch.no_grad():
+        z_blind = sample(scale_blind, zb, 4, steps=32, corrections=0, tau=0.1,
+                         generator=torch.Generator().manual_seed(0))
+    assert z_blind.var().item() > 10 * z.var().item()
