@@ -28,7 +28,7 @@ KINDS = ("vae", "diffusion", "forecaster")
 
 ARCH_KEYS: dict[str, tuple[str, ...]] = {
     "vae": ("patch", "latent_channels", "embed_dim", "depth", "heads", "window", "mlp_ratio"),
-    "diffusion": ("patch", "embed_dim", "depth", "heads", "mlp_ratio", "background_skip"),
+    "diffusion": ("patch", "embed_dim", "depth", "heads", "mlp_ratio", "background_skip", "eps_skip"),
     "forecaster": ("hidden", "depth"),
 }
 """Config keys that change the network; the others (steps, lr, ...) may differ freely."""

@@ -95,9 +95,11 @@ class DiffusionConfig:
     depth: int = 4
     heads: int = 4
     background_skip: bool = False  # also add z_b's patch embedding to the noisy tokens (beside cross-attention)
-    # ε̂ = σ/(μ²+σ²)·z_t + F_θ: the network learns the residual from the Gaussian optimum, so ε̂
-    # follows the scale of z_t (the final LayerNorm cannot) and the sampler's ODE stays stable
-    eps_skip: bool = True
+    # output skip: ε̂ = E_G[ε | z_t, z_b] + F_θ, the network learning the residual from a Gaussian
+    # optimum, so ε̂ follows the scale of z_t (the final LayerNorm cannot) and the sampler's ODE
+    # stays stable. background: z_0 ~ N(z_b, s²) with s² the per-channel latent background error
+    # of the training pairs; gaussian: z_0 ~ N(0, I); none: no skip (checkpoints without the key)
+    eps_skip: str = "background"
     # Ray Train workers for the score model (0 = pretrain.num_workers) and CPUs (= torch threads)
     # per worker (0 = pretrain.cpus_per_worker): on CPUs one 2-thread worker beats 2 DDP workers
     num_workers: int = 1
@@ -393,6 +395,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.source == "zarr" and not cfg.data.path:
         raise ConfigError("data.source=zarr needs data.path=PATH_OR_URL of a WeatherBench2 store")
     _choice(cfg.run.wandb_mode, ("offline", "online", "disabled"), "run.wandb_mode")
+    _choice(str(cfg.diffusion.eps_skip), ("background", "gaussian", "none"), "diffusion.eps_skip")
     for key in ("num_workers", "cpus_per_worker"):
         if int(getattr(cfg.diffusion, key)) < 0:
             raise ConfigError(f"diffusion.{key}={getattr(cfg.diffusion, key)} must be >= 0 "

@@ -329,7 +329,14 @@ def pretrain_diffusion(cfg: Config, ws: Workspace, data: PretrainData, codec, fo
     vz, vzb = latent_pairs(codec, data.val, data.val_norm, bg_val, data.normalizer)
     import ray
 
-    loop = {"latent_shape": list(latent_shape),
+    skip_var = None
+    if str(cfg.diffusion.eps_skip) == "background":
+        from .models.dit import background_error_var
+
+        skip_var = background_error_var(z, zb).tolist()
+        _log(f"diffusion: latent background error variance s² mean {np.mean(skip_var):.4f} "
+             f"(range {min(skip_var):.4f}–{max(skip_var):.4f}) for the output skip")
+    loop = {"latent_shape": list(latent_shape), "skip_var": skip_var,
             "data": {"train": ray.put({"z": z, "z_b": zb}), "val": ray.put({"z": vz, "z_b": vzb})}}
     res = _train(cfg, ws, "diffusion", loop, ident, extra_loop=loop_extra,
                  pretrain_cfg=_diffusion_resources(cfg))

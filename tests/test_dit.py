@@ -35,9 +35,16 @@ def test_demo_shapes_count_and_zero_init():
     z = torch.randn(3, 69, 8, 16)
     eps = model(z, torch.rand(3), torch.randn(3, 69, 8, 16))
     assert eps.shape == z.shape
-    # adaLN-Zero output layer: before training ε̂ is the output skip alone, E[ε | z_t] for N(0, I)
-    assert cfg.eps_skip
-    torch.testing.assert_close(model(z, torch.full((3,), 0.4), z), (sigma(0.4) / (mu(0.4) ** 2 + sigma(0.4) ** 2)) * z)
+    # adaLN-Zero output layer: before training ε̂ is the output skip alone, E[ε | z_t] for
+    # z_0 ~ N(z_b, s²): with s² = 0.25, by hand
+    assert cfg.eps_skip == "background"
+    model.set_skip_var(torch.full((69,), 0.25))
+    zb = torch.randn(3, 69, 8, 16)
+    m, s = mu(0.4), sigma(0.4)
+    torch.testing.assert_close(model(z, torch.full((3,), 0.4), zb), s * (z - m * zb) / (0.25 * m**2 + s**2))
+    gauss = build_dit({**SMALL, "eps_skip": "gaussian"}, (6, 4, 8))
+    z6 = torch.randn(2, 6, 4, 8)
+    torch.testing.assert_close(gauss(z6, torch.full((2,), 0.4), torch.randn(2, 6, 4, 8)), s / (m**2 + s**2) * z6)
     assert torch.all(build_dit({**SMALL, "eps_skip": False}, (6, 4, 8))(
         torch.randn(2, 6, 4, 8), torch.rand(2), torch.randn(2, 6, 4, 8)) == 0)
     assert sum(p.numel() for p in model.parameters()) == _hand_count(69, 8, 16, 2, cfg.embed_dim, cfg.depth)
@@ -180,7 +187,7 @@ def test_output_skip_keeps_the_sampler_on_the_data_scale():
     predictor's μ(t−Δ)/μ(t) amplify it: its samples' variance explodes."""
     from align_rl.diffusion.sampler import sample
 
-    model = build_dit({**SMALL, "eps_skip": True}, (4, 4, 8)).eval()
+    model = build_dit({**SMALL, "eps_skip": "gaussian"}, (4, 4, 8)).eval()
     zb = torch.zeros(8, 4, 4, 8)
     with torch.no_grad():
         z = sample(model, zb, 4, steps=32, corrections=0, tau=0.1, generator=torch.Generator().manual_seed(0))
@@ -197,3 +204,33 @@ def test_output_skip_keeps_the_sampler_on_the_data_scale():
         z_blind = sample(scale_blind, zb, 4, steps=32, corrections=0, tau=0.1,
                          generator=torch.Generator().manual_seed(0))
     assert z_blind.var().item() > 10 * z.var().item()
+
+
+def test_background_skip_variance_is_estimated_checked_and_saved(tmp_path):
+    from align_rl.checkpoints import load_model, save_model
+    from align_rl.models.dit import background_error_var
+
+    g = torch.Generator().manual_seed(0)
+    zb = torch.randn(50, 4, 4, 8, generator=g)
+    scale = torch.tensor([0.1, 0.2, 0.5, 1.0])[None, :, None, None]
+    z = zb + scale * torch.randn(zb.shape, generator=g)
+    var = background_error_var(z, zb)
+    torch.testing.assert_close(var, scale.flatten() ** 2, rtol=0.15, atol=0.0)
+    cfg = {**SMALL, "eps_skip": "background"}
+    model = build_dit(cfg, (4, 4, 8))
+    model.set_skip_var(var)
+    with pytest.raises(InputError, match="positive"):
+        model.set_skip_var(torch.tensor([1.0, -1.0, 1.0, 1.0]))
+    with pytest.raises(ConfigError, match="eps_skip"):
+        build_dit({**SMALL, "eps_skip": "sometimes"}, (4, 4, 8))
+    path = tmp_path / "d.pt"
+    save_model(path, model, "diffusion", cfg, shapes={"latent_shape": (4, 4, 8)})
+    loaded, _ = load_model(path, "diffusion")
+    torch.testing.assert_close(loaded.skip_var, var)
+    # at t -> 0 the skip alone returns ≈ (z_t − z_b)/σ scaled: with F = 0, ε̂ matches the oracle
+    # of N(z_b, s²) data, whose DSM loss is far below the unconditional one
+    from align_rl.models.dit import dsm_loss
+    loss = dsm_loss(loaded, z, zb, generator=torch.Generator().manual_seed(1)).item()
+    uncond = dsm_loss(build_dit({**SMALL, "eps_skip": "gaussian"}, (4, 4, 8)), z, zb,
+                      generator=torch.Generator().manual_seed(1)).item()
+    assert loss < 0.5 * uncond

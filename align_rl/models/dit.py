@@ -8,9 +8,11 @@ self-attention and MLP sub-blocks, as in DiT. Block: ``x += g₁·SA(mod(LN x))`
 ``x += CA(LN x, z_b)``, ``x += g₂·MLP(mod(LN x))``. Output: adaLN final layer, linear to the
 ``2 · 2 · C`` values of each patch, zero-initialised.
 
-Output skip (``eps_skip``, default on): ``ε̂ = σ(t)/(μ(t)² + σ(t)²) · z_t + F_θ``, the first term
-being ``E[ε | z_t]`` for unit-variance Gaussian latents, so the network learns a residual and
-ε̂ = that Gaussian optimum at initialisation. Without it the final LayerNorm makes ε̂'s size
+Output skip (``eps_skip``): ``ε̂ = σ (z_t − μ a z_b) / (μ² s² + σ²) + F_θ``, the first term being
+``E[ε | z_t]`` when ``z_0 ~ N(a z_b, s² I)``: ``background`` (default) takes ``a = 1`` and ``s²`` the
+per-channel latent background error of the training pairs (buffer ``skip_var``, set by
+:meth:`LatentDiT.set_skip_var`), ``gaussian`` ``a = 0, s² = 1``, ``none`` no skip. The network
+learns a residual and ε̂ is that Gaussian optimum at initialisation. Without a skip the final LayerNorm makes ε̂'s size
 independent of ``z_t``'s: a sampler that drifts off the data (an early ε error is amplified by
 ``μ(t−Δ)/μ(t)``, up to 6× per step near t = 1) is never pulled back, and its latents grew to a
 variance of ~1000 with the trained demo model (``bench/bench_sampler.py --trained``). With the
@@ -65,15 +67,17 @@ class LatentDiT(nn.Module):
 
     def __init__(self, latent_shape: tuple[int, int, int], patch: int = 2, embed_dim: int = 192,
                  depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0,
-                 background_skip: bool = False, eps_skip: bool = True):
+                 background_skip: bool = False, eps_skip: str | bool = "background"):
         super().__init__()
-        self.eps_skip = bool(eps_skip)
+        self.eps_skip = _skip_mode(eps_skip)
         C, h, w = (int(v) for v in latent_shape)
         self.latent_shape = (C, h, w)
         self.patch = p = int(patch)
         self.th, self.tw = h // p, w // p
         D = embed_dim
         self.embed_dim = D
+        if self.eps_skip == "background":
+            self.register_buffer("skip_var", torch.ones(C))
         self.x_embed = nn.Linear(C * p * p, D)
         self.b_embed = nn.Linear(C * p * p, D)
         self.x_pos = GridPosEmbed(self.th, self.tw, D)
@@ -127,10 +131,23 @@ class LatentDiT(nn.Module):
         shift, scale = self.final_ada(torch.nn.functional.silu(c)).chunk(2, dim=-1)
         x = self.out(_modulate(self.final_norm(x), shift, scale))
         eps = self._untokens(x.reshape(b, self.th, self.tw, -1))
-        if self.eps_skip:
-            m, s = mu(t), sigma(t)
-            eps = eps + (s / (m * m + s * s))[:, None, None, None] * z_t
-        return eps
+        if self.eps_skip == "none":
+            return eps
+        m, s = mu(t)[:, None, None, None], sigma(t)[:, None, None, None]
+        if self.eps_skip == "gaussian":
+            return eps + s / (m * m + s * s) * z_t
+        var = self.skip_var.to(z_t.dtype)[None, :, None, None]
+        return eps + s * (z_t - m * z_b) / (m * m * var + s * s)
+
+    @torch.no_grad()
+    def set_skip_var(self, var) -> None:
+        """Set the background skip's per-channel latent error variance ``s²`` (C,), > 0."""
+        v = torch.as_tensor(var, dtype=torch.float32).reshape(-1)
+        if self.eps_skip != "background":
+            raise ConfigError(f"set_skip_var needs diffusion.eps_skip=background, not {self.eps_skip!r}")
+        if v.shape != self.skip_var.shape or not bool(torch.all(torch.isfinite(v) & (v > 0))):
+            raise InputError(f"skip_var must hold {self.skip_var.numel()} positive finite values")
+        self.skip_var.copy_(v.clamp_min(1e-4))
 
 
 def dit_param_count(latent_shape: tuple[int, int, int], patch: int, embed_dim: int, depth: int,
@@ -166,7 +183,22 @@ def build_dit(diff_cfg: Any, latent_shape: tuple[int, int, int]) -> LatentDiT:
     return LatentDiT((C, h, w), patch=p, embed_dim=D, depth=int(c["depth"]), heads=heads,
                      mlp_ratio=float(c.get("mlp_ratio", 4.0)),
                      background_skip=bool(c.get("background_skip", False)),
-                     eps_skip=bool(c.get("eps_skip", False)))
+                     eps_skip=c.get("eps_skip", "none"))  # a checkpoint without the key: none
+
+
+def _skip_mode(v: str | bool) -> str:
+    """``eps_skip`` as a mode; ``True``/``False`` (early checkpoints) read as gaussian/none."""
+    if isinstance(v, bool):
+        return "gaussian" if v else "none"
+    if v not in ("background", "gaussian", "none"):
+        raise ConfigError(f"diffusion.eps_skip={v!r} must be background, gaussian or none")
+    return str(v)
+
+
+def background_error_var(z: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean of ``(z − z_b)²`` over samples and positions: ``(C,)`` (for ``skip_var``)."""
+    z, z_b = torch.as_tensor(z), torch.as_tensor(z_b)
+    return ((z.double() - z_b.double()) ** 2).mean(dim=(0, 2, 3)).float()
 
 
 def dsm_loss(model, z0: torch.Tensor, z_b: torch.Tensor,

@@ -121,7 +121,10 @@ def _vae_val(model, ds: FrameDataset, device, config) -> dict[str, float]:
 def _diffusion_model(config: dict) -> nn.Module:
     from ..models.dit import build_dit
 
-    return build_dit(config["model_cfg"], tuple(config["latent_shape"]))
+    model = build_dit(config["model_cfg"], tuple(config["latent_shape"]))
+    if config.get("skip_var") is not None:
+        model.set_skip_var(config["skip_var"])
+    return model
 
 
 def _diffusion_data(arrays: dict) -> LatentPairDataset:
