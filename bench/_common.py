@@ -25,7 +25,9 @@ def replace_section(section: str, text: str, path: Path = ROOT / "BENCHMARKS.md"
     old = path.read_text() if path.exists() else "# Benchmarks\n"
     if section in old:
         head, rest = old.split(section, 1)
-        nxt = rest.find("\n## ")
+        # the section ends at the next "## " heading or marked block (<!-- name:start -->)
+        ends = [i for i in (rest.find("\n## "), rest.find("\n<!-- ")) if i >= 0]
+        nxt = min(ends) if ends else -1
         new = head + text.rstrip("\n") + "\n" + (rest[nxt:] if nxt >= 0 else "")
     else:
         new = old.rstrip("\n") + "\n\n" + text
