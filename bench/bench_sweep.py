@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -23,6 +22,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _common import replace_section  # noqa: E402
+
 MARK = "## Sweep: tune_configs/smoke.yaml (bench/bench_sweep.py)"
 
 
@@ -33,13 +36,8 @@ def _machine() -> str:
 
 
 def write_section(text: str, path: Path = REPO / "BENCHMARKS.md") -> None:
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{MARK}\n\n{text.strip()}\n"
-    if MARK in old:
-        old = re.sub(re.escape(MARK) + r".*?(?=\n## |\Z)", block.rstrip("\n"), old, flags=re.S)
-        path.write_text(old.rstrip("\n") + "\n")
-    else:
-        path.write_text(old.rstrip("\n") + "\n\n" + block)
+    """Put ``text`` under the sweep heading of BENCHMARKS.md (the shared section writer)."""
+    replace_section(MARK, f"{MARK}\n\n{text.strip()}\n", path)
 
 
 def main(argv: list[str] | None = None) -> int:
