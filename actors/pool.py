@@ -125,7 +125,8 @@ class CandidatePool:
                     s2, d2, _ = self._submit(ch, k)
                     pending[s2] = (ch, d2, k, tries + 1)
                     continue
-                groups = [make_group(t, d, sc, guidance, modes, cfg.pairs, weights, cfg.run.seed)
+                groups = [make_group(t, d, sc, guidance, modes, cfg.pairs, weights, cfg.run.seed,
+                                     cfg.rewards.normalize)
                           for t, d, sc in zip(ch, drawn, scores)]
                 out = store.append(groups)
                 for key in total:

@@ -1,7 +1,9 @@
 """One call from a background and observations to an ensemble of analyses (SPEC §5, §6).
 
 ``analyse(codec, eps_model, x_b, obs, method, sampler_cfg, guidance_cfg, generator)``:
-``z_b = E(x_b)`` → ``N`` guided latent samples per background → ``x_a = D(z_a)``. The sampler
+``z_b = E(x_b)`` → ``N`` guided latent samples per background → ``x_a = x_b + D(z_a) − D(z_b)``
+(``sampler.decode=anchored``, the default; :mod:`align_rl.models.anchored`) or ``x_a = D(z_a)``
+(``plain``, the paper's). The guidance decodes and encodes with the same rule. The sampler
 actors of the alignment, the evaluation and the benchmarks all call this function.
 """
 
@@ -15,6 +17,7 @@ import torch
 from .diffusion.guidance import METHODS, make_guidance
 from .diffusion.sampler import sample
 from .errors import ConfigError, InputError
+from .models.anchored import decoder_for
 
 
 @dataclass
@@ -63,7 +66,8 @@ def analyse(
     with ``values``/``mask`` (B, 69, H, W) normalised; may be None for ``method="obsfree"``).
 
     ``method``: obsfree | repaint | dps. ``sampler_cfg``: ``steps``, ``corrections``, ``tau``,
-    ``members`` (``members`` argument overrides); ``guidance_cfg``: ``dps_zeta``,
+    ``members`` (``members`` argument overrides), ``decode`` (anchored | plain; plain when the
+    key is absent); ``guidance_cfg``: ``dps_zeta``,
     ``dps_likelihood``, ``dps_gamma``. ``eps_model(z_t, t, z_b)`` is the score network (e.g.
     ``LatentDiT``). ``batch_size``: most backgrounds per sampler call (all when None; every call
     runs ``batch_size · N`` rows). ``autocast``: ``torch.autocast`` kwargs for the networks (e.g.
@@ -82,6 +86,7 @@ def analyse(
     steps = int(_get(sampler_cfg, "steps", 32))
     corr = int(_get(sampler_cfg, "corrections", 1))
     tau = float(_get(sampler_cfg, "tau", 0.1))
+    decoding = str(_get(sampler_cfg, "decode", "plain"))
     dev = _device_of(codec)
     B = x_b.shape[0]
     bs = B if not batch_size else max(1, int(batch_size))
@@ -92,24 +97,25 @@ def analyse(
                 return eps_model(z, t, zb).float()
         return eps_model(z, t, zb)
 
-    def decode(z):
+    def decode(c, z):
         if autocast:
             with torch.autocast(**autocast):
-                return codec.decode(z).float()
-        return codec.decode(z)
+                return c.decode(z).float()
+        return c.decode(z)
 
     lat_out, fld_out = [], []
     for i in range(0, B, bs):
         xb = x_b[i:i + bs].to(dev, torch.float32)
         o = obs[i:i + bs].to(dev) if obs is not None and hasattr(obs, "to") else obs
         extra = {"autocast": autocast} if method == "dps" and autocast else {}
-        guidance = make_guidance(method, codec, o, guidance_cfg, **extra)
         with torch.no_grad():
+            dec = decoder_for(codec, xb, decoding)
             z_b = codec.encode(xb)
+        guidance = make_guidance(method, dec, o, guidance_cfg, **extra)
         z = sample(eps_fn, z_b, n, steps, corr, tau, guidance=guidance, generator=generator,
                    progress=progress)
         with torch.no_grad():
-            x = decode(z.reshape(-1, *z.shape[2:])).reshape(z.shape[0], n, *xb.shape[1:])
+            x = decode(dec, z.reshape(-1, *z.shape[2:])).reshape(z.shape[0], n, *xb.shape[1:])
         lat_out.append(z)
         fld_out.append(x)
     fields = torch.cat(fld_out)

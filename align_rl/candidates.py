@@ -160,9 +160,10 @@ def score_candidates(forecaster: Any, normalizer: Any, lat: np.ndarray, lon: np.
 
 
 def make_group(task: BackgroundTask, drawn: Drawn, scores: dict[str, np.ndarray], guidance: str,
-               modes: Sequence[str], pairs_cfg: Any, weights: dict[str, float], seed: int
-               ) -> CandidateGroup:
-    """The store group of one background with its pairs for every mode in ``modes``."""
+               modes: Sequence[str], pairs_cfg: Any, weights: dict[str, float], seed: int,
+               normalize: str = "zscore") -> CandidateGroup:
+    """The store group of one background with its pairs for every mode in ``modes``
+    (``normalize``: how the composite's components are put on one scale, ``rewards.normalize``)."""
     pairs = {}
     for m in modes:
         rng = pair_rng(seed, task.bg_id, drawn.version, m)

@@ -128,6 +128,9 @@ class SamplerConfig:
     corrections: int = 1  # C Langevin corrections per step (paper: 2)
     tau: float = 0.1  # Langevin step size factor
     members: int = 8  # ensemble members per background
+    # how analyses leave the latent space (docs/method.md §4): anchored = x_b + D(z_a) − D(E(x_b))
+    # (the codec's error on the background cancels); plain = D(z_a) (the paper)
+    decode: str = "anchored"
 
 
 @dataclass
@@ -144,6 +147,9 @@ class RewardConfig:
     weights: dict[str, float] = field(
         default_factory=lambda: {"assim": 1.0, "forecast": 1.0, "phys": 1.0}
     )
+    # each component is put on one scale within its background before weighting (docs/method.md §7):
+    # zscore over the N candidates | rank (scaled to [-1, 1]) | none (the raw weighted sum)
+    normalize: str = "zscore"
     forecast_hours: int = 48
     geo_level: int = 500
     geo_equator_band: float = 15.0
@@ -244,7 +250,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "diffusion": {"preset": "paper", "embed_dim": 1024, "depth": 24, "heads": 16,
                       "steps": 100_000, "lr": 1e-4, "batch_size": 32,
                       "num_workers": 0, "cpus_per_worker": 0},  # the pretrain section's GPU workers
-        "sampler": {"steps": 128, "corrections": 2, "members": 32},
+        "sampler": {"steps": 128, "corrections": 2, "members": 32, "decode": "plain"},
         "pairs": {"candidates": 32},
         "dpo": {"beta": 8000.0, "lr": 1e-5, "batch_size": 32, "steps": 500},
     },
@@ -425,6 +431,8 @@ def validate(cfg: Config) -> None:
         _positive(getattr(cfg.sampler, k), f"sampler.{k}")
     _positive(cfg.sampler.corrections, "sampler.corrections", strict=False)
     _positive(cfg.sampler.tau, "sampler.tau")
+    _choice(cfg.sampler.decode, ("anchored", "plain"), "sampler.decode")
+    _choice(cfg.rewards.normalize, ("zscore", "rank", "none"), "rewards.normalize")
     _positive(cfg.guidance.dps_zeta, "guidance.dps_zeta", strict=False)
     _positive(cfg.guidance.dps_gamma, "guidance.dps_gamma", strict=False)
     for ab in cfg.eval.ablations:

@@ -347,7 +347,7 @@ class PairStore:
 
     def reselect(self, weights: Mapping[str, float] | None, mode: str = "M",
                  per_background: int = 8, seed: int = 0, top_k: int = 5, decile: float = 0.1,
-                 min_version: int | None = None) -> PairSet:
+                 min_version: int | None = None, normalize: str = "zscore") -> PairSet:
         """A new pair set from the STORED per-candidate scores (no sampling, no rollouts).
 
         Per committed background group: ``select`` by ``mode`` with ``weights``, stratified
@@ -372,7 +372,7 @@ class PairStore:
                 continue
             s = {k: v[rows] for k, v in sc.items()}
             rng = pair_rng(seed, int(bg["bg_id"][b]), int(bg["version"][b]), mode)
-            pl = background_pairs(s, mode, weights, per_background, rng, top_k, decile)
+            pl = background_pairs(s, mode, weights, per_background, rng, top_k, decile, normalize)
             if len(pl) == 0:
                 continue
             zb = self.background_latents(np.array([b]))[0]

@@ -4,7 +4,8 @@ For the N candidates of ONE background:
 
 - ``-P`` (physics only): winners = the ``top_k`` candidates by the ``phys`` reward (Geo-Score),
   losers = the ``top_k`` lowest (``top_k`` = 5 in the paper; at most ``N // 2`` each).
-- ``-M`` (multi): winners = the top decile of the composite reward, losers = the bottom decile,
+- ``-M`` (multi): winners = the top decile of the composite reward (each component normalised
+  within the background first, :func:`align_rl.rewards.composite`), losers = the bottom decile,
   ``k = max(1, round(decile · N))`` each, at most ``N // 2`` (so N = 16 → 2, N = 32 → 3, N = 8 → 1).
 - Ties are broken by candidate index (stable sort), so selection is deterministic.
 - Pairs: winners × losers of the same background, then a stratified random subsample of at most
@@ -34,6 +35,7 @@ def select(
     weights: Mapping[str, float] | None = None,
     top_k: int = 5,
     decile: float = 0.1,
+    normalize: str = "zscore",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Winner and loser candidate indices ``(winners, losers)`` of one background's scores.
 
@@ -48,7 +50,7 @@ def select(
     elif mode == "M":
         if weights is None:
             raise ConfigError("pairs.mode=M needs rewards.weights")
-        r = composite(scores, weights)
+        r = composite(scores, weights, normalize)
         if not 0 < decile <= 0.5:
             raise ConfigError(f"pairs.decile={decile} must lie in (0, 0.5]")
         k = max(1, int(round(decile * len(r))))
@@ -111,7 +113,8 @@ def background_pairs(
     rng: np.random.Generator,
     top_k: int = 5,
     decile: float = 0.1,
+    normalize: str = "zscore",
 ) -> np.ndarray:
     """``select`` then ``pair_up`` for one background → ``(P, 2)`` candidate indices."""
-    w, l = select(scores, mode, weights, top_k, decile)
+    w, l = select(scores, mode, weights, top_k, decile, normalize)
     return pair_up(w, l, per_background, rng)

@@ -13,7 +13,10 @@ A reward is ``fn(ctx: RewardContext) -> (N,)`` float64 numpy array, registered b
   physical units (Geo-Score = 100 · R_phys).
 
 Every candidate keeps every component (:func:`score_all`); the composite is
-``R = Σ_k w_k R_k`` (:func:`composite`).
+``R = Σ_k w_k r̃_k`` (:func:`composite`), each component ``r̃_k`` normalised within the background
+first (z-scores over its N candidates by default, ``rewards.normalize``): the raw components have
+very different spreads within a background (measured on the demo world: assim 0.0003, forecast
+0.0025, phys 0.0073), so a raw sum ranks by the widest one alone (docs/method.md §7).
 
 A user-defined reward::
 
@@ -163,8 +166,34 @@ def score_all(ctx: RewardContext, names: list[str] | tuple[str, ...]) -> dict[st
     return out
 
 
-def composite(scores: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
-    """``R = Σ_k w_k R_k`` over the weighted components → (N,) (or the scores' shape)."""
+NORMALIZATIONS = ("zscore", "rank", "none")
+
+
+def normalise_component(r: np.ndarray, how: str = "zscore") -> np.ndarray:
+    """One reward component of one background's N candidates (N,) on a common scale.
+
+    ``zscore``: ``(r − mean) / std`` over the N candidates (all zero when the N values are equal);
+    ``rank``: ranks scaled to [−1, 1] (ties share their mean rank); ``none``: unchanged.
+    """
+    r = np.asarray(r, dtype=np.float64)
+    if how == "none":
+        return r
+    if how == "zscore":
+        sd = r.std()
+        return np.zeros_like(r) if not sd > 1e-15 * max(1.0, abs(r.mean())) else (r - r.mean()) / sd
+    if how == "rank":
+        from scipy.stats import rankdata
+
+        n = len(r)
+        return np.zeros_like(r) if n < 2 else 2.0 * (rankdata(r) - 1.0) / (n - 1) - 1.0
+    raise ConfigError(f"rewards.normalize={how!r} is not one of {', '.join(NORMALIZATIONS)}")
+
+
+def composite(scores: Mapping[str, np.ndarray], weights: Mapping[str, float],
+              normalize: str = "zscore") -> np.ndarray:
+    """``R = Σ_k w_k r̃_k`` of ONE background's candidates → (N,), with ``r̃_k`` each component
+    normalised over the N candidates (:func:`normalise_component`; ``normalize="none"`` gives the
+    raw weighted sum)."""
     used = {k: float(w) for k, w in weights.items() if float(w) != 0.0}
     if not used:
         raise ConfigError("rewards.weights must give at least one reward a positive weight")
@@ -174,6 +203,6 @@ def composite(scores: Mapping[str, np.ndarray], weights: Mapping[str, float]) ->
                           f"with {sorted(scores)}; rescore or set their weight to 0")
     total = None
     for k, w in used.items():
-        v = w * np.asarray(scores[k], dtype=np.float64)
+        v = w * normalise_component(scores[k], normalize)
         total = v if total is None else total + v
     return total

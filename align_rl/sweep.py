@@ -509,7 +509,7 @@ def _policy_pairs(store, cfg: Config):
 
     ps = store.reselect(cfg.rewards.weights, cfg.pairs.mode, per_background=cfg.pairs.pairs_per_background,
                         seed=cfg.run.seed, top_k=cfg.pairs.top_k_phys, decile=cfg.pairs.decile,
-                        min_version=0)
+                        min_version=0, normalize=cfg.rewards.normalize)
     keep = np.flatnonzero(ps.version == 0)
     ps = PairSet(ps.winner[keep], ps.loser[keep], ps.background[keep], ps.version[keep], ps.hash[keep],
                  ps.mode)

@@ -107,41 +107,17 @@ def open_pair_store(cfg: Config, ws: Workspace, latent_shape, reference_ckpt: Pa
 def dpo_dir(cfg: Config, ws: Workspace, variant: str, meta: dict) -> Path:
     """The learner folder of one variant, keyed by everything its result depends on."""
     key = json.dumps({"meta": meta, "dpo": cfg.to_dict()["dpo"], "weights": cfg.rewards.weights,
+                      "normalize": cfg.rewards.normalize,
                       "pairs": {k: v for k, v in cfg.to_dict()["pairs"].items()
                                 if k not in ("variants", "mode", "store")}}, sort_keys=True)
     return Path(ws.dpo) / f"{variant}-{cfg.dpo.mode}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
-class PrefData:
-    """The preference split: truth and backgrounds (physical), usable times, seeded order."""
+def PrefData(cfg: Config, ws: Workspace, store: Any, models: Any, progress: bool = True):
+    """The preference split (:class:`align_rl.splits.SplitData` of ``data.pref``)."""
+    from .splits import SplitData
 
-    def __init__(self, cfg: Config, ws: Workspace, store: Any, models: Any, progress: bool = True):
-        from . import era5
-        from .backgrounds import ensure_backgrounds
-        from .candidates import background_order, valid_times
-
-        h = np.timedelta64(1, "h")
-        start = np.datetime64(cfg.data.pref[0]) - 60 * h
-        end = np.datetime64(cfg.data.pref[-1]) + np.timedelta64(1, "D") + (cfg.rewards.forecast_hours + 6) * h
-        self.truth = era5.open_states(store, time_range=[start, end], coarsen=cfg.data.coarsen,
-                                      expect_grid=cfg.data.grid)
-        self.normalizer = models.normalizer or era5.load_normalizer(store)
-        self.backgrounds = ensure_backgrounds(cfg, ws, self.truth, models.forecaster, progress=progress)
-        fh = cfg.rewards.forecast_hours if "forecast" in cfg.rewards.names else None
-        self.forecast_hours = fh
-        self.times = valid_times(self.truth.times, self.backgrounds.times, cfg.data.pref[0],
-                                 cfg.data.pref[-1], fh)
-        if len(self.times) == 0:
-            raise InputError(f"no time of data.pref={cfg.data.pref} has a background and the truth "
-                             "around it; widen data.pref or simulate more days (data.days)")
-        self.order = background_order(len(self.times), cfg.run.seed)
-        self.lat, self.lon = self.truth.lat, self.truth.lon
-
-    def tasks(self, ids):
-        from .candidates import make_tasks
-
-        return make_tasks(ids, self.times, self.truth, self.backgrounds, self.normalizer,
-                          self.forecast_hours)
+    return SplitData(cfg, ws, store, models, progress, split="pref")
 
 
 def _change(summary: dict, row: str, table: str, metric: str = "mse", stat: str = "member"):
@@ -294,10 +270,12 @@ def run(cfg: Config, progress: bool = True, evaluate: bool = True) -> dict:
                                  out_dir, progress=progress, log=_log)
                 info["pairs"][v] = len(vstore.pair_set(v))
             else:
-                ps = pstore.pair_set(v, min_version=0)
-                ps = ps if len(ps) else pstore.reselect(
+                # from the stored per-candidate scores with the current weights: the same pairs
+                # as committed when nothing changed, a new selection when the weights did
+                ps = pstore.reselect(
                     cfg.rewards.weights, v, cfg.pairs.pairs_per_background, cfg.run.seed,
-                    cfg.pairs.top_k_phys, cfg.pairs.decile, min_version=0)
+                    cfg.pairs.top_k_phys, cfg.pairs.decile, min_version=0,
+                    normalize=cfg.rewards.normalize)
                 info["pairs"][v] = len(ps)
                 res = run_dpo(cfg, ws, (pstore, ps), reference_ckpt, out_dir=out_dir, mode=v,
                               progress=progress)

@@ -24,7 +24,7 @@ def test_select_P_top_and_bottom_by_phys():
 def test_select_M_decile_rounding_on_composite():
     rng = np.random.default_rng(0)
     a, p = rng.random(16), rng.random(16)
-    comp = 1.0 * a + 2.0 * p
+    comp = 1.0 * (a - a.mean()) / a.std() + 2.0 * (p - p.mean()) / p.std()  # z-scores, weighted
     w, l = select({"assim": a, "phys": p}, "M", weights={"assim": 1.0, "phys": 2.0}, decile=0.1)
     # round(0.1 · 16) = 2 each
     assert list(w) == list(np.argsort(-comp)[:2])

@@ -10,7 +10,8 @@ import torch
 
 from align_rl.errors import ConfigError, InputError
 from align_rl.normalization import Normalizer
-from align_rl.rewards import (REWARDS, RewardContext, check_names, composite, pairwise_sigmoid,
+from align_rl.rewards import (REWARDS, RewardContext, check_names, composite, normalise_component,
+                              pairwise_sigmoid,
                               register_reward, score_all)
 from align_rl.schema import N_CHANNELS, channel_index
 
@@ -89,8 +90,13 @@ def test_phys_reward_is_one_for_truth_and_ordered():
 
 def test_composite_and_registry():
     s = {"assim": np.array([0.2, 0.8]), "phys": np.array([1.0, 0.0])}
-    np.testing.assert_allclose(composite(s, {"assim": 2.0, "phys": 0.5}), [0.9, 1.6])
-    np.testing.assert_allclose(composite(s, {"assim": 1.0, "phys": 0.0, "forecast": 0}), [0.2, 0.8])
+    # raw weighted sum
+    np.testing.assert_allclose(composite(s, {"assim": 2.0, "phys": 0.5}, "none"), [0.9, 1.6])
+    np.testing.assert_allclose(composite(s, {"assim": 1.0, "phys": 0.0, "forecast": 0}, "none"),
+                               [0.2, 0.8])
+    # z-scores within the background (the default): two candidates are −1 and +1 in each component
+    np.testing.assert_allclose(composite(s, {"assim": 2.0, "phys": 0.5}), [2 * -1 + 0.5 * 1, 2 * 1 - 0.5])
+    np.testing.assert_allclose(composite(s, {"assim": 1.0, "phys": 1.0}, "rank"), [0.0, 0.0])
     with pytest.raises(ConfigError, match="forecast"):
         composite(s, {"forecast": 1.0})
     with pytest.raises(ConfigError, match="unknown reward"):
@@ -109,6 +115,29 @@ def test_composite_and_registry():
         np.testing.assert_allclose(score_all(ctx, ["neg_mean"])["neg_mean"], [-1.0, 1.0])
     finally:
         REWARDS.pop("neg_mean")
+
+
+def test_composite_normalised_within_the_background():
+    """Components of very different spreads (assim 3e-4, phys 7e-3, as measured on the demo world)
+    weigh equally after normalisation; the raw sum is a physics-only ranking."""
+    rng = np.random.default_rng(3)
+    a = 0.5 + 3e-4 * rng.standard_normal(32)
+    p = 0.6 + 7e-3 * rng.standard_normal(32)
+    w = {"assim": 1.0, "phys": 1.0}
+    raw = composite({"assim": a, "phys": p}, w, "none")
+    z = composite({"assim": a, "phys": p}, w)
+    assert np.corrcoef(raw, p)[0, 1] > 0.99  # the raw sum follows phys alone
+    za, zp = (a - a.mean()) / a.std(), (p - p.mean()) / p.std()
+    np.testing.assert_allclose(z, za + zp, rtol=1e-12)
+    assert abs(np.corrcoef(z, a)[0, 1] - np.corrcoef(z, p)[0, 1]) < 0.3
+    # invariant to shifting or scaling one component (a reward's units do not matter)
+    np.testing.assert_allclose(composite({"assim": 10 * a + 4, "phys": p}, w), z, rtol=1e-9)
+    # equal values carry no information: zero, not NaN
+    np.testing.assert_array_equal(normalise_component(np.full(5, 0.3)), np.zeros(5))
+    r = normalise_component(np.array([0.1, 0.5, 0.3]), "rank")
+    np.testing.assert_allclose(r, [-1.0, 1.0, 0.0])
+    with pytest.raises(ConfigError, match="rewards.normalize"):
+        normalise_component(a, "minmax")
 
 
 def test_bad_inputs():

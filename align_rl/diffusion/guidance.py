@@ -5,9 +5,12 @@ A guidance is a callable ``guidance(z (B·N, C, h, w), ctx: StepContext) -> z`` 
 background ``b``); the observations hold one row per background and are repeated over members here.
 
 - :class:`ObsFree`: no guidance.
-- :class:`LatentRepaint`: ``z^obs ~ N(μ(s) E(x^obs), σ(s)² I)`` with ``x^obs`` = the observations at
-  observed points and the current clean estimate ``D(ẑ_0)`` elsewhere (our choice: a user has no
-  truth), then ``z ← E(m ⊙ D(z^obs) + (1 − m) ⊙ D(z))``.
+- :class:`LatentRepaint`: the observations are mixed into the *clean* estimate and only the change
+  is added to the noisy state, ``z ← z + μ(s) [E(m ⊙ y + (1 − m) ⊙ x̂_0) − E(x̂_0)]`` with
+  ``x̂_0 = D(ẑ_0)`` the decoded Tweedie estimate of the current state (``StepContext.z0_of``). Where nothing is observed the increment is only
+  the codec's response to the innovations, and the noisy state keeps its noise: decoding and
+  re-encoding the noisy latent itself (``E(D(z_t))``) keeps only 0.57–0.70 correlation with
+  ``z_t`` at ``t ≥ 0.5`` on the demo codec.
 - :class:`LatentDPS`: ``z ← z − ζ ∇_z L(z)``, ``L = Σ_rows ℓ_row``, with one likelihood term per
   sample (per ensemble member): ``ℓ = ‖y − H(D(ẑ_0(z)))‖_R = √(rᵀ R⁻¹ r)`` (``likelihood="norm"``,
   the paper) or ``ℓ = ½ rᵀ (R + γ (σ/μ)²)⁻¹ r`` (``"gaussian"``, SDA's variant). Since each ℓ
@@ -27,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import ConfigError, InputError
-from .sampler import StepContext, _randn_like
+from .sampler import StepContext
 from .schedule import mu, sigma
 
 METHODS = ("obsfree", "repaint", "dps")
@@ -78,15 +81,12 @@ class LatentRepaint:
     def __call__(self, z: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         m = _rows(self.obs.mask, ctx, z)
         y = _rows(self.obs.values, ctx, z)
-        s = torch.tensor(ctx.s, dtype=torch.float64)
-        mu_s, sig_s = float(mu(s)), float(sigma(s))
-        M = z.shape[0]
+        mu_s = float(mu(torch.tensor(ctx.s, dtype=torch.float64)))
         with torch.no_grad():
-            x_fill, x_cur = self.codec.decode(torch.cat([ctx.z0_hat, z])).split(M)  # one call
-            x_obs = m * y + (1 - m) * x_fill
-            z_obs = mu_s * self.codec.encode(x_obs) + sig_s * _randn_like(z, ctx.generator)
-            x_mix = m * self.codec.decode(z_obs) + (1 - m) * x_cur
-            return self.codec.encode(x_mix).to(z.dtype)
+            x0 = self.codec.decode(ctx.z0_of(z))
+            x_obs = x0 + m * (y - x0)  # = m ⊙ y + (1 − m) ⊙ x̂_0
+            dz = self.codec.encode(x_obs) - self.codec.encode(x0)
+            return (z + mu_s * dz).to(z.dtype)
 
 
 class LatentDPS:

@@ -47,6 +47,16 @@ class StepContext:
     steps: int  # K
     z0_hat: torch.Tensor  # (B·N, C, h, w)
     generator: torch.Generator | None = None
+    eps: torch.Tensor | None = None  # (B·N, C, h, w) the ε̂ of that last network call
+
+    def z0_of(self, z: torch.Tensor) -> torch.Tensor:
+        """Clean estimate of the *current* ``z`` at time ``s`` without a network call,
+        ``(z − σ(s) ε̂)/μ(s)`` with the last call's ε̂ (``z0_hat`` when ε̂ is not given). After the
+        Langevin corrections it differs from ``z0_hat`` by their move divided by μ(s)."""
+        if self.eps is None:
+            return self.z0_hat
+        s = torch.tensor(self.s, dtype=torch.float64)
+        return (z - float(sigma(s)) * self.eps) / float(mu(s))
 
 
 class Guidance(Protocol):
@@ -135,7 +145,7 @@ def sample(
             if guidance is not None:
                 z0_hat = (z_seen - t_seen[1] * eps) / t_seen[0]
                 ctx = StepContext(eps_fn=eps_fn, z_b=zb, members=members, t=t, s=s, step=k,
-                                  steps=steps, z0_hat=z0_hat, generator=generator)
+                                  steps=steps, z0_hat=z0_hat, generator=generator, eps=eps)
                 z = guidance(z, ctx).detach()
     return z.reshape(B, members, *z.shape[1:])
 

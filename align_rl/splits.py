@@ -1,0 +1,59 @@
+"""The analysis times of one split with everything a candidate needs around them.
+
+:class:`SplitData` opens the truth of a time range (``data.pref``, ``data.val``, …) with the margin
+that backgrounds and 48 h forecasts need, ensures the 48 h backgrounds (cached), and lists the
+usable analysis times: those with a background, the truth, and (with the forecast reward) the truth
+6 h before and ``rewards.forecast_hours`` after. The preference pairs use ``data.pref``; the
+learner's validation uses ``data.val``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+
+class SplitData:
+    """Truth and backgrounds (physical units) of a split, its usable times and a seeded order.
+
+    ``split``: the name of a ``data`` range (``pref``, ``val``, ``test``, ``train``)."""
+
+    def __init__(self, cfg: Any, ws: Any, store: Any, models: Any, progress: bool = True,
+                 split: str = "pref") -> None:
+        from . import era5
+        from .backgrounds import ensure_backgrounds
+        from .candidates import background_order, valid_times
+
+        rng_ = list(getattr(cfg.data, split))
+        h = np.timedelta64(1, "h")
+        start = np.datetime64(rng_[0]) - 60 * h
+        end = np.datetime64(rng_[-1]) + np.timedelta64(1, "D") + (cfg.rewards.forecast_hours + 6) * h
+        self.split = split
+        self.truth = era5.open_states(store, time_range=[start, end], coarsen=cfg.data.coarsen,
+                                      expect_grid=cfg.data.grid)
+        self.normalizer = models.normalizer or era5.load_normalizer(store)
+        self.backgrounds = ensure_backgrounds(cfg, ws, self.truth, models.forecaster, progress=progress)
+        fh = cfg.rewards.forecast_hours if "forecast" in cfg.rewards.names else None
+        self.forecast_hours = fh
+        self.times = valid_times(self.truth.times, self.backgrounds.times, rng_[0], rng_[-1], fh)
+        if len(self.times) == 0:
+            raise InputError(f"no time of data.{split}={rng_} has a background and the truth "
+                             "around it; widen the range or simulate more days (data.days)")
+        self.order = background_order(len(self.times), cfg.run.seed)
+        self.lat, self.lon = self.truth.lat, self.truth.lon
+
+    def tasks(self, ids):
+        """:class:`~align_rl.candidates.BackgroundTask` of background ids (positions in ``times``)."""
+        from .candidates import make_tasks
+
+        return make_tasks(ids, self.times, self.truth, self.backgrounds, self.normalizer,
+                          self.forecast_hours)
+
+    def spread_ids(self, n: int) -> list[int]:
+        """``n`` ids evenly spread over the split's times (validation sets: a steady sample of the
+        trajectory rather than neighbouring, correlated times)."""
+        n = min(int(n), len(self.times))
+        return [int(i) for i in np.unique(np.round(np.linspace(0, len(self.times) - 1, n)).astype(int))]
