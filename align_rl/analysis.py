@@ -1,4 +1,4 @@
-"""One call from a background and observations to an ensemble of analyses (SPEC §5, §6).
+"""One call from a background and observations to an ensemble of analyses (docs/method.md §5, §6).
 
 ``analyse(codec, eps_model, x_b, obs, method, sampler_cfg, guidance_cfg, generator)``:
 ``z_b = E(x_b)`` → ``N`` guided latent samples per background → ``x_a = x_b + D(z_a) − D(z_b)``

@@ -1,6 +1,6 @@
 """The 48 h backgrounds ``x_b(t)``: the forecaster's 8 × 6 h forecast from the truth at ``t − 48 h``.
 
-SPEC §3: the forecaster takes two frames, so the forecast that verifies at ``t`` starts from the
+docs/method.md §3: the forecaster takes two frames, so the forecast that verifies at ``t`` starts from the
 truth at ``t − 54 h`` and ``t − 48 h``; a background exists at every time ``t`` of the states whose
 two input times are in the states too (with 6-hourly data: from the 10th frame of each
 uninterrupted stretch on).

@@ -1,4 +1,4 @@
-"""Diffusion-DPO loss (SPEC §9; Wallace et al. 2023) for the latent score model.
+"""Diffusion-DPO loss (docs/method.md §9; Wallace et al. 2023) for the latent score model.
 
 For a batch of pairs ``(z^w, z^l, z_b)``, each ``(B, C, h, w)`` standardised latents:
 

@@ -1,4 +1,4 @@
-"""The evaluation that reproduces the paper's tables (SPEC §10).
+"""The evaluation that reproduces the paper's tables (docs/method.md §10).
 
 ``python -m align_rl.evaluate [--config FILE] [--models NAME=CHECKPOINT ...] [key=value ...]``
 
@@ -6,7 +6,7 @@ Every model given (name → score network ``ε_θ``; the pretrained reference, a
 × every guidance method of ``guidance.methods`` analyses the same ``eval.times`` held-out times of
 the test split (backgrounds: 48 h forecasts from :mod:`align_rl.backgrounds`) from the same
 observations (one seed per observation setting) and the same sampler noise (one generator seed per
-setting and method), so model comparisons are paired. Per analysis time (then averaged, SPEC §7):
+setting and method), so model comparisons are paired. Per analysis time (then averaged, docs/method.md §10):
 
 - Table 1, analysis: MSE and MAE over the 69 normalised channels, WRMSE in physical units of
   u10, v500, z500, t850, Geo-Score; for one member (the mean over members of each member's score,

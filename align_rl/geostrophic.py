@@ -1,4 +1,4 @@
-"""Geostrophic wind on the sphere, the geostrophic imbalance D and the Geo-Score (SPEC §7).
+"""Geostrophic wind on the sphere, the geostrophic imbalance D and the Geo-Score (docs/method.md §7).
 
 ``u_g = −(1/f) ∂Φ/∂y``, ``v_g = (1/f) ∂Φ/∂x`` with ``f = 2Ω sin φ``, Ω = 7.292115e-5 s⁻¹,
 ``∂/∂x = 1/(a cos φ) ∂/∂λ`` (centred differences, periodic in λ), ``∂/∂y = 1/a ∂/∂φ`` (centred

@@ -1,4 +1,4 @@
-"""The Diffusion-DPO learner on Ray Train (SPEC §9): ``run_dpo``.
+"""The Diffusion-DPO learner on Ray Train (docs/method.md §9): ``run_dpo``.
 
 A ``TorchTrainer`` (Ray Train V2; DDP over gloo on CPU, nccl on GPU) runs :func:`dpo_loop` on
 ``cfg.dpo.num_workers`` workers:

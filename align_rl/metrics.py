@@ -1,6 +1,6 @@
 """Verification metrics: MSE, MAE, latitude-weighted RMSE, ensemble CRPS and spread/skill.
 
-Conventions (SPEC §7, §10):
+Conventions (docs/method.md §7, §10):
 - Fields are ``(..., 69, H, W)`` (channel axis −3), ensembles ``(..., N, 69, H, W)`` (member axis −4).
 - ``mse``/``mae`` average over the trailing ``(69, H, W)`` (unweighted; the paper's tables use them
   on normalised channels).

@@ -1,4 +1,4 @@
-"""Synthetic sparse observations ``y = m ⊙ (x + e)`` (SPEC §3), in normalised units.
+"""Synthetic sparse observations ``y = m ⊙ (x + e)`` (docs/method.md §3), in normalised units.
 
 - The mask ``m`` is Bernoulli with density ``p``: per channel and grid point (``mode="point"``) or
   per grid point for all 69 channels at once (``mode="column"``).

@@ -1,4 +1,4 @@
-"""Online Diffusion-DPO (SPEC §9): alternate learner rounds and pair refreshes by the policy.
+"""Online Diffusion-DPO (docs/method.md §9): alternate learner rounds and pair refreshes by the policy.
 
 Round ``r`` (``r = 0, 1, …``) trains ``cfg.dpo.sync_every`` learner steps (:func:`run_dpo`, resuming
 in ``out_dir``) on the buffer of pairs. Before round ``r``:

@@ -1,4 +1,4 @@
-"""Append-only zarr preference store: backgrounds, scored candidates and pairs (SPEC §8).
+"""Append-only zarr preference store: backgrounds, scored candidates and pairs (docs/method.md §8).
 
 Layout (one zarr v3 group, local path)::
 

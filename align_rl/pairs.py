@@ -1,4 +1,4 @@
-"""Preference pairs from scored candidates (SPEC §8).
+"""Preference pairs from scored candidates (docs/method.md §8).
 
 For the N candidates of ONE background:
 

@@ -1,4 +1,4 @@
-"""Rewards of the N candidate analyses of one background (SPEC §7), as plain functions in a registry.
+"""Rewards of the N candidate analyses of one background (docs/method.md §7), as plain functions in a registry.
 
 A reward is ``fn(ctx: RewardContext) -> (N,)`` float64 numpy array, registered by name with
 :func:`register_reward`; the config selects rewards by name (``rewards.names``) and weighs them

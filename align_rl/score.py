@@ -1,4 +1,4 @@
-"""Score an analysis store against a truth store (SPEC §7, §10).
+"""Score an analysis store against a truth store (docs/method.md §7, §10).
 
 ``python -m align_rl.score --analysis A.zarr --truth T.zarr [--out metrics.json]
 [--normalization STORE] [--chunk 16]``

@@ -77,7 +77,7 @@ import yaml
 from .config import Config, _apply, config_from_dict, load_config, parse_overrides
 from .errors import ConfigError, InputError, cli_errors
 
-SPEC_KEYS = ("name", "question", "base", "search", "metric", "mode", "scheduler", "asha",
+SWEEP_KEYS = ("name", "question", "base", "search", "metric", "mode", "scheduler", "asha",
              "num_samples", "stages", "steps_per_stage", "validation", "resources_per_trial",
              "max_concurrent_trials")
 DIMENSION_KINDS = ("grid", "choice", "loguniform", "uniform", "simplex")
@@ -154,7 +154,7 @@ class SweepSpec:
     source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in SPEC_KEYS if k not in ("search",)}
+        d = {k: getattr(self, k) for k in SWEEP_KEYS if k not in ("search",)}
         d["search"] = {k: _dim_to_yaml(v) for k, v in self.search.items()}
         return d
 
@@ -309,9 +309,9 @@ def parse_spec(raw: Any, source: str = "<sweep>", overrides: dict[str, Any] | No
     if not isinstance(raw, dict):
         raise ConfigError(f"{source} must hold a mapping (name, search, metric, ...)")
     raw = _merge(raw, overrides or {})
-    unknown = sorted(set(raw) - set(SPEC_KEYS))
+    unknown = sorted(set(raw) - set(SWEEP_KEYS))
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(SPEC_KEYS)}")
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(SWEEP_KEYS)}")
     name = raw.get("name") or Path(source).stem
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
         raise ConfigError(f"{source}: name={name!r} must be letters, digits, - or _ (it names a folder)")

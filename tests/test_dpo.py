@@ -1,4 +1,4 @@
-"""Diffusion-DPO loss (SPEC §9): a hand computation and a tiny model that learns the preference."""
+"""Diffusion-DPO loss (docs/method.md §9): a hand computation and a tiny model that learns the preference."""
 
 from __future__ import annotations
 

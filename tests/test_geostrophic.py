@@ -9,7 +9,7 @@ MetPy reference call (MetPy >= 1.4): a DataArray of geopotential (units m^2/s^2)
 
 For a geographic CRS MetPy takes nominal grid deltas ``dx = a Δλ``, ``dy = a Δφ`` and the map
 factors of the lat/lon "projection" (parallel scale ``1/cos φ``, meridional scale 1), i.e. the
-spherical derivatives of SPEC §7; f = 2Ω sin φ with MetPy's Ω = 7.292115e-5 s⁻¹. MetPy does not
+spherical derivatives of docs/method.md §7; f = 2Ω sin φ with MetPy's Ω = 7.292115e-5 s⁻¹. MetPy does not
 wrap in longitude, so the first and last longitude columns are excluded from the comparison.
 """
 
@@ -141,7 +141,7 @@ def balanced_states(grid: Grid, n: int = 1, ageo: float = 0.15, seed: int = 0) -
 
 
 def hand_imbalance(x: np.ndarray, lat: np.ndarray, band: float = 15.0) -> float:
-    """D of SPEC §7 for one state, with numpy.gradient (2nd-order edges) and a periodic roll."""
+    """D of docs/method.md §7 for one state, with numpy.gradient (2nd-order edges) and a periodic roll."""
     a = 6371008.7714
     phi, u, v = x[IZ], x[IU], x[IV]
     la = np.deg2rad(lat)[:, None]

@@ -1,4 +1,4 @@
-"""Observation guidance (SPEC §6) against the analytic posterior of a linear-Gaussian model."""
+"""Observation guidance (docs/method.md §6) against the analytic posterior of a linear-Gaussian model."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pair selection (-P, -M), stratified pairing and content hashes (SPEC §8)."""
+"""Pair selection (-P, -M), stratified pairing and content hashes (docs/method.md §8)."""
 
 from __future__ import annotations
 

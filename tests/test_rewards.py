@@ -1,4 +1,4 @@
-"""Rewards of SPEC §7 against hand computations."""
+"""Rewards of docs/method.md §7 against hand computations."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The predictor–corrector sampler of SPEC §5 against hand computations and an analytic prior."""
+"""The predictor–corrector sampler of docs/method.md §5 against hand computations and an analytic prior."""
 
 from __future__ import annotations
 

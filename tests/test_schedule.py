@@ -1,4 +1,4 @@
-"""The VP cosine schedule against SPEC §5's check values and its closed forms."""
+"""The VP cosine schedule against docs/method.md §5's check values and its closed forms."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Observation guidance in latent space (SPEC §6), applied by the sampler after each step.
+"""Observation guidance in latent space (docs/method.md §6), applied by the sampler after each step.
 
 A guidance is a callable ``guidance(z (B·N, C, h, w), ctx: StepContext) -> z`` (see
 :mod:`align_rl.diffusion.sampler`). Rows are background-major (row ``b·N + n`` is member ``n`` of
@@ -67,7 +67,7 @@ class ObsFree:
 
 
 class LatentRepaint:
-    """Latent Repaint (SPEC §6); ``codec.encode``/``codec.decode`` map normalised fields <-> latents."""
+    """Latent Repaint (docs/method.md §6.2); ``codec.encode``/``codec.decode`` map normalised fields <-> latents."""
 
     name = "repaint"
 
@@ -90,7 +90,7 @@ class LatentRepaint:
 
 
 class LatentDPS:
-    """Latent diffusion posterior sampling (SPEC §6) with one likelihood term per sample.
+    """Latent diffusion posterior sampling (docs/method.md §6.3) with one likelihood term per sample.
 
     ``zeta`` ζ is the guidance scale; ``likelihood`` is ``"norm"`` (``‖r‖_R``) or ``"gaussian"``
     (``½ ‖r‖²_{R + γ(σ/μ)²}``, ``gamma`` γ); ``operator`` H defaults to masking with ``obs.mask``.

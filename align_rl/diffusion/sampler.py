@@ -1,4 +1,4 @@
-"""The predictor–corrector sampler of SPEC §5 (SDA's DDIM predictor with Langevin corrections).
+"""The predictor–corrector sampler of docs/method.md §5 (SDA's DDIM predictor with Langevin corrections).
 
 Reverse time runs on ``t_k = 1 − k/K``, ``k = 0 … K``, from ``z ~ N(0, I)`` at ``t = 1``. Each of
 the K steps goes from ``t`` to ``s = t − Δ`` (``Δ = 1/K``):

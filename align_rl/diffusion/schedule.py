@@ -1,4 +1,4 @@
-"""The variance-preserving cosine schedule of Rozet & Louppe's SDA (SPEC §5).
+"""The variance-preserving cosine schedule of Rozet & Louppe's SDA (docs/method.md §5).
 
 ``μ(t) = cos(arccos(√η) · t)²``, ``σ(t) = √(1 − μ(t)² + η²)``, ``η = 1e-3``, ``t ∈ [0, 1]``;
 ``z_t = μ(t) z_0 + σ(t) ε`` and the Tweedie estimate ``ẑ_0 = (z_t − σ(t) ε̂) / μ(t)``.

@@ -1,4 +1,4 @@
-"""Background-conditioned latent score model ``ε_θ(z_t, t, z_b)`` (DiT; SPEC §4, §5).
+"""Background-conditioned latent score model ``ε_θ(z_t, t, z_b)`` (DiT; docs/method.md §4, §5).
 
 ``z_t (B, C, h, w)`` → (2, 2) patches → tokens ``(B, h/2 · w/2, D)`` + learned latitude / longitude
 embeddings. The background latent ``z_b`` is patchified the same way by its own embedding and

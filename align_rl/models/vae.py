@@ -1,4 +1,4 @@
-"""Transformer VAE of the 69 normalised fields (VAEformer-like; SPEC §4).
+"""Transformer VAE of the 69 normalised fields (VAEformer-like; docs/method.md §4).
 
 ``(B, 69, H, W)`` normalised → 4 × 4 patch embedding → ``depth`` window-attention blocks (Swin
 style, every second block with windows shifted by half a window) → per-token linear head →
