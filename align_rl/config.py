@@ -178,6 +178,18 @@ class DPOConfig:
     batch_size: int = 16
     steps: int = 300
     grad_clip: float = 1.0
+    # guards (docs/method.md §9.3): λ of the winners' denoising anchor λ·Δ_w (0 = plain DPO); the
+    # range that t is drawn from (the paper: [0, 1]); linear learning-rate warm-up steps
+    anchor: float = 0.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+    warmup_steps: int = 0
+    # validation-driven selection: every val_every steps (0 = off) the policy draws val_members
+    # candidates for val_backgrounds backgrounds of data.val, scored against the reference's
+    # (align_rl/validation.py); the best checkpoint (val/reward_gain) is the result
+    val_every: int = 0
+    val_backgrounds: int = 8
+    val_members: int = 8
     num_workers: int = 1
     use_gpu: bool = False
     checkpoint_every: int = 100
@@ -426,6 +438,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError("actors.samplers, actors.rewarders and actors.batch_size must be >= 1")
     _choice(cfg.dpo.mode, ("offline", "online"), "dpo.mode")
     _positive(cfg.dpo.beta, "dpo.beta")
+    if not 0.0 <= cfg.dpo.t_min < cfg.dpo.t_max <= 1.0:
+        raise ConfigError(f"dpo.t_min={cfg.dpo.t_min}, dpo.t_max={cfg.dpo.t_max} must satisfy "
+                          "0 <= t_min < t_max <= 1")
+    _positive(cfg.dpo.anchor, "dpo.anchor", strict=False)
+    for k in ("warmup_steps", "val_every"):
+        _positive(getattr(cfg.dpo, k), f"dpo.{k}", strict=False)
+    for k in ("val_backgrounds", "val_members"):
+        _positive(getattr(cfg.dpo, k), f"dpo.{k}")
+    if cfg.dpo.val_every and cfg.dpo.val_members < 2:
+        raise ConfigError("dpo.val_members must be >= 2 (rewards compare candidates)")
     _positive(cfg.dpo.lr, "dpo.lr")
     for k in ("steps", "members"):
         _positive(getattr(cfg.sampler, k), f"sampler.{k}")

@@ -5,8 +5,14 @@ A ``TorchTrainer`` (Ray Train V2; DDP over gloo on CPU, nccl on GPU) runs :func:
 
 - policy initialised from ``init_ckpt`` (default: the reference), the reference frozen
   (``eval()``, ``requires_grad=False``, evaluated under ``no_grad``);
-- AdamW (``cfg.dpo.lr``, no weight decay, constant rate), gradient norm clipped at
-  ``cfg.dpo.grad_clip``; the global batch ``cfg.dpo.batch_size`` is split over the workers;
+- AdamW (``cfg.dpo.lr``, no weight decay, linear warm-up over ``cfg.dpo.warmup_steps`` then
+  constant), gradient norm clipped at ``cfg.dpo.grad_clip``; the global batch
+  ``cfg.dpo.batch_size`` is split over the workers; the loss of :func:`align_rl.dpo.dpo_loss` with
+  ``t ~ U(dpo.t_min, dpo.t_max)`` and the winners' anchor ``dpo.anchor``;
+- validation (``dpo.val_every`` > 0, rank 0): the policy's candidates on ``data.val`` backgrounds
+  against the reference's (:class:`align_rl.validation.Validator`); the checkpoint of the best
+  ``val/reward_gain`` (the reference itself, gain 0, until a step beats it) is written to
+  ``out_dir/best.pt`` and is the call's result;
 - the pairs of step ``s`` on worker ``r`` and their ``(t, ε)`` are drawn from ``(seed, s, r)`` only,
   so a resumed run continues exactly where it stopped;
 - every ``cfg.dpo.checkpoint_every`` steps and at the end, rank 0 writes ``out_dir/state.pt``
@@ -47,6 +53,7 @@ from .pair_store import PairDataset, PairSet, PairStore
 
 STATE_FILE = "state.pt"
 POLICY_FILE = "policy.pt"
+BEST_FILE = "best.pt"
 
 
 @dataclass
@@ -60,6 +67,26 @@ class DPOResult:
     version: int
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)  # {"step", "val/reward_gain"} when validated
+
+
+def _result(out_dir: Path, state: dict) -> DPOResult:
+    m = dict(state["history"][-1]) if state["history"] else {}
+    best = dict(state.get("best") or {})
+    ck = out_dir / (BEST_FILE if best and (out_dir / BEST_FILE).exists() else POLICY_FILE)
+    return DPOResult(ck, m, int(state["version"]), int(state["step"]), list(state["history"]), best)
+
+
+def bucket_means(m: dict[str, float]) -> dict[str, float]:
+    """Replace the per-t-bucket sums and counts of :func:`align_rl.dpo.dpo_loss` by the winners'
+    mean error-minus-reference per bucket (``model_minus_ref/chosen_t0.00-0.25`` …; absent when
+    no pair of the batch fell in the bucket)."""
+    out = {k: v for k, v in m.items() if not k.startswith("t_bucket/")}
+    for i in range(4):
+        n = m.get(f"t_bucket/count_{i}", 0.0)
+        if n > 0:
+            out[f"model_minus_ref/chosen_t{i / 4:.2f}-{(i + 1) / 4:.2f}"] = m[f"t_bucket/sum_chosen_{i}"] / n
+    return out
 
 
 def resolve_pairs(pairs_source: Any, mode: str = "M") -> tuple[Path, PairSet]:
@@ -157,7 +184,27 @@ def dpo_loop(conf: dict) -> None:
                                             np.zeros((len(conf["winner"]), 16), np.uint8), "given"))
     per_worker = max(1, math.ceil(int(cfg.dpo.batch_size) / world))
     beta, clip = float(cfg.dpo.beta), float(cfg.dpo.grad_clip)
+    lr0, warm = float(cfg.dpo.lr), int(cfg.dpo.warmup_steps)
+    t_range, anchor = (float(cfg.dpo.t_min), float(cfg.dpo.t_max)), float(cfg.dpo.anchor)
     every = max(1, int(cfg.dpo.checkpoint_every))
+    val_every = int(cfg.dpo.val_every) if conf.get("validation") else 0
+    validator = None
+    best = dict(state.get("best") or {}) if state is not None else {}
+    if val_every and rank == 0:
+        from .validation import Validator
+
+        v = conf["validation"]
+        validator = Validator(v["codec"], v["forecaster"], reference, v["normalizer"], v["lat"],
+                              v["lon"], v["tasks"], cfg, v["weights"], int(cfg.dpo.val_members),
+                              seed=int(cfg.run.seed))
+        if not best:  # the starting policy; the reference itself scores a gain of 0 exactly
+            same = str(conf["init_ckpt"]) == str(conf["reference_ckpt"])
+            gain0 = 0.0 if same else validator.score(policy)["val/reward_gain"]
+            best = {"step": start, "val/reward_gain": gain0}
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_model(out_dir / BEST_FILE, policy, "diffusion", conf["diffusion_cfg"],
+                       extra={"dpo_step": start, "dpo_version": version,
+                              "reference": str(conf["reference_ckpt"]), "best": best})
     run = _wandb(conf) if rank == 0 else None
     bar = None
     if rank == 0 and conf.get("progress", True):
@@ -177,7 +224,10 @@ def dpo_loop(conf: dict) -> None:
             idx = rng.choice(len(ds), per_worker, replace=len(ds) < per_worker)
             zw, zl, zb = (t.to(device) for t in ds.batch(idx))
             gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 997 + rank)
-            loss, m = dpo_loss(model, reference, zw, zl, zb, beta, generator=gen)
+            for g in opt.param_groups:  # linear warm-up, then constant
+                g["lr"] = lr0 * min(1.0, (step + 1) / warm) if warm > 0 else lr0
+            loss, m = dpo_loss(model, reference, zw, zl, zb, beta, generator=gen, t_range=t_range,
+                               anchor=anchor)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"DPO loss is {float(loss)} at step {step}; lower dpo.lr or dpo.beta")
             opt.zero_grad(set_to_none=True)
@@ -191,7 +241,20 @@ def dpo_loop(conf: dict) -> None:
                 v = torch.tensor([m[k] for k in keys], dtype=torch.float64)
                 torch.distributed.all_reduce(v)
                 m = {k: float(x) / world for k, x in zip(keys, v)}
+            m = bucket_means(m)
             m.update(step=step, version=version, step_time_s=time.perf_counter() - t0)
+            if validator is not None and (step % val_every == 0 or step == steps):
+                raw.eval()
+                vm = validator.score(raw)
+                raw.train()
+                m.update(vm)
+                if vm["val/reward_gain"] > float(best["val/reward_gain"]):
+                    best = {"step": step, "val/reward_gain": vm["val/reward_gain"]}
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                    save_model(out_dir / BEST_FILE, raw, "diffusion", conf["diffusion_cfg"],
+                               extra={"dpo_step": step, "dpo_version": version,
+                                      "reference": str(conf["reference_ckpt"]), "best": best})
+                m["val/best_step"] = float(best["step"])
             if rank == 0:
                 history.append(dict(m))
                 if run is not None:
@@ -204,7 +267,8 @@ def dpo_loop(conf: dict) -> None:
                     ckpt = None
                     if rank == 0:
                         st = {"model": raw.state_dict(), "optim": opt.state_dict(), "step": step,
-                              "target": steps, "version": version, "history": history}
+                              "target": steps, "version": version, "history": history,
+                              "best": best}
                         torch.save(st, Path(tmp) / STATE_FILE)
                         out_dir.mkdir(parents=True, exist_ok=True)
                         save_model(out_dir / POLICY_FILE, raw, "diffusion", conf["diffusion_cfg"],
@@ -248,6 +312,7 @@ def run_dpo(
     mode: str | None = None,
     progress: bool = True,
     crash: dict | None = None,
+    validation: dict | None = None,
 ) -> DPOResult:
     """Diffusion-DPO of the policy against the frozen reference on the pairs of ``pairs_source``.
 
@@ -258,7 +323,9 @@ def run_dpo(
     in ``out_dir`` (default ``cfg.dpo.steps``; a call with more steps than ``out_dir`` holds
     continues from there); ``out_dir``: default ``ws.dpo / pairs mode``. Called inside a Ray Tune
     trial, the TorchTrainer runs as that trial's child (Ray Train V2). ``crash``: tests only.
-    Returns :class:`DPOResult`.
+    ``validation``: what :class:`~align_rl.validation.Validator` needs (``codec``,
+    ``forecaster``, ``normalizer``, ``lat``, ``lon``, ``tasks``, ``weights``), used when
+    ``cfg.dpo.val_every`` > 0. Returns :class:`DPOResult` (its checkpoint the best validated one).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -275,9 +342,7 @@ def run_dpo(
     out_dir = Path(out_dir if out_dir is not None else Path(ws.dpo) / mode).resolve()
     state = read_state(out_dir)
     if state is not None and int(state["step"]) >= steps:
-        m = dict(state["history"][-1]) if state["history"] else {}
-        return DPOResult(out_dir / POLICY_FILE, m, int(state["version"]), int(state["step"]),
-                         list(state["history"]))
+        return _result(out_dir, state)
     store_path, ps = resolve_pairs(pairs_source, mode)
     if len(ps) == 0:
         raise InputError(f"no preference pairs (mode {mode}) in {store_path}; build pairs first")
@@ -304,6 +369,7 @@ def run_dpo(
         "seed": int(cfg.run.seed), "version": version, "out_dir": str(out_dir), "resume": resume,
         "threads": max(1, int(cfg.dpo.cpus_per_worker)), "diffusion_cfg": ref_sec,
         "progress": progress, "crash": crash,
+        "validation": validation if int(cfg.dpo.val_every) > 0 else None,
         "wandb": {"mode": cfg.run.wandb_mode, "project": cfg.run.wandb_project,
                   "dir": str(out_dir / "wandb"), "name": f"{cfg.run.name}-dpo-{mode}",
                   "id": f"{cfg.run.name}-dpo-{mode}-{hashlib.sha256(str(out_dir).encode()).hexdigest()[:8]}",
@@ -329,6 +395,4 @@ def run_dpo(
     state = read_state(out_dir)
     if state is None:
         raise RuntimeError(f"DPO training left no state in {out_dir}")
-    m = dict(state["history"][-1]) if state["history"] else {}
-    return DPOResult(out_dir / POLICY_FILE, m, int(state["version"]), int(state["step"]),
-                     list(state["history"]))
+    return _result(out_dir, state)

@@ -40,7 +40,7 @@ def round_backgrounds(r: int, order: Sequence[int], first: int, per_round: int) 
 def run_online(cfg: Any, ws: Any, pool: Any, store: Any, tasks_for: Callable[[list[int]], list],
                order: Sequence[int], reference_ckpt: Path, mode: str, out_dir: Path,
                progress: bool = True, log: Callable[[str], None] = print,
-               release_pool: bool = True) -> DPOResult:
+               release_pool: bool = True, validation: dict | None = None) -> DPOResult:
     """Online alignment of one pair ``mode`` (see the module docstring). ``pool``: a
     :class:`actors.pool.CandidatePool`; ``tasks_for(ids)`` builds the :class:`BackgroundTask`
     of background ids; ``order``: the seeded background order. Returns the last round's result
@@ -79,11 +79,12 @@ def run_online(cfg: Any, ws: Any, pool: Any, store: Any, tasks_for: Callable[[li
         log(f"online round {r}: policy v{version}, {added['pairs']} new pairs "
             f"({time.perf_counter() - t0:.1f} s), {active} active, training to step {steps}")
         res = run_dpo(cfg, ws, (store, store.pair_set(mode)), reference_ckpt, steps=steps,
-                      out_dir=out_dir, mode=mode, progress=progress)
+                      out_dir=out_dir, mode=mode, progress=progress, validation=validation)
         records.append({"round": r, "version": version, "sync_s": sync_s, "new_pairs": added["pairs"],
                         "active_pairs": active, "steps": steps, "result_version": res.version})
         log_path.write_text(json.dumps(records, indent=1))
     if res is None:  # every round was done before: the stored result
         res = run_dpo(cfg, ws, (store, store.pair_set(mode, min_version=0)), reference_ckpt,
-                      steps=total, out_dir=out_dir, mode=mode, progress=progress)
+                      steps=total, out_dir=out_dir, mode=mode, progress=progress,
+                      validation=validation)
     return res

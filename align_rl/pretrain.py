@@ -400,6 +400,8 @@ def evaluate_models(cfg: Config, ws: Workspace, data: PretrainData, models: Pret
         mean, _ = codec.vae.encode(x)
         se += float(((codec.vae.decode(mean) - x) ** 2).double().sum())
     out["vae_recon_mse"] = se / (len(fsel) * v[0].size)
+    out.update(codec_quality(codec, v[idx], bgn, data.normalizer, data.val.lat, data.val.lon,
+                             fixed_subset(len(idx), min(max_samples, 64))))
 
     bsel = fixed_subset(len(idx), max_samples)
     z, zb = latent_pairs(codec, data.val, v, States(bg.values[bsel], bg.times[bsel], bg.lat, bg.lon,
@@ -416,6 +418,36 @@ def evaluate_models(cfg: Config, ws: Workspace, data: PretrainData, models: Pret
     return out
 
 
+def codec_quality(codec: Any, truth: np.ndarray, bg: np.ndarray, normalizer: Normalizer,
+                  lat: np.ndarray, lon: np.ndarray, sel: np.ndarray) -> dict[str, float]:
+    """How well the codec passes the truth ``truth`` (T, 69, H, W) normalised, at the times
+    ``sel``, plain ``D(E(x))`` and anchored on the background ``bg`` (T, 69, H, W)
+    ``x_b + D(E(x)) − D(E(x_b))`` (:mod:`align_rl.models.anchored`): reconstruction MSE
+    (normalised) and the Geo-Score of the reconstructed truth (100 = the truth's balance), beside
+    the background's own MSE and Geo-Score."""
+    from .geostrophic import geo_score
+    from .models.anchored import AnchoredCodec
+
+    se = {"plain": 0.0, "anchored": 0.0, "background": 0.0}
+    geo: dict[str, list] = {k: [] for k in se}
+    with torch.no_grad():
+        for c in np.array_split(sel, max(1, len(sel) // 16)):
+            x, xb = torch.from_numpy(truth[c]), torch.from_numpy(bg[c])
+            z = codec.encode(x)
+            rec = {"plain": codec.decode(z), "anchored": AnchoredCodec(codec, xb).decode(z),
+                   "background": xb}
+            xp = normalizer.denormalize(x.double().numpy())
+            for k, r in rec.items():
+                se[k] += float(((r - x) ** 2).double().sum())
+                geo[k].append(np.asarray(geo_score(normalizer.denormalize(r.double().numpy()), xp, lat, lon)))
+    n = len(sel) * truth[0].size
+    return {"vae_recon_mse_anchored": se["anchored"] / n, "vae_recon_mse_same_times": se["plain"] / n,
+            "background_mse_same_times": se["background"] / n,
+            "vae_recon_geo_score": float(np.mean(np.concatenate(geo["plain"]))),
+            "vae_recon_geo_score_anchored": float(np.mean(np.concatenate(geo["anchored"]))),
+            "background_geo_score": float(np.mean(np.concatenate(geo["background"])))}
+
+
 def format_summary(s: dict[str, Any]) -> str:
     """The summary as aligned lines (normalised units)."""
     def f(k: str) -> str:
@@ -426,7 +458,10 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  forecaster 6 h RMSE        {f('forecaster_rmse_6h')}   persistence {f('persistence_rmse_6h')}",
         f"  48 h background RMSE       {f('background_rmse_48h')}   climatology {f('climatology_rmse')}"
         f"   persistence {f('persistence_rmse_48h')}",
-        f"  VAE reconstruction MSE     {f('vae_recon_mse')}   (target <= 0.02)",
+        f"  VAE reconstruction MSE     {f('vae_recon_mse')}   anchored on the background "
+        f"{f('vae_recon_mse_anchored')}   (background MSE {f('background_mse_same_times')})",
+        f"  Geo-Score of reconstructed truth  {f('vae_recon_geo_score')}   anchored "
+        f"{f('vae_recon_geo_score_anchored')}   (background {f('background_geo_score')})",
         f"  diffusion validation loss  {f('diffusion_val_loss')}   (denoising score matching)",
     ]
     if "seconds" in s:

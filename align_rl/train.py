@@ -120,6 +120,22 @@ def PrefData(cfg: Config, ws: Workspace, store: Any, models: Any, progress: bool
     return SplitData(cfg, ws, store, models, progress, split="pref")
 
 
+def validation_inputs(cfg: Config, ws: Workspace, store: Any, models: Any, progress: bool = True) -> dict:
+    """What the learner's validation needs (:class:`align_rl.validation.Validator`):
+    ``dpo.val_backgrounds`` backgrounds spread over ``data.val`` and the models."""
+    from .splits import SplitData
+
+    val = SplitData(cfg, ws, store, models, progress, split="val")
+    return {"codec": models.codec, "forecaster": models.forecaster, "normalizer": val.normalizer,
+            "lat": val.lat, "lon": val.lon, "tasks": val.tasks(val.spread_ids(cfg.dpo.val_backgrounds))}
+
+
+def _validation_for(ctx: dict | None, cfg: Config, variant: str) -> dict | None:
+    from .validation import ranking_weights
+
+    return None if ctx is None else {**ctx, "weights": ranking_weights(variant, cfg.rewards.weights)}
+
+
 def _change(summary: dict, row: str, table: str, metric: str = "mse", stat: str = "member"):
     try:
         return summary["changes"]["main"][row][table][stat][metric]
@@ -134,62 +150,81 @@ def _score(summary: dict, row: str, table: str, metric: str, stat: str = "member
         return None
 
 
+def _row_changes(summary: dict, row: str) -> dict | None:
+    return summary.get("changes", {}).get("main", {}).get(row)
+
+
 def alignment_section(summary: dict, variants: list[str], methods: list[str], info: dict) -> str:
     """Markdown: % change of analysis and 48 h forecast MSE of each aligned model against the
-    reference (95 % paired bootstrap interval over test times), the paper's numbers beside them,
-    and whether each claim is reproduced."""
+    reference (95 % moving-block bootstrap interval over test times), the ensemble-mean MSE and
+    CRPS beside them, the paper's numbers, and the verdict of
+    :func:`align_rl.evaluate.gain_verdict` (a gain needs the single-member MSE lower with its
+    interval below 0, and neither the ensemble-mean MSE nor the CRPS higher, and no NaN)."""
+    from .evaluate import gain_verdict
+
     lines = ["", "## Alignment against the paper (Align-DA)", "",
              f"Pairs: {info.get('pairs', {})}; DPO: {info.get('dpo', {})}.",
-             "Relative change of the single-analysis MSE (normalised units) against the reference, "
-             "on held-out test times never used for pairs; brackets: 95 % paired bootstrap interval "
-             "over times.", "",
-             "| model | analysis MSE % (95 % CI) | paper | 48 h forecast MSE % (95 % CI) | paper | reproduced |",
-             "|---|---|---|---|---|---|"]
+             "Relative change against the reference, on held-out test times never used for pairs or "
+             "for choosing settings; brackets: 95 % moving-block bootstrap interval over the times "
+             "(one trajectory: neighbouring times are not independent).", "",
+             "| model | analysis MSE % (95 % CI) | paper | ens-mean MSE % | CRPS % | 48 h forecast MSE % (95 % CI) | paper | gain? |",
+             "|---|---|---|---|---|---|---|---|"]
     verdicts = []
+
+    def fmt(c):
+        if c is None or c.get("pct") is None or not np.isfinite(c["pct"]):
+            return "n/a"
+        lo, hi = c.get("ci", [float("nan")] * 2)
+        nan = f" ({c['n_nan']} NaN)" if c.get("n_nan") else ""
+        return f"{c['pct']:+.2f} [{lo:+.2f}, {hi:+.2f}]{nan}"
+
+    def pct(c):
+        return "n/a" if c is None or not np.isfinite(c.get("pct", float("nan"))) else f"{c['pct']:+.2f}"
+
     for v in variants:
         for m in methods:
             row = f"Align-{v}/{m}"
-            a, f = _change(summary, row, "analysis"), _change(summary, row, "forecast")
-            if a is None:
+            ch = _row_changes(summary, row)
+            if ch is None:
                 continue
+            a, f = ch["analysis"]["member"]["mse"], ch["forecast"]["member"]["mse"]
             pa = PAPER["analysis"].get(m) if v == "M" else None
             pf = PAPER["forecast"].get(m) if v == "M" else None
-
-            def fmt(c):
-                if c is None or c.get("pct") is None or not np.isfinite(c["pct"]):
-                    return "n/a"
-                lo, hi = c.get("ci", [float("nan")] * 2)
-                return f"{c['pct']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
-
-            if pa is not None:
-                ok = a["pct"] < 0 and (not np.isfinite(a["ci"][1]) or a["ci"][1] < 0)
-                rep = "yes (MSE lower, CI below 0)" if ok else (
-                    "partly (MSE lower, CI includes 0)" if a["pct"] < 0 else "no (MSE not lower)")
-                verdicts.append((f"Align-{METHOD_LABEL[m]}-{v}", a["pct"], pa, ok))
-            else:
-                rep = "—"
-            lines.append(f"| Align-{METHOD_LABEL[m]}-{v} | {fmt(a)} | "
-                         f"{'' if pa is None else f'{pa:+.2f}'} | {fmt(f)} | "
-                         f"{'' if pf is None else f'{pf:+.2f}'} | {rep} |")
+            va, vf = gain_verdict(ch, "analysis"), gain_verdict(ch, "forecast")
+            label = f"Align-{METHOD_LABEL[m]}-{v}"
+            verdicts.append((label, "analysis", a["pct"], pa, va))
+            verdicts.append((label, "48 h forecast", f["pct"], pf, vf))
+            lines.append(f"| {label} | {fmt(a)} | {'' if pa is None else f'{pa:+.2f}'} | "
+                         f"{pct(ch['analysis']['ensmean']['mse'])} | "
+                         f"{pct(ch['analysis'].get('ensemble', {}).get('crps'))} | {fmt(f)} | "
+                         f"{'' if pf is None else f'{pf:+.2f}'} | "
+                         f"{'yes' if va['gain'] else 'no'} / {'yes' if vf['gain'] else 'no'} |")
     if "P" in variants:
         lines += ["", "Geo-Score (single analysis, 100 = the truth's geostrophic balance):", "",
-                  "| method | reference | Align-P | change | paper (DPS) |", "|---|---|---|---|---|"]
+                  "| method | reference | Align-P | change (95 % CI of the % change) | raised? | paper (DPS) |",
+                  "|---|---|---|---|---|---|"]
         for m in methods:
             r0 = _score(summary, f"reference/{m}", "analysis", "geo_score")
             r1 = _score(summary, f"Align-P/{m}", "analysis", "geo_score")
-            if r0 is None or r1 is None:
+            ch = _row_changes(summary, f"Align-P/{m}")
+            if r0 is None or r1 is None or ch is None:
                 continue
-            lines.append(f"| {METHOD_LABEL[m]} | {r0:.2f} | {r1:.2f} | {r1 - r0:+.2f} | "
-                         f"{PAPER['geo_score_P'][0]} → {PAPER['geo_score_P'][1]} |")
-            verdicts.append((f"Geo-Score Align-{METHOD_LABEL[m]}-P", r1 - r0, None, r1 > r0))
-    lines += ["", "Verdict:", ""]
-    for name, val, paper, ok in verdicts:
-        if paper is not None:
-            lines.append(f"- {name}: {val:+.2f} % analysis MSE (paper {paper:+.2f} %): "
-                         f"{'reproduced in direction' if ok else 'NOT reproduced'} on this world.")
+            g = ch["analysis"]["member"]["geo_score"]
+            raised = bool(np.isfinite(g["pct"]) and g["ci"][0] > 0)
+            lines.append(f"| {METHOD_LABEL[m]} | {r0:.2f} | {r1:.2f} | {r1 - r0:+.2f} ({fmt(g)} %) | "
+                         f"{'yes' if raised else 'no'} | {PAPER['geo_score_P'][0]} → {PAPER['geo_score_P'][1]} |")
+            verdicts.append((f"Align-{METHOD_LABEL[m]}-P", "Geo-Score", r1 - r0, None,
+                             {"gain": raised, "why": f"% change {fmt(g)}"}))
+    lines += ["", "Verdict (a gain: single-member MSE lower with its interval below 0, ensemble-mean "
+              "MSE and CRPS not higher, no NaN; the Geo-Score: raised with its interval above 0):", ""]
+    for name, what, val, paper, vd in verdicts:
+        if what == "Geo-Score":
+            lines.append(f"- {name}: Geo-Score {val:+.2f} (paper +1.15): "
+                         f"{'raised' if vd['gain'] else 'NOT raised'} ({vd['why']}).")
         else:
-            lines.append(f"- {name}: Geo-Score change {val:+.2f} (paper +1.15): "
-                         f"{'raised' if ok else 'NOT raised'} on this world.")
+            ref = f" (paper {paper:+.2f} %)" if paper is not None else ""
+            lines.append(f"- {name}, {what} MSE {val:+.2f} %{ref}: "
+                         f"{'a gain' if vd['gain'] else 'NOT a gain'} — {vd['why']}.")
     if not verdicts:
         lines.append("- no aligned model was evaluated.")
     lines.append("")
@@ -258,6 +293,7 @@ def run(cfg: Config, progress: bool = True, evaluate: bool = True) -> dict:
             _log(f"pairs: {built['pairs']} new ({built['backgrounds']} backgrounds in "
                  f"{built['seconds']:.1f} s); store holds {pstore.num_pairs} pairs")
         pool.release()  # free the actors' resources for the learner
+        val_ctx = validation_inputs(cfg, ws, store, models, progress) if cfg.dpo.val_every else None
         for v in variants:
             out_dir = dpo_dir(cfg, ws, v, meta)
             t = time.perf_counter()
@@ -267,7 +303,8 @@ def run(cfg: Config, progress: bool = True, evaluate: bool = True) -> dict:
                 vstore = PairStore.open(vpath, tuple(models.codec.latent_shape),
                                         list(cfg.rewards.names), meta=meta)
                 res = run_online(cfg, ws, pool, vstore, pref.tasks, pref.order, reference_ckpt, v,
-                                 out_dir, progress=progress, log=_log)
+                                 out_dir, progress=progress, log=_log,
+                                 validation=_validation_for(val_ctx, cfg, v))
                 info["pairs"][v] = len(vstore.pair_set(v))
             else:
                 # from the stored per-candidate scores with the current weights: the same pairs
@@ -278,7 +315,7 @@ def run(cfg: Config, progress: bool = True, evaluate: bool = True) -> dict:
                     normalize=cfg.rewards.normalize)
                 info["pairs"][v] = len(ps)
                 res = run_dpo(cfg, ws, (pstore, ps), reference_ckpt, out_dir=out_dir, mode=v,
-                              progress=progress)
+                              progress=progress, validation=_validation_for(val_ctx, cfg, v))
             timings[f"dpo_{v}_s"] = time.perf_counter() - t
             results[v] = res
             acc = res.metrics.get("rewards/accuracies", float("nan"))

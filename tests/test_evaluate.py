@@ -171,6 +171,44 @@ def test_paired_change_and_bad_model_spec():
     assert c["ci"][0] == pytest.approx(-10.0) and c["ci"][1] == pytest.approx(-10.0)
     c = paired_change(base + np.array([0.1, -0.1, 0.3, -0.2]), base)
     assert c["ci"][0] <= c["pct"] <= c["ci"][1]
+    # NaN times are counted, not silently dropped
+    c = paired_change(np.array([0.9, np.nan, 2.7, 3.6]), base[:4] * np.array([1, 1, 1, 1.0]))
+    assert c["n_nan"] == 1 and c["n"] == 3
+
+
+def test_block_bootstrap_widens_for_correlated_times():
+    """Differences that persist over neighbouring times (AR(1), φ = 0.9): the moving-block interval
+    is wider than the one that treats times as independent (block 1), and both cover the mean."""
+    rng = np.random.default_rng(0)
+    T = 64
+    d = np.zeros(T)
+    for i in range(1, T):
+        d[i] = 0.9 * d[i - 1] + 0.05 * rng.standard_normal()
+    base = np.full(T, 1.0)
+    iid = paired_change(base + d, base, block=1)
+    blk = paired_change(base + d, base)
+    assert blk["block"] == 4
+    assert (blk["ci"][1] - blk["ci"][0]) > 1.3 * (iid["ci"][1] - iid["ci"][0])
+    assert blk["ci"][0] <= blk["pct"] <= blk["ci"][1]
+
+
+def test_gain_verdict():
+    from align_rl.evaluate import gain_verdict
+
+    def ch(p, lo, hi, n_nan=0):
+        return {"pct": p, "ci": [lo, hi], "n": 12, "n_nan": n_nan}
+
+    ok = {"analysis": {"member": {"mse": ch(-3, -5, -1)}, "ensmean": {"mse": ch(-1, -2, 0.5)},
+                       "ensemble": {"crps": ch(-2, -3, -1)}}}
+    assert gain_verdict(ok)["gain"]
+    wide = {"analysis": {**ok["analysis"], "member": {"mse": ch(-3, -5, 0.2)}}}
+    assert not gain_verdict(wide)["gain"]
+    collapse = {"analysis": {**ok["analysis"], "ensmean": {"mse": ch(1.0, -0.5, 2.0)}}}
+    assert "ensemble-mean" in gain_verdict(collapse)["why"]
+    crps = {"analysis": {**ok["analysis"], "ensemble": {"crps": ch(0.4, -1, 2)}}}
+    assert "CRPS" in gain_verdict(crps)["why"]
+    nan = {"analysis": {**ok["analysis"], "member": {"mse": ch(-3, -5, -1, n_nan=2)}}}
+    assert "NaN" in gain_verdict(nan)["why"]
     cfg = load_config(None, [])
     with pytest.raises(ConfigError, match="NAME=CHECKPOINT"):
         load_models(["no-equals-sign"], cfg)

@@ -1,0 +1,183 @@
+"""The method study on the default world: what makes analyses beat the background, and alignment
+improve them. Tuning reads the ``val`` split; ``--split test`` reports on held-out test times.
+
+``python bench/study_method.py analyses [--split val] [key=value ...]``
+    reference analyses (every guidance method) with plain and anchored decoding: single-member and
+    ensemble-mean MSE, ensemble-mean WRMSE of z500 and t850, CRPS and Geo-Score beside the
+    background's.
+``python bench/study_method.py align --name NAME [--split val] [key=value ...]``
+    one alignment configuration: the pairs of the main job's store (built when absent with the
+    given pairs/rewards settings), Diffusion-DPO per ``pairs.variants``, then the evaluation of the
+    reference and the aligned models on the split; one row per model × method appended to
+    ``<workdir>/study/<split>.jsonl``.
+``python bench/study_method.py table [--split val]``
+    the rows so far as a markdown table (``<workdir>/study/<split>.md``).
+
+The pretrained models and the world come from the workdir's caches (``run.workdir``, default
+``runs/default``), so a study reuses what the main job built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _setup(overrides: list[str], split: str):
+    from align_rl.config import load_config
+    from align_rl.data import ensure_world
+    from align_rl.evaluate import EvalData
+    from align_rl.pretrain import ensure_pretrained
+    from align_rl.splits import SplitData
+    from align_rl.training.harness import init_ray
+    from align_rl.workspace import Workspace
+
+    cfg = load_config(overrides=overrides)
+    ws = Workspace.from_config(cfg)
+    init_ray()
+    store = ensure_world(cfg, ws, progress=False)
+    pre = ensure_pretrained(cfg, ws, progress=False)
+    sd = SplitData(cfg, ws, store, pre, progress=False, split=split)
+    data = EvalData(sd.truth, sd.backgrounds, sd.normalizer, pre.codec, pre.forecaster,
+                    truth_store=Path(store))
+    ecfg = copy.deepcopy(cfg)
+    ecfg.data.test = list(getattr(cfg.data, split))  # the evaluation's times come from this split
+    return cfg, ecfg, ws, store, pre, data
+
+
+def _rows(summary: dict, tag: str) -> list[dict]:
+    sc = summary["scores"]["main"]
+    ch = summary.get("changes", {}).get("main", {})
+    out = []
+    for row, tabs in sc.items():
+        a, f = tabs["analysis"], tabs["forecast"]
+        r = {"tag": tag, "row": row,
+             "mse": a["member"]["mse"], "mse_ens": a["ensmean"]["mse"],
+             "z500_ens": a["ensmean"]["wrmse_z500"], "t850_ens": a["ensmean"]["wrmse_t850"],
+             "geo": a["member"]["geo_score"], "crps": a.get("ensemble", {}).get("crps"),
+             "fc_mse": f["member"]["mse"]}
+        c = ch.get(row)
+        if c:
+            r["d_mse"] = c["analysis"]["member"]["mse"]
+            r["d_mse_ens"] = c["analysis"]["ensmean"]["mse"]
+            r["d_crps"] = c["analysis"]["ensemble"]["crps"]
+            r["d_fc"] = c["forecast"]["member"]["mse"]
+            r["d_geo"] = c["analysis"]["member"]["geo_score"]
+        out.append(r)
+    return out
+
+
+def _append(ws, split: str, rows: list[dict]) -> None:
+    d = Path(ws.root) / "study"
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / f"{split}.jsonl", "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def cmd_analyses(args) -> None:
+    from align_rl.evaluate import run_evaluation
+
+    for dec in ("plain", "anchored"):
+        cfg, ecfg, ws, store, pre, data = _setup(args.overrides + [f"sampler.decode={dec}"], args.split)
+        t = time.perf_counter()
+        s = run_evaluation(ecfg, ws, {"reference": pre.eps_model}, data=data,
+                           out=Path(ws.root) / "study" / f"analyses-{dec}-{args.split}", progress=False)
+        rows = _rows(s, f"decode={dec} {' '.join(args.overrides)}")
+        _append(ws, args.split, rows)
+        print(f"decode={dec} ({time.perf_counter() - t:.0f} s)")
+        for r in rows:
+            print(f"  {r['row']:22s} mse {r['mse']:.4f} ens {r['mse_ens']:.4f} z500 {r['z500_ens']:.1f} "
+                  f"t850 {r['t850_ens']:.3f} geo {r['geo']:.1f} crps {r['crps'] or float('nan'):.4f}")
+
+
+def cmd_align(args) -> None:
+    from actors.pool import CandidatePool
+
+    from align_rl.checkpoints import load_model
+    from align_rl.evaluate import run_evaluation
+    from align_rl.learner import run_dpo
+    from align_rl.splits import SplitData
+    from align_rl.train import dpo_dir, open_pair_store, store_meta, validation_inputs, _validation_for
+
+    cfg, ecfg, ws, store, pre, data = _setup(args.overrides, args.split)
+    ref = Path(pre.paths["diffusion"])
+    t0 = time.perf_counter()
+    pref = SplitData(cfg, ws, store, pre, progress=False, split="pref")
+    pstore = open_pair_store(cfg, ws, pre.codec.latent_shape, ref, log=print)
+    pool = CandidatePool(cfg, pre, pref.lat, pref.lon)
+    try:
+        first = [int(i) for i in pref.order[:int(cfg.pairs.backgrounds)]]
+        built = pool.build(pref.tasks(first), pstore, list(cfg.pairs.variants), progress=False)
+    finally:
+        pool.shutdown()
+    t_pairs = time.perf_counter() - t0
+    meta = store_meta(cfg, ref)
+    val_ctx = validation_inputs(cfg, ws, store, pre, False) if cfg.dpo.val_every else None
+    models = {"reference": pre.eps_model}
+    info = {}
+    for v in cfg.pairs.variants:
+        ps = pstore.reselect(cfg.rewards.weights, v, cfg.pairs.pairs_per_background, cfg.run.seed,
+                             cfg.pairs.top_k_phys, cfg.pairs.decile, min_version=0,
+                             normalize=cfg.rewards.normalize)
+        t = time.perf_counter()
+        res = run_dpo(cfg, ws, (pstore, ps), ref, out_dir=dpo_dir(cfg, ws, v, meta), mode=v,
+                      progress=False, validation=_validation_for(val_ctx, cfg, v))
+        info[v] = {"pairs": len(ps), "dpo_s": round(time.perf_counter() - t, 1), "best": res.best,
+                   "last": {k: res.metrics.get(k) for k in ("loss", "rewards/accuracies",
+                                                             "model_minus_ref/chosen", "grad_norm")}}
+        print(f"DPO-{v}: {info[v]}")
+        models[f"Align-{v}"], _ = load_model(res.checkpoint, "diffusion", expect=cfg.diffusion)
+    s = run_evaluation(ecfg, ws, models, data=data,
+                       out=Path(ws.root) / "study" / f"align-{args.name}-{args.split}", progress=False)
+    rows = _rows(s, args.name)
+    for r in rows:
+        r.update({"overrides": args.overrides, "pairs_s": round(t_pairs, 1), "built": built, "dpo": info})
+    _append(ws, args.split, rows)
+    for r in rows:
+        d = r.get("d_mse")
+        print(f"  {r['row']:22s} mse {r['mse']:.5f} ens {r['mse_ens']:.5f} geo {r['geo']:.1f} fc {r['fc_mse']:.5f}"
+              + (f"  Δmse {d['pct']:+.2f}% [{d['ci'][0]:+.2f},{d['ci'][1]:+.2f}] Δens {r['d_mse_ens']['pct']:+.2f}%"
+                 f" Δcrps {r['d_crps']['pct']:+.2f}% Δfc {r['d_fc']['pct']:+.2f}% Δgeo {r['d_geo']['pct']:+.2f}%"
+                 if d else ""))
+
+
+def cmd_table(args) -> None:
+    from align_rl.config import load_config
+    from align_rl.workspace import Workspace
+
+    ws = Workspace.from_config(load_config(overrides=args.overrides))
+    p = Path(ws.root) / "study" / f"{args.split}.jsonl"
+    rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+    lines = ["| run | model/method | MSE | ens-mean MSE | z500 | t850 | Geo | Δ MSE % [95 % CI] | Δ ens % | Δ CRPS % | Δ 48 h fc % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d = r.get("d_mse")
+        dd = (f"{d['pct']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] | {r['d_mse_ens']['pct']:+.2f} | "
+              f"{r['d_crps']['pct']:+.2f} | {r['d_fc']['pct']:+.2f}") if d else " | | | "
+        lines.append(f"| {r['tag']} | {r['row']} | {r['mse']:.4f} | {r['mse_ens']:.4f} | {r['z500_ens']:.0f} | "
+                     f"{r['t850_ens']:.2f} | {r['geo']:.1f} | {dd} |")
+    out = p.with_suffix(".md")
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=["analyses", "align", "table"])
+    p.add_argument("--split", default="val", choices=["val", "test"])
+    p.add_argument("--name", default="run")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    {"analyses": cmd_analyses, "align": cmd_align, "table": cmd_table}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
