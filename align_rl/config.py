@@ -124,7 +124,7 @@ class PretrainConfig:
 
 @dataclass
 class SamplerConfig:
-    steps: int = 32  # K predictor steps (paper: 128)
+    steps: int = 16  # K predictor steps (paper: 128; on the demo prior K = 16 is as accurate as 32)
     corrections: int = 1  # C Langevin corrections per step (paper: 2)
     tau: float = 0.1  # Langevin step size factor
     members: int = 8  # ensemble members per background
@@ -157,37 +157,40 @@ class RewardConfig:
 
 @dataclass
 class PairsConfig:
-    mode: str = "M"  # M (top/bottom decile of the composite) | P (top/bottom 5 by Geo-Score)
+    mode: str = "M"  # M (top/bottom fraction of the composite) | P (top/bottom k by Geo-Score)
     candidates: int = 16  # N candidates per background (paper: 32)
-    backgrounds: int = 32  # preference backgrounds drawn from the pref split
-    pairs_per_background: int = 8
-    top_k_phys: int = 5
-    decile: float = 0.1
-    guidance: str = "dps"  # guidance used to draw candidates
+    backgrounds: int = 64  # preference backgrounds drawn from the pref split
+    pairs_per_background: int = 16
+    top_k_phys: int = 4  # -P: winners = top k by Geo-Score, losers = bottom k (paper: 5 of 32)
+    # -M: winners/losers = top/bottom fraction of the composite (the paper: a decile of 32
+    # candidates; a quarter of 16 gives 4 × 4 pairs per background, ~1,000 pairs from 64)
+    decile: float = 0.25
+    # candidates are drawn from p(z | z_b) (the paper); a guided method is an option
+    guidance: str = "obsfree"
     store: str | None = None  # default: <workdir>/pairs.zarr
     # pair modes the main job aligns a model for, one aligned model each (M and/or P)
-    variants: list[str] = field(default_factory=lambda: ["M"])
+    variants: list[str] = field(default_factory=lambda: ["M", "P"])
 
 
 @dataclass
 class DPOConfig:
     # β of L = −log σ(−β(Δ_w − Δ_l)); Δ = ‖ε−ε_θ‖² − ‖ε−ε_ref‖² as the MEAN over latent elements,
     # no factor ½, ω(λ_t) ≡ 1, the paper's T folded into β (align_rl/dpo.py)
-    beta: float = 8000.0
+    beta: float = 4000.0  # the paper's 8000 in the reference code's −½β convention
     lr: float = 1e-5
     batch_size: int = 16
     steps: int = 300
     grad_clip: float = 1.0
     # guards (docs/method.md §9.3): λ of the winners' denoising anchor λ·Δ_w (0 = plain DPO); the
     # range that t is drawn from (the paper: [0, 1]); linear learning-rate warm-up steps
-    anchor: float = 0.0
+    anchor: float = 1.0
     t_min: float = 0.0
     t_max: float = 1.0
-    warmup_steps: int = 0
+    warmup_steps: int = 25
     # validation-driven selection: every val_every steps (0 = off) the policy draws val_members
     # candidates for val_backgrounds backgrounds of data.val, scored against the reference's
     # (align_rl/validation.py); the best checkpoint (val/reward_gain) is the result
-    val_every: int = 0
+    val_every: int = 50
     val_backgrounds: int = 8
     val_members: int = 8
     num_workers: int = 1
@@ -198,7 +201,7 @@ class DPOConfig:
     staleness: int = 2  # online: pairs older than this many policy versions leave the buffer
     online_backgrounds: int = 8  # online: new backgrounds per refresh
     max_failures: int = 2  # worker-group restarts from the last checkpoint before a run fails
-    cpus_per_worker: float = 1.0  # CPUs of each learner worker (and its torch threads)
+    cpus_per_worker: float = 2.0  # CPUs of each learner worker (and its torch threads)
 
 
 @dataclass
@@ -264,7 +267,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                       "num_workers": 0, "cpus_per_worker": 0},  # the pretrain section's GPU workers
         "sampler": {"steps": 128, "corrections": 2, "members": 32, "decode": "plain"},
         "pairs": {"candidates": 32},
-        "dpo": {"beta": 8000.0, "lr": 1e-5, "batch_size": 32, "steps": 500},
+        "dpo": {"beta": 4000.0, "lr": 1e-5, "batch_size": 32, "steps": 500},
     },
 }
 

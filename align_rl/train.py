@@ -322,12 +322,14 @@ def run(cfg: Config, progress: bool = True, evaluate: bool = True) -> dict:
             _log(f"DPO-{v}: {res.step} steps, version {res.version}, loss "
                  f"{res.metrics.get('loss', float('nan')):.4f}, accuracy {acc:.2f} -> {res.checkpoint}")
             info["dpo"][v] = {"steps": res.step, "beta": cfg.dpo.beta, "lr": cfg.dpo.lr,
-                              "mode": cfg.dpo.mode}
+                              "anchor": cfg.dpo.anchor, "t": [cfg.dpo.t_min, cfg.dpo.t_max],
+                              "mode": cfg.dpo.mode, "best_step": res.best.get("step")}
     finally:
         pool.shutdown()
 
     summary: dict[str, Any] = {"variants": {v: {"checkpoint": str(r.checkpoint), "version": r.version,
-                                                "step": r.step, "metrics": r.metrics}
+                                                "step": r.step, "metrics": r.metrics,
+                                                "best": r.best}
                                             for v, r in results.items()},
                                "pairs_store": str(pstore.path), "pairs_total": pstore.num_pairs}
     if evaluate:

@@ -99,48 +99,31 @@ def cmd_analyses(args) -> None:
 
 
 def cmd_align(args) -> None:
-    from actors.pool import CandidatePool
-
     from align_rl.checkpoints import load_model
     from align_rl.evaluate import run_evaluation
-    from align_rl.learner import run_dpo
-    from align_rl.splits import SplitData
-    from align_rl.train import dpo_dir, open_pair_store, store_meta, validation_inputs, _validation_for
+    from align_rl.train import run
 
     cfg, ecfg, ws, store, pre, data = _setup(args.overrides, args.split)
-    ref = Path(pre.paths["diffusion"])
     t0 = time.perf_counter()
-    pref = SplitData(cfg, ws, store, pre, progress=False, split="pref")
-    pstore = open_pair_store(cfg, ws, pre.codec.latent_shape, ref, log=print)
-    pool = CandidatePool(cfg, pre, pref.lat, pref.lon)
-    try:
-        first = [int(i) for i in pref.order[:int(cfg.pairs.backgrounds)]]
-        built = pool.build(pref.tasks(first), pstore, list(cfg.pairs.variants), progress=False)
-    finally:
-        pool.shutdown()
-    t_pairs = time.perf_counter() - t0
-    meta = store_meta(cfg, ref)
-    val_ctx = validation_inputs(cfg, ws, store, pre, False) if cfg.dpo.val_every else None
+    summary = run(cfg, progress=False, evaluate=False)  # the main job's pairs and DPO, cached
     models = {"reference": pre.eps_model}
-    info = {}
-    for v in cfg.pairs.variants:
-        ps = pstore.reselect(cfg.rewards.weights, v, cfg.pairs.pairs_per_background, cfg.run.seed,
-                             cfg.pairs.top_k_phys, cfg.pairs.decile, min_version=0,
-                             normalize=cfg.rewards.normalize)
-        t = time.perf_counter()
-        res = run_dpo(cfg, ws, (pstore, ps), ref, out_dir=dpo_dir(cfg, ws, v, meta), mode=v,
-                      progress=False, validation=_validation_for(val_ctx, cfg, v))
-        info[v] = {"pairs": len(ps), "dpo_s": round(time.perf_counter() - t, 1), "best": res.best,
-                   "last": {k: res.metrics.get(k) for k in ("loss", "rewards/accuracies",
-                                                             "model_minus_ref/chosen", "grad_norm")}}
-        print(f"DPO-{v}: {info[v]}")
-        models[f"Align-{v}"], _ = load_model(res.checkpoint, "diffusion", expect=cfg.diffusion)
+    for v, r in summary["variants"].items():
+        models[f"Align-{v}"], _ = load_model(r["checkpoint"], "diffusion", expect=cfg.diffusion)
+        m = r["metrics"]
+        print(f"DPO-{v}: step {r['step']} best {r.get('best')} loss {m.get('loss', float('nan')):.4f} "
+              f"acc {m.get('rewards/accuracies', float('nan')):.2f} "
+              f"Δw {m.get('model_minus_ref/chosen', float('nan')):+.5f} -> {r['checkpoint']}")
+    t1 = time.perf_counter()
     s = run_evaluation(ecfg, ws, models, data=data,
                        out=Path(ws.root) / "study" / f"align-{args.name}-{args.split}", progress=False)
     rows = _rows(s, args.name)
+    info = {"overrides": args.overrides, "timings": summary["timings"], "pairs": summary.get("pairs_total"),
+            "variants": {v: {"best": r.get("best"), "step": r["step"]} for v, r in summary["variants"].items()},
+            "eval_s": round(time.perf_counter() - t1, 1), "train_s": round(t1 - t0, 1)}
     for r in rows:
-        r.update({"overrides": args.overrides, "pairs_s": round(t_pairs, 1), "built": built, "dpo": info})
+        r.update(info)
     _append(ws, args.split, rows)
+    print(f"timings {summary['timings']} eval {info['eval_s']} s")
     for r in rows:
         d = r.get("d_mse")
         print(f"  {r['row']:22s} mse {r['mse']:.5f} ens {r['mse_ens']:.5f} geo {r['geo']:.1f} fc {r['fc_mse']:.5f}"

@@ -81,3 +81,55 @@ def test_worker_crash_resumes_from_checkpoint(tmp_path, ray_session):
     b, _ = load_model(res2.checkpoint, "diffusion")
     for x, y in zip(a.state_dict().values(), b.state_dict().values()):
         torch.testing.assert_close(x, y)
+
+
+def _val_context(cfg, n_bg: int = 2):
+    """Validation inputs on tiny smooth states: backgrounds = truth + noise."""
+    from align_rl.candidates import BackgroundTask
+
+    from .tiny_align import LAT, LON, tiny_models, tiny_states
+
+    times = np.datetime64("2003-01-01T00", "ns") + np.arange(3 * n_bg) * np.timedelta64(6, "h")
+    truth, norm = tiny_states(times, seed=3)
+    x = norm.normalize(truth.values.astype(np.float64)).astype(np.float32)
+    rng = np.random.default_rng(1)
+    tasks = [BackgroundTask(i, int(times[3 * i].astype(np.int64)),
+                            (x[3 * i] + 0.3 * rng.standard_normal(x[0].shape)).astype(np.float32),
+                            x[3 * i], x[3 * i + 1], x[3 * i + 2]) for i in range(n_bg)]
+    codec, _, fc = tiny_models(cfg)
+    return {"codec": codec, "forecaster": fc, "normalizer": norm, "lat": LAT, "lon": LON,
+            "tasks": tasks, "weights": {"assim": 1.0}}
+
+
+def test_validator_pairs_draws_and_scores_the_reference_zero(tmp_path):
+    """The reference against itself: identical paired draws, a gain of exactly 0; another model
+    gets a non-zero gain and its own MSE."""
+    from align_rl.validation import Validator, ranking_weights
+
+    cfg = tiny_config(tmp_path, ["rewards.names=[assim, forecast, phys]", "rewards.forecast_hours=6"])
+    v = _val_context(cfg)
+    _, ref, _ = tiny_models(cfg)
+    val = Validator(v["codec"], v["forecaster"], ref, v["normalizer"], v["lat"], v["lon"], v["tasks"],
+                    cfg, ranking_weights("M", cfg.rewards.weights), members=3)
+    s = val.score(ref)
+    assert abs(s["val/reward_gain"]) < 1e-12 and s["val/mse"] == s["val/mse_ref"]
+    _, other, _ = tiny_models(cfg, seed=7)
+    s2 = val.score(other)
+    assert s2["val/reward_gain"] != 0.0 and s2["val/mse"] != s2["val/mse_ref"]
+    assert ranking_weights("P", {"assim": 1.0}) == {"phys": 1.0}
+
+
+@pytest.mark.slow
+def test_run_dpo_keeps_the_best_validated_checkpoint(tmp_path, ray_session):
+    cfg, ws, ref, st = _setup(tmp_path, ["dpo.val_every=2", "dpo.val_members=2", "dpo.anchor=1.0",
+                                         "dpo.warmup_steps=2", "rewards.names=[assim]"])
+    res = run_dpo(cfg, ws, ws.pairs, ref, steps=4, progress=False, validation=_val_context(cfg))
+    vals = [h for h in res.history if "val/reward_gain" in h]
+    assert [h["step"] for h in vals] == [2, 4]
+    assert res.history[0]["learning_rate"] == pytest.approx(cfg.dpo.lr / 2)  # warm-up
+    gains = {0: 0.0, **{h["step"]: h["val/reward_gain"] for h in vals}}
+    best = max(gains, key=lambda k: (gains[k], -k))
+    assert res.best["step"] == best and res.checkpoint.name == "best.pt"
+    _, meta = load_model(res.checkpoint, "diffusion")
+    assert meta["extra"]["dpo_step"] == best
+    assert any(k.startswith("model_minus_ref/chosen_t") for k in res.history[-1])
