@@ -441,7 +441,9 @@ def codec_quality(codec: Any, truth: np.ndarray, bg: np.ndarray, normalizer: Nor
                 se[k] += float(((r - x) ** 2).double().sum())
                 geo[k].append(np.asarray(geo_score(normalizer.denormalize(r.double().numpy()), xp, lat, lon)))
     n = len(sel) * truth[0].size
-    return {"vae_recon_mse_anchored": se["anchored"] / n, "vae_recon_mse_same_times": se["plain"] / n,
+    a = getattr(codec, "anchor_weights", None)
+    return {"anchor_weights_mean": float(a.mean()) if a is not None else 1.0,
+            "vae_recon_mse_anchored": se["anchored"] / n, "vae_recon_mse_same_times": se["plain"] / n,
             "background_mse_same_times": se["background"] / n,
             "vae_recon_geo_score": float(np.mean(np.concatenate(geo["plain"]))),
             "vae_recon_geo_score_anchored": float(np.mean(np.concatenate(geo["anchored"]))),
@@ -470,6 +472,28 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- entry points
+
+
+def anchor_weights(cfg: Config, ws: Workspace, data: PretrainData, codec: Any, forecaster: Any,
+                   progress: bool = True, max_samples: int = 128) -> torch.Tensor:
+    """Per-channel weights (69,) of anchored decoding (:func:`align_rl.models.anchored.
+    fit_anchor_weights`) on ``max_samples`` training times and their 48 h backgrounds (the
+    cached backgrounds of the training split; a few seconds)."""
+    from .backgrounds import ensure_backgrounds
+    from .models.anchored import fit_anchor_weights
+    from .training.datasets import fixed_subset
+
+    bg = ensure_backgrounds(cfg, ws, data.train, forecaster, progress=progress)
+    idx = np.searchsorted(data.train.times, bg.times)
+    sel = fixed_subset(len(idx), max_samples)
+    x = torch.from_numpy(np.ascontiguousarray(data.train_norm[idx[sel]]))
+    xb = torch.from_numpy(np.ascontiguousarray(data.normalizer.normalize(bg.values[sel]), dtype=np.float32))
+    was = codec.training
+    codec.eval()
+    try:
+        return fit_anchor_weights(codec, x, xb)
+    finally:
+        codec.train(was)
 
 
 def ensure_pretrained(cfg: Config, ws: Workspace, stages: tuple[str, ...] = STAGES,
@@ -502,6 +526,8 @@ def ensure_pretrained(cfg: Config, ws: Workspace, stages: tuple[str, ...] = STAG
         eps, infos["diffusion"] = pretrain_diffusion(cfg, ws, data, codec, forecaster,
                                                      force="diffusion" in force, loop_extra=lx,
                                                      progress=progress)
+    if codec is not None and forecaster is not None:
+        codec.anchor_weights = anchor_weights(cfg, ws, data, codec, forecaster, progress)
     paths = {s: ws.final_checkpoint(s) for s in STAGES if ws.final_checkpoint(s).exists()}
     models = PretrainedModels(forecaster, codec, eps, data.normalizer, paths)
     summary_path = ws.root / SUMMARY_FILE

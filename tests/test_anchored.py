@@ -101,3 +101,21 @@ def test_repaint_keeps_the_noisy_state(s):
     assert corr > 0.95
     roundtrip = codec.encode(codec.decode(z))  # the old step's E(D(z_t)) at unobserved points
     assert torch.corrcoef(torch.stack([roundtrip.flatten(), z.flatten()]))[0, 1] < corr
+
+
+def test_fitted_anchor_weights_are_the_least_squares_blend():
+    """α per channel minimises ‖e(x) − α e(x_b)‖²: 1 when the two errors are the same, 0 when
+    they are unrelated, and blending never does worse than plain or full anchoring."""
+    from align_rl.models.anchored import fit_anchor_weights
+
+    codec = LossyCodec()
+    x_b = _fields(0, 64)
+    same = x_b + 0.3 * torch.randn(64, 1, 2, 4).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    assert fit_anchor_weights(codec, same, x_b).item() == pytest.approx(1.0, abs=1e-4)
+    other = _fields(9, 64)  # unrelated small scales
+    a = fit_anchor_weights(codec, other, x_b).item()
+    assert 0.0 <= a < 0.2
+    z = codec.encode(other)
+    err = {w: ((AnchoredCodec(codec, x_b, torch.tensor([w])).decode(z) - other) ** 2).mean().item()
+           for w in (0.0, a, 1.0)}
+    assert err[a] <= min(err[0.0], err[1.0]) + 1e-9
