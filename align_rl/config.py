@@ -269,7 +269,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                       "steps": 100_000, "lr": 1e-4, "batch_size": 32,
                       "num_workers": 0, "cpus_per_worker": 0},  # the pretrain section's GPU workers
         "sampler": {"steps": 128, "corrections": 2, "members": 32, "decode": "plain"},
-        "pairs": {"candidates": 32},
+        "guidance": {"dps_zeta": 1.0},
+        "pairs": {"candidates": 32, "decile": 0.1, "top_k_phys": 5},
         "dpo": {"beta": 4000.0, "lr": 1e-5, "batch_size": 32, "steps": 500},
     },
 }
