@@ -684,8 +684,9 @@ def seed_trial_store(shared: Any, path: Path, pairs: Any) -> Any:
 
     from .pair_store import CandidateGroup, PairStore
 
-    if path.exists():
-        shutil.rmtree(path)
+    from .owned import remove_owned
+
+    remove_owned(path, "trial pair store")  # only a store align_rl made (marker file)
     store = PairStore.open(path, shared.latent_shape, shared.reward_names, meta=dict(shared.g.attrs.get("meta", {})))
     bg = shared.backgrounds()
     cb = shared._col("candidates/background")
