@@ -161,8 +161,10 @@ def run_training(
     wall = time.perf_counter() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"pretraining {task} reported no checkpoint; see {storage_path / run_name}")
+    from ..checkpoints import load_state
+
     with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        state = load_state(Path(d) / STATE_FILE, fix=f"delete {storage_path / run_name} to retrain")
     history = list(state["history"])
     with_val = [h for h in history if "val_loss" in h]
     metrics = dict(with_val[-1] if with_val else (history[-1] if history else {}))
