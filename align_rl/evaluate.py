@@ -235,7 +235,7 @@ def load_eval_data(cfg: Config, ws: Workspace) -> tuple[EvalData, Any]:
     start = np.datetime64(test[0]) - _hours(2 * STEP_HOURS * LEAD_STEPS)
     end = np.datetime64(test[-1]) + np.timedelta64(1, "D") + _hours(STEP_HOURS * LEAD_STEPS)
     truth = era5.open_states(store, time_range=[start, end], coarsen=cfg.data.coarsen,
-                             expect_grid=cfg.data.grid)
+                             expect_grid=cfg.data.grid, check_units=cfg.checks.units)
     bgs = ensure_backgrounds(cfg, ws, truth, pre.forecaster)
     data = EvalData(truth, bgs, normalizer, pre.codec, pre.forecaster, truth_store=Path(store))
     return data, pre.eps_model

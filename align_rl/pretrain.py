@@ -80,7 +80,8 @@ class PretrainData:
 
         if name not in self._split:
             self._split[name] = open_states(self.store, time_range=getattr(self.cfg.data, name),
-                                            coarsen=self.cfg.data.coarsen, expect_grid=self.cfg.data.grid)
+                                            coarsen=self.cfg.data.coarsen, expect_grid=self.cfg.data.grid,
+                                            check_units=self.cfg.checks.units)
         return self._split[name]
 
     def _normed(self, name: str) -> np.ndarray:

@@ -636,7 +636,7 @@ def validation_data(cfg: Config, ws: Any, progress: bool = False):
     start = np.datetime64(cfg.data.val[0]) - 2 * STEP_HOURS * LEAD_STEPS * h
     end = np.datetime64(cfg.data.val[-1]) + np.timedelta64(1, "D") + STEP_HOURS * LEAD_STEPS * h
     truth = era5.open_states(store, time_range=[start, end], coarsen=cfg.data.coarsen,
-                             expect_grid=cfg.data.grid)
+                             expect_grid=cfg.data.grid, check_units=cfg.checks.units)
     bgs = ensure_backgrounds(cfg, ws, truth, pre.forecaster, progress=progress)
     return EvalData(truth, bgs, normalizer, pre.codec, pre.forecaster, truth_store=Path(store)), pre.eps_model
 

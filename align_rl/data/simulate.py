@@ -261,7 +261,7 @@ def store_normalization(path: str | Path, train: list[str]) -> str:
 
     from ..era5 import open_states
 
-    states = open_states(path)
+    states = open_states(path, check_units=False)  # statistics of any store
     norm, how = fit_normalizer(states, train)
     group = zarr.open_group(str(path), mode="r+")
     group.attrs.update({"normalization": json.dumps(norm.to_dict()), "normalization_split": how})
