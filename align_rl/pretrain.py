@@ -498,8 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .cli import parse_args, preflight
+
+    args = parse_args(build_parser(), argv)
     cfg = load_config(args.config, args.overrides)
+    preflight(cfg)
     ws = Workspace.from_config(cfg)
     stages = STAGES if args.stage == "all" else (args.stage,)
     force = stages if args.force else ()

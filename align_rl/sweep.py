@@ -994,6 +994,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg_items, spec_ov = split_overrides(args.overrides)
     spec = load_spec(args.spec, spec_ov)
     cfg = build_base_config(spec, args.config, cfg_items)
+    from .cli import preflight
+
+    preflight(cfg, outputs=("pairs",))
     result = run_sweep(spec, cfg, progress=not args.quiet)
     out = sweep_dir(cfg, spec)
     print(f"sweep {spec.name}: {len(result.rows)} trials in {result.seconds / 60:.1f} min; "

@@ -44,7 +44,14 @@ def _parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    ap = _parser()
+    args, rest = ap.parse_known_args(argv)
+    # overrides may come between options (`simulate --out w.zarr data.days=2 --overwrite data.seed=1`)
+    extra = [r for r in rest if "=" in r and not r.startswith("-")]
+    if len(extra) != len(rest) or (extra and args.command != "simulate"):
+        ap.error(f"unrecognized arguments: {' '.join(r for r in rest if r not in extra or args.command != 'simulate')}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     if args.command == "simulate":
         from .simulate import build_world, check_request
 
