@@ -613,3 +613,20 @@ def test_legacy_store_without_marker_is_adopted(tmp_path):
     (p / MARKER).unlink()  # as written before markers existed
     write_states(p, s, overwrite=True)
     assert is_owned(p)
+
+
+def test_legacy_eval_folder_is_adopted_but_a_lookalike_is_not(tmp_path):
+    from align_rl.owned import is_owned, require_owned
+
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    (ev / "report.md").write_text("# Evaluation\n")
+    (ev / "metrics.json").write_text(json.dumps({"checks": [], "scores": {}}))
+    require_owned(ev)
+    assert is_owned(ev)
+    fake = tmp_path / "notes"
+    fake.mkdir()
+    (fake / "report.md").write_text("mine\n")
+    (fake / "metrics.json").write_text("{}")
+    with pytest.raises(OwnershipError):
+        require_owned(fake)
