@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="seed of the member perturbations (default: config)")
     s.add_argument("--burn-in", type=float, dest="burn_in",
                    help="days discarded after perturbing the members (default: config)")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing store written by align_rl (never another folder)")
     s.add_argument("--config", help="YAML config file (its data section is used)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("overrides", nargs="*", help="config overrides section.key=value")
