@@ -13,7 +13,7 @@ Rules (docs/design.md, "Hardening"):
   point leaves the old target, or the new one, in place.
 - Staging folders and temporary files (``.<name>.tmp-<host>-<pid>``, :func:`temp_file`) of a process
   that no longer runs on this host are cleaned by the next write of the same target
-  (:func:`clean_stale`); when the target itself is missing because the crash came between the two
+  (:func:`clean_stale`) and when a command opens the work directory (:func:`clean_tree`); when the target itself is missing because the crash came between the two
   renames, the old content is moved back first. Staging names of other hosts (a shared workdir)
   are left alone.
 - Folders written before markers existed are recognised once by their content (a zarr store of
@@ -192,6 +192,27 @@ def clean_stale(target: str | Path) -> list[Path]:
             except OSError:
                 continue
         removed.append(e)
+    return removed
+
+
+def clean_tree(root: str | Path, depth: int = 3) -> list[Path]:
+    """:func:`clean_stale` for every staging name found in ``root`` and its subfolders down to
+    ``depth`` levels (zarr stores and Ray's, Tune's and wandb's folders are not entered)."""
+    removed: list[Path] = []
+    r = Path(root)
+    if depth < 0 or not r.is_dir():
+        return removed
+    try:
+        entries = list(r.iterdir())
+    except OSError:
+        return removed
+    for e in entries:
+        m = _STAGE_RE.match(e.name)
+        if m:
+            removed += clean_stale(r / m["name"])
+        elif (e.is_dir() and not e.is_symlink() and not e.name.endswith(".zarr")
+              and e.name not in ("ray", "tune", "wandb")):
+            removed += clean_tree(e, depth - 1)
     return removed
 
 

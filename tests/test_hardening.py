@@ -630,3 +630,24 @@ def test_legacy_eval_folder_is_adopted_but_a_lookalike_is_not(tmp_path):
     (fake / "metrics.json").write_text("{}")
     with pytest.raises(OwnershipError):
         require_owned(fake)
+
+
+def test_opening_the_workdir_cleans_temporaries_of_dead_processes(tmp_path):
+    from align_rl.config import load_config
+    from align_rl.owned import _HOST, mark
+    from align_rl.workspace import Workspace
+
+    ck = tmp_path / "checkpoints" / "vae"
+    ck.mkdir(parents=True)
+    tmp_file = ck / f".final.pt.tmp-{_HOST}-{_dead_pid()}"
+    tmp_file.write_bytes(b"half a checkpoint")
+    stage = tmp_path / f".world.zarr.tmp-{_HOST}-{_dead_pid()}"
+    stage.mkdir()
+    mark(stage, "staging")
+    (stage / "new").mkdir()
+    keep = tmp_path / "pairs.zarr"
+    keep.mkdir()
+    (keep / f".x.tmp-{_HOST}-{_dead_pid()}").write_text("inside a store: not ours to sweep")
+    Workspace.from_config(load_config(overrides=[f"run.workdir={tmp_path}"]))
+    assert not tmp_file.exists() and not stage.exists()
+    assert len(list(keep.iterdir())) == 1
