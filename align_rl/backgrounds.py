@@ -124,7 +124,7 @@ def _open_cache(path: Path, key: dict) -> States | None:
     from .era5 import open_states
 
     try:
-        cached = open_states(path)
+        cached = open_states(path, check_units=False)  # derived from checked inputs
     except InputError:
         return None  # unreadable: recompute
     stored = cached.attrs.get(KEY_ATTR)

@@ -7,10 +7,19 @@ model's config section as a dict), ``shapes`` (``grid`` ``(H, W)`` and/or ``late
 :func:`load_model` rebuilds the network from the stored section and raises :class:`CheckpointError`
 naming the mismatch and the fix when the kind, the architecture keys of the section or the shapes
 differ from what the caller expects.
+
+Integrity: every file is read with ``torch.load(weights_only=True)`` (tensors and plain data only;
+a pickled object that would run code is refused), and a checkpoint carries ``checksum``, the
+SHA-256 of its content (:func:`content_digest`), which :func:`read_checkpoint` verifies, so flipped
+bytes in the weights raise :class:`CheckpointError` instead of loading silently (checkpoints
+written before checksums existed load without the check). Training states (``state.pt`` of the
+pretraining loops and the DPO learner) are written and read the same way by :func:`save_state` and
+:func:`load_state`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -63,6 +72,97 @@ def _shapes_of(model: nn.Module) -> dict[str, list[int]]:
     return out
 
 
+def _feed(h, obj: Any) -> None:
+    """Feed a canonical byte form of ``obj`` (tensors, containers, scalars) into the hash."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(b"D%d" % len(obj))
+        for k in sorted(obj, key=lambda k: (type(k).__name__, str(k))):
+            _feed(h, k)
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"L%d" % len(obj))
+        for v in obj:
+            _feed(h, v)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def _plain(obj: Any) -> Any:
+    """numpy scalars and arrays as Python numbers and tensors (``weights_only`` loads them)."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_plain(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    return obj
+
+
+def content_digest(obj: dict) -> str:
+    """SHA-256 (hex) of a checkpoint or state dict without its ``checksum`` entry."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in obj.items() if k != "checksum"})
+    return h.hexdigest()
+
+
+def _torch_load(p: Path) -> Any:
+    """``torch.load`` of tensors and plain data only (never a pickled object that runs code)."""
+    return torch.load(p, map_location="cpu", weights_only=True)
+
+
+def _verify(obj: Any, p: Path, fix: str) -> None:
+    if isinstance(obj, dict) and "checksum" in obj and obj["checksum"] != content_digest(obj):
+        raise CheckpointError(
+            f"{p} is damaged: its content does not match its stored checksum (flipped or "
+            f"truncated bytes); {fix}"
+        )
+
+
+def save_state(obj: dict, path: str | Path) -> Path:
+    """Write a training state dict (tensors, numbers, strings, lists, dicts) atomically, with its
+    checksum. Read it with :func:`load_state`."""
+    from .owned import temp_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    obj = _plain(dict(obj))
+    obj["checksum"] = content_digest(obj)
+    tmp = temp_file(path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_state(path: str | Path, fix: str = "delete it to start that run again") -> dict:
+    """A state dict written by :func:`save_state` (or an older one without checksum), read with
+    ``weights_only=True`` and verified; :class:`CheckpointError` naming the file and ``fix``."""
+    p = Path(path)
+    try:
+        obj = _torch_load(p)
+    except Exception as exc:  # noqa: BLE001 - unpickling refused, truncated file, ...
+        raise CheckpointError(f"{p} is not a readable training state ({str(exc).splitlines()[0]}); "
+                              f"{fix}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{p} holds a {type(obj).__name__}, not a training state; {fix}")
+    _verify(obj, p, fix)
+    obj.pop("checksum", None)
+    return obj
+
+
 def save_model(path: str | Path, model: nn.Module, kind: str, section_cfg: Any,
                extra: dict | None = None, shapes: dict | None = None) -> Path:
     """Write ``model`` (unwrapped from DDP / compile) as a ``kind`` checkpoint atomically.
@@ -91,9 +191,12 @@ def save_model(path: str | Path, model: nn.Module, kind: str, section_cfg: Any,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": extra,
     }
+    obj["checksum"] = content_digest(obj)
+    from .owned import temp_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_file(path)
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
@@ -106,7 +209,7 @@ def save_model(path: str | Path, model: nn.Module, kind: str, section_cfg: Any,
 def is_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` is a checkpoint written by :func:`save_model`."""
     try:
-        obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+        obj = _torch_load(Path(path))
     except Exception:
         return False
     return isinstance(obj, dict) and obj.get("format") == FORMAT
@@ -120,11 +223,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"no checkpoint at {p}; train it first (python -m align_rl.pretrain MODEL) or fix the path"
         )
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        obj = _torch_load(p)
     except Exception as exc:
-        raise CheckpointError(f"{p} is not a readable checkpoint ({exc}); retrain or fix the path") from None
+        raise CheckpointError(f"{p} is not a readable checkpoint ({str(exc).splitlines()[0]}); "
+                              "retrain or fix the path") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{p} is not an align_rl checkpoint (written by save_model)")
+    _verify(obj, p, "retrain it or restore it from a copy")
     if str(obj.get("version")) != VERSION:
         raise CheckpointError(
             f"{p} has checkpoint format version {obj.get('version')}, this code reads {VERSION}; "

@@ -4,6 +4,13 @@ Load order: the preset (``demo`` or ``paper``), then ``--config FILE`` (YAML, ne
 sections below), then ``section.key=value`` overrides from the command line (values parsed as YAML,
 so ``dpo.beta=8000``, ``rewards.weights={assim: 1, forecast: 1, phys: 0}``, ``guidance.methods=[dps]``).
 Unknown keys and badly typed values raise :class:`ConfigError` naming the key and the fix.
+
+:func:`validate` is one pass over the whole configuration, run by :func:`load_config` before any
+command does work: every float must be finite, every key in :data:`RANGES` must satisfy its rule
+(a range, an integer bound or a set of choices), and a few rules tie keys together. A new numeric
+config field needs an entry in :data:`RANGES` (``tests/test_hardening.py`` checks that every one
+has). YAML values are read as in YAML 1.2: ``0x40``, ``0o17``, ``1_000`` or ``1:20`` stay strings,
+and ``1e-5`` is a number.
 """
 
 from __future__ import annotations
@@ -11,10 +18,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -234,6 +243,16 @@ class EvalConfig:
 
 
 @dataclass
+class ChecksConfig:
+    # plausibility of physical inputs read from stores (temperature in K, geopotential in m²/s²,
+    # wind in m/s, humidity in kg/kg, pressure in Pa); false for unusual data
+    units: bool = True
+    # forecaster.kind=torch may name a pickled module: loading it runs code from the file, so it is
+    # refused unless this is true (TorchScript files and align_rl checkpoints need no trust)
+    trust_pickle: bool = False
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -249,6 +268,7 @@ class Config:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     actors: ActorsConfig = field(default_factory=ActorsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -274,6 +294,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dpo": {"beta": 4000.0, "lr": 1e-5, "batch_size": 32, "steps": 500},
     },
 }
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2-style scalars: only decimal integers are integers (``0x40``, ``0o17``, ``1_000`` and
+    the sexagesimal ``1:20`` stay strings) and ``1e-5`` is a float, as in the 1.2 core schema."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.copy().items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text as config values are parsed (see :class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -353,7 +395,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         k, v = item.split("=", 1)
         try:
-            val = yaml.safe_load(v) if v != "" else ""
+            val = yaml_load(v) if v != "" else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
         _set_dotted(out, k.strip(), val)
@@ -373,7 +415,7 @@ def load_config(
         if not p.exists():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            file_data = yaml.safe_load(p.read_text()) or {}
+            file_data = yaml_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
         if not isinstance(file_data, dict):
@@ -397,88 +439,253 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     return cfg
 
 
-def _choice(value: Any, allowed: tuple, key: str) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+# ----------------------------------------------------------------------------- validation
 
 
-def _positive(value: float, key: str, strict: bool = True) -> None:
-    if (value <= 0) if strict else (value < 0):
-        raise ConfigError(f"{key}={value!r} must be {'>' if strict else '>='} 0")
+@dataclass(frozen=True)
+class Rule:
+    """What a config value must be: ``ok(value)`` and the wording for the error message."""
+
+    text: str
+    ok: Callable[[Any], bool]
+
+    def check(self, key: str, value: Any) -> str | None:
+        try:
+            good = bool(self.ok(value))
+        except (TypeError, ValueError):
+            good = False
+        return None if good else f"{key}={value!r} must be {self.text}"
 
 
-def validate(cfg: Config) -> None:
-    """Raise ConfigError for values that cannot work, naming the key and what is allowed."""
-    from .grid import Grid
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def in_range(lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+             hi_open: bool = False) -> Rule:
+    """A finite number within ``lo``..``hi`` (open or closed ends)."""
+    if lo is not None and hi is not None:
+        text = f"a finite number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    elif lo is not None:
+        text = f"a finite number {'>' if lo_open else '>='} {lo:g}"
+    else:
+        text = f"a finite number {'<' if hi_open else '<='} {hi:g}"
+
+    def ok(v):
+        if not _is_num(v):
+            return False
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return False
+        return not (hi is not None and (v >= hi if hi_open else v > hi))
+
+    return Rule(text, ok)
+
+
+def integer(lo: int, hi: int | None = None) -> Rule:
+    """An integer ``>= lo`` (and ``<= hi``)."""
+    text = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+    return Rule(text, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+                and (hi is None or v <= hi))
+
+
+def choice(*allowed: Any) -> Rule:
+    """One of ``allowed``."""
+    return Rule(f"one of {', '.join(map(str, allowed))}", lambda v: v in allowed)
+
+
+def _date_range(v: Any) -> bool:
+    import numpy as np
+
+    if not isinstance(v, list) or len(v) != 2:
+        return False
+    a, b = (np.datetime64(str(x), "ns") for x in v)
+    return bool(a <= b)
+
+
+POSITIVE = in_range(0, lo_open=True)
+NON_NEGATIVE = in_range(0)
+FRACTION = in_range(0, 1, lo_open=True)  # (0, 1]
+DATE_RANGE = Rule("[start, end] ISO dates with start <= end, e.g. [2000-01-01, 2002-12-31]", _date_range)
+GUIDANCE_METHODS = ("obsfree", "repaint", "dps")
+PAIR_MODES = ("M", "P")
+
+RANGES: dict[str, Rule] = {
+    # full key -> rule; "key[]" applies to every list entry, "key.*" to every mapping value
+    "run.seed": integer(0),
+    "run.device": choice("auto", "cpu", "cuda"),
+    "run.wandb_mode": choice("offline", "online", "disabled"),
+    "data.source": choice("simulate", "zarr"),
+    "data.coarsen": integer(1),
+    "data.days": integer(1),
+    "data.members": integer(1),
+    "data.seed": integer(0),
+    "data.burn_in_days": NON_NEGATIVE,
+    "data.train": DATE_RANGE,
+    "data.val": DATE_RANGE,
+    "data.pref": DATE_RANGE,
+    "data.test": DATE_RANGE,
+    "obs.density": FRACTION,
+    "obs.sigma_o": NON_NEGATIVE,
+    "obs.mode": choice("point", "column"),
+    "obs.r_floor": POSITIVE,
+    "forecaster.kind": choice("emulator", "onnx", "torch"),
+    "forecaster.hidden": integer(1),
+    "forecaster.depth": integer(1),
+    "forecaster.steps": integer(1),
+    "forecaster.lr": POSITIVE,
+    "forecaster.batch_size": integer(1),
+    "vae.preset": choice("demo", "paper"),
+    "vae.patch": integer(1),
+    "vae.latent_channels": integer(1),
+    "vae.embed_dim": integer(1),
+    "vae.depth": integer(1),
+    "vae.heads": integer(1),
+    "vae.window": integer(1),
+    "vae.kl_weight": NON_NEGATIVE,
+    "vae.steps": integer(1),
+    "vae.lr": POSITIVE,
+    "vae.batch_size": integer(1),
+    "diffusion.preset": choice("demo", "paper"),
+    "diffusion.patch": integer(1),
+    "diffusion.embed_dim": integer(1),
+    "diffusion.depth": integer(1),
+    "diffusion.heads": integer(1),
+    "diffusion.eps_skip": choice("background", "gaussian", "none"),
+    "diffusion.num_workers": integer(0),  # 0: pretrain.num_workers
+    "diffusion.cpus_per_worker": integer(0),  # 0: pretrain.cpus_per_worker
+    "diffusion.steps": integer(1),
+    "diffusion.lr": POSITIVE,
+    "diffusion.batch_size": integer(1),
+    "pretrain.num_workers": integer(0),  # 0: auto
+    "pretrain.cpus_per_worker": integer(1),
+    "pretrain.checkpoint_every": integer(1),
+    "pretrain.val_every": integer(1),
+    "pretrain.max_failures": integer(0),
+    "pretrain.background_batch": integer(1),
+    "sampler.steps": integer(1),
+    "sampler.corrections": integer(0),
+    "sampler.tau": POSITIVE,
+    "sampler.members": integer(1),
+    "sampler.decode": choice("anchored", "plain"),
+    "guidance.methods[]": choice(*GUIDANCE_METHODS),
+    "guidance.dps_zeta": NON_NEGATIVE,
+    "guidance.dps_likelihood": choice("norm", "gaussian"),
+    "guidance.dps_gamma": NON_NEGATIVE,
+    "rewards.weights.*": NON_NEGATIVE,
+    "rewards.normalize": choice("zscore", "rank", "none"),
+    "rewards.forecast_hours": Rule("a positive multiple of 6 (hours of 6 h forecast steps)",
+                                   lambda v: isinstance(v, int) and v >= 6 and v % 6 == 0),
+    "rewards.geo_level": Rule("a pressure level of the data (50, 100, …, 1000 hPa)",
+                              lambda v: v in (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)),
+    "rewards.geo_equator_band": in_range(0, 90, hi_open=True),
+    "pairs.mode": choice(*PAIR_MODES),
+    "pairs.candidates": integer(2),  # rewards compare candidates
+    "pairs.backgrounds": integer(1),
+    "pairs.pairs_per_background": integer(1),
+    "pairs.top_k_phys": integer(1),
+    "pairs.decile": in_range(0, 0.5, lo_open=True),  # top and bottom decile·N of N candidates
+    "pairs.guidance": choice(*GUIDANCE_METHODS),
+    "pairs.variants[]": choice(*PAIR_MODES),
+    "dpo.beta": POSITIVE,
+    "dpo.lr": POSITIVE,
+    "dpo.batch_size": integer(1),
+    "dpo.steps": integer(1),
+    "dpo.grad_clip": POSITIVE,
+    "dpo.num_workers": integer(1),
+    "dpo.checkpoint_every": integer(1),
+    "dpo.mode": choice("offline", "online"),
+    "dpo.sync_every": integer(1),
+    "dpo.staleness": integer(0),
+    "dpo.online_backgrounds": integer(1),
+    "dpo.max_failures": integer(0),
+    "dpo.cpus_per_worker": POSITIVE,
+    "dpo.anchor": NON_NEGATIVE,
+    "dpo.t_min": in_range(0, 1, hi_open=True),
+    "dpo.t_max": in_range(0, 1, lo_open=True),
+    "dpo.warmup_steps": integer(0),
+    "dpo.val_every": integer(0),
+    "dpo.val_backgrounds": integer(1),
+    "dpo.val_members": integer(2),  # rewards compare candidates
+    "actors.samplers": integer(1),
+    "actors.forecasters": integer(1),
+    "actors.rewarders": integer(1),
+    "actors.cpus_per_actor": NON_NEGATIVE,
+    "actors.gpus_per_actor": NON_NEGATIVE,
+    "actors.max_restarts": integer(-1),  # -1: restart without limit (Ray)
+    "actors.max_task_retries": integer(-1),
+    "actors.batch_size": integer(1),
+    "eval.times": integer(1),
+    "eval.members": integer(2),  # ensemble mean, CRPS and spread/skill need 2
+    "eval.ablations[]": choice("density", "error"),
+    "eval.densities[]": FRACTION,
+    "eval.errors[]": NON_NEGATIVE,
+    "eval.map_samples": integer(1),
+    "eval.batch_size": integer(1),
+}
+"""The range or choices of every config key that has one (full dotted key)."""
+
+
+def _non_finite(key: str, value: Any) -> list[str]:
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{key}={value!r} must be a finite number"]
+    if isinstance(value, (list, tuple)):
+        return [m for i, v in enumerate(value) for m in _non_finite(f"{key}[{i}]", v)]
+    if isinstance(value, dict):
+        return [m for k, v in value.items() for m in _non_finite(f"{key}.{k}", v)]
+    return []
+
+
+def _cross_rules(cfg: Config) -> list[str]:
+    """Rules that tie keys together or need more than a range."""
     from .errors import InputError
+    from .grid import Grid
 
+    out: list[str] = []
     try:
         Grid.parse(cfg.data.grid)
     except InputError as exc:
-        raise ConfigError(f"data.grid: {exc}") from None
-    _choice(cfg.data.source, ("simulate", "zarr"), "data.source")
+        out.append(f"data.grid: {exc}")
     if cfg.data.source == "zarr" and not cfg.data.path:
-        raise ConfigError("data.source=zarr needs data.path=PATH_OR_URL of a WeatherBench2 store")
-    _choice(cfg.run.wandb_mode, ("offline", "online", "disabled"), "run.wandb_mode")
-    _choice(str(cfg.diffusion.eps_skip), ("background", "gaussian", "none"), "diffusion.eps_skip")
-    for key in ("num_workers", "cpus_per_worker"):
-        if int(getattr(cfg.diffusion, key)) < 0:
-            raise ConfigError(f"diffusion.{key}={getattr(cfg.diffusion, key)} must be >= 0 "
-                              f"(0: use pretrain.{key})")
-    _choice(cfg.run.device, ("auto", "cpu", "cuda"), "run.device")
-    if not 0 < cfg.obs.density <= 1:
-        raise ConfigError(f"obs.density={cfg.obs.density} must lie in (0, 1]")
-    _positive(cfg.obs.sigma_o, "obs.sigma_o", strict=False)
-    _positive(cfg.obs.r_floor, "obs.r_floor")
-    _choice(cfg.obs.mode, ("point", "column"), "obs.mode")
-    _choice(cfg.forecaster.kind, ("emulator", "onnx", "torch"), "forecaster.kind")
-    for g in cfg.guidance.methods:
-        _choice(g, ("obsfree", "repaint", "dps"), "guidance.methods[]")
-    _choice(cfg.guidance.dps_likelihood, ("norm", "gaussian"), "guidance.dps_likelihood")
-    _choice(cfg.pairs.guidance, ("obsfree", "repaint", "dps"), "pairs.guidance")
-    _choice(cfg.pairs.mode, ("M", "P"), "pairs.mode")
-    for v in cfg.pairs.variants:
-        _choice(v, ("M", "P"), "pairs.variants[]")
-    if cfg.dpo.sync_every < 1 or cfg.dpo.staleness < 0 or cfg.dpo.steps < 1:
-        raise ConfigError("dpo.steps and dpo.sync_every must be >= 1, dpo.staleness >= 0")
-    if cfg.actors.samplers < 1 or cfg.actors.rewarders < 1 or cfg.actors.batch_size < 1:
-        raise ConfigError("actors.samplers, actors.rewarders and actors.batch_size must be >= 1")
-    _choice(cfg.dpo.mode, ("offline", "online"), "dpo.mode")
-    _positive(cfg.dpo.beta, "dpo.beta")
-    if not 0.0 <= cfg.dpo.t_min < cfg.dpo.t_max <= 1.0:
-        raise ConfigError(f"dpo.t_min={cfg.dpo.t_min}, dpo.t_max={cfg.dpo.t_max} must satisfy "
-                          "0 <= t_min < t_max <= 1")
-    _positive(cfg.dpo.anchor, "dpo.anchor", strict=False)
-    for k in ("warmup_steps", "val_every"):
-        _positive(getattr(cfg.dpo, k), f"dpo.{k}", strict=False)
-    for k in ("val_backgrounds", "val_members"):
-        _positive(getattr(cfg.dpo, k), f"dpo.{k}")
-    if cfg.dpo.val_every and cfg.dpo.val_members < 2:
-        raise ConfigError("dpo.val_members must be >= 2 (rewards compare candidates)")
-    _positive(cfg.dpo.lr, "dpo.lr")
-    for k in ("steps", "members"):
-        _positive(getattr(cfg.sampler, k), f"sampler.{k}")
-    _positive(cfg.sampler.corrections, "sampler.corrections", strict=False)
-    _positive(cfg.sampler.tau, "sampler.tau")
-    _choice(cfg.sampler.decode, ("anchored", "plain"), "sampler.decode")
-    _choice(cfg.rewards.normalize, ("zscore", "rank", "none"), "rewards.normalize")
-    _positive(cfg.guidance.dps_zeta, "guidance.dps_zeta", strict=False)
-    _positive(cfg.guidance.dps_gamma, "guidance.dps_gamma", strict=False)
-    for ab in cfg.eval.ablations:
-        _choice(ab, ("density", "error"), "eval.ablations[]")
-    if cfg.eval.members < 2:
-        raise ConfigError("eval.members must be >= 2 (ensemble mean, CRPS and spread/skill need it)")
-    for k in ("times", "batch_size", "map_samples"):
-        _positive(getattr(cfg.eval, k), f"eval.{k}")
-    for d in cfg.eval.densities:
-        if not 0 < d <= 1:
-            raise ConfigError(f"eval.densities entry {d} must lie in (0, 1]")
-    for e in cfg.eval.errors:
-        _positive(e, "eval.errors[]", strict=False)
-    if cfg.pairs.candidates < 2:
-        raise ConfigError("pairs.candidates must be >= 2 (rewards compare candidates)")
-    for k, w in cfg.rewards.weights.items():
-        if w < 0:
-            raise ConfigError(f"rewards.weights.{k}={w} must be >= 0")
-    if sum(cfg.rewards.weights.values()) <= 0:
-        raise ConfigError("rewards.weights must have at least one positive weight")
+        out.append("data.source=zarr needs data.path=PATH_OR_URL of a WeatherBench2 store")
+    if cfg.forecaster.kind in ("onnx", "torch") and not cfg.forecaster.path:
+        out.append(f"forecaster.kind={cfg.forecaster.kind} needs forecaster.path=FILE")
+    w = cfg.rewards.weights
+    if all(_is_num(v) for v in w.values()) and sum(w.values()) <= 0:
+        out.append("rewards.weights must have at least one positive weight")
+    if "P" in cfg.pairs.variants and "phys" not in cfg.rewards.names:
+        out.append("pairs.variants has P (ranked by Geo-Score): add phys to rewards.names")
+    if not cfg.pairs.variants:
+        out.append("pairs.variants must name at least one pair mode (M and/or P)")
+    if _is_num(cfg.dpo.t_min) and _is_num(cfg.dpo.t_max) and not cfg.dpo.t_min < cfg.dpo.t_max:
+        out.append(f"dpo.t_min={cfg.dpo.t_min} must be below dpo.t_max={cfg.dpo.t_max} "
+                   "(t is drawn from U(t_min, t_max))")
+    if not cfg.guidance.methods:
+        out.append("guidance.methods must name at least one method (obsfree, repaint, dps)")
+    return out
+
+
+def validate(cfg: Config) -> None:
+    """One pass over the whole configuration; raises one :class:`ConfigError` listing every
+    problem, each naming the full key (``data.days``) and what is allowed."""
+    problems: list[str] = []
+    for sec in dataclasses.fields(cfg):
+        section = getattr(cfg, sec.name)
+        for f in dataclasses.fields(section):
+            key = f"{sec.name}.{f.name}"
+            value = getattr(section, f.name)
+            bad = _non_finite(key, value)
+            problems += bad
+            if bad:
+                continue
+            if key in RANGES:
+                problems.append(RANGES[key].check(key, value))
+            if f"{key}[]" in RANGES and isinstance(value, list):
+                problems += [RANGES[f"{key}[]"].check(f"{key}[{i}]", v) for i, v in enumerate(value)]
+            if f"{key}.*" in RANGES and isinstance(value, dict):
+                problems += [RANGES[f"{key}.*"].check(f"{key}.{k}", v) for k, v in value.items()]
+    problems = [p for p in problems if p]
+    problems += _cross_rules(cfg)
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} bad config values: " + "; ".join(problems))

@@ -283,6 +283,7 @@ def open_states(
     coarsen: int = 1,
     expect_grid: Grid | str | None = None,
     times: Iterable[np.datetime64] | None = None,
+    check_units: bool = True,
 ) -> States:
     """Read the 69 channels of a WeatherBench2-layout store as :class:`States` (physical units).
 
@@ -291,7 +292,9 @@ def open_states(
     ``coarsen``: conservative coarsening factor (see module doc). ``expect_grid``: the grid the
     result must have (after coarsening), e.g. ``"32x64"``. Raises :class:`InputError` for missing
     variables or levels, NaNs, non-monotonic or duplicated coordinates, grids outside the
-    WeatherBench family or not the expected one, and empty selections.
+    WeatherBench family or not the expected one, and empty selections; with ``check_units``
+    (default) also for values implausible in SI units (:func:`align_rl.plausibility.check_units`:
+    temperature in °C, geopotential height in m, ...).
     """
     coarsen = int(coarsen)
     if coarsen < 1:
@@ -329,6 +332,10 @@ def open_states(
                 f"{np.datetime_as_string(st.times[-1], unit='h')}") if len(st.times) else "no times"
         raise InputError(f"store {st.path} has no times in {time_range!r} (it holds {span})")
     values = st.read(np.asarray(tidx))
+    if check_units:
+        from .plausibility import check_units as _check_units
+
+        _check_units(values, f"store {st.path}")
     lat, lon = st.lat, st.lon
     if coarsen > 1:
         values = coarsen_values(values, lat, coarsen)

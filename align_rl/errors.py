@@ -27,6 +27,15 @@ class CheckpointError(AlignRLError):
     """A checkpoint that is missing or does not match the configuration it is loaded with."""
 
 
+class IntegrityError(AlignRLError):
+    """Stored data that fails its own checks (a lost commit, a missing chunk, a wrong checksum):
+    the message names the damaged part and how to recover."""
+
+
+class OwnershipError(AlignRLError):
+    """A folder the project would replace or delete that it did not create (no marker file)."""
+
+
 F = TypeVar("F", bound=Callable[..., int | None])
 
 

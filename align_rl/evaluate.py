@@ -277,7 +277,7 @@ def load_eval_data(cfg: Config, ws: Workspace) -> tuple[EvalData, Any]:
     start = np.datetime64(test[0]) - _hours(2 * STEP_HOURS * LEAD_STEPS)
     end = np.datetime64(test[-1]) + np.timedelta64(1, "D") + _hours(STEP_HOURS * LEAD_STEPS)
     truth = era5.open_states(store, time_range=[start, end], coarsen=cfg.data.coarsen,
-                             expect_grid=cfg.data.grid)
+                             expect_grid=cfg.data.grid, check_units=cfg.checks.units)
     bgs = ensure_backgrounds(cfg, ws, truth, pre.forecaster)
     data = EvalData(truth, bgs, normalizer, pre.codec, pre.forecaster, truth_store=Path(store))
     return data, pre.eps_model
@@ -540,12 +540,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    from .cli import check_model_specs, parse_args, preflight, split_model_specs
+
+    args = parse_args(build_parser(), argv)
+    specs, more = split_model_specs(args.models)  # `--models A=x.pt run.workdir=W`
+    cfg = load_config(args.config, list(args.overrides) + more)
+    check_model_specs(specs)  # before the world, the models and the backgrounds are built
+    preflight(cfg, outputs=("eval",), eval_out=args.out)
     ws = Workspace.from_config(cfg)
     data, ref = load_eval_data(cfg, ws)
     models = {"reference": ref}
-    models.update(load_models(args.models, cfg, tuple(getattr(data.codec, "latent_shape", ())) or None))
+    models.update(load_models(specs, cfg, tuple(getattr(data.codec, "latent_shape", ())) or None))
     summary = run_evaluation(cfg, ws, models, data=data, out=args.out)
     out = Path(args.out or cfg.eval.out or ws.eval)
     print(f"evaluation of {', '.join(models)} × {', '.join(cfg.guidance.methods)} on "

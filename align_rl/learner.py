@@ -110,16 +110,15 @@ def read_state(out_dir: Path) -> dict | None:
     p = Path(out_dir) / STATE_FILE
     if not p.exists():
         return None
-    try:
-        return torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"DPO state {p} is unreadable ({exc}); delete {out_dir} to restart") from None
+    from .checkpoints import load_state  # weights_only=True, checksum verified
+
+    return load_state(p, fix=f"delete {out_dir} to restart")
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from .checkpoints import save_state  # atomic, with a checksum
+
+    save_state(obj, path)
 
 
 # ----------------------------------------------------------------------------- worker loop
@@ -167,7 +166,7 @@ def dpo_loop(conf: dict) -> None:
     ck = ray.train.get_checkpoint()
     if ck is not None:
         with ck.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+            state = read_state(Path(d))
     elif conf.get("resume"):
         state = read_state(out_dir)
     start, history = 0, []
@@ -269,7 +268,7 @@ def dpo_loop(conf: dict) -> None:
                         st = {"model": raw.state_dict(), "optim": opt.state_dict(), "step": step,
                               "target": steps, "version": version, "history": history,
                               "best": best}
-                        torch.save(st, Path(tmp) / STATE_FILE)
+                        _save_atomic(st, Path(tmp) / STATE_FILE)
                         out_dir.mkdir(parents=True, exist_ok=True)
                         save_model(out_dir / POLICY_FILE, raw, "diffusion", conf["diffusion_cfg"],
                                    extra={"dpo_step": step, "dpo_version": version,

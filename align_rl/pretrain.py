@@ -80,7 +80,8 @@ class PretrainData:
 
         if name not in self._split:
             self._split[name] = open_states(self.store, time_range=getattr(self.cfg.data, name),
-                                            coarsen=self.cfg.data.coarsen, expect_grid=self.cfg.data.grid)
+                                            coarsen=self.cfg.data.coarsen, expect_grid=self.cfg.data.grid,
+                                            check_units=self.cfg.checks.units)
         return self._split[name]
 
     def _normed(self, name: str) -> np.ndarray:
@@ -558,8 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .cli import parse_args, preflight
+
+    args = parse_args(build_parser(), argv)
     cfg = load_config(args.config, args.overrides)
+    preflight(cfg)
     ws = Workspace.from_config(cfg)
     stages = STAGES if args.stage == "all" else (args.stage,)
     force = stages if args.force else ()

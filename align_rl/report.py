@@ -252,13 +252,13 @@ def write_outputs(out_dir: Path, summary: dict, per_time: dict, maps: dict[str, 
     from .states import States
     from .store import write_states
 
+    from .owned import staged
+
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    # a new folder replaces the old one atomically; an existing folder not made by align_rl is
+    # refused (align_rl.owned)
+    with staged(out_dir, "eval") as tmp:
+        tmp.mkdir()
         files = ["report.md", "metrics.json", "metrics.csv"]
         (tmp / "maps").mkdir()
         plot_maps(tmp / "maps" / "z500_error_reduction.png", maps, data.truth.lat, data.truth.lon,
@@ -284,10 +284,4 @@ def write_outputs(out_dir: Path, summary: dict, per_time: dict, maps: dict[str, 
         (tmp / "metrics.json").write_text(json.dumps(_clean(doc), indent=1) + "\n")
         write_csv(tmp / "metrics.csv", summary)
         write_report_md(tmp / "report.md", summary, baseline, models, methods, files)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -33,7 +33,7 @@ class SplitData:
         end = np.datetime64(rng_[-1]) + np.timedelta64(1, "D") + (cfg.rewards.forecast_hours + 6) * h
         self.split = split
         self.truth = era5.open_states(store, time_range=[start, end], coarsen=cfg.data.coarsen,
-                                      expect_grid=cfg.data.grid)
+                                      expect_grid=cfg.data.grid, check_units=cfg.checks.units)
         self.normalizer = models.normalizer or era5.load_normalizer(store)
         self.backgrounds = ensure_backgrounds(cfg, ws, self.truth, models.forecaster, progress=progress)
         fh = cfg.rewards.forecast_hours if "forecast" in cfg.rewards.names else None

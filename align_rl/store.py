@@ -2,15 +2,15 @@
 
 Layout: variables with WeatherBench2 long names; pressure-level variables have dims
 (time, level, latitude, longitude), surface variables (time, latitude, longitude); ``level`` is int
-hPa, latitude ascending. A store is written to ``PATH.tmp-<pid>`` and renamed into place, so a
-crash never leaves a half-written ``PATH``. Reading is in :mod:`align_rl.era5`.
+hPa, latitude ascending. A store is written into a staging folder beside ``PATH`` and renamed into
+place (:func:`align_rl.owned.staged`), so a crash never leaves a half-written ``PATH``; an existing
+``PATH`` is replaced only when the project created it (marker file), and staging folders of dead
+processes are cleaned on the next write. Reading is in :mod:`align_rl.era5`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -63,24 +63,19 @@ def write_states(
 
     Dict- or list-valued ``states.attrs`` are stored as JSON strings (e.g. ``normalization``).
     """
+    from .owned import require_owned, staged
+
     path = Path(path)
     if not np.all(np.isfinite(states.values)):
         raise InputError(f"refusing to write {path}: the states hold NaN or inf values")
     if path.exists() and not overwrite:
         raise InputError(f"{path} exists; remove it or pass overwrite")
+    if path.exists():
+        require_owned(path, "store")  # before any work
     ds = states_to_dataset(states, derived)
     ds = ds.chunk({"time": time_chunk})
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        ds.to_zarr(tmp, mode="w", consolidated=True)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged(path, "states") as new:
+        ds.to_zarr(new, mode="w", consolidated=True)
     return path
 
 

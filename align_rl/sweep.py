@@ -636,7 +636,7 @@ def validation_data(cfg: Config, ws: Any, progress: bool = False):
     start = np.datetime64(cfg.data.val[0]) - 2 * STEP_HOURS * LEAD_STEPS * h
     end = np.datetime64(cfg.data.val[-1]) + np.timedelta64(1, "D") + STEP_HOURS * LEAD_STEPS * h
     truth = era5.open_states(store, time_range=[start, end], coarsen=cfg.data.coarsen,
-                             expect_grid=cfg.data.grid)
+                             expect_grid=cfg.data.grid, check_units=cfg.checks.units)
     bgs = ensure_backgrounds(cfg, ws, truth, pre.forecaster, progress=progress)
     return EvalData(truth, bgs, normalizer, pre.codec, pre.forecaster, truth_store=Path(store)), pre.eps_model
 
@@ -684,8 +684,9 @@ def seed_trial_store(shared: Any, path: Path, pairs: Any) -> Any:
 
     from .pair_store import CandidateGroup, PairStore
 
-    if path.exists():
-        shutil.rmtree(path)
+    from .owned import remove_owned
+
+    remove_owned(path, "trial pair store")  # only a store align_rl made (marker file)
     store = PairStore.open(path, shared.latent_shape, shared.reward_names, meta=dict(shared.g.attrs.get("meta", {})))
     bg = shared.backgrounds()
     cb = shared._col("candidates/background")
@@ -993,6 +994,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg_items, spec_ov = split_overrides(args.overrides)
     spec = load_spec(args.spec, spec_ov)
     cfg = build_base_config(spec, args.config, cfg_items)
+    from .cli import preflight
+
+    preflight(cfg, outputs=("pairs",))
     result = run_sweep(spec, cfg, progress=not args.quiet)
     out = sweep_dir(cfg, spec)
     print(f"sweep {spec.name}: {len(result.rows)} trials in {result.seconds / 60:.1f} min; "

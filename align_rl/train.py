@@ -364,8 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .cli import parse_args, preflight
+
+    args = parse_args(build_parser(), argv)
     cfg = load_config(args.config, args.overrides)
+    preflight(cfg, outputs=("pairs",) + (() if args.no_eval else ("eval",)))
     s = run(cfg, evaluate=not args.no_eval)
     if "report" in s:
         _log(f"report: {s['report']}")

@@ -24,8 +24,11 @@ class Workspace:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Workspace":
+        from .owned import clean_tree
+
         root = Path(cfg.run.workdir).expanduser().resolve()
         root.mkdir(parents=True, exist_ok=True)
+        clean_tree(root)  # staging folders and temporary files of dead processes
         return cls(root)
 
     @property

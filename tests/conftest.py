@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
+import tempfile
+
 import numpy as np
 import pytest
 import torch
+
+if not (os.environ.get("RAY_AUTH_MODE") or os.environ.get("RAY_AUTH_TOKEN")
+        or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+    # Ray's token authentication stays on in the tests; the session's token lives in a private
+    # temporary folder instead of ~/.ray/auth_token (align_rl.training.harness.ensure_auth_token
+    # creates it, readable by the user only)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = os.path.join(tempfile.mkdtemp(prefix="align_rl_token_"), "auth_token")
 
 
 @pytest.fixture(autouse=True)
@@ -24,11 +32,12 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """The one local Ray instance of the test session (2 CPUs, no dashboard)."""
+    """The one local Ray instance of the test session, started as the commands start theirs
+    (``init_ray``: loopback only, token authentication; 4 CPUs, no dashboard)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    from align_rl.training.harness import init_ray
+
+    init_ray(num_cpus=4, log_to_driver=False)
     yield ray
     ray.shutdown()

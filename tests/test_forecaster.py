@@ -168,7 +168,8 @@ def test_load_forecaster_by_kind(setup, tmp_path):
     torch.save(LinearStep(), tmp / "m.pt")
     cfg4 = load_config(overrides={"forecaster": {"kind": "torch", "path": str(tmp / "m.pt"),
                                                  "mean_path": str(tmp / "mean.npy"),
-                                                 "std_path": str(tmp / "std.npy")}})
+                                                 "std_path": str(tmp / "std.npy")},
+                                  "checks": {"trust_pickle": True}})  # a pickled module runs code
     np.testing.assert_allclose(load_forecaster(cfg4, ws, norm).step(p, c).numpy(), out, rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="forecaster.path"):
         load_forecaster(load_config(overrides={"forecaster": {"kind": "onnx"}}), ws, norm)

@@ -2,7 +2,8 @@
 
 The head runs in its own process group with its own ``--temp-dir`` (so its address file never
 reaches ``/tmp/ray`` and no other Ray instance on the machine sees it), on free ports, with the
-dashboard on 127.0.0.1 only and ``RAY_AUTH_MODE=disabled``. The job uploads the repository as its
+dashboard on 127.0.0.1 only, every other server on the loopback address too
+(``align_rl.training.harness.LOOPBACK_ENV``) and ``RAY_AUTH_MODE=disabled``. The job uploads the repository as its
 working directory (without ``.venv``, ``runs``, ``.git``) and runs ``python -m align_rl.train``
 with a tiny configuration; the test waits for ``SUCCEEDED`` and checks the job's outputs. At the
 end only the processes of this head are stopped: its process group, then any process whose
@@ -85,6 +86,9 @@ class LocalHead:
         (gcs, dash, client, agent, agent_grpc, metrics, rt_agent) = free_ports(7)
         self.gcs_port, self.dashboard_port = gcs, dash
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        from align_rl.training.harness import LOOPBACK_ENV
+
+        self.env.update(LOOPBACK_ENV)  # a test head: nothing listens beyond loopback
         self.env.update(RAY_AUTH_MODE="disabled", RAY_TMPDIR=self.temp_dir,
                         RAY_USAGE_STATS_ENABLED="0", WANDB_MODE="offline")
         cmd = [_ray_bin(), "start", "--head", "--block", f"--port={gcs}", f"--num-cpus={num_cpus}",

@@ -118,7 +118,7 @@ def multinode(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("multinode")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=tmp, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               PYTHONPATH=str(REPO))
+               PYTHONPATH=str(REPO), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # raylets on loopback
     code = f"from tests.test_multinode import scenario; scenario({str(out)!r}, {str(workdir)!r})"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -125,3 +125,37 @@ def test_empty_dataset_is_an_error(tmp_path):
         PairDataset(st)
     with pytest.raises(InputError, match="no preference store"):
         PairStore.open(tmp_path / "none.zarr", mode="r")
+
+
+def test_store_of_format_1_is_read_and_upgraded_on_append(tmp_path):
+    """A store written before digests existed (format /1): read as is, upgraded when opened for
+    appending (row digests and column checksums computed from its content)."""
+    import json
+    import shutil
+
+    import zarr
+
+    p = tmp_path / "old.zarr"
+    st = PairStore.open(p, SHAPE, NAMES)
+    st.append([group(0), group(1)])
+    want = st.pair_set("M")
+    g = zarr.open_group(str(p), mode="a")
+    for name in ("backgrounds/digest", "candidates/digest"):
+        del g[name]
+    g.attrs["format"] = "align_rl.pairs/1"
+    c = json.loads((p / "COMMIT").read_text())
+    c.pop("columns")
+    (p / "COMMIT").write_text(json.dumps(c))
+    (p / ".align_rl").unlink()
+    old = PairStore.open(p, mode="r")
+    assert old.format == "align_rl.pairs/1" and len(old.pair_set("M")) == len(want)
+    up = PairStore.open(p, SHAPE, NAMES)
+    assert up.format == "align_rl.pairs/2" and "columns" in up.committed
+    assert (p / ".align_rl").exists()
+    up.append([group(2)])
+    again = PairStore.open(p, mode="r")
+    np.testing.assert_array_equal(again.pair_set("M").hash[:len(want)], want.hash)
+    again.candidate_latents(np.arange(again.num_candidates))  # digests of old and new rows match
+    shutil.rmtree(p / "candidates/latent/c")
+    with pytest.raises(Exception, match="missing"):
+        PairStore.open(p, mode="r")

@@ -115,4 +115,5 @@ TRAIN_OVERRIDES = [
     "pretrain.checkpoint_every=10", "pretrain.val_every=10",
     "guidance.methods=[obsfree, dps]", "guidance.dps_zeta=0.01",
     "eval.times=2", "eval.members=2", "eval.map_samples=1", "eval.batch_size=2",
+    "checks.units=false",  # smooth random fields, not physical values (align_rl.plausibility)
 ]

@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="seed of the member perturbations (default: config)")
     s.add_argument("--burn-in", type=float, dest="burn_in",
                    help="days discarded after perturbing the members (default: config)")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing store written by align_rl (never another folder)")
     s.add_argument("--config", help="YAML config file (its data section is used)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("overrides", nargs="*", help="config overrides section.key=value")
@@ -44,7 +45,14 @@ def _parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    ap = _parser()
+    args, rest = ap.parse_known_args(argv)
+    # overrides may come between options (`simulate --out w.zarr data.days=2 --overwrite data.seed=1`)
+    extra = [r for r in rest if "=" in r and not r.startswith("-")]
+    if len(extra) != len(rest) or (extra and args.command != "simulate"):
+        ap.error(f"unrecognized arguments: {' '.join(r for r in rest if r not in extra or args.command != 'simulate')}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     if args.command == "simulate":
         from .simulate import build_world, check_request
 

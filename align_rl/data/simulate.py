@@ -235,6 +235,10 @@ def build_world(cfg: Config, out: str | Path, overwrite: bool = False, progress:
     g = check_request(data.grid, data.days, data.members, data.burn_in_days)
     if out.exists() and not overwrite:
         raise InputError(f"{out} exists; remove it or pass --overwrite")
+    if out.exists():
+        from ..owned import require_owned
+
+        require_owned(out, "world store")  # --overwrite replaces only a store align_rl wrote
     states = simulate(g, data.days, data.members, data.seed, data.burn_in_days, progress=progress)
     norm, how = fit_normalizer(states, data.train)
     states.attrs.update({
@@ -257,7 +261,7 @@ def store_normalization(path: str | Path, train: list[str]) -> str:
 
     from ..era5 import open_states
 
-    states = open_states(path)
+    states = open_states(path, check_units=False)  # statistics of any store
     norm, how = fit_normalizer(states, train)
     group = zarr.open_group(str(path), mode="r+")
     group.attrs.update({"normalization": json.dumps(norm.to_dict()), "normalization_split": how})

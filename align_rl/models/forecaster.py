@@ -273,13 +273,21 @@ class TorchForecaster(_StackedForecaster):
         return self
 
 
-def _load_torch_module(path: Path) -> nn.Module:
+def _load_torch_module(path: Path, trust_pickle: bool = False) -> nn.Module:
+    """A TorchScript file, or (only with ``trust_pickle``) a pickled module: unpickling a module
+    runs code named in the file, so it is refused unless the file is trusted."""
     try:
         return torch.jit.load(str(path), map_location="cpu")
     except Exception:
         pass
+    if not trust_pickle:
+        raise CheckpointError(
+            f"torch forecaster {path} is neither TorchScript nor an align_rl checkpoint; if it is a "
+            "pickled module, loading it runs code from the file: export it with torch.jit.save, or, "
+            "only for a file you trust, set checks.trust_pickle=true"
+        )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=False)  # trusted by checks.trust_pickle
     except Exception as exc:
         raise CheckpointError(f"cannot read torch forecaster {path}: {exc}") from None
     if not isinstance(obj, nn.Module):
@@ -294,7 +302,8 @@ def load_forecaster(cfg, ws, normalizer: Normalizer | None, device: str | torch.
     """The forecaster named by ``cfg.forecaster.kind``: ``emulator`` loads
     ``cfg.forecaster.path`` or ``ws.final_checkpoint("forecaster")`` (checked against the config);
     ``onnx`` opens ``cfg.forecaster.path`` with the mean/std files; ``torch`` loads an align_rl
-    forecaster checkpoint, a TorchScript file or a pickled module. Modules are put in eval mode."""
+    forecaster checkpoint, a TorchScript file or (with ``checks.trust_pickle``) a pickled module.
+    Modules are put in eval mode."""
     from ..checkpoints import is_checkpoint, load_model
 
     fc = cfg.forecaster
@@ -312,6 +321,7 @@ def load_forecaster(cfg, ws, normalizer: Normalizer | None, device: str | torch.
     if is_checkpoint(path):
         net, _ = load_model(path, "forecaster", device=device)
         return EmulatorForecaster(net).eval()
-    module = _load_torch_module(path).to(device).eval()
+    checks = getattr(cfg, "checks", None)
+    module = _load_torch_module(path, bool(getattr(checks, "trust_pickle", False))).to(device).eval()
     return TorchForecaster(module, normalizer, _load_stats(fc.mean_path, "mean"),
                            _load_stats(fc.std_path, "std"), fc.lat_north_to_south)

@@ -53,19 +53,66 @@ class TrainResult:
         return float(vals[-1]) if vals else float("nan")
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Connect to Ray: the cluster in ``RAY_ADDRESS`` if set, else a small local instance
-    (no dashboard, ``RAY_AUTH_MODE=disabled`` unless set). No-op when Ray is already up."""
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+"""Environment under which Ray takes the loopback address as the node's address (as it does on a
+laptop OS), so that the GCS, the raylet, the workers and the agents listen on 127.0.0.1 only."""
+
+
+def ensure_auth_token() -> Path | None:
+    """The token file a local Ray instance authenticates with: ``RAY_AUTH_TOKEN_PATH`` or Ray's
+    default ``~/.ray/auth_token``, created (Ray's generator, 256 random bits) readable by the user
+    only when it does not exist yet. None when the token is given in ``RAY_AUTH_TOKEN``."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    if not path.exists():
+        from ray._private.authentication.authentication_token_generator import (
+            generate_new_authentication_token,
+        )
+
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(generate_new_authentication_token())
+    return path
+
+
+def init_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
+    """Connect to Ray: the cluster in ``RAY_ADDRESS`` if set, else a small local instance.
+
+    The local instance listens on the loopback interface only (every gRPC server, the dashboard
+    agent and the runtime-env agent; no dashboard) and keeps Ray's token authentication on: Ray
+    generates the token once into ``~/.ray/auth_token`` (mode 0600) unless ``RAY_AUTH_TOKEN`` or
+    ``RAY_AUTH_TOKEN_PATH`` name one, and every client of the instance sends it. An explicit
+    ``RAY_AUTH_MODE=disabled`` is respected with a warning. No-op when Ray is already up.
+    """
+    import sys
+
     import ray
 
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=log_to_driver)
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}})
+    os.environ.update(LOOPBACK_ENV)  # for the processes Ray starts (raylet, GCS, agents, workers)
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        print("align_rl: RAY_AUTH_MODE=disabled: the local Ray instance accepts any local user; "
+              "unset it to keep token authentication on", file=sys.stderr)
+    else:
+        ensure_auth_token()
+    from ray._private import ray_constants
+
+    was = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    try:
+        # the driver read its copy of the variable when ray was imported: loopback as node address
+        if was is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = False
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 log_to_driver=log_to_driver)
+    finally:
+        if was is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = was
 
 
 def _train_env_defaults() -> None:
@@ -161,8 +208,10 @@ def run_training(
     wall = time.perf_counter() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"pretraining {task} reported no checkpoint; see {storage_path / run_name}")
+    from ..checkpoints import load_state
+
     with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        state = load_state(Path(d) / STATE_FILE, fix=f"delete {storage_path / run_name} to retrain")
     history = list(state["history"])
     with_val = [h for h in history if "val_loss" in h]
     metrics = dict(with_val[-1] if with_val else (history[-1] if history else {}))

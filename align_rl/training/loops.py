@@ -212,8 +212,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _load_state(ckpt) -> dict | None:
     if ckpt is None:
         return None
+    from ..checkpoints import load_state
+
     with ckpt.as_directory() as d:
-        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        return load_state(Path(d) / STATE_FILE, fix="delete the run's Ray checkpoints to retrain")
 
 
 def _wandb_run(config: dict, start: int):
@@ -364,7 +366,9 @@ def train_loop(config: dict) -> None:
                 with tempfile.TemporaryDirectory() as tmp:
                     ckpt = None
                     if rank == 0:
-                        torch.save({"model": _unwrap(model).state_dict(), "optim": opt.state_dict(),
+                        from ..checkpoints import save_state
+
+                        save_state({"model": _unwrap(model).state_dict(), "optim": opt.state_dict(),
                                     "step": step, "history": history, "starts": starts,
                                     "task": config["task"]}, Path(tmp) / STATE_FILE)
                         ckpt = ray.train.Checkpoint.from_directory(tmp)
