@@ -85,7 +85,7 @@ def _append(ws, split: str, rows: list[dict]) -> None:
 def cmd_analyses(args) -> None:
     from align_rl.evaluate import run_evaluation
 
-    for dec in args.decode:
+    for dec in (args.decode or ["plain", "anchored"]):
         cfg, ecfg, ws, store, pre, data = _setup(args.overrides + [f"sampler.decode={dec}"], args.split)
         t = time.perf_counter()
         s = run_evaluation(ecfg, ws, {"reference": pre.eps_model}, data=data,
@@ -157,9 +157,10 @@ def main() -> None:
     p.add_argument("command", choices=["analyses", "align", "table"])
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--name", default="run")
-    p.add_argument("--decode", nargs="+", default=["plain", "anchored"], help="analyses: decodings")
+    p.add_argument("--decode", action="append", choices=["plain", "anchored"],
+                   help="analyses: a decoding (repeat; default both)")
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     {"analyses": cmd_analyses, "align": cmd_align, "table": cmd_table}[args.command](args)
 
 

@@ -168,7 +168,7 @@ def test_trial_config_applies_dotted_params_and_replaces_weights():
                               "rewards.weights": {"assim": 0.5, "forecast": 0.0, "phys": 0.5}})
     assert cfg.dpo.beta == 123.0 and cfg.pairs.mode == "P"
     assert cfg.rewards.weights == {"assim": 0.5, "forecast": 0.0, "phys": 0.5}
-    assert base.dpo.beta == 8000.0  # the base is untouched
+    assert base.dpo.beta == load_config(None, []).dpo.beta  # the base is untouched
 
 
 def test_validation_config_uses_the_val_split_one_method_and_a_fixed_seed():
