@@ -21,10 +21,19 @@ import yaml
 from .errors import ConfigError
 
 
+# a field whose metadata holds HASH_UNLESS_SET is left out of the cache hashes while it holds its
+# default, so that adding it does not invalidate the caches of runs made before it
+HASH_UNLESS_SET = {"hash": "unless-set"}
+
+
 @dataclass
 class RunConfig:
     name: str = "default"
-    workdir: str = "runs/default"  # every artifact of a run lives below this folder
+    # every artifact of a run lives below this folder; a relative workdir is resolved, when the
+    # config is loaded, against run.root, else $ALIGN_RL_ROOT, else (the driver of a `ray job
+    # submit`, whose working directory is a temporary copy) ~/align_rl, else the current directory
+    workdir: str = "runs/default"
+    root: str | None = None  # base of a relative run.workdir (shared storage on a cluster)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     wandb_mode: str = "offline"  # offline | online | disabled
@@ -36,7 +45,13 @@ class DataConfig:
     source: str = "simulate"  # simulate (embedded Held–Suarez world) | zarr (WeatherBench2-layout store)
     path: str | None = None  # store path or gs:// URL when source == zarr
     grid: str = "32x64"  # target grid NLATxNLON of the cell-centred WeatherBench family
-    coarsen: int = 1  # block-average factor applied when reading a store
+    coarsen: int = 1  # exact block-average factor for a cell-centred store (else: regridded to grid)
+    # statistics of a zarr store without a `normalization` attribute: a JSON file (python -m
+    # align_rl.data stats STORE --out FILE) or a store holding them; unset: computed over data.train
+    # on data.grid and kept in <workdir>/normalization/ (never written into the store)
+    normalization: str | None = field(default=None, metadata=HASH_UNLESS_SET)
+    # at most this many evenly spaced data.train times for those statistics (0: all of them)
+    stats_times: int = field(default=1000, metadata=HASH_UNLESS_SET)
     days: int = 44  # simulated days per member (the embedded world; 6 × 44 × 4 = 1,056 states)
     members: int = 6  # independent simulated trajectories; member m is stored as year 2000 + m
     seed: int = 0
@@ -230,8 +245,16 @@ class Config:
         return dataclasses.asdict(self)
 
     def section_hash(self, *sections: str) -> str:
-        """Short stable hash of some sections, used as a cache key for derived artifacts."""
-        d = {s: dataclasses.asdict(getattr(self, s)) for s in sections}
+        """Short stable hash of some sections, used as a cache key for derived artifacts (fields
+        marked ``HASH_UNLESS_SET`` count only when they differ from their default)."""
+        d = {}
+        for name in sections:
+            sec = getattr(self, name)
+            v = dataclasses.asdict(sec)
+            for f in dataclasses.fields(sec):
+                if f.metadata.get("hash") == "unless-set" and getattr(sec, f.name) == f.default:
+                    v.pop(f.name)
+            d[name] = v
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -361,6 +384,33 @@ def load_config(
     _apply(cfg, file_data)
     _apply(cfg, ov)
     validate(cfg)
+    resolve_workdir(cfg)
+    return cfg
+
+
+def in_ray_job() -> bool:
+    """True in the driver of a ``ray job submit`` (its working directory is a temporary copy)."""
+    import os
+
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")) or \
+        "runtime_resources/working_dir_files" in os.getcwd()
+
+
+def resolve_workdir(cfg: Config) -> Config:
+    """Make ``cfg.run.workdir`` absolute (see :class:`RunConfig`): a relative one is taken below
+    ``run.root``, else ``$ALIGN_RL_ROOT``, else ``~/align_rl`` in the driver of a ``ray job
+    submit`` (so caches and resumable checkpoints outlive the job's temporary folder), else the
+    current directory. Returns ``cfg`` (changed in place)."""
+    import os
+
+    wd = Path(cfg.run.workdir).expanduser()
+    if not wd.is_absolute():
+        base = cfg.run.root or os.environ.get("ALIGN_RL_ROOT")
+        if base:
+            wd = Path(base).expanduser() / wd
+        elif in_ray_job():
+            wd = Path("~/align_rl").expanduser() / wd
+    cfg.run.workdir = str(wd.resolve())
     return cfg
 
 
@@ -445,3 +495,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"rewards.weights.{k}={w} must be >= 0")
     if sum(cfg.rewards.weights.values()) <= 0:
         raise ConfigError("rewards.weights must have at least one positive weight")
+    if cfg.data.stats_times < 0:
+        raise ConfigError(f"data.stats_times={cfg.data.stats_times} must be >= 0 (0: every training time)")
+    if cfg.run.root is not None and not str(cfg.run.root).strip():
+        raise ConfigError("run.root must be a folder path (or unset)")
