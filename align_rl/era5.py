@@ -47,7 +47,7 @@ from .normalization import Normalizer
 from .schema import CHANNEL_INFO, CHANNELS, LEVEL_VARS, LEVELS, LONG_NAMES, N_CHANNELS, SURFACE_VARS
 from .states import States
 
-_ALIASES = {"lat": "latitude", "lon": "longitude", "pressure_level": "level"}
+_ALIASES = {"lat": "latitude", "lon": "longitude", "pressure_level": "level", "valid_time": "time"}
 TimeRange = Sequence[Any] | None
 _REGISTERED: dict[str, tuple[Normalizer, str]] = {}
 

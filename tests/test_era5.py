@@ -185,7 +185,8 @@ def test_lat_lon_aliases(tmp_path):
     s = make_states(T=1)
     r = era5.open_states(write_layout(tmp_path / "s.zarr", s,
                                       edit=lambda ds: ds.rename(latitude="lat", longitude="lon",
-                                                                level="pressure_level")))
+                                                                level="pressure_level",
+                                                                time="valid_time")))
     np.testing.assert_array_equal(r.values, s.values)
 
 
