@@ -174,6 +174,13 @@ def score_stores(
             "analysis-to-truth to regrid one conservatively"
         )
     grid = gt if regrid == "analysis-to-truth" else ga
+    src = ga if regrid == "analysis-to-truth" else gt
+    if ga != gt and grid.poles and not src.poles and grid.dlat <= src.dlat / 2 + 1e-9:
+        raise InputError(
+            f"conservative regridding from the grid {src} onto the finer grid {grid} is not "
+            "offered (its pole rows would stay empty); use --regrid "
+            f"{'truth-to-analysis' if regrid == 'analysis-to-truth' else 'analysis-to-truth'}"
+        )
     lat = grid.lat
     norm, norm_src = _normalizer(normalization, it["attrs"])
     region_names = list(dict.fromkeys(regions))
