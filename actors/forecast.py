@@ -3,7 +3,9 @@
 Thin: the science is the forecaster's ``rollout`` (:mod:`align_rl.models.forecaster`). Declared by
 :func:`make_forecasters` with ``max_restarts`` / ``max_task_retries`` and CPU / GPU resources from
 ``cfg.actors``. A forecaster that cannot be pickled (an ONNX session) is rebuilt inside each actor
-from the config (``load_forecaster(cfg, ws, normalizer)``). :func:`forecast_batches` deals the
+from the config (``load_forecaster(cfg, ws, normalizer)``); a model on its own grid (FengWu's
+721 × 1440 ONNX) comes back as a :class:`~align_rl.models.forecaster.RegriddedForecaster`, so each
+rollout maps the model grid → its grid → the model grid. :func:`forecast_batches` deals the
 batches of a job over the actors and submits a batch again when its actor died beyond Ray's own
 retries.
 """

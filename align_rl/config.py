@@ -30,10 +30,19 @@ import yaml
 from .errors import ConfigError
 
 
+# a field whose metadata holds HASH_UNLESS_SET is left out of the cache hashes while it holds its
+# default, so that adding it does not invalidate the caches of runs made before it
+HASH_UNLESS_SET = {"hash": "unless-set"}
+
+
 @dataclass
 class RunConfig:
     name: str = "default"
-    workdir: str = "runs/default"  # every artifact of a run lives below this folder
+    # every artifact of a run lives below this folder; a relative workdir is resolved, when the
+    # config is loaded, against run.root, else $ALIGN_RL_ROOT, else (the driver of a `ray job
+    # submit`, whose working directory is a temporary copy) ~/align_rl, else the current directory
+    workdir: str = "runs/default"
+    root: str | None = None  # base of a relative run.workdir (shared storage on a cluster)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     wandb_mode: str = "offline"  # offline | online | disabled
@@ -45,7 +54,13 @@ class DataConfig:
     source: str = "simulate"  # simulate (embedded Held–Suarez world) | zarr (WeatherBench2-layout store)
     path: str | None = None  # store path or gs:// URL when source == zarr
     grid: str = "32x64"  # target grid NLATxNLON of the cell-centred WeatherBench family
-    coarsen: int = 1  # block-average factor applied when reading a store
+    coarsen: int = 1  # exact block-average factor for a cell-centred store (else: regridded to grid)
+    # statistics of a zarr store without a `normalization` attribute: a JSON file (python -m
+    # align_rl.data stats STORE --out FILE) or a store holding them; unset: computed over data.train
+    # on data.grid and kept in <workdir>/normalization/ (never written into the store)
+    normalization: str | None = field(default=None, metadata=HASH_UNLESS_SET)
+    # at most this many evenly spaced data.train times for those statistics (0: all of them)
+    stats_times: int = field(default=1000, metadata=HASH_UNLESS_SET)
     days: int = 44  # simulated days per member (the embedded world; 6 × 44 × 4 = 1,056 states)
     members: int = 6  # independent simulated trajectories; member m is stored as year 2000 + m
     seed: int = 0
@@ -274,8 +289,16 @@ class Config:
         return dataclasses.asdict(self)
 
     def section_hash(self, *sections: str) -> str:
-        """Short stable hash of some sections, used as a cache key for derived artifacts."""
-        d = {s: dataclasses.asdict(getattr(self, s)) for s in sections}
+        """Short stable hash of some sections, used as a cache key for derived artifacts (fields
+        marked ``HASH_UNLESS_SET`` count only when they differ from their default)."""
+        d = {}
+        for name in sections:
+            sec = getattr(self, name)
+            v = dataclasses.asdict(sec)
+            for f in dataclasses.fields(sec):
+                if f.metadata.get("hash") == "unless-set" and getattr(sec, f.name) == f.default:
+                    v.pop(f.name)
+            d[name] = v
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -428,6 +451,33 @@ def load_config(
     _apply(cfg, file_data)
     _apply(cfg, ov)
     validate(cfg)
+    resolve_workdir(cfg)
+    return cfg
+
+
+def in_ray_job() -> bool:
+    """True in the driver of a ``ray job submit`` (its working directory is a temporary copy)."""
+    import os
+
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")) or \
+        "runtime_resources/working_dir_files" in os.getcwd()
+
+
+def resolve_workdir(cfg: Config) -> Config:
+    """Make ``cfg.run.workdir`` absolute (see :class:`RunConfig`): a relative one is taken below
+    ``run.root``, else ``$ALIGN_RL_ROOT``, else ``~/align_rl`` in the driver of a ``ray job
+    submit`` (so caches and resumable checkpoints outlive the job's temporary folder), else the
+    current directory. Returns ``cfg`` (changed in place)."""
+    import os
+
+    wd = Path(cfg.run.workdir).expanduser()
+    if not wd.is_absolute():
+        base = cfg.run.root or os.environ.get("ALIGN_RL_ROOT")
+        if base:
+            wd = Path(base).expanduser() / wd
+        elif in_ray_job():
+            wd = Path("~/align_rl").expanduser() / wd
+    cfg.run.workdir = str(wd.resolve())
     return cfg
 
 
@@ -567,6 +617,7 @@ RANGES: dict[str, Rule] = {
     "sampler.tau": POSITIVE,
     "sampler.members": integer(1),
     "sampler.decode": choice("anchored", "plain"),
+    "data.stats_times": integer(0),  # 0: every training time
     "guidance.methods[]": choice(*GUIDANCE_METHODS),
     "guidance.dps_zeta": NON_NEGATIVE,
     "guidance.dps_likelihood": choice("norm", "gaussian"),
@@ -661,6 +712,8 @@ def _cross_rules(cfg: Config) -> list[str]:
                    "(t is drawn from U(t_min, t_max))")
     if not cfg.guidance.methods:
         out.append("guidance.methods must name at least one method (obsfree, repaint, dps)")
+    if cfg.run.root is not None and not str(cfg.run.root).strip():
+        out.append("run.root must be a folder path (or unset)")
     return out
 
 

@@ -6,7 +6,21 @@ A store holds the nine variables by their WeatherBench2 long names (``geopotenti
 order and latitude direction; the reader selects by name and value, never by position, and always
 returns latitude ascending and the 69 channels in FengWu order, physical units, float32.
 
-The grid must be a cell-centred grid of the WeatherBench 1 family (:class:`align_rl.grid.Grid`).
+Accepted grids (:class:`align_rl.grid.LatLonGrid`): global and equiangular, either cell-centred
+(``lat = −90 + d/2 + i·d``: WeatherBench 1's 32×64 … 128×256, WeatherBench2's ``64x32_equiangular``
+and ``512x256_equiangular`` layouts) or with rows on both poles (``lat = −90 + i·d``: ERA5's
+721×1440, WeatherBench2's ``1440x721`` and ``240x121_equiangular_with_poles`` layouts), longitudes
+``j·360/nlon`` from 0 or from −180, latitude in either direction, dimensions in any order. Other
+pressure levels (37-level ERA5) and other variables are ignored.
+
+:func:`open_states` reads all 69 channels (the models need them; a store lacking a variable or a
+level gets an error naming it) and regrids them conservatively to the model grid
+(``expect_grid``, ``data.grid``) with :mod:`align_rl.regrid` (``xarray-regrid``) when the store is
+on another grid. :func:`open_fields` reads whichever channels a store holds on its own grid (for
+scoring). Normalisation statistics come from the store's ``normalization`` attribute, or from
+:func:`register_normalizer` (a run computes them for a store without them and keeps them in its
+workdir, never in the store: :func:`align_rl.data.ensure_normalization`).
+
 Optional coarsening by an integer factor ``k`` is **conservative (area-weighted)**: in latitude,
 blocks of ``k`` fine rows weighted by their exact cell areas ``sin φ_{i+½} − sin φ_{i−½}``; in
 longitude, the fine cells that the coarse cell (centred on the coarse longitude, width ``k·d``)
@@ -20,6 +34,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -27,13 +42,26 @@ import numpy as np
 import xarray as xr
 
 from .errors import InputError
-from .grid import Grid
+from .grid import Grid, LatLonGrid
 from .normalization import Normalizer
-from .schema import CHANNEL_INFO, LEVEL_VARS, LEVELS, LONG_NAMES, N_CHANNELS, SURFACE_VARS
+from .schema import CHANNEL_INFO, CHANNELS, LEVEL_VARS, LEVELS, LONG_NAMES, N_CHANNELS, SURFACE_VARS
 from .states import States
 
-_ALIASES = {"lat": "latitude", "lon": "longitude", "pressure_level": "level"}
+_ALIASES = {"lat": "latitude", "lon": "longitude", "pressure_level": "level", "valid_time": "time"}
 TimeRange = Sequence[Any] | None
+_REGISTERED: dict[str, tuple[Normalizer, str]] = {}
+
+
+def _store_key(path: str | Path) -> str:
+    p = str(path)
+    return p if "://" in p else str(Path(p).expanduser().resolve())
+
+
+def register_normalizer(path: str | Path, normalizer: Normalizer, source: str) -> None:
+    """Use ``normalizer`` as the statistics of the store at ``path`` in this process (for a store
+    without a ``normalization`` attribute; the store itself is never written). ``source`` says
+    where they come from (a file, or the run's cache)."""
+    _REGISTERED[_store_key(path)] = (normalizer, str(source))
 
 
 # ----------------------------------------------------------------------------- opening
@@ -101,31 +129,6 @@ def _monotonic(values: np.ndarray, name: str, path: str, allow_descending: bool)
         f"({'ascending or descending' if allow_descending else 'ascending'} order is needed); "
         f"sort the store by {name} (ds.sortby('{name}')) and rewrite it"
     )
-
-
-def _check_variables(ds: xr.Dataset, path: str) -> None:
-    missing = [LONG_NAMES[v] for v in SURFACE_VARS + LEVEL_VARS if LONG_NAMES[v] not in ds.data_vars]
-    if missing:
-        raise InputError(
-            f"store {path} lacks the variable(s) {', '.join(missing)}; a WeatherBench2 store needs "
-            f"{', '.join(LONG_NAMES[v] for v in SURFACE_VARS + LEVEL_VARS)} (long names)"
-        )
-    have = set(int(v) for v in np.asarray(ds["level"].values).round().astype(np.int64))
-    missing_lev = [lev for lev in LEVELS if lev not in have]
-    if missing_lev:
-        raise InputError(
-            f"store {path} lacks the pressure level(s) {missing_lev} hPa of 'level' "
-            f"(it has {sorted(have)}); the 69 channels need {list(LEVELS)}"
-        )
-    for var in SURFACE_VARS + LEVEL_VARS:
-        name = LONG_NAMES[var]
-        want = {"time", "latitude", "longitude"} | ({"level"} if var in LEVEL_VARS else set())
-        dims = set(ds[name].dims)
-        if dims != want:
-            raise InputError(
-                f"variable {name} of {path} has dimensions {sorted(dims)}, expected {sorted(want)}; "
-                "select or squeeze the extra dimensions (e.g. an ensemble member) first"
-            )
 
 
 def _parse_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
@@ -202,13 +205,28 @@ def coarsen_values(values: np.ndarray, lat: np.ndarray, factor: int) -> np.ndarr
 # ----------------------------------------------------------------------------- reading
 
 
+@dataclass
+class Fields:
+    """Some of the 69 channels of a store: ``values`` (T, C, H, W) float32 in physical units,
+    ``channels`` their short names (FengWu order), ``times`` (T,), ``lat`` ascending (H,),
+    ``lon`` from 0 (W,), ``grid`` the :class:`LatLonGrid`, ``attrs`` the store's attributes."""
+
+    values: np.ndarray
+    channels: list[str]
+    times: np.ndarray
+    lat: np.ndarray
+    lon: np.ndarray
+    grid: LatLonGrid
+    attrs: dict[str, Any]
+
+
 class _Store:
-    """An opened, validated store: coordinates checked, variables present."""
+    """An opened, validated store: coordinates checked, the available channels listed."""
 
     def __init__(self, path: str | Path):
         self.path = str(path)
         ds = _open_dataset(path)
-        for name in ("time", "level", "latitude", "longitude"):
+        for name in ("time", "latitude", "longitude"):
             _check_coord(ds, name, self.path)
         self.times = np.asarray(ds["time"].values)
         if self.times.dtype.kind != "M":
@@ -222,7 +240,6 @@ class _Store:
         self.lat_ascending = _monotonic(lat, "latitude", self.path, allow_descending=True)
         lon = np.asarray(ds["longitude"].values, dtype=np.float64)
         _monotonic(lon, "longitude", self.path, allow_descending=False)
-        _check_variables(ds, self.path)
         self.lat = lat if self.lat_ascending else lat[::-1]
         # longitudes given as −180…180 are rolled to start at 0
         self.lon_shift = 0
@@ -231,25 +248,82 @@ class _Store:
             self.lon_shift = int(np.argmin(lon360))
             lon = np.roll(lon360, -self.lon_shift)
         self.lon = lon
-        try:
-            self.grid = Grid.from_coords(self.lat, self.lon)
-        except InputError as exc:
-            raise InputError(f"store {self.path}: {exc}") from None
-        levels = np.asarray(ds["level"].values).round().astype(np.int64)
-        self.level_idx = np.array([int(np.flatnonzero(levels == lev)[0]) for lev in LEVELS])
+        self.grid = LatLonGrid.from_coords(self.lat, self.lon, where=f"store {self.path}")
+        self.levels: np.ndarray | None = None
+        if "level" in ds.coords:
+            self.levels = _check_coord(ds, "level", self.path).round().astype(np.int64)
         self.ds = ds
         self.attrs = _parse_attrs(dict(ds.attrs))
-
-    def read(self, tidx: np.ndarray) -> np.ndarray:
-        """Values (T, 69, H, W) float32 of the time positions ``tidx``, latitude ascending."""
-        H, W = self.grid.shape
-        out = np.empty((len(tidx), N_CHANNELS, H, W), dtype=np.float32)
+        key = _store_key(self.path)
+        if "normalization" not in self.attrs and key in _REGISTERED:
+            self.attrs["normalization"] = _REGISTERED[key][0].to_dict()
+            self.attrs["normalization_source"] = _REGISTERED[key][1]
+        # the channels this store holds: variable present with the right dimensions and level
+        self.available: dict[str, tuple[str, int | None]] = {}
         for var in SURFACE_VARS + LEVEL_VARS:
+            name = LONG_NAMES[var]
+            if name not in ds.data_vars:
+                continue
+            want = {"time", "latitude", "longitude"} | ({"level"} if var in LEVEL_VARS else set())
+            dims = set(ds[name].dims)
+            if dims != want:
+                raise InputError(
+                    f"variable {name} of {self.path} has dimensions {sorted(dims)}, expected "
+                    f"{sorted(want)}; select or squeeze the extra dimensions (e.g. an ensemble "
+                    "member) first"
+                )
+            if var in SURFACE_VARS:
+                self.available[var] = (var, None)
+                continue
+            if self.levels is None:
+                raise InputError(f"store {self.path} has pressure-level variables but no 'level' "
+                                 "coordinate (hPa)")
+            for lev in LEVELS:
+                pos = np.flatnonzero(self.levels == lev)
+                if len(pos):
+                    self.available[f"{var}{lev}"] = (var, int(pos[0]))
+
+    @property
+    def channels(self) -> list[str]:
+        """Available channels in FengWu order."""
+        return [c.name for c in CHANNEL_INFO if c.name in self.available]
+
+    def require_all(self) -> None:
+        """InputError naming the missing variables or levels unless all 69 channels are here."""
+        missing = [LONG_NAMES[v] for v in SURFACE_VARS + LEVEL_VARS if LONG_NAMES[v] not in self.ds.data_vars]
+        if missing:
+            raise InputError(
+                f"store {self.path} lacks the variable(s) {', '.join(missing)}; the models need "
+                f"all 69 channels: {', '.join(LONG_NAMES[v] for v in SURFACE_VARS + LEVEL_VARS)} "
+                f"(long names) on the levels {list(LEVELS)} hPa (scoring accepts a subset)"
+            )
+        have = set(int(v) for v in self.levels) if self.levels is not None else set()
+        missing_lev = [lev for lev in LEVELS if lev not in have]
+        if missing_lev:
+            raise InputError(
+                f"store {self.path} lacks the pressure level(s) {missing_lev} hPa of 'level' "
+                f"(it has {sorted(have)}); the 69 channels need {list(LEVELS)} (scoring accepts a subset)"
+            )
+
+    def read(self, tidx: np.ndarray, channels: Sequence[str] | None = None) -> np.ndarray:
+        """Values (T, C, H, W) float32 of the time positions ``tidx`` and ``channels`` (default:
+        all 69, FengWu order), latitude ascending, longitudes from 0."""
+        channels = list(CHANNELS if channels is None else channels)
+        unknown = [c for c in channels if c not in self.available]
+        if unknown:
+            raise InputError(f"store {self.path} lacks the channel(s) {', '.join(unknown[:8])}")
+        pos = {c: i for i, c in enumerate(channels)}
+        H, W = self.grid.shape
+        out = np.empty((len(tidx), len(channels), H, W), dtype=np.float32)
+        for var in SURFACE_VARS + LEVEL_VARS:
+            want = [c for c in channels if self.available[c][0] == var]
+            if not want:
+                continue
             name = LONG_NAMES[var]
             da = self.ds[name]
             if var in LEVEL_VARS:
-                da = da.isel(time=tidx, level=self.level_idx).transpose(
-                    "time", "level", "latitude", "longitude")
+                lidx = [self.available[c][1] for c in want]
+                da = da.isel(time=tidx, level=lidx).transpose("time", "level", "latitude", "longitude")
                 arr = np.asarray(da.values, dtype=np.float32)
             else:
                 da = da.isel(time=tidx).transpose("time", "latitude", "longitude")
@@ -258,23 +332,68 @@ class _Store:
                 arr = arr[..., ::-1, :]
             if self.lon_shift:
                 arr = np.roll(arr, -self.lon_shift, axis=-1)
-            idx = [c.index for c in CHANNEL_INFO if c.var == var]
             bad = ~np.isfinite(arr)
             if bad.any():
-                t, lev = np.argwhere(bad)[0][:2]
-                where = f" at level {LEVELS[lev]} hPa" if var in LEVEL_VARS else ""
+                t, k = np.argwhere(bad)[0][:2]
+                lev = self.available[want[k]][1]
+                where = f" at level {int(self.levels[lev])} hPa" if lev is not None else ""
                 raise InputError(
                     f"variable {name}{where} of {self.path} holds {int(bad.sum())} NaN/inf value(s), "
                     f"first at time {np.datetime_as_string(self.times[tidx[t]], unit='h')}; "
                     "fill or drop those times (choose a time_range without them)"
                 )
-            out[:, idx] = arr
+            out[:, [pos[c] for c in want]] = arr
         return out
+
+    def time_positions(self, time_range: TimeRange = None,
+                       times: Iterable[np.datetime64] | None = None) -> np.ndarray:
+        """Positions of ``times`` (each must exist) or of the times in ``time_range``."""
+        if times is not None:
+            want_t = np.asarray(list(times), dtype="datetime64[ns]")
+            tidx = np.searchsorted(self.times, want_t)
+            ok = (tidx < len(self.times)) & (self.times[np.minimum(tidx, len(self.times) - 1)] == want_t)
+            if not ok.all():
+                raise InputError(f"store {self.path} lacks the time(s) {want_t[~ok][:3]}")
+            if time_range is not None:
+                tidx = tidx[_time_mask(want_t, time_range)]
+        else:
+            tidx = np.flatnonzero(_time_mask(self.times, time_range))
+        if len(tidx) == 0:
+            span = (f"{np.datetime_as_string(self.times[0], unit='h')} … "
+                    f"{np.datetime_as_string(self.times[-1], unit='h')}") if len(self.times) else "no times"
+            raise InputError(f"store {self.path} has no times in {time_range!r} (it holds {span})")
+        return np.asarray(tidx)
 
 
 def store_times(path: str | Path) -> np.ndarray:
     """The (validated) time coordinate of a store, datetime64[ns] ascending; reads no data."""
     return _Store(path).times
+
+
+def store_info(path: str | Path) -> dict[str, Any]:
+    """What a store holds, reading no data: ``grid`` (LatLonGrid), ``channels`` (short names,
+    FengWu order), ``times``, ``attrs``."""
+    st = _Store(path)
+    return {"grid": st.grid, "channels": st.channels, "times": st.times, "attrs": st.attrs}
+
+
+def open_fields(
+    path: str | Path,
+    channels: Sequence[str] | None = None,
+    times: Iterable[np.datetime64] | None = None,
+    time_range: TimeRange = None,
+) -> Fields:
+    """Read ``channels`` (default: every one of the 69 the store holds) on the store's own grid,
+    physical units, latitude ascending. Any accepted grid (see the module doc); no regridding."""
+    st = _Store(path)
+    chans = st.channels if channels is None else list(channels)
+    if not chans:
+        raise InputError(
+            f"store {st.path} holds none of the 69 channels (variables by WeatherBench2 long names: "
+            f"{', '.join(LONG_NAMES.values())}; levels {list(LEVELS)} hPa)"
+        )
+    tidx = st.time_positions(time_range, times)
+    return Fields(st.read(tidx, chans), chans, st.times[tidx], st.lat, st.lon, st.grid, dict(st.attrs))
 
 
 def open_states(
@@ -284,84 +403,101 @@ def open_states(
     expect_grid: Grid | str | None = None,
     times: Iterable[np.datetime64] | None = None,
     check_units: bool = True,
+    block_bytes: int = 1 << 30,
 ) -> States:
     """Read the 69 channels of a WeatherBench2-layout store as :class:`States` (physical units).
 
     ``time_range``: ``[start, end]`` inclusive (ISO strings or datetime64; a date-only end covers its
     day; ``None`` for an open end). ``times``: exact times to read instead (each must exist).
-    ``coarsen``: conservative coarsening factor (see module doc). ``expect_grid``: the grid the
-    result must have (after coarsening), e.g. ``"32x64"``. Raises :class:`InputError` for missing
-    variables or levels, NaNs, non-monotonic or duplicated coordinates, grids outside the
-    WeatherBench family or not the expected one, and empty selections; with ``check_units``
-    (default) also for values implausible in SI units (:func:`align_rl.plausibility.check_units`:
-    temperature in °C, geopotential height in m, ...).
+    ``coarsen``: exact conservative block coarsening of a cell-centred store (see module doc).
+    ``expect_grid``: the model grid of the result, e.g. ``"32x64"``: a store on any other accepted
+    grid is regridded to it conservatively (:func:`align_rl.regrid.regrid`, after ``coarsen``),
+    ``block_bytes`` of stored values at a time. Without it the store's own grid is returned.
+    Raises :class:`InputError` for missing variables or levels, NaNs, non-monotonic or duplicated
+    coordinates, grids that are not global and equiangular, and empty selections; with
+    ``check_units`` (default) also for values implausible in SI units
+    (:func:`align_rl.plausibility.check_units`: temperature in °C, geopotential height in m, ...).
     """
     coarsen = int(coarsen)
     if coarsen < 1:
         raise InputError(f"coarsen={coarsen} must be a positive integer")
     st = _Store(path)
+    st.require_all()
     H, W = st.grid.shape
-    if H % coarsen or W % coarsen:
-        raise InputError(
-            f"store {st.path} has a {st.grid} grid that cannot be coarsened by {coarsen}; "
-            "choose a factor that divides both sizes"
-        )
-    out_grid = Grid(H // coarsen, W // coarsen)
+    grid = st.grid
+    if coarsen > 1:
+        if st.grid.model_grid() is None:
+            raise InputError(
+                f"store {st.path} has a {st.grid} grid; data.coarsen works on cell-centred NxN·2 "
+                "grids only: leave data.coarsen=1 and set data.grid, the store is then regridded "
+                "conservatively"
+            )
+        if H % coarsen or W % coarsen:
+            raise InputError(
+                f"store {st.path} has a {st.grid} grid that cannot be coarsened by {coarsen}; "
+                "choose a factor that divides both sizes"
+            )
+        grid = LatLonGrid(H // coarsen, W // coarsen, False)
+    target = grid
     if expect_grid is not None:
         want = Grid.parse(expect_grid) if isinstance(expect_grid, str) else expect_grid
-        if want != out_grid:
-            hint = ""
-            if H % want.nlat == 0 and H // want.nlat > 1 and W == 2 * H:
-                hint = f" (coarsen={H // want.nlat} would give it)"
-            raise InputError(
-                f"store {st.path} gives a {out_grid} grid (stored {st.grid}, coarsen={coarsen}) "
-                f"but {want} is expected; set data.grid={out_grid} or data.coarsen{hint}"
-            )
-    if times is not None:
-        want_t = np.asarray(list(times), dtype="datetime64[ns]")
-        tidx = np.searchsorted(st.times, want_t)
-        ok = (tidx < len(st.times)) & (st.times[np.minimum(tidx, len(st.times) - 1)] == want_t)
-        if not ok.all():
-            raise InputError(f"store {st.path} lacks the time(s) {want_t[~ok][:3]}")
-        if time_range is not None:
-            tidx = tidx[_time_mask(want_t, time_range)]
-    else:
-        tidx = np.flatnonzero(_time_mask(st.times, time_range))
-    if len(tidx) == 0:
-        span = (f"{np.datetime_as_string(st.times[0], unit='h')} … "
-                f"{np.datetime_as_string(st.times[-1], unit='h')}") if len(st.times) else "no times"
-        raise InputError(f"store {st.path} has no times in {time_range!r} (it holds {span})")
-    values = st.read(np.asarray(tidx))
-    if check_units:
-        from .plausibility import check_units as _check_units
+        target = LatLonGrid.of(want)
+    tidx = st.time_positions(time_range, times)
+    per = max(1, int(block_bytes // (4 * N_CHANNELS * H * W)))
+    values = np.empty((len(tidx), N_CHANNELS) + target.shape, dtype=np.float32)
+    for s in range(0, len(tidx), per):
+        block = st.read(tidx[s:s + per])
+        if check_units:
+            from .plausibility import check_units as _check_units
 
-        _check_units(values, f"store {st.path}")
-    lat, lon = st.lat, st.lon
-    if coarsen > 1:
-        values = coarsen_values(values, lat, coarsen)
-        lat, lon = out_grid.lat, out_grid.lon
+            _check_units(block, f"store {st.path}")
+        if coarsen > 1:
+            block = coarsen_values(block, st.lat, coarsen)
+        if target != grid:
+            from .regrid import regrid
+
+            block = regrid(block, grid, target, "conservative")
+        values[s:s + per] = block
     attrs = dict(st.attrs)
     attrs.setdefault("source", st.path)
-    return States(values, st.times[tidx], lat, lon, attrs)
+    if target != st.grid:
+        how = f"coarsened by {coarsen}" if coarsen > 1 else ""
+        if target != grid:
+            how = (how + ", then " if how else "") + "regridded conservatively (xarray-regrid)"
+        attrs["regridded"] = f"stored on {st.grid}, {how} to {target}"
+    return States(values, st.times[tidx], target.lat, target.lon, attrs)
 
 
 # ----------------------------------------------------------------------------- normalisation
 
 
 def load_normalizer(path_or_states: str | Path | States) -> Normalizer:
-    """The per-channel statistics stored with a dataset (``attrs["normalization"]``)."""
+    """Per-channel statistics: of :class:`States` (``attrs["normalization"]``), of a JSON file
+    (``Normalizer.to_dict()``, as ``python -m align_rl.data stats STORE --out FILE`` writes it), or
+    of a store (its ``normalization`` attribute, else those registered for it in this process)."""
     if isinstance(path_or_states, States):
         attrs, where = path_or_states.attrs, "the states"
+    elif str(path_or_states).endswith(".json") and "://" not in str(path_or_states):
+        where = str(path_or_states)
+        try:
+            attrs = {"normalization": json.loads(Path(where).read_text())}
+        except FileNotFoundError:
+            raise InputError(f"statistics file {where} does not exist") from None
+        except ValueError:
+            raise InputError(f"statistics file {where} is not valid JSON; recompute it") from None
     else:
         where = str(path_or_states)
         attrs = _parse_attrs(dict(_open_dataset(path_or_states).attrs))
+        reg = _REGISTERED.get(_store_key(where))
+        if "normalization" not in attrs and reg is not None:
+            return reg[0]
     stats = attrs.get("normalization")
     if stats is None:
         raise InputError(
             f"{where} has no normalisation statistics (attribute 'normalization'); compute them "
-            "over the training split with `python -m align_rl.data stats` (or "
-            "align_rl.era5.compute_normalizer), or pass the store that holds them "
-            "(e.g. score --normalization STORE)"
+            "over the training split with `python -m align_rl.data stats STORE --out stats.json` "
+            "and pass the file (data.normalization=stats.json, score --normalization stats.json); "
+            "a run computes them itself when data.normalization is unset"
         )
     if isinstance(stats, str):
         try:
@@ -383,3 +519,33 @@ def compute_normalizer(states: States, train_range: TimeRange = None) -> Normali
             f"{states.times[0] if len(states) else 'nothing'} … {states.times[-1] if len(states) else ''}"
         )
     return Normalizer.fit(states.values[keep])
+
+
+def stream_normalizer(path: str | Path, train_range: TimeRange = None, expect_grid: Grid | str | None = None,
+                      coarsen: int = 1, max_times: int = 0, block: int = 16) -> tuple[Normalizer, dict]:
+    """Per-channel mean and std of a store over ``train_range`` on the model grid (``expect_grid``,
+    regridded as :func:`open_states` does), read ``block`` times at a time; at most ``max_times``
+    evenly spaced times when > 0. Same estimator as :meth:`Normalizer.fit` (unweighted over times
+    and grid points, ddof 0), accumulated in float64 around the first block's means. Returns
+    ``(normalizer, {"times": n, "first": ..., "last": ...})``."""
+    st = _Store(path)
+    tidx = st.time_positions(train_range)
+    if max_times and len(tidx) > max_times:
+        tidx = tidx[np.unique(np.linspace(0, len(tidx) - 1, int(max_times)).round().astype(int))]
+    times = st.times[tidx]
+    ref = n = s1 = s2 = None
+    for i in range(0, len(times), max(1, int(block))):
+        v = open_states(path, times=times[i:i + block], coarsen=coarsen, expect_grid=expect_grid).values
+        v = v.astype(np.float64)
+        if ref is None:
+            ref = v.mean(axis=(0, 2, 3))
+            n, s1, s2 = 0, np.zeros_like(ref), np.zeros_like(ref)
+        d = v - ref[None, :, None, None]
+        n += d.shape[0] * d.shape[2] * d.shape[3]
+        s1 += d.sum(axis=(0, 2, 3))
+        s2 += (d * d).sum(axis=(0, 2, 3))
+    mean_d = s1 / n
+    std = np.sqrt(np.maximum(s2 / n - mean_d ** 2, 0.0))
+    info = {"times": int(len(times)), "first": np.datetime_as_string(times[0], unit="h"),
+            "last": np.datetime_as_string(times[-1], unit="h")}
+    return Normalizer(ref + mean_d, np.maximum(std, 1e-12)), info

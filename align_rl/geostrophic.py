@@ -8,8 +8,13 @@ grid with a spherical CRS of that radius, away from the longitude seam that MetP
 Φ is geopotential in m² s⁻² (the ``z`` channels), winds in m s⁻¹.
 
 ``D = ½ (Σ w|u − u_g| / Σ w|u| + Σ w|v − v_g| / Σ w|v|)`` over the points with ``|lat| ≥ band``
-(default 15°, the equatorial band where f → 0 is excluded), ``w = cos(lat)``; ``u, v, Φ`` at
-``level`` hPa (default 500). ``R_phys = 2 σ(−|D − D_gt| / D_gt)``, Geo-Score = 100 · R_phys.
+(default 15°, the equatorial band where f → 0 is excluded; rows on a pole, where the zonal
+derivative is undefined, too), ``w = cos(lat)``; ``u, v, Φ`` at
+``level`` hPa (default 500). ``R_phys = 2 σ(−|D − D_gt| / max(D_gt, D_GT_FLOOR))``, Geo-Score =
+100 · R_phys. The floor (:data:`D_GT_FLOOR` = 1e-3, a thousandth of the typical D ≈ 0.1–0.5 of
+real and simulated atmospheres) keeps the score finite for a perfectly balanced truth (D_gt = 0):
+an analysis as balanced scores 100, one with D = 0.001 scores 2σ(−1) · 100 ≈ 53.8. A ratio whose
+denominator ``Σ w|u|`` is 0 (no wind at all) counts as 0 when ``u = u_g`` there too.
 
 Torch in → torch out (computed in float64, returned in the input dtype; differentiable);
 numpy in → numpy out (float64).
@@ -29,6 +34,8 @@ OMEGA = 7.292115e-5
 """Earth's angular velocity, s⁻¹."""
 EARTH_RADIUS = 6371008.7714
 """Mean Earth radius, m."""
+D_GT_FLOOR = 1e-3
+"""Floor on the truth's imbalance D_gt in the Geo-Score's denominator (dimensionless)."""
 
 
 def _coords(lat: Any, lon: Any, H: int, W: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -107,7 +114,7 @@ def geo_imbalance(x_phys, lat, lon, level: int = 500, band: float = 15.0):
         raise InputError(f"no channels at level {level} hPa: {exc}") from None
     H, W = x.shape[-2:]
     lat_np = np.asarray(lat.detach().cpu().numpy() if isinstance(lat, torch.Tensor) else lat, dtype=np.float64)
-    keep = np.abs(lat_np) >= band
+    keep = (np.abs(lat_np) >= band) & (np.abs(lat_np) < 90.0 - 1e-9)  # rows on a pole: no ∂/∂x
     if not keep.any():
         raise InputError(f"no latitudes with |lat| >= {band}°; lower the band")
     ug, vg = geostrophic_wind(x[..., iz, :, :], lat, lon)
@@ -121,16 +128,19 @@ def geo_imbalance(x_phys, lat, lon, level: int = 500, band: float = 15.0):
     def ratio(a, b):
         num = (w * (a - b).abs()).sum(dim=(-2, -1))
         den = (w * a.abs()).sum(dim=(-2, -1))
-        return num / den
+        # no wind at all: 0 when the geostrophic wind is 0 too, else the absolute imbalance
+        return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
+                           torch.where(num > 0, num, torch.zeros_like(num)))
 
     d = 0.5 * (ratio(u, ug) + ratio(v, vg))
     return _back(d, dtype)
 
 
-def geo_reward(d, d_gt):
-    """``R_phys = 2 σ(−|D − D_gt| / D_gt)`` in (0, 1]; 1 when ``D == D_gt``."""
+def geo_reward(d, d_gt, floor: float = D_GT_FLOOR):
+    """``R_phys = 2 σ(−|D − D_gt| / max(D_gt, floor))`` in [0, 1]; 1 when ``D == D_gt`` (also at
+    ``D_gt = 0``); NaN only for NaN input."""
     (a, dt_a), (b, _) = _as64(d), _as64(d_gt)
-    r = 2.0 * torch.sigmoid(-(a - b).abs() / b)
+    r = 2.0 * torch.sigmoid(-(a - b).abs() / b.clamp_min(float(floor)))
     return _back(r, dt_a)
 
 

@@ -33,25 +33,31 @@ BOUNDS: dict[str, tuple[float, float, str, str]] = {
 Z500_MEAN = (3.0e4, 7.0e4)  # the mean 500 hPa geopotential (≈ 5.5e4 m²/s² on Earth)
 
 
-def check_units(values: np.ndarray, source: str = "the data") -> None:
-    """Raise :class:`InputError` when ``values`` ``(T, 69, H, W)`` (physical units, the 69 channels in
-    the project's order) are not plausible in the expected units."""
+def check_units(values: np.ndarray, source: str = "the data", channels=None) -> None:
+    """Raise :class:`InputError` when ``values`` ``(T, C, H, W)`` (physical units) are not plausible
+    in the expected units. ``channels``: the short names along axis 1 (default: the 69 channels in
+    the project's order)."""
     v = np.asarray(values)
-    if v.ndim != 4 or v.shape[1] != len(CHANNEL_INFO) or v.size == 0:
+    info = {c.name: c for c in CHANNEL_INFO}
+    names = [c.name for c in CHANNEL_INFO] if channels is None else list(channels)
+    if v.ndim != 4 or v.shape[1] != len(names) or v.size == 0:
         return
     lo_all = np.nanmin(v, axis=(0, 2, 3))
     hi_all = np.nanmax(v, axis=(0, 2, 3))
-    for c in CHANNEL_INFO:
-        lo, hi, unit, hint = BOUNDS[c.var]
-        a, b = float(lo_all[c.index]), float(hi_all[c.index])
+    for i, name in enumerate(names):
+        if name not in info:
+            continue
+        lo, hi, unit, hint = BOUNDS[info[name].var]
+        a, b = float(lo_all[i]), float(hi_all[i])
         if a < lo or b > hi:
             raise InputError(
-                f"{source}: {c.name} ranges over [{a:.4g}, {b:.4g}], outside the plausible "
+                f"{source}: {name} ranges over [{a:.4g}, {b:.4g}], outside the plausible "
                 f"[{lo:g}, {hi:g}] {unit} ({hint}); convert the data to SI units, or set "
                 "checks.units=false (score: --no-unit-check) for unusual data"
             )
-    z500 = next(c.index for c in CHANNEL_INFO if c.name == "z500")
-    m = float(np.nanmean(v[:, z500]))
+    if "z500" not in names:
+        return
+    m = float(np.nanmean(v[:, names.index("z500")]))
     if not Z500_MEAN[0] <= m <= Z500_MEAN[1]:
         hint = (" (looks like geopotential height in m: multiply by g = 9.80665)"
                 if Z500_MEAN[0] / G <= m <= Z500_MEAN[1] / G else "")

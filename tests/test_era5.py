@@ -185,7 +185,8 @@ def test_lat_lon_aliases(tmp_path):
     s = make_states(T=1)
     r = era5.open_states(write_layout(tmp_path / "s.zarr", s,
                                       edit=lambda ds: ds.rename(latitude="lat", longitude="lon",
-                                                                level="pressure_level")))
+                                                                level="pressure_level",
+                                                                time="valid_time")))
     np.testing.assert_array_equal(r.values, s.values)
 
 
@@ -249,25 +250,35 @@ def test_duplicated_longitude(tmp_path):
         era5.open_states(p)
 
 
-def test_wrong_grid(tmp_path):
-    p = write_layout(tmp_path / "s.zarr", make_states(T=1))  # 8x16
-    with pytest.raises(InputError, match="8x16 grid.*16x32 is expected"):
-        era5.open_states(p, expect_grid="16x32")
-    with pytest.raises(InputError, match="4x8 grid.*8x16 is expected"):
-        era5.open_states(p, expect_grid=Grid(8, 16), coarsen=2)
+def test_other_grid_is_regridded_to_the_expected_one(tmp_path):
+    from align_rl.regrid import regrid
+
+    s = make_states(T=1)  # 8x16
+    p = write_layout(tmp_path / "s.zarr", s)
+    r = era5.open_states(p, expect_grid="16x32")
+    assert r.grid == Grid(16, 32) and "regridded" in r.attrs
+    np.testing.assert_allclose(r.values, regrid(s.values, "8x16:centred", "16x32:centred"), rtol=1e-6)
+    r = era5.open_states(p, expect_grid=Grid(8, 16), coarsen=2)  # 4x8 exactly, then regridded
+    assert r.grid == Grid(8, 16)
     assert era5.open_states(p, expect_grid="4x8", coarsen=2).grid == Grid(4, 8)
+    assert "regridded" not in era5.open_states(p, expect_grid="8x16").attrs
     with pytest.raises(InputError, match="cannot be coarsened by 3"):
         era5.open_states(p, coarsen=3)
 
 
-def test_grid_outside_the_family(tmp_path):
+def test_grid_outside_the_accepted_ones(tmp_path):
     s = make_states(T=1)
-    poles = np.linspace(-90, 90, 8)  # equiangular with poles, not cell-centred
-    with pytest.raises(InputError, match="cell-centred"):
-        era5.open_states(write_layout(tmp_path / "a.zarr", s, lat=poles))
-    s2 = States(s.values[..., :12], s.times, s.lat, np.arange(12) * 30.0)
-    with pytest.raises(InputError, match="WeatherBench family"):
+    uneven = np.sort(np.r_[s.lat[:-1], 89.0])  # not equiangular
+    with pytest.raises(InputError, match="neither cell-centred nor on the poles"):
+        era5.open_states(write_layout(tmp_path / "a.zarr", s, lat=uneven))
+    s2 = States(s.values[..., :12], s.times, s.lat, np.arange(12) * 10.0)  # 120° of longitude
+    with pytest.raises(InputError, match="not the uniform global"):
         era5.open_states(write_layout(tmp_path / "b.zarr", s2))
+    s3 = States(s.values[..., :12], s.times, s.lat, np.arange(12) * 30.0)  # global, nlon ≠ 2·nlat
+    r = era5.open_states(write_layout(tmp_path / "c.zarr", s3), expect_grid="8x16")
+    assert r.grid == Grid(8, 16)
+    with pytest.raises(InputError, match="cell-centred"):
+        era5.open_states(write_layout(tmp_path / "d.zarr", s3), coarsen=2)
 
 
 def test_missing_store_and_gcs_without_gcsfs(tmp_path):
@@ -301,7 +312,7 @@ def test_normalizer_round_trip_and_missing(tmp_path):
     np.testing.assert_allclose(era5.load_normalizer(opened).std, norm.std)
 
     bare = write_layout(tmp_path / "bare.zarr", make_states(T=1))
-    with pytest.raises(InputError, match="python -m align_rl.data stats"):
+    with pytest.raises(InputError, match="python -m align_rl.data stats STORE --out"):
         era5.load_normalizer(bare)
     with pytest.raises(InputError, match="no states in the training range"):
         era5.compute_normalizer(s, ["1990-01-01", "1990-12-31"])

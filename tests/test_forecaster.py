@@ -158,7 +158,8 @@ def test_load_forecaster_by_kind(setup, tmp_path):
         load_forecaster(cfg2, ws, norm)
     # onnx
     _export(tmp / "m.onnx", True)
-    cfg3 = load_config(overrides={"forecaster": {"kind": "onnx", "path": str(tmp / "m.onnx"),
+    cfg3 = load_config(overrides={"data": {"grid": f"{H}x{W}"},
+                                  "forecaster": {"kind": "onnx", "path": str(tmp / "m.onnx"),
                                                  "mean_path": str(tmp / "mean.npy"),
                                                  "std_path": str(tmp / "std.npy")}})
     out = load_forecaster(cfg3, ws, norm).step(p, c).numpy()
@@ -185,3 +186,98 @@ def test_bad_statistics_files(setup):
         OnnxForecaster(tmp / "m.onnx", norm, tmp / "mean.npy", None)
     with pytest.raises(CheckpointError, match="does not exist"):
         OnnxForecaster(tmp / "nope.onnx", norm)
+
+
+# ------------------------------------------------------------------ FengWu on its own grid
+
+
+class FengWuLike(nn.Module):
+    """FengWu's interface on its own grid, rows north → south: ``(1, 138, H', W') → (1, 138, …)``,
+    the first 69 channels ``0.6 x_curr + 0.3 x_prev + 0.02 · row`` (row 0 = the north pole), the
+    rest copies (FengWu also returns more than the next state)."""
+
+    def forward(self, x):
+        prev, curr = x[:, :69], x[:, 69:]
+        row = torch.arange(x.shape[-2], dtype=x.dtype).reshape(1, 1, -1, 1)
+        return torch.cat([0.6 * curr + 0.3 * prev + 0.02 * row, curr], dim=1)
+
+
+def _smooth(grid, B=2, seed=0):
+    """Smooth normalised fields (B, 69, H, W) on a grid (latitude ascending)."""
+    rng = np.random.default_rng(seed)
+    la, lo = np.meshgrid(np.deg2rad(grid.lat), np.deg2rad(grid.lon), indexing="ij")
+    a = rng.normal(size=(B, 69, 1, 1))
+    b = rng.normal(size=(B, 69, 1, 1))
+    return (a * np.sin(la) + b * np.cos(la) * np.sin(2 * lo + 0.3) + 0.2 * a * b).astype(np.float32)
+
+
+def test_fengwu_onnx_on_its_own_pole_row_grid(tmp_path):
+    """A tiny FengWu-like ONNX model on a 31 × 64 grid with pole rows (latitude 90 → −90), fixed
+    batch 1, its own statistics, behind the 32 × 64 model grid."""
+    from align_rl.grid import Grid, LatLonGrid
+    from align_rl.models.forecaster import RegriddedForecaster
+    from align_rl.regrid import regrid
+
+    native, model = LatLonGrid(31, 64, poles=True), Grid(32, 64)
+    torch.onnx.export(FengWuLike(), (torch.zeros(1, 138, 31, 64),), str(tmp_path / "fengwu.onnx"),
+                      input_names=["input"], output_names=["output"], opset_version=17, dynamo=False)
+    rng = np.random.default_rng(2)
+    norm = Normalizer(rng.normal(0, 5, 69), rng.uniform(0.5, 2, 69))
+    m_mean, m_std = norm.mean + rng.normal(0, 1, 69), norm.std * rng.uniform(0.7, 1.4, 69)
+    np.save(tmp_path / "data_mean.npy", m_mean.reshape(69, 1, 1))  # FengWu ships (69, 1, 1)-like files
+    np.save(tmp_path / "data_std.npy", m_std)
+    cfg = load_config(overrides={"data": {"grid": "32x64"},
+                                 "forecaster": {"kind": "onnx", "path": str(tmp_path / "fengwu.onnx"),
+                                                "mean_path": str(tmp_path / "data_mean.npy"),
+                                                "std_path": str(tmp_path / "data_std.npy")}})
+    fc = load_forecaster(cfg, None, norm)
+    assert isinstance(fc, RegriddedForecaster) and fc.native == native and fc.model == LatLonGrid.of(model)
+    prev, curr = _smooth(model, seed=0), _smooth(model, seed=1)
+    out = fc.rollout(torch.from_numpy(prev), torch.from_numpy(curr), 3).numpy()
+    assert out.shape == (2, 3, 69, 32, 64)
+
+    # by hand: up (bilinear), FengWu's normalisation, north → south, the map, and back down
+    def up(x):
+        return regrid(x.astype(np.float64), model, native, "linear")
+
+    def to_m(x):  # project-normalised, ascending → model-normalised, north → south
+        phys = x * norm.std[:, None, None] + norm.mean[:, None, None]
+        return ((phys - m_mean[:, None, None]) / m_std[:, None, None])[..., ::-1, :]
+
+    def from_m(y):
+        phys = y[..., ::-1, :] * m_std[:, None, None] + m_mean[:, None, None]
+        return (phys - norm.mean[:, None, None]) / norm.std[:, None, None]
+
+    row = np.arange(31, dtype=np.float64)[:, None]
+    p_, c_ = to_m(up(prev)), to_m(up(curr))
+    want = []
+    for _ in range(3):
+        p_, c_ = c_, 0.6 * c_ + 0.3 * p_ + 0.02 * row
+        want.append(regrid(from_m(c_), native, model, "conservative"))
+    np.testing.assert_allclose(out, np.stack(want, axis=1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fc.step(torch.from_numpy(prev), torch.from_numpy(curr)),
+                               torch.from_numpy(out[:, 0]), rtol=1e-5, atol=1e-5)
+    # without the mapping the model refuses the model grid's fields
+    inner = fc.inner
+    with pytest.raises(InputError, match="runs on a"):
+        inner.step(torch.from_numpy(prev), torch.from_numpy(curr))
+
+
+def test_model_to_fengwu_grid_round_trip():
+    """model grid → FengWu-like grid (bilinear) → model grid (conservative): constants exactly,
+    smooth fields to 3 % of their range on 31 × 64 (2.2 % measured), closer on a finer native grid."""
+    from align_rl.grid import Grid, LatLonGrid
+    from align_rl.models.forecaster import RegriddedForecaster
+
+    model = Grid(32, 64)
+    errs = []
+    for native in (LatLonGrid(31, 64, poles=True), LatLonGrid(121, 240, poles=True)):
+        fc = RegriddedForecaster(None, model, native)
+        const = torch.full((1, 69, 32, 64), 3.25)
+        torch.testing.assert_close(fc.from_native(fc.to_native(const)), const)
+        x = torch.from_numpy(_smooth(model, B=1, seed=4))
+        up = fc.to_native(x)
+        assert up.shape == (1, 69, *native.shape) and torch.isfinite(up).all()
+        back = fc.from_native(up)
+        errs.append(float((back - x).abs().max() / (x.amax() - x.amin())))
+    assert errs[0] < 0.03 and errs[1] < errs[0] / 2.5, errs

@@ -27,7 +27,7 @@ import pytest
 import torch
 import xarray as xr
 
-from align_rl.geostrophic import EARTH_RADIUS, OMEGA, geo_imbalance, geo_reward, geo_score, geostrophic_wind
+from align_rl.geostrophic import D_GT_FLOOR, EARTH_RADIUS, OMEGA, geo_imbalance, geo_reward, geo_score, geostrophic_wind
 from align_rl.grid import Grid
 from align_rl.schema import channel_index
 
@@ -205,6 +205,43 @@ def test_geo_score_is_100_for_the_truth_and_falls_with_noise():
     out = geo_score(cand, torch.tensor(truth[0]), grid.lat, grid.lon)
     assert isinstance(out, torch.Tensor) and out.shape == (3,)
     assert out[0].item() == pytest.approx(100.0) and out[0] > out[1] > out[2]
+
+
+def test_geo_score_is_finite_when_the_truth_is_perfectly_balanced():
+    """D_gt = 0 (issue: geo_reward(0, 0) was NaN and reached the JSON as an invalid value)."""
+    import json
+
+    assert geo_reward(0.0, 0.0) == pytest.approx(1.0)
+    assert geo_reward(D_GT_FLOOR, 0.0) == pytest.approx(2 / (1 + np.exp(1.0)))  # |D − 0| / floor = 1
+    r = geo_reward(torch.tensor([0.0, 0.05]), torch.tensor(0.0))
+    assert torch.isfinite(r).all() and r[0] == 1.0 and r[1] < 1e-10
+    assert geo_reward(0.3, 0.2) == pytest.approx(2 / (1 + np.exp(0.5)))  # above the floor: unchanged
+    # a truth whose 500 hPa wind IS its discrete geostrophic wind: D_gt = 0 exactly
+    grid = Grid(16, 32)
+    truth = balanced_states(grid, ageo=0.0)
+    ug, vg = geostrophic_wind(truth[:, IZ], grid.lat, grid.lon)
+    truth[:, IU], truth[:, IV] = ug, vg
+    assert geo_imbalance(truth, grid.lat, grid.lon)[0] == 0.0
+    ana = truth.copy()
+    ana[:, IU] *= 1.001
+    scores = geo_score(np.concatenate([truth, ana]), truth, grid.lat, grid.lon)
+    assert np.all(np.isfinite(scores)) and scores[0] == 100.0 and 0 < scores[1] < 100
+    json.loads(json.dumps({"geo_score": float(scores[1])}, allow_nan=False))
+    # no wind at all: D = 0, not NaN
+    calm = np.zeros_like(truth)
+    assert geo_imbalance(calm, grid.lat, grid.lon)[0] == 0.0
+
+
+def test_pole_rows_are_left_out_of_the_imbalance():
+    from align_rl.grid import LatLonGrid
+
+    g = LatLonGrid(17, 32, poles=True)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((69, 17, 32))
+    la, lo = np.meshgrid(np.deg2rad(g.lat), np.deg2rad(g.lon), indexing="ij")
+    x[IZ] = 5.5e4 - 4000 * np.sin(la) ** 2 + 900 * np.cos(la) ** 2 * np.sin(la) * np.sin(3 * lo)
+    d = geo_imbalance(x, g.lat, g.lon)
+    assert np.isfinite(d) and d > 0
 
 
 # ----------------------------------------------------------------------------- the embedded world

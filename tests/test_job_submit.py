@@ -214,3 +214,50 @@ def _list_jobs(head: LocalHead):
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(head.address).list_jobs()
+
+
+def test_ray_job_submit_relative_workdir_persists_and_resumes_after_a_kill(tmp_path):
+    """The README's job example with a relative run.workdir: it resolves below $ALIGN_RL_ROOT,
+    not below the job's temporary working directory; a job stopped during DPO and submitted again
+    reuses the pretrained models and pairs and continues from the last DPO checkpoint."""
+    cfg_path, _ = tiny_train_config(tmp_path)
+    root = tmp_path / "root"
+    run = root / "runs" / "resume"
+    env = {"RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1",
+           "ALIGN_RL_ROOT": str(root)}
+    entry = ["python", "-m", "align_rl.train", "--config", str(cfg_path), "run.workdir=runs/resume",
+             "dpo.steps=200", "dpo.checkpoint_every=2"]
+    head = LocalHead(num_cpus=2)
+    try:
+        head.wait_ready()
+        from ray.job_submission import JobSubmissionClient
+
+        client = JobSubmissionClient(head.address)
+        sub = subprocess.run(
+            [_ray_bin(), "job", "submit", "--address", head.address, "--submission-id", "resume-1",
+             "--working-dir", str(REPO), "--runtime-env-json",
+             json.dumps({"excludes": EXCLUDES, "env_vars": env}), "--no-wait", "--", *entry],
+            env=head.env, capture_output=True, text=True, timeout=180)
+        assert sub.returncode == 0, sub.stderr
+        t0 = time.time()
+        while not list((run / "dpo").rglob("state.pt")):
+            status = str(client.get_job_status("resume-1"))
+            assert status not in ("SUCCEEDED", "FAILED", "STOPPED"), \
+                f"job ended {status} before DPO checkpointed:\n{client.get_job_logs('resume-1')[-4000:]}"
+            assert time.time() - t0 < 1500, "no DPO checkpoint after 1500 s"
+            time.sleep(1.0)
+        client.stop_job("resume-1")
+        while str(client.get_job_status("resume-1")) not in ("STOPPED", "FAILED", "SUCCEEDED"):
+            time.sleep(1.0)
+        assert str(client.get_job_status("resume-1")) == "STOPPED"
+        finals = {p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("final.pt")}
+        assert len(finals) == 3  # forecaster, vae, diffusion: in the persistent workdir
+        status, logs = submit_and_wait(head, entry, "resume-2", env, timeout=1500)
+        assert status == "SUCCEEDED", f"job ended {status}; logs:\n{logs[-6000:]}"
+        assert {p: p.stat().st_mtime_ns for p in finals} == finals  # reused, not retrained
+        assert "reusing" in logs
+        summary = json.loads((run / "train_summary.json").read_text())
+        assert summary["variants"]["M"]["step"] == 200
+    finally:
+        left = head.stop()
+    assert left == [], f"processes of the test head still alive: {left}"

@@ -40,16 +40,62 @@ def ensure_world(cfg: Config, ws: Workspace, progress: bool = True) -> Path | st
     path, the string itself for a URL such as ``gs://…``; read it with
     :func:`align_rl.era5.open_states`). ``"simulate"``: returns ``ws.world``, simulating it first
     when it is absent or its stored ``config_hash`` differs from ``cfg.section_hash("data")``.
+    A zarr store gets its normalisation statistics from :func:`ensure_normalization`.
     """
     if cfg.data.source == "zarr":
         p = str(cfg.data.path)
-        return p if "://" in p else Path(p)
+        store = p if "://" in p else Path(p)
+        ensure_normalization(cfg, ws, store, progress=progress)
+        return store
     from .simulate import build_world
 
     path = ws.world
     if path.exists() and stored_attrs(path).get("config_hash") == cfg.section_hash("data"):
         return path
     return build_world(cfg, path, overwrite=True, progress=progress)
+
+
+def ensure_normalization(cfg: Config, ws: Workspace, store: Path | str, progress: bool = True):
+    """The normalisation statistics of a zarr dataset, registered for ``store`` in this process
+    (:func:`align_rl.era5.register_normalizer`) so that every reader of the store sees them.
+
+    In order: ``data.normalization`` (a JSON file or a store holding them); the store's own
+    ``normalization`` attribute; ``<workdir>/normalization/<hash>.json`` computed earlier for this
+    store and ``data`` section; else computed now over ``data.train`` on ``data.grid`` (at most
+    ``data.stats_times`` evenly spaced times) and written there. The store is never written.
+    Returns the :class:`~align_rl.normalization.Normalizer`.
+    """
+    import hashlib
+    import json
+    import os
+
+    from .. import era5
+
+    if cfg.data.normalization:
+        norm = era5.load_normalizer(cfg.data.normalization)
+        era5.register_normalizer(store, norm, cfg.data.normalization)
+        return norm
+    info = era5.store_info(store)
+    if "normalization" in info["attrs"] and "normalization_source" not in info["attrs"]:
+        return era5.load_normalizer(store)
+    key = {"store": era5._store_key(store), "data": cfg.section_hash("data")}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path = ws.root / "normalization" / f"{digest}.json"
+    if path.exists():
+        norm = era5.load_normalizer(path)
+    else:
+        if progress:
+            print(f"[data] computing normalisation statistics of {store} over data.train="
+                  f"{cfg.data.train} on {cfg.data.grid} (at most {cfg.data.stats_times or 'all'} "
+                  f"times) into {path}", flush=True)
+        norm, how = era5.stream_normalizer(store, cfg.data.train, cfg.data.grid, cfg.data.coarsen,
+                                           cfg.data.stats_times)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({**norm.to_dict(), "computed_over": how, "key": key}, indent=1))
+        os.replace(tmp, path)
+    era5.register_normalizer(store, norm, str(path))
+    return norm
 
 
 def simulate(*args, **kwargs):
@@ -59,4 +105,4 @@ def simulate(*args, **kwargs):
     return _simulate(*args, **kwargs)
 
 
-__all__ = ["ensure_world", "simulate", "stored_attrs"]
+__all__ = ["ensure_normalization", "ensure_world", "simulate", "stored_attrs"]

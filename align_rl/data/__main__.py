@@ -34,11 +34,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="restart file (default: the committed one)")
     p.add_argument("--quiet", action="store_true")
     t = sub.add_parser("stats", help="print a store's normalisation statistics; compute them over "
-                       "the training range and store them when absent (or with --recompute)")
+                       "the training range into --out FILE (the store is not written), or into the "
+                       "store's own attributes with --write-store")
     t.add_argument("path")
     t.add_argument("--train", nargs=2, metavar=("START", "END"),
                    help="training time range (default: config data.train)")
-    t.add_argument("--recompute", action="store_true")
+    t.add_argument("--out", help="write the statistics here as JSON (data.normalization=FILE, "
+                   "score --normalization FILE)")
+    t.add_argument("--grid", help="model grid NLATxNLON the statistics are computed on "
+                   "(default: config data.grid; the store is regridded to it)")
+    t.add_argument("--max-times", type=int, default=None, dest="max_times",
+                   help="at most this many evenly spaced training times (default: data.stats_times)")
+    t.add_argument("--write-store", action="store_true", dest="write_store",
+                   help="store them in the store's attributes (your own local store only)")
+    t.add_argument("--recompute", action="store_true", help="with --write-store: replace them")
     t.add_argument("--config")
     return ap
 
@@ -83,20 +92,40 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "stats":
         from pathlib import Path
 
+        from .. import era5
+        from ..score import write_json_atomic
         from . import stored_attrs
         from .simulate import store_normalization
 
-        if not Path(args.path).exists():
+        if "://" not in args.path and not Path(args.path).exists():
             raise InputError(f"store {args.path} does not exist")
-        attrs = stored_attrs(args.path)
-        if "normalization" not in attrs or args.recompute:
-            train = args.train or load_config(args.config).data.train
-            how = store_normalization(args.path, list(train))
-            print(f"stored normalisation statistics over {how} in {args.path}")
+        cfg = load_config(args.config)
+        train = list(args.train or cfg.data.train)
+        if args.out:
+            if not Path(args.out).resolve().parent.exists():
+                raise InputError(f"the folder of --out {args.out} does not exist; create it first")
+            grid = args.grid or cfg.data.grid
+            n_max = cfg.data.stats_times if args.max_times is None else args.max_times
+            norm, how = era5.stream_normalizer(args.path, train, grid, 1, n_max)
+            write_json_atomic(args.out, {**norm.to_dict(), "computed_over": how, "grid": grid,
+                                         "store": args.path, "train": train})
+            print(f"wrote normalisation statistics over {how['times']} times of {train} on {grid} "
+                  f"to {args.out} (data.normalization={args.out})")
+            attrs = {}
+        else:
             attrs = stored_attrs(args.path)
-        norm = attrs.pop("normalization")
+            if "normalization" not in attrs or args.recompute:
+                if not args.write_store:
+                    raise InputError(
+                        f"{args.path} holds no normalisation statistics; compute them with --out "
+                        "FILE (the store is not written), or with --write-store into the store's "
+                        "own attributes (a local store of your own)")
+                how = store_normalization(args.path, train)
+                print(f"stored normalisation statistics over {how} in {args.path}")
+                attrs = stored_attrs(args.path)
+            norm = era5.Normalizer.from_dict(attrs.pop("normalization"))
         print(json.dumps(attrs, indent=1, default=str))
-        for name, m, s in zip(norm["channels"], norm["mean"], norm["std"]):
+        for name, m, s in zip(norm.to_dict()["channels"], norm.mean, norm.std):
             print(f"{name:>6s} mean {m:14.6g} std {s:12.6g}")
         return 0
     return 2

@@ -4,6 +4,11 @@ All take and return the project's normalised fields ``(B, 69, H, W)``, latitude 
 - :class:`EmulatorForecaster` wraps :class:`EmulatorNet`, a small residual convnet trained here.
 - :class:`OnnxForecaster` runs an ONNX file with FengWu's interface.
 - :class:`TorchForecaster` runs any torch module with the same stacked-frames interface.
+- :class:`RegriddedForecaster` runs a forecaster on its own grid (the public FengWu ONNX: 721 × 1440,
+  rows on the poles, latitude 90 → −90) behind the model grid: each rollout maps the two input
+  frames model grid → its grid (bilinear, :mod:`align_rl.regrid`), steps there, and maps every
+  output state back (conservative). :func:`load_forecaster` wraps an ONNX model whose fixed input
+  grid is not ``data.grid``.
 """
 
 from __future__ import annotations
@@ -235,6 +240,7 @@ class OnnxForecaster(_StackedForecaster):
             )
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         self.grid = tuple(shape[2:]) if all(isinstance(s, int) for s in shape[2:]) else None
+        self.path = str(p)
 
     def _run(self, stacked: torch.Tensor) -> torch.Tensor:
         if self.grid is not None and tuple(stacked.shape[-2:]) != self.grid:
@@ -249,6 +255,55 @@ class OnnxForecaster(_StackedForecaster):
         else:
             out = self.session.run([self.output_name], {self.input_name: arr})[0]
         return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(stacked.device)
+
+
+class RegriddedForecaster(Forecaster):
+    """``inner``, a forecaster on its own grid ``native`` (a :class:`~align_rl.grid.LatLonGrid`,
+    latitude ascending as every project field; ``inner`` flips it if it needs to), behind the model
+    grid ``model``. :meth:`rollout` maps the two normalised input frames ``(B, 69, H, W)`` to the
+    native grid with bilinear interpolation (the refinement onto pole rows that a conservative
+    scheme cannot fill), runs every step there, and maps each output state back conservatively;
+    the mapping is linear with weights summing to 1, so it commutes with the per-channel
+    normalisation. Not differentiable (the regridding goes through numpy)."""
+
+    def __init__(self, inner: Forecaster, model: Any, native: Any):
+        from ..grid import LatLonGrid
+
+        self.inner = inner
+        self.model = LatLonGrid.of(model)
+        self.native = LatLonGrid.of(native)
+
+    def to_native(self, x: torch.Tensor) -> torch.Tensor:
+        """Fields ``(..., H, W)`` on the model grid → ``(..., H', W')`` on the native grid."""
+        from ..regrid import regrid
+
+        return regrid(x, self.model, self.native, "linear")
+
+    def from_native(self, y: torch.Tensor) -> torch.Tensor:
+        """Fields ``(..., H', W')`` on the native grid → ``(..., H, W)`` on the model grid."""
+        from ..regrid import regrid
+
+        return regrid(y, self.native, self.model, "conservative")
+
+    def rollout(self, x_prev: torch.Tensor, x_curr: torch.Tensor, n_steps: int) -> torch.Tensor:
+        _check_pair(x_prev, x_curr)
+        if tuple(x_curr.shape[-2:]) != self.model.shape:
+            raise InputError(f"fields of {tuple(x_curr.shape[-2:])} are not on the model grid {self.model}")
+        out = self.inner.rollout(self.to_native(x_prev), self.to_native(x_curr), n_steps)
+        return self.from_native(out)
+
+    def step(self, x_prev: torch.Tensor, x_curr: torch.Tensor) -> torch.Tensor:
+        return self.rollout(x_prev, x_curr, 1)[:, 0]
+
+    def to(self, device) -> "RegriddedForecaster":
+        if hasattr(self.inner, "to"):
+            self.inner.to(device)
+        return self
+
+    def eval(self) -> "RegriddedForecaster":
+        if hasattr(self.inner, "eval"):
+            self.inner.eval()
+        return self
 
 
 class TorchForecaster(_StackedForecaster):
@@ -298,12 +353,31 @@ def _load_torch_module(path: Path, trust_pickle: bool = False) -> nn.Module:
     return obj
 
 
+def on_model_grid(forecaster: "OnnxForecaster", model_grid: Any) -> Forecaster:
+    """``forecaster`` itself when it runs on any grid or on ``model_grid``; else wrapped in a
+    :class:`RegriddedForecaster` for its fixed grid (an odd number of rows: rows on the poles, as
+    FengWu's 721 × 1440; even: cell-centred)."""
+    from ..grid import Grid, LatLonGrid
+
+    model = Grid.parse(model_grid) if isinstance(model_grid, str) else model_grid
+    if forecaster.grid is None or tuple(forecaster.grid) == model.shape:
+        return forecaster
+    H, W = forecaster.grid
+    try:
+        native = LatLonGrid.parse(f"{H}x{W}")
+    except InputError as exc:
+        raise CheckpointError(f"the forecast model runs on a {H}x{W} grid that cannot be mapped "
+                              f"to the model grid {model}: {exc}") from None
+    return RegriddedForecaster(forecaster, model, native)
+
+
 def load_forecaster(cfg, ws, normalizer: Normalizer | None, device: str | torch.device = "cpu") -> Forecaster:
     """The forecaster named by ``cfg.forecaster.kind``: ``emulator`` loads
     ``cfg.forecaster.path`` or ``ws.final_checkpoint("forecaster")`` (checked against the config);
-    ``onnx`` opens ``cfg.forecaster.path`` with the mean/std files; ``torch`` loads an align_rl
-    forecaster checkpoint, a TorchScript file or (with ``checks.trust_pickle``) a pickled module.
-    Modules are put in eval mode."""
+    ``onnx`` opens ``cfg.forecaster.path`` with the mean/std files (a model on a fixed grid other
+    than ``cfg.data.grid``, e.g. FengWu's 721 × 1440, behind :func:`on_model_grid`); ``torch``
+    loads an align_rl forecaster checkpoint, a TorchScript file or (with ``checks.trust_pickle``) a
+    pickled module. Modules are put in eval mode."""
     from ..checkpoints import is_checkpoint, load_model
 
     fc = cfg.forecaster
@@ -314,7 +388,8 @@ def load_forecaster(cfg, ws, normalizer: Normalizer | None, device: str | torch.
     if not fc.path:
         raise ConfigError(f"forecaster.kind={fc.kind} needs forecaster.path=FILE")
     if fc.kind == "onnx":
-        return OnnxForecaster(fc.path, normalizer, fc.mean_path, fc.std_path, fc.lat_north_to_south)
+        onnx_fc = OnnxForecaster(fc.path, normalizer, fc.mean_path, fc.std_path, fc.lat_north_to_south)
+        return on_model_grid(onnx_fc, cfg.data.grid)
     path = Path(fc.path)
     if not path.exists():
         raise CheckpointError(f"torch forecaster {path} does not exist; set forecaster.path")
