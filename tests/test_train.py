@@ -116,7 +116,7 @@ def test_online_rounds_sync_weights_and_drop_stale_pairs(tmp_path, ray_session):
 def test_bad_config_fails_fast_with_exit_2(tmp_path, capsys):
     from align_rl.train import main
 
-    for args, msg in ((["rewards.names=[assim,nope]"], "unknown reward"),
+    for args, msg in ((["rewards.names=[assim,nope]", "pairs.variants=[M]"], "unknown reward"),
                       (["rewards.names=[assim]", "rewards.weights={assim: 1}", "pairs.variants=[M,P]"],
                        "add phys"),
                       (["pairs.variants=[X]"], "pairs.variants")):
