@@ -131,12 +131,17 @@ def _verify(obj: Any, p: Path, fix: str) -> None:
 def save_state(obj: dict, path: str | Path) -> Path:
     """Write a training state dict (tensors, numbers, strings, lists, dicts) atomically, with its
     checksum. Read it with :func:`load_state`."""
+    obj = _plain(dict(obj))
+    obj["checksum"] = content_digest(obj)
+    return _save_atomic(obj, path)
+
+
+def _save_atomic(obj: dict, path: str | Path) -> Path:
+    """``torch.save`` into a temporary file beside ``path``, then rename it into place."""
     from .owned import temp_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    obj = _plain(dict(obj))
-    obj["checksum"] = content_digest(obj)
     tmp = temp_file(path)
     try:
         torch.save(obj, tmp)
@@ -192,18 +197,7 @@ def save_model(path: str | Path, model: nn.Module, kind: str, section_cfg: Any,
         "extra": extra,
     }
     obj["checksum"] = content_digest(obj)
-    from .owned import temp_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_file(path)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return _save_atomic(obj, path)
 
 
 def is_checkpoint(path: str | Path) -> bool:
