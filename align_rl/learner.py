@@ -163,12 +163,14 @@ def dpo_loop(conf: dict) -> None:
     opt = torch.optim.AdamW(policy.parameters(), lr=float(cfg.dpo.lr), weight_decay=0.0)
 
     state = None
-    ck = ray.train.get_checkpoint()
+    ck = ray.train.get_checkpoint()  # after a worker failure, or a run of the same name restored
     if ck is not None:
         with ck.as_directory() as d:
             state = read_state(Path(d))
-    elif conf.get("resume"):
-        state = read_state(out_dir)
+    if conf.get("resume"):  # out_dir/state.pt is the commit point: the latest of the two wins
+        mine = read_state(out_dir)
+        if mine is not None and (state is None or int(mine["step"]) > int(state["step"])):
+            state = mine
     start, history = 0, []
     if state is not None:
         policy.load_state_dict(state["model"])

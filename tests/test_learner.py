@@ -122,7 +122,8 @@ def test_validator_pairs_draws_and_scores_the_reference_zero(tmp_path):
 @pytest.mark.slow
 def test_run_dpo_keeps_the_best_validated_checkpoint(tmp_path, ray_session):
     cfg, ws, ref, st = _setup(tmp_path, ["dpo.val_every=2", "dpo.val_members=2", "dpo.anchor=1.0",
-                                         "dpo.warmup_steps=2", "rewards.names=[assim]"])
+                                         "dpo.warmup_steps=2", "rewards.names=[assim]",
+                                         "pairs.variants=[M]"])
     res = run_dpo(cfg, ws, ws.pairs, ref, steps=4, progress=False, validation=_val_context(cfg))
     vals = [h for h in res.history if "val/reward_gain" in h]
     assert [h["step"] for h in vals] == [2, 4]
