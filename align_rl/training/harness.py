@@ -117,8 +117,10 @@ def repair_run_storage(storage_path: str | Path, run_name: str) -> Path | None:
 
     Ray Train writes ``<storage>/<run>/checkpoint_manager_snapshot.json`` in place; a driver killed
     while it writes (``ray job stop``, a lost head) leaves it empty or cut, and a rerun under the
-    same run name then fails before training starts. The run resumes from the project's own state
-    file instead (DPO: ``out_dir/state.pt``). Returns where the broken file went, or None.
+    same run name then fails before training starts. DPO then resumes from its own state file
+    (``out_dir/state.pt``); a pretraining stage, which resumes through Ray's snapshot only, starts
+    again from its first step (stages already finished are reused). Returns where the broken file
+    went, or None.
     """
     import json
 
