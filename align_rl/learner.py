@@ -332,7 +332,7 @@ def run_dpo(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .checkpoints import read_checkpoint
-    from .training.harness import init_ray
+    from .training.harness import init_ray, repair_run_storage
 
     mode = mode or cfg.pairs.mode
     steps = int(cfg.dpo.steps if steps is None else steps)
@@ -378,6 +378,7 @@ def run_dpo(
                              "mode": mode, "pairs": len(ps)}},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    repair_run_storage(out_dir / "ray", f"dpo-v{version}")  # a snapshot cut by a killed driver
     trainer = TorchTrainer(
         dpo_loop,
         train_loop_config=conf,

@@ -44,3 +44,18 @@ def test_ray_job_driver_gets_a_persistent_workdir(clean_env, monkeypatch):
     assert cfg3.run.workdir == str(clean_env / "efs" / "runs" / "default")
     with pytest.raises(ConfigError, match="run.root"):
         load_config(overrides=["run.root=' '"])
+
+
+def test_a_ray_train_snapshot_cut_by_a_kill_is_moved_aside(tmp_path):
+    """Ray Train writes its checkpoint-manager snapshot in place: `ray job stop` during DPO left it
+    empty and the resubmitted job failed to start (measured with test_job_submit.py)."""
+    from align_rl.training.harness import SNAPSHOT_FILE, repair_run_storage
+
+    run = tmp_path / "ray" / "dpo-v1"
+    run.mkdir(parents=True)
+    assert repair_run_storage(tmp_path / "ray", "dpo-v1") is None  # nothing there
+    (run / SNAPSHOT_FILE).write_text('{"checkpoints": []}')
+    assert repair_run_storage(tmp_path / "ray", "dpo-v1") is None  # valid: kept
+    (run / SNAPSHOT_FILE).write_text("")
+    aside = repair_run_storage(tmp_path / "ray", "dpo-v1")
+    assert aside is not None and aside.exists() and not (run / SNAPSHOT_FILE).exists()

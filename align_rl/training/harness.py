@@ -156,6 +156,35 @@ def scaling_config(pre: PretrainConfig, num_workers: int | None = None):
     return ScalingConfig(num_workers=n, use_gpu=bool(pre.use_gpu), resources_per_worker=res)
 
 
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
+
+
+def repair_run_storage(storage_path: str | Path, run_name: str) -> Path | None:
+    """Move aside a Ray Train checkpoint-manager snapshot that is not valid JSON.
+
+    Ray Train writes ``<storage>/<run>/checkpoint_manager_snapshot.json`` in place; a driver killed
+    while it writes (``ray job stop``, a lost head) leaves it empty or cut, and a rerun under the
+    same run name then fails before training starts. DPO then resumes from its own state file
+    (``out_dir/state.pt``); a pretraining stage, which resumes through Ray's snapshot only, starts
+    again from its first step (stages already finished are reused). Returns where the broken file
+    went, or None.
+    """
+    import json
+
+    p = Path(storage_path) / run_name / SNAPSHOT_FILE
+    if not p.is_file():
+        return None
+    try:
+        json.loads(p.read_text())
+        return None
+    except (ValueError, UnicodeDecodeError):
+        aside = p.with_name(f"{p.name}.broken-{int(time.time())}")
+        os.replace(p, aside)
+        print(f"[align_rl] {p} was cut short by an interrupted run; moved aside to {aside.name}",
+              flush=True)
+        return aside
+
+
 def run_training(
     task: str,
     loop_config: dict[str, Any],
@@ -179,6 +208,7 @@ def run_training(
     _train_env_defaults()
     storage_path = Path(storage_path).expanduser().resolve()
     storage_path.mkdir(parents=True, exist_ok=True)
+    repair_run_storage(storage_path, run_name)
     sc = scaling_config(pre, num_workers)
     config = dict(loop_config)
     config.update(task=task, threads=max(1, int(pre.cpus_per_worker)),
