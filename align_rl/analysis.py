@@ -17,7 +17,7 @@ import torch
 from .diffusion.guidance import METHODS, make_guidance
 from .diffusion.sampler import sample
 from .errors import ConfigError, InputError
-from .models.anchored import decoder_for
+from .models.anchored import AnchoredCodec, decoder_for
 
 
 @dataclass
@@ -110,7 +110,7 @@ def analyse(
         extra = {"autocast": autocast} if method == "dps" and autocast else {}
         with torch.no_grad():
             dec = decoder_for(codec, xb, decoding)
-            z_b = codec.encode(xb)
+            z_b = dec.z_b if isinstance(dec, AnchoredCodec) else codec.encode(xb)  # encoded once
         guidance = make_guidance(method, dec, o, guidance_cfg, **extra)
         z = sample(eps_fn, z_b, n, steps, corr, tau, guidance=guidance, generator=generator,
                    progress=progress)

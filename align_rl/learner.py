@@ -50,6 +50,7 @@ from .config import Config, config_from_dict
 from .cpu import configure_worker
 from .errors import CheckpointError, ConfigError, InputError
 from .pair_store import PairDataset, PairSet, PairStore
+from .checkpoints import save_state  # atomic, with a checksum
 
 STATE_FILE = "state.pt"
 POLICY_FILE = "policy.pt"
@@ -115,10 +116,6 @@ def read_state(out_dir: Path) -> dict | None:
     return load_state(p, fix=f"delete {out_dir} to restart")
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    from .checkpoints import save_state  # atomic, with a checksum
-
-    save_state(obj, path)
 
 
 # ----------------------------------------------------------------------------- worker loop
@@ -270,12 +267,12 @@ def dpo_loop(conf: dict) -> None:
                         st = {"model": raw.state_dict(), "optim": opt.state_dict(), "step": step,
                               "target": steps, "version": version, "history": history,
                               "best": best}
-                        _save_atomic(st, Path(tmp) / STATE_FILE)
+                        save_state(st, Path(tmp) / STATE_FILE)
                         out_dir.mkdir(parents=True, exist_ok=True)
                         save_model(out_dir / POLICY_FILE, raw, "diffusion", conf["diffusion_cfg"],
                                    extra={"dpo_step": step, "dpo_version": version,
                                           "reference": str(conf["reference_ckpt"])})
-                        _save_atomic(st, out_dir / STATE_FILE)  # after policy.pt: the commit point
+                        save_state(st, out_dir / STATE_FILE)  # after policy.pt: the commit point
                         with open(out_dir / "metrics.jsonl", "a") as f:
                             for h in history[written:]:
                                 f.write(json.dumps(h) + "\n")

@@ -323,7 +323,7 @@ def test_dpo_trials_reselect_shared_pairs_train_in_stages_and_validate(tmp_path,
     assert [r.status for r in res.rows] == ["completed", "completed"], [r.error for r in res.rows]
     assert store.committed == committed  # trials only read the shared store
     sc = store.scores()
-    ref_state = torch.load(ref_ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    ref_state = torch.load(ref_ckpt, map_location="cpu", weights_only=True)["state_dict"]
     for r in res.rows:
         mode = r.params["pairs.mode"]
         assert r.metrics["dpo_steps"] == 4 and r.stages == 2
