@@ -40,7 +40,7 @@ class ForecastActor:
                 raise ValueError("ForecastActor needs a forecaster or a loader")
             from align_rl.config import config_from_dict
             from align_rl.models.forecaster import load_forecaster
-            from align_rl.normalization import Normalizer
+            from align_rl.io.normalization import Normalizer
             from align_rl.workspace import Workspace
 
             cfg = config_from_dict(loader["cfg"])

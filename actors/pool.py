@@ -78,7 +78,7 @@ class CandidatePool:
         """Draw, score, pair and commit the tasks not yet in ``store`` (for this version and
         guidance). Returns ``{"backgrounds", "candidates", "pairs", "skipped", "resubmitted",
         "seconds"}`` added by this call."""
-        from align_rl.candidates import make_group
+        from align_rl.alignment.candidates import make_group
 
         cfg = self.cfg
         guidance = guidance or cfg.pairs.guidance

@@ -1,7 +1,7 @@
 """RewardActor: holds the forecaster (48 h rollouts) and the normaliser, scores candidates.
 
-Thin: the science is :func:`align_rl.candidates.score_candidates` (rewards of
-:mod:`align_rl.rewards`). Declared with ``max_restarts`` / ``max_task_retries`` and resources from
+Thin: the science is :func:`align_rl.alignment.candidates.score_candidates` (rewards of
+:mod:`align_rl.alignment.rewards`). Declared with ``max_restarts`` / ``max_task_retries`` and resources from
 ``cfg.actors``.
 """
 
@@ -31,7 +31,7 @@ class RewardActor:
 
     def score(self, tasks: list, drawn):
         """``[{reward: (N,)}]`` per task, or ``drawn`` unchanged when it is a stale-weights marker."""
-        from align_rl.candidates import score_candidates
+        from align_rl.alignment.candidates import score_candidates
 
         if isinstance(drawn, dict):
             return drawn

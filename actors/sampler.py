@@ -1,6 +1,6 @@
 """SamplerActor: holds the VAE codec and a copy of the policy (with its version), draws candidates.
 
-Thin: the science is :func:`align_rl.candidates.draw_candidates`. Declared by
+Thin: the science is :func:`align_rl.alignment.candidates.draw_candidates`. Declared by
 :func:`make_samplers` with ``max_restarts`` / ``max_task_retries`` and resources from
 ``cfg.actors``; a restarted actor comes back with the constructor's weights (version of the
 reference), so :meth:`SamplerActor.draw` refuses a call for another version (it returns
@@ -35,7 +35,7 @@ class SamplerActor:
 
     def draw(self, tasks: list, version: int, method: str | None = None, members: int | None = None):
         """Candidates (``list[Drawn]``) of the tasks by policy ``version``, or ``{"stale": held}``."""
-        from align_rl.candidates import draw_candidates
+        from align_rl.alignment.candidates import draw_candidates
 
         if int(version) != self.version:
             return {"stale": self.version}

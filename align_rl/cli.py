@@ -18,8 +18,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .config import Config
-from .errors import CheckpointError, ConfigError, InputError
+from align_rl.config import Config
+from align_rl.errors import CheckpointError, ConfigError, InputError
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -45,7 +45,7 @@ def split_model_specs(items: list[str]) -> tuple[list[str], list[str]]:
 
 def check_model_specs(specs: list[str]) -> dict[str, Path]:
     """``{name: checkpoint}`` of ``NAME=CHECKPOINT`` items, each an existing diffusion checkpoint."""
-    from .checkpoints import read_checkpoint
+    from align_rl.io.checkpoints import read_checkpoint
 
     out: dict[str, Path] = {}
     for spec in specs:
@@ -63,7 +63,7 @@ def check_model_specs(specs: list[str]) -> dict[str, Path]:
         kind = read_checkpoint(p)["kind"]
         if kind != "diffusion":
             raise CheckpointError(f"checkpoint {p} of model {name!r} is a {kind} checkpoint, not a "
-                                  "diffusion model (align_rl.checkpoints.save_model(..., 'diffusion', ...))")
+                                  "diffusion model (align_rl.io.checkpoints.save_model(..., 'diffusion', ...))")
         out[name] = p
     return out
 
@@ -79,14 +79,14 @@ def _is_pair_store_or_empty(p: Path) -> bool:
         meta = json.loads((p / "zarr.json").read_text())
     except (OSError, ValueError):
         return (p / "COMMIT").exists()
-    return str(meta.get("attributes", {}).get("format", "")).startswith("align_rl.pairs/")
+    return str(meta.get("attributes", {}).get("format", "")).startswith("align_rl.alignment.pairs/")
 
 
 def preflight(cfg: Config, outputs: tuple[str, ...] = (), eval_out: str | None = None) -> None:
     """Fail before any work when an input the config names is missing or an output folder it
     would replace is not align_rl's. ``outputs``: ``eval`` (the evaluation folder: ``eval_out``,
     else ``eval.out``, else ``<workdir>/eval``), ``pairs`` (``pairs.store``)."""
-    from .owned import require_owned
+    from align_rl.owned import require_owned
 
     d = cfg.data
     if d.source == "zarr" and "://" not in str(d.path) and not Path(str(d.path)).expanduser().exists():

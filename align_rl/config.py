@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .errors import ConfigError
+from align_rl.errors import ConfigError
 
 
 # a field whose metadata holds HASH_UNLESS_SET is left out of the cache hashes while it holds its
@@ -202,7 +202,7 @@ class PairsConfig:
 @dataclass
 class DPOConfig:
     # β of L = −log σ(−β(Δ_w − Δ_l)); Δ = ‖ε−ε_θ‖² − ‖ε−ε_ref‖² as the MEAN over latent elements,
-    # no factor ½, ω(λ_t) ≡ 1, the paper's T folded into β (align_rl/dpo.py)
+    # no factor ½, ω(λ_t) ≡ 1, the paper's T folded into β (align_rl/alignment/dpo.py)
     beta: float = 4000.0  # the paper's 8000 in the reference code's −½β convention
     lr: float = 1e-5
     batch_size: int = 16
@@ -216,7 +216,7 @@ class DPOConfig:
     warmup_steps: int = 25
     # validation-driven selection: every val_every steps (0 = off) the policy draws val_members
     # candidates for val_backgrounds backgrounds of data.val, scored against the reference's
-    # (align_rl/validation.py); the best checkpoint (val/reward_gain) is the result
+    # (align_rl/alignment/validation.py); the best checkpoint (val/reward_gain) is the result
     val_every: int = 50
     val_backgrounds: int = 8
     val_members: int = 8
@@ -688,8 +688,8 @@ def _non_finite(key: str, value: Any) -> list[str]:
 
 def _cross_rules(cfg: Config) -> list[str]:
     """Rules that tie keys together or need more than a range."""
-    from .errors import InputError
-    from .grid import Grid
+    from align_rl.errors import InputError
+    from align_rl.io.grid import Grid
 
     out: list[str] = []
     try:

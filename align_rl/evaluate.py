@@ -4,7 +4,7 @@
 
 Every model given (name → score network ``ε_θ``; the pretrained reference, aligned models later)
 × every guidance method of ``guidance.methods`` analyses the same ``eval.times`` held-out times of
-the test split (backgrounds: 48 h forecasts from :mod:`align_rl.backgrounds`) from the same
+the test split (backgrounds: 48 h forecasts from :mod:`align_rl.world.backgrounds`) from the same
 observations (one seed per observation setting) and the same sampler noise (one generator seed per
 setting and method), so model comparisons are paired. Per analysis time (then averaged, docs/method.md §10):
 
@@ -40,15 +40,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .analysis import analyse
-from .config import Config, load_config
-from .errors import CheckpointError, ConfigError, InputError, cli_errors
-from .geostrophic import geo_score
-from .metrics import crps_ensemble, mae, mse, spread_skill, wrmse
-from .normalization import Normalizer
-from .schema import CHANNELS, channel_index
-from .states import States
-from .workspace import Workspace
+from align_rl.diffusion.analysis import analyse
+from align_rl.config import Config, load_config
+from align_rl.errors import CheckpointError, ConfigError, InputError, cli_errors
+from align_rl.evaluation.geostrophic import geo_score
+from align_rl.evaluation.metrics import crps_ensemble, mae, mse, spread_skill, wrmse
+from align_rl.io.normalization import Normalizer
+from align_rl.io.schema import CHANNELS, channel_index
+from align_rl.io.states import States
+from align_rl.workspace import Workspace
 
 TABLE_VARS: tuple[str, ...] = ("u10", "v500", "z500", "t850")
 """Channels whose physical WRMSE the paper's tables report."""
@@ -265,10 +265,10 @@ def observation_settings(cfg: Config) -> list[ObsSetting]:
 def load_eval_data(cfg: Config, ws: Workspace) -> tuple[EvalData, Any]:
     """Dataset, pretrained models and backgrounds from their caches (building them when absent).
     Returns ``(data, reference eps model)``."""
-    from . import era5
-    from .backgrounds import ensure_backgrounds
-    from .data import ensure_world
-    from .pretrain import ensure_pretrained
+    from align_rl.io import era5
+    from align_rl.world.backgrounds import ensure_backgrounds
+    from align_rl.world.dataset import ensure_world
+    from align_rl.pretrain import ensure_pretrained
 
     store = ensure_world(cfg, ws)
     pre = ensure_pretrained(cfg, ws)
@@ -355,7 +355,7 @@ def run_evaluation(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(jobs), desc="evaluate", unit="run")
-    from .observations import make_observations
+    from align_rl.world.observations import make_observations
 
     for si, s in enumerate(settings):
         for stat in ("member", "ensmean"):
@@ -428,7 +428,7 @@ def run_evaluation(
     })
     summary["checks"] = paper_checks(summary, baseline)
 
-    from .report import write_outputs
+    from align_rl.evaluation.report import write_outputs
 
     out_dir = Path(out or cfg.eval.out or ws.eval)
     summary["seconds"] = round(time.time() - t_start, 1)
@@ -512,8 +512,8 @@ def _log_wandb(cfg: Config, summary: dict) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 def load_models(specs: list[str], cfg: Config, latent_shape: tuple[int, int, int] | None = None) -> dict[str, Any]:
-    """``["Align-M=path.pt", ...]`` -> ``{name: LatentDiT}`` from ``align_rl.checkpoints`` files."""
-    from .checkpoints import load_model
+    """``["Align-M=path.pt", ...]`` -> ``{name: LatentDiT}`` from ``align_rl.io.checkpoints`` files."""
+    from align_rl.io.checkpoints import load_model
 
     out = {}
     for spec in specs:
@@ -532,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m align_rl.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML config file (sections as in align_rl.config)")
     p.add_argument("--models", nargs="*", default=[], metavar="NAME=CHECKPOINT",
-                   help="aligned score networks to compare with the reference (align_rl.checkpoints files)")
+                   help="aligned score networks to compare with the reference (align_rl.io.checkpoints files)")
     p.add_argument("--out", help="output folder (default: eval.out or <workdir>/eval)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return p
@@ -540,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    from .cli import check_model_specs, parse_args, preflight, split_model_specs
+    from align_rl.cli import check_model_specs, parse_args, preflight, split_model_specs
 
     args = parse_args(build_parser(), argv)
     specs, more = split_model_specs(args.models)  # `--models A=x.pt run.workdir=W`

@@ -2,7 +2,7 @@
 
 Rules (docs/design.md, "Hardening"):
 
-- Every folder the project writes as a whole (zarr stores written by :func:`align_rl.store.write_states`,
+- Every folder the project writes as a whole (zarr stores written by :func:`align_rl.io.store.write_states`,
   the evaluation folder, preference stores) holds the marker file :data:`MARKER`. A folder is only
   replaced or deleted when its marker says the project created it (:func:`require_owned`); anything
   else raises :class:`~align_rl.errors.OwnershipError` before any work.
@@ -17,7 +17,7 @@ Rules (docs/design.md, "Hardening"):
   renames, the old content is moved back first. Staging names of other hosts (a shared workdir)
   are left alone.
 - Folders written before markers existed are recognised once by their content (a zarr store of
-  :func:`~align_rl.store.write_states`, an evaluation folder, a preference store) and adopted: the
+  :func:`~align_rl.io.store.write_states`, an evaluation folder, a preference store) and adopted: the
   marker is written and the rule above applies from then on.
 """
 
@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import OwnershipError
+from align_rl.errors import OwnershipError
 
 MARKER = ".align_rl"
 """Name of the marker file inside every folder the project created."""
@@ -71,14 +71,14 @@ def _zarr_meta(p: Path) -> dict:
 def legacy_kind(path: str | Path) -> str | None:
     """The kind of a folder written by the project before markers existed, from its content:
     ``states`` (a zarr of ``write_states``: variables with ``short_name`` and ``derived``
-    attributes), ``pairs`` (a preference store: format ``align_rl.pairs/…``), ``eval`` (an
+    attributes), ``pairs`` (a preference store: format ``align_rl.alignment.pairs/…``), ``eval`` (an
     evaluation folder: ``report.md`` and a ``metrics.json`` with checks); None otherwise."""
     p = Path(path)
     if not p.is_dir():
         return None
     meta = _zarr_meta(p)
     attrs = meta.get("attributes", meta) if isinstance(meta, dict) else {}
-    if isinstance(attrs, dict) and str(attrs.get("format", "")).startswith("align_rl.pairs/"):
+    if isinstance(attrs, dict) and str(attrs.get("format", "")).startswith("align_rl.alignment.pairs/"):
         return "pairs"
     cm = meta.get("consolidated_metadata", {}) if isinstance(meta, dict) else {}
     entries = (cm or {}).get("metadata", {}) if isinstance(cm, dict) else {}
@@ -226,7 +226,7 @@ def staged(target: str | Path, kind: str, overwrite: bool = True) -> Iterator[Pa
     must be ours (:func:`require_owned`, checked before the block runs); ``overwrite=False``
     refuses an existing target.
     """
-    from .errors import InputError
+    from align_rl.errors import InputError
 
     t = Path(target)
     clean_stale(t)

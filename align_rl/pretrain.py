@@ -4,11 +4,11 @@
 
 Order (``all``): the forecaster emulator (one 6 h step from two frames), the VAE, the per-channel
 latent statistics (:func:`~align_rl.models.vae.fit_latent_stats` over the training split), the 48 h
-backgrounds of the training and validation splits (:func:`align_rl.backgrounds.ensure_backgrounds`,
+backgrounds of the training and validation splits (:func:`align_rl.world.backgrounds.ensure_backgrounds`,
 needed because the diffusion model learns ``p(z | z_b)`` with ``z_b = E(x_b)``), then the diffusion
 model. Each training runs under a Ray Train ``TorchTrainer`` (:mod:`align_rl.training.harness`)
 with checkpoints below ``ws.checkpoints(model)``; the final network is written with
-:func:`~align_rl.checkpoints.save_model` to ``ws.final_checkpoint(model)`` with its *identity*
+:func:`~align_rl.io.checkpoints.save_model` to ``ws.final_checkpoint(model)`` with its *identity*
 (config section, dataset key, seed and, for the diffusion model, the hashes of the VAE and of the
 forecaster it was trained with) in ``extra["identity"]``. :func:`ensure_pretrained` reuses a final
 checkpoint whose identity matches and trains what is missing. The summary (validation split,
@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config, load_config
-from .errors import CheckpointError, InputError, cli_errors
-from .normalization import Normalizer
-from .states import States
-from .workspace import Workspace
+from align_rl.config import Config, load_config
+from align_rl.errors import CheckpointError, InputError, cli_errors
+from align_rl.io.normalization import Normalizer
+from align_rl.io.states import States
+from align_rl.workspace import Workspace
 
 STAGES = ("forecaster", "vae", "diffusion")
 SUMMARY_FILE = "pretrain_summary.json"
@@ -65,8 +65,8 @@ class PretrainData:
     on first use, so that a run whose models are all cached reads no fields."""
 
     def __init__(self, cfg: Config, store: Path | str):
-        from .era5 import load_normalizer
-        from .grid import Grid
+        from align_rl.io.era5 import load_normalizer
+        from align_rl.io.grid import Grid
 
         self.cfg, self.store = cfg, store
         self.grid: tuple[int, int] = Grid.parse(cfg.data.grid).shape
@@ -76,7 +76,7 @@ class PretrainData:
         self._norm: dict[str, np.ndarray] = {}
 
     def _load(self, name: str) -> States:
-        from .era5 import open_states
+        from align_rl.io.era5 import open_states
 
         if name not in self._split:
             self._split[name] = open_states(self.store, time_range=getattr(self.cfg.data, name),
@@ -85,7 +85,7 @@ class PretrainData:
         return self._split[name]
 
     def _normed(self, name: str) -> np.ndarray:
-        from .training.datasets import normalized_values
+        from align_rl.training.datasets import normalized_values
 
         if name not in self._norm:
             self._norm[name] = normalized_values(self._load(name), self.normalizer)
@@ -138,7 +138,7 @@ def data_key(cfg: Config, store: Path | str) -> dict[str, str]:
 
 def load_data(cfg: Config, ws: Workspace, progress: bool = True) -> PretrainData:
     """The dataset of the run (simulated when absent), read lazily (:class:`PretrainData`)."""
-    from .data import ensure_world
+    from align_rl.world.dataset import ensure_world
 
     return PretrainData(cfg, ensure_world(cfg, ws, progress=progress))
 
@@ -153,7 +153,7 @@ def _identity(cfg: Config, stage: str, data: PretrainData, deps: dict[str, str] 
 
 
 def _stored_identity(path: Path) -> dict | None:
-    from .checkpoints import read_checkpoint
+    from align_rl.io.checkpoints import read_checkpoint
 
     try:
         return read_checkpoint(path)["extra"].get("identity")
@@ -180,7 +180,7 @@ def _diffusion_resources(cfg: Config):
     the pretrain value); the CPUs per worker are capped by the Ray cluster's CPUs."""
     import ray
 
-    from .training.harness import init_ray
+    from align_rl.training.harness import init_ray
 
     init_ray()
     d = cfg.diffusion
@@ -193,7 +193,7 @@ def _diffusion_resources(cfg: Config):
 
 def _train(cfg: Config, ws: Workspace, stage: str, loop_config: dict, ident: dict,
            num_workers: int | None = None, extra_loop: dict | None = None, pretrain_cfg=None):
-    from .training.harness import init_ray, run_training
+    from align_rl.training.harness import init_ray, run_training
 
     init_ray()
     ih = _json_hash(ident)
@@ -220,8 +220,8 @@ def pretrain_forecaster(cfg: Config, ws: Workspace, data: PretrainData, force: b
                         loop_extra: dict | None = None):
     """The forecaster of ``cfg.forecaster``: the emulator is trained (or reused); ONNX / torch
     forecasters are loaded as configured. Returns ``(forecaster, info)``."""
-    from .checkpoints import save_model
-    from .models.forecaster import EmulatorForecaster, build_emulator, load_forecaster
+    from align_rl.io.checkpoints import save_model
+    from align_rl.models.forecaster import EmulatorForecaster, build_emulator, load_forecaster
 
     info: dict[str, Any] = {"trained": False}
     if cfg.forecaster.kind != "emulator" or cfg.forecaster.path:
@@ -248,8 +248,8 @@ def pretrain_vae(cfg: Config, ws: Workspace, data: PretrainData, force: bool = F
                  loop_extra: dict | None = None):
     """Train (or reuse) the VAE, fit the latent statistics over the training split and save the
     :class:`LatentCodec`. Returns ``(codec, info)``."""
-    from .checkpoints import load_codec, save_model
-    from .models.vae import LatentCodec, build_vae, fit_latent_stats
+    from align_rl.io.checkpoints import load_codec, save_model
+    from align_rl.models.vae import LatentCodec, build_vae, fit_latent_stats
 
     info: dict[str, Any] = {"trained": False}
     path = ws.final_checkpoint("vae")
@@ -308,9 +308,9 @@ def pretrain_diffusion(cfg: Config, ws: Workspace, data: PretrainData, codec, fo
     """Backgrounds of the training and validation splits, their latents, then train (or reuse)
     the diffusion model. Returns ``(eps_model, info)``; ``info["backgrounds"]`` holds the
     validation backgrounds (States)."""
-    from .backgrounds import ensure_backgrounds, forecaster_fingerprint
-    from .checkpoints import load_model, save_model
-    from .models.dit import build_dit
+    from align_rl.world.backgrounds import ensure_backgrounds, forecaster_fingerprint
+    from align_rl.io.checkpoints import load_model, save_model
+    from align_rl.models.dit import build_dit
 
     info: dict[str, Any] = {"trained": False}
     path = ws.final_checkpoint("diffusion")
@@ -332,7 +332,7 @@ def pretrain_diffusion(cfg: Config, ws: Workspace, data: PretrainData, codec, fo
 
     skip_var = None
     if str(cfg.diffusion.eps_skip) == "background":
-        from .models.dit import background_error_var
+        from align_rl.models.dit import background_error_var
 
         skip_var = background_error_var(z, zb).tolist()
         _log(f"diffusion: latent background error variance s² mean {np.mean(skip_var):.4f} "
@@ -368,9 +368,9 @@ def evaluate_models(cfg: Config, ws: Workspace, data: PretrainData, models: Pret
     split's mean field at each grid point, against the same truth); ``vae_recon_mse``
     (``D(E(x))`` with the posterior mean); ``diffusion_val_loss`` (denoising score matching,
     fixed seed, four draws of ``(t, ε)`` per pair)."""
-    from .backgrounds import ensure_backgrounds
-    from .models.dit import dsm_loss
-    from .training.datasets import consecutive_starts, fixed_subset
+    from align_rl.world.backgrounds import ensure_backgrounds
+    from align_rl.models.dit import dsm_loss
+    from align_rl.training.datasets import consecutive_starts, fixed_subset
 
     out: dict[str, Any] = {}
     v = data.val_norm
@@ -426,8 +426,8 @@ def codec_quality(codec: Any, truth: np.ndarray, bg: np.ndarray, normalizer: Nor
     ``x_b + D(E(x)) − D(E(x_b))`` (:mod:`align_rl.models.anchored`): reconstruction MSE
     (normalised) and the Geo-Score of the reconstructed truth (100 = the truth's balance), beside
     the background's own MSE and Geo-Score."""
-    from .geostrophic import geo_score
-    from .models.anchored import AnchoredCodec
+    from align_rl.evaluation.geostrophic import geo_score
+    from align_rl.models.anchored import AnchoredCodec
 
     se = {"plain": 0.0, "anchored": 0.0, "background": 0.0}
     geo: dict[str, list] = {k: [] for k in se}
@@ -480,9 +480,9 @@ def anchor_weights(cfg: Config, ws: Workspace, data: PretrainData, codec: Any, f
     """Per-channel weights (69,) of anchored decoding (:func:`align_rl.models.anchored.
     fit_anchor_weights`) on ``max_samples`` training times and their 48 h backgrounds (the
     cached backgrounds of the training split; a few seconds)."""
-    from .backgrounds import ensure_backgrounds
-    from .models.anchored import fit_anchor_weights
-    from .training.datasets import fixed_subset
+    from align_rl.world.backgrounds import ensure_backgrounds
+    from align_rl.models.anchored import fit_anchor_weights
+    from align_rl.training.datasets import fixed_subset
 
     bg = ensure_backgrounds(cfg, ws, data.train, forecaster, progress=progress)
     idx = np.searchsorted(data.train.times, bg.times)
@@ -559,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    from .cli import parse_args, preflight
+    from align_rl.cli import parse_args, preflight
 
     args = parse_args(build_parser(), argv)
     cfg = load_config(args.config, args.overrides)

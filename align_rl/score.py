@@ -7,11 +7,11 @@
 
 What is scored: the channels (short names ``z500``, ``t850``, ``u10`` …; variables by their
 WeatherBench2 long names, levels by value) that **both** stores hold, at the time steps both hold,
-on their common grid (any accepted grid of :mod:`align_rl.era5`, rows on the poles included). The
+on their common grid (any accepted grid of :mod:`align_rl.io.era5`, rows on the poles included). The
 input stores are only read.
 
 - ``wrmse`` per channel and region, in the variables' physical units (no statistics needed),
-  weighted by **cell area** from the actual latitude coordinate (:func:`align_rl.grid.
+  weighted by **cell area** from the actual latitude coordinate (:func:`align_rl.io.grid.
   cell_area_weights`: edges midway between rows, pole rows half cells, as WeatherBench2; on a
   cell-centred grid this is ``cos φ / mean cos φ``, the paper's weights). Two conventions, stated
   in the output's ``conventions``: ``wrmse`` = the mean over time steps of the per-step RMSE (the
@@ -27,7 +27,7 @@ input stores are only read.
   balanced as the truth), when both stores hold z500, u500 and v500.
 
 Values implausible in SI units (temperature in °C, geopotential height in m, …;
-:mod:`align_rl.plausibility`) are refused unless ``--no-unit-check`` is given.
+:mod:`align_rl.io.plausibility`) are refused unless ``--no-unit-check`` is given.
 
 Prints the JSON; ``--out`` writes it and a CSV beside it (``--csv`` elsewhere; one row per region,
 metric and channel), both atomically and only after every score is computed. Bad input: one line
@@ -48,12 +48,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import era5
-from .errors import InputError, cli_errors
-from .geostrophic import geo_score
-from .grid import cell_area_weights
-from .normalization import Normalizer
-from .schema import CHANNEL_INFO, CHANNELS, N_CHANNELS, channel_index
+from align_rl.io import era5
+from align_rl.errors import InputError, cli_errors
+from align_rl.evaluation.geostrophic import geo_score
+from align_rl.io.grid import cell_area_weights
+from align_rl.io.normalization import Normalizer
+from align_rl.io.schema import CHANNEL_INFO, CHANNELS, N_CHANNELS, channel_index
 
 REGIONS: dict[str, tuple[float, float] | str] = {
     "global": (-90.0, 90.0),
@@ -151,7 +151,7 @@ def score_stores(
     check_units: bool = True,
 ) -> dict[str, Any]:
     """The scores of ``analysis`` against ``truth`` (see the module doc) as a JSON-able dict;
-    ``check_units``: refuse values implausible in SI units (:mod:`align_rl.plausibility`)."""
+    ``check_units``: refuse values implausible in SI units (:mod:`align_rl.io.plausibility`)."""
     if rmse not in RMSE_CHOICES:
         raise InputError(f"rmse={rmse!r} is not one of {', '.join(RMSE_CHOICES)}")
     if regrid not in REGRID_CHOICES:
@@ -211,12 +211,12 @@ def score_stores(
         ft = era5.open_fields(truth, chans, times=times)
         xa, xt = fa.values.astype(np.float64), ft.values.astype(np.float64)
         if check_units:
-            from .plausibility import check_units as _check_units
+            from align_rl.io.plausibility import check_units as _check_units
 
             _check_units(xa, f"store {analysis}", chans)
             _check_units(xt, f"store {truth}", chans)
         if ga != gt:
-            from .regrid import regrid as _regrid
+            from align_rl.io.regrid import regrid as _regrid
 
             if regrid == "analysis-to-truth":
                 xa = _regrid(xa, ga, gt, "conservative")

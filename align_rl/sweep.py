@@ -32,8 +32,8 @@ anything runs: a bad file raises :class:`~align_rl.errors.ConfigError` naming th
 
 What a trial does (:func:`dpo_trial`): build its config (base + its point of the search space),
 reselect the preference pairs of its reward weights and pair mode from the SHARED pair store's
-stored per-candidate scores (:meth:`align_rl.pair_store.PairStore.reselect`; no new sampling, no
-forecast rollouts), then ``stages`` times: :func:`align_rl.learner.run_dpo` for
+stored per-candidate scores (:meth:`align_rl.io.pair_store.PairStore.reselect`; no new sampling, no
+forecast rollouts), then ``stages`` times: :func:`align_rl.alignment.learner.run_dpo` for
 ``steps_per_stage`` more steps (the same ``out_dir``, so the optimiser state carries over and the
 trial equals one run of ``stages × steps_per_stage`` steps), a short validation evaluation
 (:func:`align_rl.evaluate.run_evaluation` on ``validation.times`` times of the VAL split with one
@@ -74,8 +74,8 @@ from typing import Any, Callable
 
 import yaml
 
-from .config import Config, _apply, config_from_dict, load_config, parse_overrides
-from .errors import ConfigError, InputError, cli_errors
+from align_rl.config import Config, _apply, config_from_dict, load_config, parse_overrides
+from align_rl.errors import ConfigError, InputError, cli_errors
 
 SWEEP_KEYS = ("name", "question", "base", "search", "metric", "mode", "scheduler", "asha",
              "num_samples", "stages", "steps_per_stage", "validation", "resources_per_trial",
@@ -413,7 +413,7 @@ def trial_config(base: Config | dict, params: dict[str, Any]) -> Config:
             d2 = d2.setdefault(p, {})
         d2[parts[-1]] = v
     _apply(cfg, nested)
-    from .config import validate
+    from align_rl.config import validate
 
     validate(cfg)
     return cfg
@@ -437,7 +437,7 @@ def check_spec_against_config(spec: SweepSpec, base: Config) -> None:
 def build_base_config(spec: SweepSpec, config_file: str | Path | None = None,
                       cfg_overrides: list[str] | None = None) -> Config:
     """``--config`` file, then the sweep's ``base``, then the command-line config overrides."""
-    from .config import parse_overrides as po
+    from align_rl.config import parse_overrides as po
 
     ov = _merge(spec.base, po(list(cfg_overrides or [])))
     try:
@@ -505,7 +505,7 @@ def _policy_pairs(store, cfg: Config):
     (policy version 0) with the trial's reward weights and pair mode."""
     import numpy as np
 
-    from .pair_store import PairSet
+    from align_rl.io.pair_store import PairSet
 
     ps = store.reselect(cfg.rewards.weights, cfg.pairs.mode, per_background=cfg.pairs.pairs_per_background,
                         seed=cfg.run.seed, top_k=cfg.pairs.top_k_phys, decile=cfg.pairs.decile,
@@ -522,9 +522,9 @@ def dpo_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     """One Tune trial: reselected pairs, DPO in ``stages``, a validation and a report after each."""
     from ray import tune
 
-    from .learner import run_dpo
-    from .pair_store import PairStore
-    from .workspace import Workspace
+    from align_rl.alignment.learner import run_dpo
+    from align_rl.io.pair_store import PairStore
+    from align_rl.workspace import Workspace
 
     trial_id = tune.get_context().get_trial_id() or "trial"
     cfg = trial_config(ctx["base"], params)
@@ -565,8 +565,8 @@ def _validate_and_report(cfg, vcfg, ws, res, ctx, tdir, stage, data, ref_metrics
     """The stage's short validation of the policy ``res.checkpoint`` and ``tune.report``."""
     from ray import tune
 
-    from .checkpoints import load_model
-    from .evaluate import run_evaluation
+    from align_rl.io.checkpoints import load_model
+    from align_rl.evaluate import run_evaluation
 
     model, _ = load_model(res.checkpoint, "diffusion")
     summary = run_evaluation(vcfg, ws, {"policy": model}, data=data, out=tdir / "val" / f"stage_{stage}",
@@ -587,8 +587,8 @@ def prepare_shared(cfg: Config, spec: SweepSpec, out: Path, progress: bool = Tru
     """Dataset, pretrained models, backgrounds and the reference's scored candidates (each from its
     cache when present), then the reference's validation metrics (cached in
     ``reference_val.json``). Returns the trials' shared context."""
-    from .evaluate import run_evaluation
-    from .workspace import Workspace
+    from align_rl.evaluate import run_evaluation
+    from align_rl.workspace import Workspace
 
     ws = Workspace.from_config(cfg)
     pairs_path, world = _ensure_pairs(cfg, ws, spec, progress)
@@ -623,11 +623,11 @@ def validation_data(cfg: Config, ws: Any, progress: bool = False):
     by, so it would retrain.)"""
     import numpy as np
 
-    from . import era5
-    from .backgrounds import ensure_backgrounds
-    from .data import ensure_world
-    from .evaluate import LEAD_STEPS, STEP_HOURS, EvalData
-    from .pretrain import ensure_pretrained
+    from align_rl.io import era5
+    from align_rl.world.backgrounds import ensure_backgrounds
+    from align_rl.world.dataset import ensure_world
+    from align_rl.evaluate import LEAD_STEPS, STEP_HOURS, EvalData
+    from align_rl.pretrain import ensure_pretrained
 
     store = ensure_world(cfg, ws, progress=progress)
     pre = ensure_pretrained(cfg, ws, progress=progress)
@@ -653,10 +653,10 @@ def _ensure_pairs(cfg: Config, ws: Any, spec: SweepSpec, progress: bool) -> tupl
     earlier sweep) has built it, completed otherwise. Returns ``(store path, dataset path)``."""
     from actors.pool import CandidatePool
 
-    from .data import ensure_world
-    from .pair_store import PairStore
-    from .pretrain import ensure_pretrained
-    from .train import PrefData, store_meta
+    from align_rl.world.dataset import ensure_world
+    from align_rl.io.pair_store import PairStore
+    from align_rl.pretrain import ensure_pretrained
+    from align_rl.train import PrefData, store_meta
 
     world = ensure_world(cfg, ws, progress=progress)
     models = ensure_pretrained(cfg, ws, progress=progress)
@@ -679,12 +679,12 @@ def _ensure_pairs(cfg: Config, ws: Any, spec: SweepSpec, progress: bool) -> tupl
 def seed_trial_store(shared: Any, path: Path, pairs: Any) -> Any:
     """A trial's own pair store (online trials: their policy's candidates must not mix with other
     trials'): the reference's candidates of the shared store with the trial's reselected
-    ``pairs`` (a :class:`~align_rl.pair_store.PairSet` of version-0 rows), committed as version 0."""
+    ``pairs`` (a :class:`~align_rl.io.pair_store.PairSet` of version-0 rows), committed as version 0."""
     import numpy as np
 
-    from .pair_store import CandidateGroup, PairStore
+    from align_rl.io.pair_store import CandidateGroup, PairStore
 
-    from .owned import remove_owned
+    from align_rl.owned import remove_owned
 
     remove_owned(path, "trial pair store")  # only a store align_rl made (marker file)
     store = PairStore.open(path, shared.latent_shape, shared.reward_names, meta=dict(shared.g.attrs.get("meta", {})))
@@ -706,13 +706,13 @@ def seed_trial_store(shared: Any, path: Path, pairs: Any) -> Any:
 
 
 def _online_stage(cfg: Config, ws: Any, ctx: dict, store: Any, steps: int, out_dir: Path, state: dict):
-    """Online trials: :func:`align_rl.online.run_online` up to ``steps`` learner steps (it resumes
+    """Online trials: :func:`align_rl.alignment.online.run_online` up to ``steps`` learner steps (it resumes
     in ``out_dir``), with the trial's own sampler / reward actors and pair store."""
     from actors.pool import CandidatePool
 
-    from .online import run_online
-    from .pretrain import ensure_pretrained
-    from .train import PrefData
+    from align_rl.alignment.online import run_online
+    from align_rl.pretrain import ensure_pretrained
+    from align_rl.train import PrefData
 
     if "pool" not in state:
         base = config_from_dict(ctx["base"])  # the caches' identity is the base config's
@@ -777,7 +777,7 @@ def run_sweep(spec: SweepSpec, cfg: Config, trainable: Callable[[dict, dict], No
     replaces :func:`dpo_trial` (and the shared preparation) when given, with ``ctx`` as its context."""
     from ray import tune
 
-    from .training.harness import init_ray
+    from align_rl.training.harness import init_ray
 
     out = sweep_dir(cfg, spec)
     out.mkdir(parents=True, exist_ok=True)
@@ -994,7 +994,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg_items, spec_ov = split_overrides(args.overrides)
     spec = load_spec(args.spec, spec_ov)
     cfg = build_base_config(spec, args.config, cfg_items)
-    from .cli import preflight
+    from align_rl.cli import preflight
 
     preflight(cfg, outputs=("pairs",))
     result = run_sweep(spec, cfg, progress=not args.quiet)

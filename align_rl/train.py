@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import Config, load_config
-from .errors import ConfigError, InputError, cli_errors
-from .workspace import Workspace
+from align_rl.config import Config, load_config
+from align_rl.errors import ConfigError, InputError, cli_errors
+from align_rl.workspace import Workspace
 
 PAPER = {  # Align-DA, ERA5, 1 % observations: % change of MSE against the unaligned model
     "analysis": {"obsfree": -5.44, "repaint": -4.12, "dps": -2.65},
@@ -86,7 +86,7 @@ def open_pair_store(cfg: Config, ws: Workspace, latent_shape, reference_ckpt: Pa
     """
     import os
 
-    from .pair_store import _COMMIT, PairStore
+    from align_rl.io.pair_store import _COMMIT, PairStore
 
     meta = store_meta(cfg, reference_ckpt)
     path = Path(cfg.pairs.store or ws.pairs)
@@ -114,16 +114,16 @@ def dpo_dir(cfg: Config, ws: Workspace, variant: str, meta: dict) -> Path:
 
 
 def PrefData(cfg: Config, ws: Workspace, store: Any, models: Any, progress: bool = True):
-    """The preference split (:class:`align_rl.splits.SplitData` of ``data.pref``)."""
-    from .splits import SplitData
+    """The preference split (:class:`align_rl.world.splits.SplitData` of ``data.pref``)."""
+    from align_rl.world.splits import SplitData
 
     return SplitData(cfg, ws, store, models, progress, split="pref")
 
 
 def validation_inputs(cfg: Config, ws: Workspace, store: Any, models: Any, progress: bool = True) -> dict:
-    """What the learner's validation needs (:class:`align_rl.validation.Validator`):
+    """What the learner's validation needs (:class:`align_rl.alignment.validation.Validator`):
     ``dpo.val_backgrounds`` backgrounds spread over ``data.val`` and the models."""
-    from .splits import SplitData
+    from align_rl.world.splits import SplitData
 
     val = SplitData(cfg, ws, store, models, progress, split="val")
     return {"codec": models.codec, "forecaster": models.forecaster, "normalizer": val.normalizer,
@@ -131,7 +131,7 @@ def validation_inputs(cfg: Config, ws: Workspace, store: Any, models: Any, progr
 
 
 def _validation_for(ctx: dict | None, cfg: Config, variant: str) -> dict | None:
-    from .validation import ranking_weights
+    from align_rl.alignment.validation import ranking_weights
 
     return None if ctx is None else {**ctx, "weights": ranking_weights(variant, cfg.rewards.weights)}
 
@@ -160,7 +160,7 @@ def alignment_section(summary: dict, variants: list[str], methods: list[str], in
     CRPS beside them, the paper's numbers, and the verdict of
     :func:`align_rl.evaluate.gain_verdict` (a gain needs the single-member MSE lower with its
     interval below 0, and neither the ensemble-mean MSE nor the CRPS higher, and no NaN)."""
-    from .evaluate import gain_verdict
+    from align_rl.evaluate import gain_verdict
 
     lines = ["", "## Alignment against the paper (Align-DA)", "",
              f"Pairs: {info.get('pairs', {})}; DPO: {info.get('dpo', {})}.",
@@ -247,15 +247,15 @@ def run(cfg: Config, progress: bool = True, evaluate: bool = True) -> dict:
     ``<workdir>/train_summary.json``)."""
     from actors.pool import CandidatePool
 
-    from .checkpoints import load_model
-    from .data import ensure_world
-    from .learner import run_dpo
-    from .online import run_online
-    from .pair_store import PairStore
-    from .pretrain import ensure_pretrained
-    from .training.harness import init_ray
+    from align_rl.io.checkpoints import load_model
+    from align_rl.world.dataset import ensure_world
+    from align_rl.alignment.learner import run_dpo
+    from align_rl.alignment.online import run_online
+    from align_rl.io.pair_store import PairStore
+    from align_rl.pretrain import ensure_pretrained
+    from align_rl.training.harness import init_ray
 
-    from .rewards import check_names
+    from align_rl.alignment.rewards import check_names
 
     check_names(list(cfg.rewards.names), cfg.rewards.weights)  # fail before any expensive step
     for v in cfg.pairs.variants:
@@ -333,7 +333,7 @@ def run(cfg: Config, progress: bool = True, evaluate: bool = True) -> dict:
                                             for v, r in results.items()},
                                "pairs_store": str(pstore.path), "pairs_total": pstore.num_pairs}
     if evaluate:
-        from .evaluate import run_evaluation
+        from align_rl.evaluate import run_evaluation
 
         t = time.perf_counter()
         eval_models = {"reference": models.eps_model}
@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    from .cli import parse_args, preflight
+    from align_rl.cli import parse_args, preflight
 
     args = parse_args(build_parser(), argv)
     cfg = load_config(args.config, args.overrides)

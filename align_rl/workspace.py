@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config
+from align_rl.config import Config
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class Workspace:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Workspace":
-        from .owned import clean_tree
+        from align_rl.owned import clean_tree
 
         root = Path(cfg.run.workdir).expanduser().resolve()
         root.mkdir(parents=True, exist_ok=True)

@@ -48,10 +48,10 @@ def write_section(text: str) -> None:
 
 def synthetic(cfg, n_times: int):
     """Smooth random physical states 6-hourly from 2004-01-01 and their normaliser."""
-    from align_rl.grid import Grid
-    from align_rl.normalization import Normalizer
-    from align_rl.schema import N_CHANNELS
-    from align_rl.states import States
+    from align_rl.io.grid import Grid
+    from align_rl.io.normalization import Normalizer
+    from align_rl.io.schema import N_CHANNELS
+    from align_rl.io.states import States
 
     g = Grid.parse(cfg.data.grid)
     H, W = g.shape
@@ -72,7 +72,7 @@ def synthetic(cfg, n_times: int):
 
 
 def demo_models(cfg):
-    from align_rl.grid import Grid
+    from align_rl.io.grid import Grid
     from align_rl.models.dit import build_dit
     from align_rl.models.forecaster import EmulatorForecaster, build_emulator
     from align_rl.models.vae import LatentCodec, build_vae
@@ -94,8 +94,8 @@ def bench_pairs(cfg, models, truth, bg, n_bg: int) -> dict:
 
     from actors.pool import CandidatePool
 
-    from align_rl.candidates import background_order, make_tasks, valid_times
-    from align_rl.pair_store import PairStore
+    from align_rl.alignment.candidates import background_order, make_tasks, valid_times
+    from align_rl.io.pair_store import PairStore
 
     fh = cfg.rewards.forecast_hours
     times = valid_times(truth.times, bg.times, "2004-01-01", "2004-12-31", fh)
@@ -120,7 +120,7 @@ def bench_pairs(cfg, models, truth, bg, n_bg: int) -> dict:
 
 
 def bench_steps(cfg, dit, repeats: int = 7) -> dict:
-    from align_rl.dpo import dpo_loss
+    from align_rl.alignment.dpo import dpo_loss
     from align_rl.models.dit import dsm_loss
 
     torch.set_num_threads(os.cpu_count() or 1)

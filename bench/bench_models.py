@@ -28,7 +28,7 @@ from _common import cpu_name, replace_section  # noqa: E402
 
 from align_rl.config import load_config  # noqa: E402
 from align_rl.diffusion.schedule import add_noise  # noqa: E402
-from align_rl.grid import Grid  # noqa: E402
+from align_rl.io.grid import Grid  # noqa: E402
 from align_rl.models.dit import build_dit  # noqa: E402
 from align_rl.models.forecaster import build_emulator  # noqa: E402
 from align_rl.models.vae import build_vae, vae_loss  # noqa: E402

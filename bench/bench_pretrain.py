@@ -39,7 +39,7 @@ from _common import cpu_name, replace_section  # noqa: E402
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from align_rl.config import PretrainConfig, load_config  # noqa: E402
-from align_rl.grid import Grid  # noqa: E402
+from align_rl.io.grid import Grid  # noqa: E402
 
 SECTION = "## Pretraining on Ray Train (align_rl.pretrain)"
 LAYOUTS = (("1 worker x 1 thread", 1, 1), ("1 worker x 2 threads", 1, 2), ("2 DDP workers x 1 thread", 2, 1))

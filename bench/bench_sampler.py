@@ -5,7 +5,7 @@
 1. Time per analysis (one background, ``eval.members`` members, ``sampler.steps`` K,
    ``sampler.corrections`` C) for ObsFree, Repaint and DPS with the demo-preset VAE and DiT
    (randomly initialised: the cost does not depend on the weights), through
-   :func:`align_rl.analysis.analyse` (encode, sample, decode).
+   :func:`align_rl.diffusion.analysis.analyse` (encode, sample, decode).
 2. The sampler's overhead: (time of one unguided ``sample`` call) / (K (1 + C) × time of one
    network call on the same B·N rows), target ≤ 1.15; the denominator is also measured as a loop
    of the same number of bare calls, side by side.
@@ -34,15 +34,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_name  # noqa: E402
 
-from align_rl.analysis import analyse  # noqa: E402
+from align_rl.diffusion.analysis import analyse  # noqa: E402
 from align_rl.config import load_config  # noqa: E402
 from align_rl.diffusion.guidance import LatentDPS  # noqa: E402
 from align_rl.diffusion.sampler import network_calls, sample  # noqa: E402
 from align_rl.diffusion.schedule import mu, sigma  # noqa: E402
-from align_rl.grid import Grid  # noqa: E402
+from align_rl.io.grid import Grid  # noqa: E402
 from align_rl.models.dit import build_dit  # noqa: E402
 from align_rl.models.vae import LatentCodec, build_vae  # noqa: E402
-from align_rl.observations import make_observations  # noqa: E402
+from align_rl.world.observations import make_observations  # noqa: E402
 
 BENCH_MD = ROOT / "BENCHMARKS.md"
 NOTE = ("The direct ratios time the sampler and the bare calls at different moments, so on a loaded machine they swing both ways (0.44–1.32 over three runs with a load average of 12–24 on 2 cores); the decomposition times the sampler's own work (schedule, Langevin updates, noise) with a free ε and is the load-robust estimate of the overhead. Repaint costs three VAE decodes and two encodes per step, DPS one extra ε_θ call with its backward pass through ε_θ and the decoder per step.")
@@ -212,7 +212,7 @@ def trained_sweep(workdir: str, overrides: list[str], n_times: int = 4, members:
     """Analysis MSE (normalised, single member and ensemble mean) of the pretrained demo models of
     ``workdir`` against K, C and the DPS scale ζ, on held-out test times with 1 % observations."""
     from align_rl.evaluate import _norm_t, load_eval_data, select_times
-    from align_rl.metrics import mse
+    from align_rl.evaluation.metrics import mse
     from align_rl.workspace import Workspace
 
     cfg = load_config(None, [f"run.workdir={workdir}", "run.wandb_mode=disabled", *overrides])

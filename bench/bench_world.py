@@ -3,7 +3,7 @@
     python bench/bench_world.py [--repeats 1] [--curve-days 30] [--no-write]
 
 1. Builds the default dataset (config ``data`` defaults: members × days × 4 six-hourly states on
-   the default grid, including the burn-in) with ``align_rl.data.simulate.build_world`` into a
+   the default grid, including the burn-in) with ``align_rl.world.simulate.build_world`` into a
    temporary folder; reports the wall time (median over repeats), states/s and store size.
 2. Decorrelation: runs ``3`` members with no burn-in for ``--curve-days`` days and reports the mean
    pairwise correlation of the z500 eddy field (departure from the zonal mean) against the time
@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_name, replace_section  # noqa: E402
 
 from align_rl.config import load_config  # noqa: E402
-from align_rl.data import stored_attrs  # noqa: E402
-from align_rl.data.simulate import build_world, member_correlation, simulate  # noqa: E402
+from align_rl.world.dataset import stored_attrs  # noqa: E402
+from align_rl.world.simulate import build_world, member_correlation, simulate  # noqa: E402
 
 SECTION = "## Embedded world (align_rl.data)"
 
@@ -107,7 +107,7 @@ def main() -> None:
 
 Target: ≥ 1,000 six-hourly states in ≤ 5 minutes (300 s) on this 2-core machine. With one model
 thread the process CPU time is what the wall time is on an idle machine (the generation is
-single-threaded when the machine is busy, see `align_rl.data.simulate.model_thread_count`).
+single-threaded when the machine is busy, see `align_rl.world.simulate.model_thread_count`).
 
 Member decorrelation: mean pairwise Pearson correlation of the z500 eddy field (departure from the
 zonal mean) between members at the same time. Members start from the one restart, each turned in

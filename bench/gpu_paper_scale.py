@@ -25,12 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from align_rl.analysis import analyse  # noqa: E402
+from align_rl.diffusion.analysis import analyse  # noqa: E402
 from align_rl.config import load_config  # noqa: E402
-from align_rl.grid import Grid  # noqa: E402
+from align_rl.io.grid import Grid  # noqa: E402
 from align_rl.models.dit import build_dit  # noqa: E402
 from align_rl.models.vae import LatentCodec, build_vae  # noqa: E402
-from align_rl.observations import make_observations  # noqa: E402
+from align_rl.world.observations import make_observations  # noqa: E402
 
 SECTION_HEAD = "## Paper-scale analysis on a GPU (bench/gpu_paper_scale.py)"
 

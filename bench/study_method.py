@@ -32,10 +32,10 @@ sys.path.insert(0, str(ROOT))
 
 def _setup(overrides: list[str], split: str):
     from align_rl.config import load_config
-    from align_rl.data import ensure_world
+    from align_rl.world.dataset import ensure_world
     from align_rl.evaluate import EvalData
     from align_rl.pretrain import ensure_pretrained
-    from align_rl.splits import SplitData
+    from align_rl.world.splits import SplitData
     from align_rl.training.harness import init_ray
     from align_rl.workspace import Workspace
 
@@ -99,7 +99,7 @@ def cmd_analyses(args) -> None:
 
 
 def cmd_align(args) -> None:
-    from align_rl.checkpoints import load_model
+    from align_rl.io.checkpoints import load_model
     from align_rl.evaluate import run_evaluation
     from align_rl.train import run
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from align_rl.candidates import background_order, make_tasks, valid_times
-from align_rl.pair_store import PairStore
+from align_rl.alignment.candidates import background_order, make_tasks, valid_times
+from align_rl.io.pair_store import PairStore
 
 from .tiny_align import LAT, LON, tiny_world
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from align_rl.backgrounds import (
+from align_rl.world.backgrounds import (
     KEY_ATTR,
     background_inputs,
     ensure_backgrounds,
@@ -21,11 +21,11 @@ from align_rl.backgrounds import (
 )
 from align_rl.config import load_config
 from align_rl.errors import InputError
-from align_rl.grid import Grid
+from align_rl.io.grid import Grid
 from align_rl.models.forecaster import Forecaster
-from align_rl.normalization import Normalizer
-from align_rl.schema import N_CHANNELS
-from align_rl.states import States
+from align_rl.io.normalization import Normalizer
+from align_rl.io.schema import N_CHANNELS
+from align_rl.io.states import States
 from align_rl.workspace import Workspace
 
 GRID = Grid(8, 16)
@@ -96,7 +96,7 @@ def test_fingerprint_follows_the_weights():
 
 @pytest.mark.ray
 def test_backgrounds_equal_the_advected_truth_and_are_cached(tmp_path, ray_session, monkeypatch):
-    import align_rl.backgrounds as bgmod
+    import align_rl.world.backgrounds as bgmod
 
     cfg = _cfg(tmp_path)
     ws = Workspace.from_config(cfg)

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from align_rl.checkpoints import is_checkpoint, load_codec, load_model, read_checkpoint, save_model
+from align_rl.io.checkpoints import is_checkpoint, load_codec, load_model, read_checkpoint, save_model
 from align_rl.config import load_config
 from align_rl.errors import CheckpointError
 from align_rl.models.dit import build_dit

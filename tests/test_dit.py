@@ -207,7 +207,7 @@ def test_output_skip_keeps_the_sampler_on_the_data_scale():
 
 
 def test_background_skip_variance_is_estimated_checked_and_saved(tmp_path):
-    from align_rl.checkpoints import load_model, save_model
+    from align_rl.io.checkpoints import load_model, save_model
     from align_rl.models.dit import background_error_var
 
     g = torch.Generator().manual_seed(0)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from align_rl.diffusion.schedule import mu, sigma
-from align_rl.dpo import dpo_loss
+from align_rl.alignment.dpo import dpo_loss
 
 
 class Scale(nn.Module):

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from align_rl import era5
+from align_rl.io import era5
 from align_rl.errors import InputError
-from align_rl.grid import Grid
-from align_rl.normalization import Normalizer
-from align_rl.schema import CHANNEL_INFO, LEVELS, LONG_NAMES, N_CHANNELS
-from align_rl.states import States
-from align_rl.store import states_to_dataset
+from align_rl.io.grid import Grid
+from align_rl.io.normalization import Normalizer
+from align_rl.io.schema import CHANNEL_INFO, LEVELS, LONG_NAMES, N_CHANNELS
+from align_rl.io.states import States
+from align_rl.io.store import states_to_dataset
 
 CANONICAL = ("time", "level", "latitude", "longitude")
 
@@ -251,7 +251,7 @@ def test_duplicated_longitude(tmp_path):
 
 
 def test_other_grid_is_regridded_to_the_expected_one(tmp_path):
-    from align_rl.regrid import regrid
+    from align_rl.io.regrid import regrid
 
     s = make_states(T=1)  # 8x16
     p = write_layout(tmp_path / "s.zarr", s)
@@ -320,7 +320,7 @@ def test_normalizer_round_trip_and_missing(tmp_path):
 
 
 def test_reads_what_the_project_writer_writes(tmp_path):
-    from align_rl.store import write_states
+    from align_rl.io.store import write_states
 
     s = make_states(T=5, attrs={"splits": {"train": ["2000-01-01", "2000-01-01"]}})
     s.attrs["normalization"] = era5.compute_normalizer(s).to_dict()

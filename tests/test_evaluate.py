@@ -13,14 +13,14 @@ from torch import nn
 from align_rl.config import load_config
 from align_rl.errors import ConfigError
 from align_rl.evaluate import EvalData, load_models, paired_change, run_evaluation, select_times
-from align_rl.grid import Grid
+from align_rl.io.grid import Grid
 from align_rl.models.dit import build_dit
 from align_rl.models.forecaster import EmulatorForecaster, build_emulator
 from align_rl.models.vae import LatentCodec, build_vae
-from align_rl.normalization import Normalizer
-from align_rl.schema import N_CHANNELS, channel_index
-from align_rl.states import States
-from align_rl.store import write_states
+from align_rl.io.normalization import Normalizer
+from align_rl.io.schema import N_CHANNELS, channel_index
+from align_rl.io.states import States
+from align_rl.io.store import write_states
 from align_rl.workspace import Workspace
 from tests.analytic_models import GaussianPrior
 

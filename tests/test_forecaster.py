@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from align_rl.checkpoints import save_model
+from align_rl.io.checkpoints import save_model
 from align_rl.config import load_config
 from align_rl.errors import CheckpointError, ConfigError, InputError
 from align_rl.models.forecaster import (EmulatorForecaster, OnnxForecaster, TorchForecaster,
                                         build_emulator, load_forecaster)
-from align_rl.normalization import Normalizer
+from align_rl.io.normalization import Normalizer
 from align_rl.workspace import Workspace
 
 H, W = 8, 16
@@ -214,9 +214,9 @@ def _smooth(grid, B=2, seed=0):
 def test_fengwu_onnx_on_its_own_pole_row_grid(tmp_path):
     """A tiny FengWu-like ONNX model on a 31 × 64 grid with pole rows (latitude 90 → −90), fixed
     batch 1, its own statistics, behind the 32 × 64 model grid."""
-    from align_rl.grid import Grid, LatLonGrid
+    from align_rl.io.grid import Grid, LatLonGrid
     from align_rl.models.forecaster import RegriddedForecaster
-    from align_rl.regrid import regrid
+    from align_rl.io.regrid import regrid
 
     native, model = LatLonGrid(31, 64, poles=True), Grid(32, 64)
     torch.onnx.export(FengWuLike(), (torch.zeros(1, 138, 31, 64),), str(tmp_path / "fengwu.onnx"),
@@ -266,7 +266,7 @@ def test_fengwu_onnx_on_its_own_pole_row_grid(tmp_path):
 def test_model_to_fengwu_grid_round_trip():
     """model grid → FengWu-like grid (bilinear) → model grid (conservative): constants exactly,
     smooth fields to 3 % of their range on 31 × 64 (2.2 % measured), closer on a finer native grid."""
-    from align_rl.grid import Grid, LatLonGrid
+    from align_rl.io.grid import Grid, LatLonGrid
     from align_rl.models.forecaster import RegriddedForecaster
 
     model = Grid(32, 64)

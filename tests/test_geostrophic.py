@@ -27,9 +27,9 @@ import pytest
 import torch
 import xarray as xr
 
-from align_rl.geostrophic import D_GT_FLOOR, EARTH_RADIUS, OMEGA, geo_imbalance, geo_reward, geo_score, geostrophic_wind
-from align_rl.grid import Grid
-from align_rl.schema import channel_index
+from align_rl.evaluation.geostrophic import D_GT_FLOOR, EARTH_RADIUS, OMEGA, geo_imbalance, geo_reward, geo_score, geostrophic_wind
+from align_rl.io.grid import Grid
+from align_rl.io.schema import channel_index
 
 IZ, IU, IV = channel_index("z500"), channel_index("u500"), channel_index("v500")
 
@@ -233,7 +233,7 @@ def test_geo_score_is_finite_when_the_truth_is_perfectly_balanced():
 
 
 def test_pole_rows_are_left_out_of_the_imbalance():
-    from align_rl.grid import LatLonGrid
+    from align_rl.io.grid import LatLonGrid
 
     g = LatLonGrid(17, 32, poles=True)
     rng = np.random.default_rng(0)
@@ -260,7 +260,7 @@ def _world_z500(tmp_path):
     """z500 (T, H, W), states, lat, lon of the embedded Held–Suarez world when its simulator is
     ready, else of a balanced analytic stand-in (and a flag saying which)."""
     if _world_ready():
-        from align_rl.era5 import open_states
+        from align_rl.io.era5 import open_states
 
         out = tmp_path / "w.zarr"
         subprocess.run([sys.executable, "-m", "align_rl.data", "simulate", "--out", str(out),

@@ -39,11 +39,11 @@ REPO = Path(__file__).resolve().parents[1]
 def inputs(tmp_path_factory):
     """Shared read-only inputs: stores (SI units, °C, geopotential height in m), checkpoints
     (diffusion, vae, a garbage file, a truncated one), a foreign folder, a pair store, a sweep file."""
-    from align_rl.checkpoints import save_model
-    from align_rl.normalization import Normalizer
-    from align_rl.schema import CHANNEL_INFO
-    from align_rl.states import States
-    from align_rl.store import write_states
+    from align_rl.io.checkpoints import save_model
+    from align_rl.io.normalization import Normalizer
+    from align_rl.io.schema import CHANNEL_INFO
+    from align_rl.io.states import States
+    from align_rl.io.store import write_states
     from tests.test_era5 import make_states
     from tests.tiny_align import tiny_config, tiny_models
 
@@ -94,7 +94,7 @@ def trap(monkeypatch):
     def reached(*a, **k):
         raise AssertionError("the command started its work: the bad input was not caught before")
 
-    import align_rl.data.simulate as sim
+    import align_rl.world.simulate as sim
     import align_rl.evaluate as ev
     import align_rl.pretrain as pre
     import align_rl.sweep as sw
@@ -139,7 +139,7 @@ TRAIN, PRETRAIN, EVALUATE, SCORE, DATA, SWEEP = (
 
 
 def _pair_store(path: Path):
-    from align_rl.pair_store import PairStore
+    from align_rl.io.pair_store import PairStore
     from tests.test_pair_store import NAMES, SHAPE, group
 
     st = PairStore.open(path, SHAPE, NAMES)
@@ -180,14 +180,14 @@ def _ps_damage(kind: str):
         elif kind == "winner_out_of_range":
             import zarr
 
-            from align_rl.pair_store import PairStore
+            from align_rl.io.pair_store import PairStore
 
             a = zarr.open_group(str(p), mode="a")["pairs/winner"]
             a[0] = 10_000  # and COMMIT's checksum no longer matches
         return p
 
     def call(t: SimpleNamespace):
-        from align_rl.pair_store import PairDataset, PairStore
+        from align_rl.io.pair_store import PairDataset, PairStore
 
         st = PairStore.open(t.prepared, mode="r")
         PairDataset(st, st.pair_set("M")).batch(np.arange(len(st.pair_set("M"))))
@@ -203,7 +203,7 @@ def _ps_into(kind: str):
         return t.inputs / "foreign"
 
     def call(t):
-        from align_rl.pair_store import PairStore
+        from align_rl.io.pair_store import PairStore
 
         PairStore.open(t.prepared, (3, 2, 4), ["assim", "phys"])
 
@@ -230,7 +230,7 @@ def _ck(kind: str):
         return dst
 
     def call(t):
-        from align_rl.checkpoints import load_model
+        from align_rl.io.checkpoints import load_model
 
         load_model(t.prepared, "diffusion")
 
@@ -466,7 +466,7 @@ def test_evaluate_models_and_overrides_are_told_apart():
 
 
 def test_data_cli_takes_overrides_between_options(tmp_path, monkeypatch, capsys):
-    import align_rl.data.simulate as sim
+    import align_rl.world.simulate as sim
     from align_rl.data.__main__ import main
 
     seen = {}
@@ -566,8 +566,8 @@ def test_replacement_is_atomic_and_refuses_foreign_folders(tmp_path):
 def test_stale_staging_of_a_dead_process_is_cleaned_or_restored(tmp_path):
     from align_rl.owned import _HOST, mark
 
-    from align_rl.states import States
-    from align_rl.store import write_states
+    from align_rl.io.states import States
+    from align_rl.io.store import write_states
     from tests.test_era5 import make_states
 
     s = make_states(T=2)
@@ -598,14 +598,14 @@ def test_stale_staging_of_a_dead_process_is_cleaned_or_restored(tmp_path):
 
     clean_stale(target)
     assert target.exists() and not crashed.exists()
-    from align_rl.era5 import open_states
+    from align_rl.io.era5 import open_states
 
     np.testing.assert_allclose(open_states(target, check_units=False).values, s.values + 1)
 
 
 def test_legacy_store_without_marker_is_adopted(tmp_path):
     from align_rl.owned import MARKER, is_owned
-    from align_rl.store import write_states
+    from align_rl.io.store import write_states
     from tests.test_era5 import make_states
 
     s = make_states(T=2)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from align_rl.checkpoints import load_model
-from align_rl.learner import read_state, run_dpo
-from align_rl.pair_store import CandidateGroup, PairStore
-from align_rl.pairs import background_pairs
+from align_rl.io.checkpoints import load_model
+from align_rl.alignment.learner import read_state, run_dpo
+from align_rl.io.pair_store import CandidateGroup, PairStore
+from align_rl.alignment.pairs import background_pairs
 
 from .tiny_align import tiny_config, tiny_models
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.ray
 
 
 def _setup(tmp_path, extra=None):
-    from align_rl.checkpoints import save_model
+    from align_rl.io.checkpoints import save_model
     from align_rl.workspace import Workspace
 
     cfg = tiny_config(tmp_path, extra)
@@ -85,7 +85,7 @@ def test_worker_crash_resumes_from_checkpoint(tmp_path, ray_session):
 
 def _val_context(cfg, n_bg: int = 2):
     """Validation inputs on tiny smooth states: backgrounds = truth + noise."""
-    from align_rl.candidates import BackgroundTask
+    from align_rl.alignment.candidates import BackgroundTask
 
     from .tiny_align import LAT, LON, tiny_models, tiny_states
 
@@ -104,7 +104,7 @@ def _val_context(cfg, n_bg: int = 2):
 def test_validator_pairs_draws_and_scores_the_reference_zero(tmp_path):
     """The reference against itself: identical paired draws, a gain of exactly 0; another model
     gets a non-zero gain and its own MSE."""
-    from align_rl.validation import Validator, ranking_weights
+    from align_rl.alignment.validation import Validator, ranking_weights
 
     cfg = tiny_config(tmp_path, ["rewards.names=[assim, forecast, phys]", "rewards.forecast_hours=6"])
     v = _val_context(cfg)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from align_rl import metrics
+from align_rl.evaluation import metrics
 from align_rl.errors import InputError
-from align_rl.grid import Grid
+from align_rl.io.grid import Grid
 
 G = Grid(8, 16)
 

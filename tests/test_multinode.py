@@ -47,8 +47,8 @@ def scenario(out: str, workdir: str) -> None:
     from ray.cluster_utils import Cluster
 
     from actors.pool import CandidatePool
-    from align_rl.candidates import background_order, make_tasks, valid_times
-    from align_rl.pair_store import PairStore
+    from align_rl.alignment.candidates import background_order, make_tasks, valid_times
+    from align_rl.io.pair_store import PairStore
 
     from tests.tiny_align import LAT, LON, tiny_world
 

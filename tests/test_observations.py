@@ -8,7 +8,7 @@ import torch
 
 from align_rl.config import ObsConfig
 from align_rl.errors import ConfigError, InputError
-from align_rl.observations import MaskOperator, Observations, make_observations, observations_from_config
+from align_rl.world.observations import MaskOperator, Observations, make_observations, observations_from_config
 
 
 def _truth(B=4, H=32, W=64, seed=0):

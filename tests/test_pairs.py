@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from align_rl.errors import ConfigError
-from align_rl.pairs import pair_hash, pair_up, select
+from align_rl.alignment.pairs import pair_hash, pair_up, select
 
 
 def test_select_P_top_and_bottom_by_phys():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from align_rl.config import load_config
-from align_rl.grid import Grid
+from align_rl.io.grid import Grid
 from align_rl.training.datasets import (
     FrameDataset,
     LatentPairDataset,
@@ -83,7 +83,7 @@ def _forecaster_job(n_times: int = 24):
     import ray
 
     truth = advecting_states(_times(["2000-01-01"], n_times))
-    from align_rl.era5 import load_normalizer
+    from align_rl.io.era5 import load_normalizer
     from align_rl.training.datasets import normalized_values
 
     norm = normalized_values(truth, load_normalizer(truth))
@@ -150,7 +150,7 @@ def test_ddp_worker_crash_resumes_from_the_last_checkpoint(tmp_path, ray_session
 
 
 def _tiny_store(tmp_path):
-    from align_rl.store import write_states
+    from align_rl.io.store import write_states
 
     g = Grid(16, 32)
     times = _times(["2000-01-01", "2001-01-01"], 24)
@@ -158,8 +158,8 @@ def _tiny_store(tmp_path):
     base = rng.standard_normal((69, g.nlat, g.nlon))
     k = ((times - times[0]) // H6).astype(int)
     vals = np.stack([100.0 + 10.0 * np.roll(base, int(s), axis=-1) for s in k]).astype(np.float32)
-    from align_rl.normalization import Normalizer
-    from align_rl.states import States
+    from align_rl.io.normalization import Normalizer
+    from align_rl.io.states import States
 
     st = States(vals, times, g.lat, g.lon, {"normalization": Normalizer.fit(vals[:24]).to_dict()})
     return write_states(tmp_path / "tiny.zarr", st)

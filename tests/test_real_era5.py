@@ -9,14 +9,14 @@ import json
 import numpy as np
 import pytest
 
-from align_rl import era5
+from align_rl.io import era5
 from align_rl.config import load_config
-from align_rl.data import ensure_normalization, ensure_world
+from align_rl.world.dataset import ensure_normalization, ensure_world
 from align_rl.errors import InputError
-from align_rl.grid import Grid, LatLonGrid, cell_area_weights
-from align_rl.regrid import regrid
-from align_rl.schema import CHANNELS, LEVELS
-from align_rl.states import States
+from align_rl.io.grid import Grid, LatLonGrid, cell_area_weights
+from align_rl.io.regrid import regrid
+from align_rl.io.schema import CHANNELS, LEVELS
+from align_rl.io.states import States
 from align_rl.workspace import Workspace
 from tests.test_era5 import make_states, write_layout
 

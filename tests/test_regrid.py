@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from align_rl.errors import InputError
-from align_rl.grid import Grid, LatLonGrid, cell_area_weights, lat_weights
-from align_rl.regrid import regrid
+from align_rl.io.grid import Grid, LatLonGrid, cell_area_weights, lat_weights
+from align_rl.io.regrid import regrid
 
 
 def test_cell_area_weights():

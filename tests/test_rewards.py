@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from align_rl.errors import ConfigError, InputError
-from align_rl.normalization import Normalizer
-from align_rl.rewards import (REWARDS, RewardContext, check_names, composite, normalise_component,
+from align_rl.io.normalization import Normalizer
+from align_rl.alignment.rewards import (REWARDS, RewardContext, check_names, composite, normalise_component,
                               pairwise_sigmoid,
                               register_reward, score_all)
-from align_rl.schema import N_CHANNELS, channel_index
+from align_rl.io.schema import N_CHANNELS, channel_index
 
 
 def sig(x):
@@ -82,7 +82,7 @@ def test_phys_reward_is_one_for_truth_and_ordered():
     r = REWARDS["phys"](ctx)
     assert r[0] == pytest.approx(1.0)
     assert r[0] > r[1] > r[2] > 0
-    from align_rl.geostrophic import geo_imbalance
+    from align_rl.evaluation.geostrophic import geo_imbalance
     d = geo_imbalance(np.stack(noisy), lat, lon)
     dgt = geo_imbalance(phys, lat, lon)
     np.testing.assert_allclose(r, 2 / (1 + np.exp(np.abs(d - dgt) / dgt)), rtol=1e-9)

@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from align_rl import era5
-from align_rl.grid import Grid
-from align_rl.schema import CHANNELS
+from align_rl.io import era5
+from align_rl.io.grid import Grid
+from align_rl.io.schema import CHANNELS
 from align_rl.score import main, score_stores
-from align_rl.states import States
+from align_rl.io.states import States
 from tests.test_era5 import make_states, write_layout
 from tests.test_geostrophic import balanced_states, hand_imbalance
 
@@ -176,7 +176,7 @@ def _independent_scores(a, t, lat_asc, d_deg, rows=None):
 
 
 def test_wb2_store_with_pole_rows_and_only_z_t_matches_an_independent_computation(tmp_path, capsys):
-    from align_rl.grid import LatLonGrid
+    from align_rl.io.grid import LatLonGrid
 
     g = LatLonGrid(121, 240, poles=True)
     T = 4

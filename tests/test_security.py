@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from align_rl.checkpoints import load_state, read_checkpoint, save_model, save_state
+from align_rl.io.checkpoints import load_state, read_checkpoint, save_model, save_state
 from align_rl.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def test_malicious_state_and_checkpoint_are_refused(tmp_path):
     _plant(state, marker, {"model": {}, "step": 3})
     with pytest.raises(CheckpointError, match="not a readable training state"):
         load_state(state)
-    from align_rl.learner import read_state
+    from align_rl.alignment.learner import read_state
 
     with pytest.raises(CheckpointError, match="delete"):
         read_state(state.parent)  # what a resumed run reads

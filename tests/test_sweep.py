@@ -285,12 +285,12 @@ def test_dpo_trials_reselect_shared_pairs_train_in_stages_and_validate(tmp_path,
     import torch
 
     from actors.pool import CandidatePool
-    from align_rl.checkpoints import load_model
+    from align_rl.io.checkpoints import load_model
     from align_rl.evaluate import EvalData, run_evaluation
-    from align_rl.pair_store import PairStore
+    from align_rl.io.pair_store import PairStore
     from align_rl.sweep import dpo_trial, eval_metrics
 
-    from align_rl.candidates import background_order, make_tasks, valid_times
+    from align_rl.alignment.candidates import background_order, make_tasks, valid_times
 
     from .tiny_align import LAT, LON, tiny_world
 
@@ -390,7 +390,7 @@ def test_sweep_cli_end_to_end_on_a_tiny_world(tmp_path):
     assert "best:" in p.stdout and (out / "results.md").exists()
     # every cache was built once, for the base config: one pretraining run per model, and the
     # reference the pairs were drawn with is the one the trials trained against
-    from align_rl.pair_store import PairStore
+    from align_rl.io.pair_store import PairStore
     from align_rl.train import _file_hash
 
     for model in ("forecaster", "vae", "diffusion"):

@@ -85,9 +85,9 @@ def test_main_job_end_to_end_and_resume_after_kills(tmp_path):
 def test_online_rounds_sync_weights_and_drop_stale_pairs(tmp_path, ray_session):
     from actors.pool import CandidatePool
 
-    from align_rl.candidates import background_order, make_tasks, valid_times
-    from align_rl.online import run_online
-    from align_rl.pair_store import PairStore
+    from align_rl.alignment.candidates import background_order, make_tasks, valid_times
+    from align_rl.alignment.online import run_online
+    from align_rl.io.pair_store import PairStore
 
     cfg, ws, models, truth, bg, ref = tiny_world(tmp_path, [
         "dpo.mode=online", "dpo.steps=4", "dpo.sync_every=2", "dpo.staleness=0",

@@ -21,8 +21,8 @@ import torch
 import xarray as xr
 
 from align_rl.config import load_config
-from align_rl.grid import Grid, lat_weights
-from align_rl.schema import LEVELS, LONG_NAMES
+from align_rl.io.grid import Grid, lat_weights
+from align_rl.io.schema import LEVELS, LONG_NAMES
 from align_rl.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def dycore():
-    from align_rl.data.dycore import get_dycore
+    from align_rl.world.dycore import get_dycore
 
     return get_dycore()
 
@@ -45,7 +45,7 @@ def dycore():
 
 
 def test_equilibrium_temperature_matches_held_suarez_formula():
-    from align_rl.data.held_suarez import HeldSuarezParams, equilibrium_temperature
+    from align_rl.world.held_suarez import HeldSuarezParams, equilibrium_temperature
 
     hs = HeldSuarezParams()
     lat = torch.tensor([0.0, np.pi / 2, np.pi / 4], dtype=torch.float64)
@@ -62,7 +62,7 @@ def test_equilibrium_temperature_matches_held_suarez_formula():
 def test_held_suarez_tendencies(dycore):
     """Rayleigh friction −k_v ζ with k_v = k_f (σ − 0.7)/0.3 below σ_b, zero above; Newtonian
     cooling −k_T (T − T_eq) with k_T = k_s at the equator surface-most level's cos⁴ weight."""
-    from align_rl.data.dycore import broadcast_members
+    from align_rl.world.dycore import broadcast_members
     from dinosaur_torch import scales
 
     d = dycore
@@ -84,7 +84,7 @@ def test_held_suarez_tendencies(dycore):
     lat = d.grid.spec.latitudes
     assert dt_nodal[np.argmin(np.abs(lat))] > 0 > dt_nodal[0]
     p = torch.tensor(sigma[-1] * 1.0e5)
-    from align_rl.data.held_suarez import equilibrium_temperature
+    from align_rl.world.held_suarez import equilibrium_temperature
 
     k_s = 1 / 4 * per_day
     k_a = 1 / 40 * per_day
@@ -97,7 +97,7 @@ def test_held_suarez_tendencies(dycore):
 
 
 def test_spectral_evaluation_is_exact_on_any_grid(dycore):
-    from align_rl.data.diagnostics import SpectralEvaluator
+    from align_rl.world.diagnostics import SpectralEvaluator
 
     lon, sinlat = dycore.grid.spec.nodal_mesh
     lat = np.arcsin(sinlat)
@@ -116,7 +116,7 @@ def test_spectral_evaluation_is_exact_on_any_grid(dycore):
 
 
 def test_saturation_specific_humidity_hand_value():
-    from align_rl.data.diagnostics import saturation_specific_humidity
+    from align_rl.world.diagnostics import saturation_specific_humidity
 
     # Bolton (1980): e_s(20 °C) = 611.2·exp(17.67·20/263.5) = 2338.3 Pa;
     # q_s = 0.622·e_s / (1e5 − 0.378·e_s) = 0.014672 kg/kg at 1000 hPa
@@ -130,7 +130,7 @@ def test_saturation_specific_humidity_hand_value():
 def test_isothermal_column_geopotential_is_hydrostatic(dycore):
     """For an isothermal atmosphere Φ(p) = R T0 ln(p_s/p) exactly; the sigma→pressure
     interpolation must reproduce it at every level above the ground."""
-    from align_rl.data.diagnostics import R_SI, Diagnoser, sigma_to_pressure
+    from align_rl.world.diagnostics import R_SI, Diagnoser, sigma_to_pressure
 
     grid = Grid.parse("8x16")
     diag = Diagnoser(dycore, grid)
@@ -250,8 +250,8 @@ def test_held_suarez_climate(world):
 
 
 def test_ensure_world_caches_by_config_hash(tmp_path, monkeypatch):
-    from align_rl import data as world_mod
-    from align_rl.data import ensure_world, stored_attrs
+    from align_rl.world import dataset as world_mod
+    from align_rl.world.dataset import ensure_world, stored_attrs
 
     cfg = load_config(overrides=[f"run.workdir={tmp_path / 'run'}", "data.days=1",
                                  "data.members=1", "data.burn_in_days=0",
@@ -263,7 +263,7 @@ def test_ensure_world_caches_by_config_hash(tmp_path, monkeypatch):
     assert attrs["config_hash"] == cfg.section_hash("data")
     assert attrs["normalization_split"].startswith("all")  # train range empty: fallback, said so
     # unchanged config: reused, not simulated again
-    import align_rl.data.simulate as sim
+    import align_rl.world.simulate as sim
 
     def boom(*a, **k):
         raise AssertionError("simulated again")
@@ -322,7 +322,7 @@ def test_existing_output_is_not_overwritten(tmp_path, capsys):
 def test_thread_governor_drops_to_one_thread_when_steps_collapse():
     """Steps of 0.1 s, then 5 s (another job took a core): the governor switches to one thread
     after the slow window fills, and never on ordinary jitter."""
-    from align_rl.data.simulate import ThreadGovernor
+    from align_rl.world.simulate import ThreadGovernor
 
     before = torch.get_num_threads()
     try:

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from align_rl.config import load_config
-from align_rl.normalization import Normalizer
-from align_rl.schema import N_CHANNELS
-from align_rl.states import States
+from align_rl.io.normalization import Normalizer
+from align_rl.io.schema import N_CHANNELS
+from align_rl.io.states import States
 from align_rl.workspace import Workspace
 
 H, W = 8, 16
@@ -77,7 +77,7 @@ def tiny_models(cfg, seed: int = 0):
 def tiny_world(tmp_path: Path, extra: list[str] | None = None, n_times: int = 24):
     """Config, workspace, models (namespace: codec, eps_model, forecaster, normalizer), truth and
     backgrounds (the truth plus a perturbation), and the reference checkpoint path."""
-    from align_rl.checkpoints import save_model
+    from align_rl.io.checkpoints import save_model
 
     cfg = tiny_config(tmp_path, extra)
     ws = Workspace.from_config(cfg)
@@ -95,7 +95,7 @@ def tiny_world(tmp_path: Path, extra: list[str] | None = None, n_times: int = 24
 def write_tiny_world(path: Path, per_year: int = 24, years=(2000, 2003, 2004, 2005)) -> Path:
     """A WeatherBench2-layout store of smooth random states (8 × 16), ``per_year`` 6-hourly times
     from Jan 1 of each year (train 2000, val 2003, pref 2004, test 2005), with its statistics."""
-    from align_rl.store import write_states
+    from align_rl.io.store import write_states
 
     vals, times = [], []
     for k, y in enumerate(years):
@@ -115,5 +115,5 @@ TRAIN_OVERRIDES = [
     "pretrain.checkpoint_every=10", "pretrain.val_every=10",
     "guidance.methods=[obsfree, dps]", "guidance.dps_zeta=0.01",
     "eval.times=2", "eval.members=2", "eval.map_samples=1", "eval.batch_size=2",
-    "checks.units=false",  # smooth random fields, not physical values (align_rl.plausibility)
+    "checks.units=false",  # smooth random fields, not physical values (align_rl.io.plausibility)
 ]

@@ -7,8 +7,8 @@ import json
 import sys
 import time
 
-from ..config import load_config
-from ..errors import InputError, cli_errors
+from align_rl.config import load_config
+from align_rl.errors import InputError, cli_errors
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     if args.command == "simulate":
-        from .simulate import build_world, check_request
+        from align_rl.world.simulate import build_world, check_request
 
         ov = list(args.overrides)
         for key, val in (("grid", args.grid), ("days", args.days), ("members", args.members),
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{d.grid} in {dt:.1f} s ({n / dt:.1f} states/s)")
         return 0
     if args.command == "spinup":
-        from .spinup import DEFAULT_RESTART, DEFAULT_SPINUP_DAYS, run_spinup
+        from align_rl.world.spinup import DEFAULT_RESTART, DEFAULT_SPINUP_DAYS, run_spinup
 
         days = DEFAULT_SPINUP_DAYS if args.days is None else args.days
         if days <= 0:
@@ -92,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "stats":
         from pathlib import Path
 
-        from .. import era5
-        from ..score import write_json_atomic
-        from . import stored_attrs
-        from .simulate import store_normalization
+        from align_rl.io import era5
+        from align_rl.score import write_json_atomic
+        from align_rl.world.dataset import stored_attrs
+        from align_rl.world.simulate import store_normalization
 
         if "://" not in args.path and not Path(args.path).exists():
             raise InputError(f"store {args.path} does not exist")

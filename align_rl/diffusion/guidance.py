@@ -29,9 +29,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import ConfigError, InputError
-from .sampler import StepContext
-from .schedule import mu, sigma
+from align_rl.errors import ConfigError, InputError
+from align_rl.diffusion.sampler import StepContext
+from align_rl.diffusion.schedule import mu, sigma
 
 METHODS = ("obsfree", "repaint", "dps")
 

@@ -22,8 +22,8 @@ from typing import Callable, Protocol
 
 import torch
 
-from ..errors import ConfigError, InputError
-from .schedule import mu, sigma
+from align_rl.errors import ConfigError, InputError
+from align_rl.diffusion.schedule import mu, sigma
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``eps_fn(z_t (M, C, h, w), t (M,), z_b (M, C, h, w)) -> ε̂ (M, C, h, w)``."""

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError
+from align_rl.errors import InputError
 
 DECODINGS = ("anchored", "plain")
 
@@ -89,7 +89,7 @@ def decoder_for(codec: Any, x_b: torch.Tensor, decoding: str) -> Any:
         return codec
     if decoding == "anchored":
         return AnchoredCodec(codec, x_b)
-    from ..errors import ConfigError
+    from align_rl.errors import ConfigError
 
     raise ConfigError(f"sampler.decode={decoding!r} is not one of {', '.join(DECODINGS)}")
 

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..diffusion.schedule import add_noise, mu, sigma
-from ..errors import ConfigError, InputError
-from .layers import CrossAttention, GridPosEmbed, Mlp, SelfAttention, timestep_embedding
+from align_rl.diffusion.schedule import add_noise, mu, sigma
+from align_rl.errors import ConfigError, InputError
+from align_rl.models.layers import CrossAttention, GridPosEmbed, Mlp, SelfAttention, timestep_embedding
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ All take and return the project's normalised fields ``(B, 69, H, W)``, latitude 
 - :class:`TorchForecaster` runs any torch module with the same stacked-frames interface.
 - :class:`RegriddedForecaster` runs a forecaster on its own grid (the public FengWu ONNX: 721 × 1440,
   rows on the poles, latitude 90 → −90) behind the model grid: each rollout maps the two input
-  frames model grid → its grid (bilinear, :mod:`align_rl.regrid`), steps there, and maps every
+  frames model grid → its grid (bilinear, :mod:`align_rl.io.regrid`), steps there, and maps every
   output state back (conservative). :func:`load_forecaster` wraps an ONNX model whose fixed input
   grid is not ``data.grid``.
 """
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, InputError
-from ..normalization import Normalizer
-from ..schema import N_CHANNELS
+from align_rl.errors import CheckpointError, ConfigError, InputError
+from align_rl.io.normalization import Normalizer
+from align_rl.io.schema import N_CHANNELS
 
 
 class PeriodicConv2d(nn.Conv2d):
@@ -86,7 +86,7 @@ def build_emulator(fc_cfg: Any, grid: Any = None) -> EmulatorNet:
         raise ConfigError(f"forecaster.hidden={hidden} must be >= 1 and forecaster.depth={depth} >= 0")
     net = EmulatorNet(hidden=hidden, depth=depth)
     if grid is not None:
-        from .vae import _grid_shape
+        from align_rl.models.vae import _grid_shape
 
         H, W = _grid_shape(grid)
         if H % 2 or W % 2:
@@ -258,7 +258,7 @@ class OnnxForecaster(_StackedForecaster):
 
 
 class RegriddedForecaster(Forecaster):
-    """``inner``, a forecaster on its own grid ``native`` (a :class:`~align_rl.grid.LatLonGrid`,
+    """``inner``, a forecaster on its own grid ``native`` (a :class:`~align_rl.io.grid.LatLonGrid`,
     latitude ascending as every project field; ``inner`` flips it if it needs to), behind the model
     grid ``model``. :meth:`rollout` maps the two normalised input frames ``(B, 69, H, W)`` to the
     native grid with bilinear interpolation (the refinement onto pole rows that a conservative
@@ -267,7 +267,7 @@ class RegriddedForecaster(Forecaster):
     normalisation. Not differentiable (the regridding goes through numpy)."""
 
     def __init__(self, inner: Forecaster, model: Any, native: Any):
-        from ..grid import LatLonGrid
+        from align_rl.io.grid import LatLonGrid
 
         self.inner = inner
         self.model = LatLonGrid.of(model)
@@ -275,13 +275,13 @@ class RegriddedForecaster(Forecaster):
 
     def to_native(self, x: torch.Tensor) -> torch.Tensor:
         """Fields ``(..., H, W)`` on the model grid → ``(..., H', W')`` on the native grid."""
-        from ..regrid import regrid
+        from align_rl.io.regrid import regrid
 
         return regrid(x, self.model, self.native, "linear")
 
     def from_native(self, y: torch.Tensor) -> torch.Tensor:
         """Fields ``(..., H', W')`` on the native grid → ``(..., H, W)`` on the model grid."""
-        from ..regrid import regrid
+        from align_rl.io.regrid import regrid
 
         return regrid(y, self.native, self.model, "conservative")
 
@@ -357,7 +357,7 @@ def on_model_grid(forecaster: "OnnxForecaster", model_grid: Any) -> Forecaster:
     """``forecaster`` itself when it runs on any grid or on ``model_grid``; else wrapped in a
     :class:`RegriddedForecaster` for its fixed grid (an odd number of rows: rows on the poles, as
     FengWu's 721 × 1440; even: cell-centred)."""
-    from ..grid import Grid, LatLonGrid
+    from align_rl.io.grid import Grid, LatLonGrid
 
     model = Grid.parse(model_grid) if isinstance(model_grid, str) else model_grid
     if forecaster.grid is None or tuple(forecaster.grid) == model.shape:
@@ -378,7 +378,7 @@ def load_forecaster(cfg, ws, normalizer: Normalizer | None, device: str | torch.
     than ``cfg.data.grid``, e.g. FengWu's 721 × 1440, behind :func:`on_model_grid`); ``torch``
     loads an align_rl forecaster checkpoint, a TorchScript file or (with ``checks.trust_pickle``) a
     pickled module. Modules are put in eval mode."""
-    from ..checkpoints import is_checkpoint, load_model
+    from align_rl.io.checkpoints import is_checkpoint, load_model
 
     fc = cfg.forecaster
     if fc.kind == "emulator":

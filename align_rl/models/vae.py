@@ -21,10 +21,10 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..errors import ConfigError, InputError
-from ..grid import Grid
-from ..schema import N_CHANNELS
-from .layers import GridPosEmbed, WindowBlock
+from align_rl.errors import ConfigError, InputError
+from align_rl.io.grid import Grid
+from align_rl.io.schema import N_CHANNELS
+from align_rl.models.layers import GridPosEmbed, WindowBlock
 
 LOGVAR_RANGE = (-30.0, 20.0)
 

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import InputError
-from ..normalization import Normalizer
-from ..states import States
+from align_rl.errors import InputError
+from align_rl.io.normalization import Normalizer
+from align_rl.io.states import States
 
 SIX_HOURS = np.timedelta64(6, "h")
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from ..config import PretrainConfig
-from .loops import STATE_FILE, train_loop
+from align_rl.config import PretrainConfig
+from align_rl.training.loops import STATE_FILE, train_loop
 
 
 @dataclass
@@ -238,7 +238,7 @@ def run_training(
     wall = time.perf_counter() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"pretraining {task} reported no checkpoint; see {storage_path / run_name}")
-    from ..checkpoints import load_state
+    from align_rl.io.checkpoints import load_state
 
     with result.checkpoint.as_directory() as d:
         state = load_state(Path(d) / STATE_FILE, fix=f"delete {storage_path / run_name} to retrain")

@@ -40,9 +40,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..cpu import configure_worker
+from align_rl.cpu import configure_worker
 
-from .datasets import (
+from align_rl.training.datasets import (
     FrameDataset,
     LatentPairDataset,
     SequenceDataset,
@@ -58,7 +58,7 @@ VAL_SAMPLES = 64  # validation subset size (evenly spread over the split)
 
 
 def _forecaster_model(config: dict) -> nn.Module:
-    from ..models import forecaster as fc
+    from align_rl.models import forecaster as fc
 
     grid = config.get("grid")
     return fc.build_emulator(config["model_cfg"], tuple(grid) if grid is not None else None)
@@ -88,7 +88,7 @@ def _forecaster_val(model, ds: SequenceDataset, device, config) -> dict[str, flo
 
 
 def _vae_model(config: dict) -> nn.Module:
-    from ..models.vae import build_vae
+    from align_rl.models.vae import build_vae
 
     return build_vae(config["model_cfg"], tuple(config["grid"]))
 
@@ -98,7 +98,7 @@ def _vae_data(arrays: dict) -> FrameDataset:
 
 
 def _vae_loss(model, batch, gen, config) -> tuple[torch.Tensor, dict]:
-    from ..models.vae import vae_loss
+    from align_rl.models.vae import vae_loss
 
     (x,) = batch
     recon, mean, logvar = model(x, generator=gen)
@@ -119,7 +119,7 @@ def _vae_val(model, ds: FrameDataset, device, config) -> dict[str, float]:
 
 
 def _diffusion_model(config: dict) -> nn.Module:
-    from ..models.dit import build_dit
+    from align_rl.models.dit import build_dit
 
     model = build_dit(config["model_cfg"], tuple(config["latent_shape"]))
     if config.get("skip_var") is not None:
@@ -132,7 +132,7 @@ def _diffusion_data(arrays: dict) -> LatentPairDataset:
 
 
 def _diffusion_loss(model, batch, gen, config) -> tuple[torch.Tensor, dict]:
-    from ..models.dit import dsm_loss
+    from align_rl.models.dit import dsm_loss
 
     z, z_b = batch
     return dsm_loss(model, z, z_b, generator=gen), {}
@@ -140,7 +140,7 @@ def _diffusion_loss(model, batch, gen, config) -> tuple[torch.Tensor, dict]:
 
 @torch.no_grad()
 def _diffusion_val(model, ds: LatentPairDataset, device, config) -> dict[str, float]:
-    from ..models.dit import dsm_loss
+    from align_rl.models.dit import dsm_loss
 
     idx = fixed_subset(len(ds), VAL_SAMPLES)
     gen = torch.Generator(device=device).manual_seed(1234)
@@ -212,7 +212,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _load_state(ckpt) -> dict | None:
     if ckpt is None:
         return None
-    from ..checkpoints import load_state
+    from align_rl.io.checkpoints import load_state
 
     with ckpt.as_directory() as d:
         return load_state(Path(d) / STATE_FILE, fix="delete the run's Ray checkpoints to retrain")
@@ -366,7 +366,7 @@ def train_loop(config: dict) -> None:
                 with tempfile.TemporaryDirectory() as tmp:
                     ckpt = None
                     if rank == 0:
-                        from ..checkpoints import save_state
+                        from align_rl.io.checkpoints import save_state
 
                         save_state({"model": _unwrap(model).state_dict(), "optim": opt.state_dict(),
                                     "step": step, "history": history, "starts": starts,

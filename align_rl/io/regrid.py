@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, InputError
-from .grid import Grid, LatLonGrid
+from align_rl.errors import ConfigError, InputError
+from align_rl.io.grid import Grid, LatLonGrid
 
 METHODS = ("conservative", "linear")
 

@@ -249,10 +249,10 @@ def write_outputs(out_dir: Path, summary: dict, per_time: dict, maps: dict[str, 
                   ens_means: dict[tuple[str, str], np.ndarray], times: np.ndarray, data: Any,
                   baseline: str, models: list[str], methods: list[str]) -> Path:
     """Write every file of the evaluation into ``out_dir`` atomically (see module doc)."""
-    from .states import States
-    from .store import write_states
+    from align_rl.io.states import States
+    from align_rl.io.store import write_states
 
-    from .owned import staged
+    from align_rl.owned import staged
 
     out_dir = Path(out_dir)
     # a new folder replaces the old one atomically; an existing folder not made by align_rl is

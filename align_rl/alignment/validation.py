@@ -23,8 +23,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .candidates import BackgroundTask, Drawn, draw_candidates, forecast_from
-from .rewards import RewardContext, composite, score_all
+from align_rl.alignment.candidates import BackgroundTask, Drawn, draw_candidates, forecast_from
+from align_rl.alignment.rewards import RewardContext, composite, score_all
 
 
 def ranking_weights(variant: str, weights: Mapping[str, float]) -> dict[str, float]:

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InputError
-from .schema import channel_index
+from align_rl.errors import InputError
+from align_rl.io.schema import channel_index
 
 OMEGA = 7.292115e-5
 """Earth's angular velocity, s⁻¹."""

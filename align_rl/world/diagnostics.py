@@ -28,9 +28,9 @@ import torch
 
 from dinosaur_torch import associated_legendre, primitive_equations, scales, vertical_interpolation
 
-from ..grid import Grid
-from ..schema import LEVELS, N_CHANNELS, channels_of
-from .dycore import Dycore
+from align_rl.io.grid import Grid
+from align_rl.io.schema import LEVELS, N_CHANNELS, channels_of
+from align_rl.world.dycore import Dycore
 
 G_SI = 9.80616  # m s-2 (dinosaur-torch's constant)
 R_SI = 1004.0 * 2.0 / 7.0  # J kg-1 K-1 (dinosaur-torch: Cp · κ)

@@ -1,6 +1,6 @@
 """Plausibility of physical inputs: the units the project expects, checked on every store it reads.
 
-Fields are expected in SI units (:data:`align_rl.schema.UNITS`): temperature in K, geopotential in
+Fields are expected in SI units (:data:`align_rl.io.schema.UNITS`): temperature in K, geopotential in
 m²/s² (not geopotential height in m), wind in m/s, specific humidity in kg/kg, pressure in Pa.
 :func:`check_units` looks at the range of each variable and raises :class:`InputError` naming the
 variable, the values seen and the likely conversion (°C → K, m → m²/s², hPa → Pa, g/kg → kg/kg,
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InputError
-from .schema import CHANNEL_INFO
+from align_rl.errors import InputError
+from align_rl.io.schema import CHANNEL_INFO
 
 G = 9.80665
 

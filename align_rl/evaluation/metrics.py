@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InputError
+from align_rl.errors import InputError
 
 
 def _to_torch(*xs: Any) -> tuple[list[torch.Tensor], bool]:

@@ -1,12 +1,12 @@
 """Reading WeatherBench2-layout zarr stores (ERA5 or the embedded world) into :class:`States`.
 
 A store holds the nine variables by their WeatherBench2 long names (``geopotential``,
-``temperature``, … see :mod:`align_rl.schema`) on the coordinates ``time``, ``level`` (int hPa),
+``temperature``, … see :mod:`align_rl.io.schema`) on the coordinates ``time``, ``level`` (int hPa),
 ``latitude``, ``longitude`` (``lat``/``lon`` are accepted as aliases). Stores differ in dimension
 order and latitude direction; the reader selects by name and value, never by position, and always
 returns latitude ascending and the 69 channels in FengWu order, physical units, float32.
 
-Accepted grids (:class:`align_rl.grid.LatLonGrid`): global and equiangular, either cell-centred
+Accepted grids (:class:`align_rl.io.grid.LatLonGrid`): global and equiangular, either cell-centred
 (``lat = −90 + d/2 + i·d``: WeatherBench 1's 32×64 … 128×256, WeatherBench2's ``64x32_equiangular``
 and ``512x256_equiangular`` layouts) or with rows on both poles (``lat = −90 + i·d``: ERA5's
 721×1440, WeatherBench2's ``1440x721`` and ``240x121_equiangular_with_poles`` layouts), longitudes
@@ -15,11 +15,11 @@ pressure levels (37-level ERA5) and other variables are ignored.
 
 :func:`open_states` reads all 69 channels (the models need them; a store lacking a variable or a
 level gets an error naming it) and regrids them conservatively to the model grid
-(``expect_grid``, ``data.grid``) with :mod:`align_rl.regrid` (``xarray-regrid``) when the store is
+(``expect_grid``, ``data.grid``) with :mod:`align_rl.io.regrid` (``xarray-regrid``) when the store is
 on another grid. :func:`open_fields` reads whichever channels a store holds on its own grid (for
 scoring). Normalisation statistics come from the store's ``normalization`` attribute, or from
 :func:`register_normalizer` (a run computes them for a store without them and keeps them in its
-workdir, never in the store: :func:`align_rl.data.ensure_normalization`).
+workdir, never in the store: :func:`align_rl.world.dataset.ensure_normalization`).
 
 Optional coarsening by an integer factor ``k`` is **conservative (area-weighted)**: in latitude,
 blocks of ``k`` fine rows weighted by their exact cell areas ``sin φ_{i+½} − sin φ_{i−½}``; in
@@ -41,11 +41,11 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import xarray as xr
 
-from .errors import InputError
-from .grid import Grid, LatLonGrid
-from .normalization import Normalizer
-from .schema import CHANNEL_INFO, CHANNELS, LEVEL_VARS, LEVELS, LONG_NAMES, N_CHANNELS, SURFACE_VARS
-from .states import States
+from align_rl.errors import InputError
+from align_rl.io.grid import Grid, LatLonGrid
+from align_rl.io.normalization import Normalizer
+from align_rl.io.schema import CHANNEL_INFO, CHANNELS, LEVEL_VARS, LEVELS, LONG_NAMES, N_CHANNELS, SURFACE_VARS
+from align_rl.io.states import States
 
 _ALIASES = {"lat": "latitude", "lon": "longitude", "pressure_level": "level", "valid_time": "time"}
 TimeRange = Sequence[Any] | None
@@ -411,12 +411,12 @@ def open_states(
     day; ``None`` for an open end). ``times``: exact times to read instead (each must exist).
     ``coarsen``: exact conservative block coarsening of a cell-centred store (see module doc).
     ``expect_grid``: the model grid of the result, e.g. ``"32x64"``: a store on any other accepted
-    grid is regridded to it conservatively (:func:`align_rl.regrid.regrid`, after ``coarsen``),
+    grid is regridded to it conservatively (:func:`align_rl.io.regrid.regrid`, after ``coarsen``),
     ``block_bytes`` of stored values at a time. Without it the store's own grid is returned.
     Raises :class:`InputError` for missing variables or levels, NaNs, non-monotonic or duplicated
     coordinates, grids that are not global and equiangular, and empty selections; with
     ``check_units`` (default) also for values implausible in SI units
-    (:func:`align_rl.plausibility.check_units`: temperature in °C, geopotential height in m, ...).
+    (:func:`align_rl.io.plausibility.check_units`: temperature in °C, geopotential height in m, ...).
     """
     coarsen = int(coarsen)
     if coarsen < 1:
@@ -448,13 +448,13 @@ def open_states(
     for s in range(0, len(tidx), per):
         block = st.read(tidx[s:s + per])
         if check_units:
-            from .plausibility import check_units as _check_units
+            from align_rl.io.plausibility import check_units as _check_units
 
             _check_units(block, f"store {st.path}")
         if coarsen > 1:
             block = coarsen_values(block, st.lat, coarsen)
         if target != grid:
-            from .regrid import regrid
+            from align_rl.io.regrid import regrid
 
             block = regrid(block, grid, target, "conservative")
         values[s:s + per] = block

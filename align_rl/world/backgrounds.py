@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InputError
-from .normalization import Normalizer
-from .states import States
+from align_rl.errors import InputError
+from align_rl.io.normalization import Normalizer
+from align_rl.io.states import States
 
 STEP = np.timedelta64(6, "h")
 LEAD_STEPS = 8  # 8 × 6 h = 48 h
@@ -113,7 +113,7 @@ def background_key(cfg, states: States, forecaster: Any) -> dict[str, Any]:
 
 
 def _normalizer_of(states: States) -> Normalizer:
-    from .era5 import load_normalizer
+    from align_rl.io.era5 import load_normalizer
 
     return load_normalizer(states)
 
@@ -121,7 +121,7 @@ def _normalizer_of(states: States) -> Normalizer:
 def _open_cache(path: Path, key: dict) -> States | None:
     if not path.exists():
         return None
-    from .era5 import open_states
+    from align_rl.io.era5 import open_states
 
     try:
         cached = open_states(path, check_units=False)  # derived from checked inputs
@@ -153,7 +153,7 @@ def compute_backgrounds(
 
     from actors.forecast import forecast_batches, forecaster_handle, make_forecasters
 
-    from .training.harness import init_ray
+    from align_rl.training.harness import init_ray
 
     init_ray()
     bs = max(1, int(cfg.pretrain.background_batch))
@@ -198,7 +198,7 @@ def ensure_backgrounds(cfg, ws, states: States, forecaster: Any, progress: bool 
     whose ``attrs`` hold ``normalization`` and ``background_key``. Raises :class:`InputError` when no
     time has its inputs.
     """
-    from .store import write_states
+    from align_rl.io.store import write_states
 
     target, prev, curr = background_inputs(states.times)
     if len(target) == 0:

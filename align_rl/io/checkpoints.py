@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__ as _pkg_version
-from .errors import CheckpointError, ConfigError
+from align_rl import __version__ as _pkg_version
+from align_rl.errors import CheckpointError, ConfigError
 
 FORMAT = "align_rl.checkpoint"
 VERSION = "1"
@@ -138,7 +138,7 @@ def save_state(obj: dict, path: str | Path) -> Path:
 
 def _save_atomic(obj: dict, path: str | Path) -> Path:
     """``torch.save`` into a temporary file beside ``path``, then rename it into place."""
-    from .owned import temp_file
+    from align_rl.owned import temp_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,14 +234,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def _build(kind: str, cfg: dict[str, Any], shapes: dict[str, Any]) -> nn.Module:
     if kind == "vae":
-        from .models.vae import build_vae
+        from align_rl.models.vae import build_vae
 
         return build_vae(cfg, tuple(shapes["grid"]))
     if kind == "diffusion":
-        from .models.dit import build_dit
+        from align_rl.models.dit import build_dit
 
         return build_dit(cfg, tuple(shapes["latent_shape"]))
-    from .models.forecaster import build_emulator
+    from align_rl.models.forecaster import build_emulator
 
     return build_emulator(cfg, tuple(shapes["grid"]) if "grid" in shapes else None)
 
@@ -304,7 +304,7 @@ def load_codec(path: str | Path, expect: Any = None, device: str | torch.device 
                shapes: dict | None = None):
     """A :class:`~align_rl.models.vae.LatentCodec` from a ``vae`` checkpoint holding latent
     statistics (``extra["latent_mean"]``, ``extra["latent_std"]``)."""
-    from .models.vae import LatentCodec
+    from align_rl.models.vae import LatentCodec
 
     vae, meta = load_model(path, "vae", expect=expect, device=device, shapes=shapes)
     ex = meta["extra"]

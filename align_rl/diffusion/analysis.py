@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from .diffusion.guidance import METHODS, make_guidance
-from .diffusion.sampler import sample
-from .errors import ConfigError, InputError
-from .models.anchored import AnchoredCodec, decoder_for
+from align_rl.diffusion.guidance import METHODS, make_guidance
+from align_rl.diffusion.sampler import sample
+from align_rl.errors import ConfigError, InputError
+from align_rl.models.anchored import AnchoredCodec, decoder_for
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from align_rl.errors import InputError
 
 
 class SplitData:
@@ -23,9 +23,9 @@ class SplitData:
 
     def __init__(self, cfg: Any, ws: Any, store: Any, models: Any, progress: bool = True,
                  split: str = "pref") -> None:
-        from . import era5
-        from .backgrounds import ensure_backgrounds
-        from .candidates import background_order, valid_times
+        from align_rl.io import era5
+        from align_rl.world.backgrounds import ensure_backgrounds
+        from align_rl.alignment.candidates import background_order, valid_times
 
         rng_ = list(getattr(cfg.data, split))
         h = np.timedelta64(1, "h")
@@ -46,8 +46,8 @@ class SplitData:
         self.lat, self.lon = self.truth.lat, self.truth.lon
 
     def tasks(self, ids):
-        """:class:`~align_rl.candidates.BackgroundTask` of background ids (positions in ``times``)."""
-        from .candidates import make_tasks
+        """:class:`~align_rl.alignment.candidates.BackgroundTask` of background ids (positions in ``times``)."""
+        from align_rl.alignment.candidates import make_tasks
 
         return make_tasks(ids, self.times, self.truth, self.backgrounds, self.normalizer,
                           self.forecast_hours)

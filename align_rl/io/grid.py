@@ -6,7 +6,7 @@
 
 :class:`LatLonGrid`, the grids data and external models come on: any global equiangular grid,
 cell-centred or with rows on the poles (ERA5's 721 × 1440, WeatherBench2's 121 × 240), mapped to
-and from the model grid by :mod:`align_rl.regrid`. :func:`cell_area_weights` gives the cell-area
+and from the model grid by :mod:`align_rl.io.regrid`. :func:`cell_area_weights` gives the cell-area
 weights of any latitude coordinate (pole rows are half cells).
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
+from align_rl.errors import InputError
 
 
 @dataclass(frozen=True)

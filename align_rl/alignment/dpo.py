@@ -37,8 +37,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .diffusion.schedule import add_noise
-from .errors import InputError
+from align_rl.diffusion.schedule import add_noise
+from align_rl.errors import InputError
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

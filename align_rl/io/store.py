@@ -5,7 +5,7 @@ Layout: variables with WeatherBench2 long names; pressure-level variables have d
 hPa, latitude ascending. A store is written into a staging folder beside ``PATH`` and renamed into
 place (:func:`align_rl.owned.staged`), so a crash never leaves a half-written ``PATH``; an existing
 ``PATH`` is replaced only when the project created it (marker file), and staging folders of dead
-processes are cleaned on the next write. Reading is in :mod:`align_rl.era5`.
+processes are cleaned on the next write. Reading is in :mod:`align_rl.io.era5`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .errors import InputError
-from .schema import CHANNEL_INFO, LEVEL_VARS, LEVELS, LONG_NAMES, SURFACE_VARS, UNITS, channels_of
-from .states import States
+from align_rl.errors import InputError
+from align_rl.io.schema import CHANNEL_INFO, LEVEL_VARS, LEVELS, LONG_NAMES, SURFACE_VARS, UNITS, channels_of
+from align_rl.io.states import States
 
 
 def states_to_dataset(states: States, derived: tuple[str, ...] = ()) -> xr.Dataset:
@@ -63,7 +63,7 @@ def write_states(
 
     Dict- or list-valued ``states.attrs`` are stored as JSON strings (e.g. ``normalization``).
     """
-    from .owned import require_owned, staged
+    from align_rl.owned import require_owned, staged
 
     path = Path(path)
     if not np.all(np.isfinite(states.values)):

@@ -5,7 +5,7 @@ come from generators seeded by ``(run seed, bg_id)`` (observations) and ``(run s
 policy version)`` (sampling), so a task redone after an actor failure reproduces the same candidates
 and the store's dedup keeps them once. The Ray actors (``actors/sampler.py``, ``actors/reward.py``)
 only hold models and call :func:`draw_candidates` / :func:`score_candidates`; :func:`make_group`
-turns the result into a :class:`~align_rl.pair_store.CandidateGroup` on the driver.
+turns the result into a :class:`~align_rl.io.pair_store.CandidateGroup` on the driver.
 
 Fields are normalised ``(69, H, W)``; latents standardised ``(C, h, w)``.
 
@@ -22,9 +22,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .errors import InputError
-from .pair_store import CandidateGroup
-from .pairs import background_pairs, pair_rng, seed_of
+from align_rl.errors import InputError
+from align_rl.io.pair_store import CandidateGroup
+from align_rl.alignment.pairs import background_pairs, pair_rng, seed_of
 
 
 @dataclass
@@ -102,10 +102,10 @@ def make_tasks(ids: Sequence[int], times: np.ndarray, truth: Any, backgrounds: A
 def draw_candidates(codec: Any, eps_model: Any, tasks: Sequence[BackgroundTask], version: int,
                     method: str, sampler_cfg: Any, guidance_cfg: Any, obs_cfg: Any, members: int,
                     seed: int) -> list[Drawn]:
-    """N candidate analyses per task with :func:`align_rl.analysis.analyse` (one call per
+    """N candidate analyses per task with :func:`align_rl.diffusion.analysis.analyse` (one call per
     background, generators seeded per background and version)."""
-    from .analysis import analyse
-    from .observations import make_observations
+    from align_rl.diffusion.analysis import analyse
+    from align_rl.world.observations import make_observations
 
     out = []
     for task in tasks:
@@ -139,7 +139,7 @@ def score_candidates(forecaster: Any, normalizer: Any, lat: np.ndarray, lon: np.
                      tasks: Sequence[BackgroundTask], drawn: Sequence[Drawn], reward_cfg: Any
                      ) -> list[dict[str, np.ndarray]]:
     """Every reward of ``reward_cfg.names`` for each task's candidates → ``[{name: (N,)}]``."""
-    from .rewards import RewardContext, score_all
+    from align_rl.alignment.rewards import RewardContext, score_all
 
     by_id = {d.bg_id: d for d in drawn}
     out = []

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
-from .grid import Grid
-from .schema import N_CHANNELS
+from align_rl.errors import InputError
+from align_rl.io.grid import Grid
+from align_rl.io.schema import N_CHANNELS
 
 
 @dataclass

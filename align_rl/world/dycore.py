@@ -30,7 +30,7 @@ from dinosaur_torch import (
     units,
 )
 
-from .held_suarez import HeldSuarezForcing, HeldSuarezParams
+from align_rl.world.held_suarez import HeldSuarezForcing, HeldSuarezParams
 
 State = primitive_equations.State
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import ConfigError, InputError
-from .schema import N_CHANNELS
+from align_rl.errors import ConfigError, InputError
+from align_rl.io.schema import N_CHANNELS
 
 
 class MaskOperator:

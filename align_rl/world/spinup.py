@@ -1,11 +1,11 @@
 """The spun-up restart of the embedded world: produce it, save it, load it.
 
 ``python -m align_rl.data spinup [--days 200] [--seed 0] [--out FILE]`` integrates the Held–Suarez
-model (:mod:`align_rl.data.dycore`) from an isothermal atmosphere at rest (288 K, 1000 hPa) with
+model (:mod:`align_rl.world.dycore`) from an isothermal atmosphere at rest (288 K, 1000 hPa) with
 0.1 K random temperature noise to break the zonal symmetry. Baroclinic eddies appear after
 ~60 days and the jets and eddy statistics settle after ~150 days; the final state is saved as the
-restart that :mod:`align_rl.data.simulate` starts from (committed as
-``align_rl/data/restart/hs_t21_l20.npz``, float32 spectral coefficients, npz-compressed).
+restart that :mod:`align_rl.world.simulate` starts from (committed as
+``align_rl/world/restart/hs_t21_l20.npz``, float32 spectral coefficients, npz-compressed).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import InputError
-from .dycore import SPINUP_DT_MINUTES, Dycore, ModelSpec, State, get_dycore, model_threads
+from align_rl.errors import InputError
+from align_rl.world.dycore import SPINUP_DT_MINUTES, Dycore, ModelSpec, State, get_dycore, model_threads
 
 RESTART_DIR = Path(__file__).resolve().parent / "restart"
 DEFAULT_RESTART = RESTART_DIR / "hs_t21_l20.npz"

@@ -5,7 +5,7 @@ For the N candidates of ONE background:
 - ``-P`` (physics only): winners = the ``top_k`` candidates by the ``phys`` reward (Geo-Score),
   losers = the ``top_k`` lowest (``top_k`` = 5 in the paper; at most ``N // 2`` each).
 - ``-M`` (multi): winners = the top decile of the composite reward (each component normalised
-  within the background first, :func:`align_rl.rewards.composite`), losers = the bottom decile,
+  within the background first, :func:`align_rl.alignment.rewards.composite`), losers = the bottom decile,
   ``k = max(1, round(decile · N))`` each, at most ``N // 2`` (so N = 16 → 2, N = 32 → 3, N = 8 → 1).
 - Ties are broken by candidate index (stable sort), so selection is deterministic.
 - Pairs: winners × losers of the same background, then a stratified random subsample of at most
@@ -22,8 +22,8 @@ from typing import Mapping
 
 import numpy as np
 
-from .errors import ConfigError, InputError
-from .rewards import composite
+from align_rl.errors import ConfigError, InputError
+from align_rl.alignment.rewards import composite
 
 MODES = ("M", "P")
 HASH_BYTES = 16
@@ -93,7 +93,7 @@ def seed_of(*parts: int) -> int:
 
 def pair_rng(seed: int, bg_id: int, version: int, mode: str) -> np.random.Generator:
     """The generator of one background's pair subsample (the same when pairs are first built and
-    when :meth:`~align_rl.pair_store.PairStore.reselect` rebuilds them with the same weights)."""
+    when :meth:`~align_rl.io.pair_store.PairStore.reselect` rebuilds them with the same weights)."""
     return np.random.default_rng(seed_of(seed, bg_id, version, ord(mode)))
 
 

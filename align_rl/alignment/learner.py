@@ -7,21 +7,21 @@ A ``TorchTrainer`` (Ray Train V2; DDP over gloo on CPU, nccl on GPU) runs :func:
   (``eval()``, ``requires_grad=False``, evaluated under ``no_grad``);
 - AdamW (``cfg.dpo.lr``, no weight decay, linear warm-up over ``cfg.dpo.warmup_steps`` then
   constant), gradient norm clipped at ``cfg.dpo.grad_clip``; the global batch
-  ``cfg.dpo.batch_size`` is split over the workers; the loss of :func:`align_rl.dpo.dpo_loss` with
+  ``cfg.dpo.batch_size`` is split over the workers; the loss of :func:`align_rl.alignment.dpo.dpo_loss` with
   ``t ~ U(dpo.t_min, dpo.t_max)`` and the winners' anchor ``dpo.anchor``;
 - validation (``dpo.val_every`` > 0, rank 0): the policy's candidates on ``data.val`` backgrounds
-  against the reference's (:class:`align_rl.validation.Validator`); the checkpoint of the best
+  against the reference's (:class:`align_rl.alignment.validation.Validator`); the checkpoint of the best
   ``val/reward_gain`` (the reference itself, gain 0, until a step beats it) is written to
   ``out_dir/best.pt`` and is the call's result;
 - the pairs of step ``s`` on worker ``r`` and their ``(t, ε)`` are drawn from ``(seed, s, r)`` only,
   so a resumed run continues exactly where it stopped;
 - every ``cfg.dpo.checkpoint_every`` steps and at the end, rank 0 writes ``out_dir/state.pt``
   (policy, optimiser, step, version, history; atomically) and ``out_dir/policy.pt`` (a ``diffusion``
-  checkpoint that :func:`align_rl.checkpoints.load_model` reads, ``extra`` holding ``dpo_step``,
+  checkpoint that :func:`align_rl.io.checkpoints.load_model` reads, ``extra`` holding ``dpo_step``,
   ``dpo_version``) and reports a Ray checkpoint;
 - resume: ``ray.train.get_checkpoint()`` after a worker failure inside a run; ``out_dir/state.pt``
   when ``run_dpo`` is called again (a rerun of the main job, the next online round);
-- metrics (:mod:`align_rl.dpo`'s names, averaged over workers, plus ``grad_norm`` and
+- metrics (:mod:`align_rl.alignment.dpo`'s names, averaged over workers, plus ``grad_norm`` and
   ``learning_rate``) go to wandb (``cfg.run.wandb_mode``, offline by default) and
   ``out_dir/metrics.jsonl``.
 
@@ -46,11 +46,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config, config_from_dict
-from .cpu import configure_worker
-from .errors import CheckpointError, ConfigError, InputError
-from .pair_store import PairDataset, PairSet, PairStore
-from .checkpoints import save_state  # atomic, with a checksum
+from align_rl.config import Config, config_from_dict
+from align_rl.cpu import configure_worker
+from align_rl.errors import CheckpointError, ConfigError, InputError
+from align_rl.io.pair_store import PairDataset, PairSet, PairStore
+from align_rl.io.checkpoints import save_state  # atomic, with a checksum
 
 STATE_FILE = "state.pt"
 POLICY_FILE = "policy.pt"
@@ -79,7 +79,7 @@ def _result(out_dir: Path, state: dict) -> DPOResult:
 
 
 def bucket_means(m: dict[str, float]) -> dict[str, float]:
-    """Replace the per-t-bucket sums and counts of :func:`align_rl.dpo.dpo_loss` by the winners'
+    """Replace the per-t-bucket sums and counts of :func:`align_rl.alignment.dpo.dpo_loss` by the winners'
     mean error-minus-reference per bucket (``model_minus_ref/chosen_t0.00-0.25`` …; absent when
     no pair of the batch fell in the bucket)."""
     out = {k: v for k, v in m.items() if not k.startswith("t_bucket/")}
@@ -111,7 +111,7 @@ def read_state(out_dir: Path) -> dict | None:
     p = Path(out_dir) / STATE_FILE
     if not p.exists():
         return None
-    from .checkpoints import load_state  # weights_only=True, checksum verified
+    from align_rl.io.checkpoints import load_state  # weights_only=True, checksum verified
 
     return load_state(p, fix=f"delete {out_dir} to restart")
 
@@ -140,8 +140,8 @@ def dpo_loop(conf: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from .checkpoints import load_model, save_model
-    from .dpo import dpo_loss
+    from align_rl.io.checkpoints import load_model, save_model
+    from align_rl.alignment.dpo import dpo_loss
 
     cfg = config_from_dict(conf["cfg"])
     ctx = ray.train.get_context()
@@ -189,7 +189,7 @@ def dpo_loop(conf: dict) -> None:
     validator = None
     best = dict(state.get("best") or {}) if state is not None else {}
     if val_every and rank == 0:
-        from .validation import Validator
+        from align_rl.alignment.validation import Validator
 
         v = conf["validation"]
         validator = Validator(v["codec"], v["forecaster"], reference, v["normalizer"], v["lat"],
@@ -294,7 +294,7 @@ def dpo_loop(conf: dict) -> None:
 
 
 def _diffusion_section(path: Path) -> dict:
-    from .checkpoints import read_checkpoint
+    from align_rl.io.checkpoints import read_checkpoint
 
     return dict(read_checkpoint(path)["config"])
 
@@ -321,15 +321,15 @@ def run_dpo(
     in ``out_dir`` (default ``cfg.dpo.steps``; a call with more steps than ``out_dir`` holds
     continues from there); ``out_dir``: default ``ws.dpo / pairs mode``. Called inside a Ray Tune
     trial, the TorchTrainer runs as that trial's child (Ray Train V2). ``crash``: tests only.
-    ``validation``: what :class:`~align_rl.validation.Validator` needs (``codec``,
+    ``validation``: what :class:`~align_rl.alignment.validation.Validator` needs (``codec``,
     ``forecaster``, ``normalizer``, ``lat``, ``lon``, ``tasks``, ``weights``), used when
     ``cfg.dpo.val_every`` > 0. Returns :class:`DPOResult` (its checkpoint the best validated one).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .checkpoints import read_checkpoint
-    from .training.harness import init_ray, repair_run_storage
+    from align_rl.io.checkpoints import read_checkpoint
+    from align_rl.training.harness import init_ray, repair_run_storage
 
     mode = mode or cfg.pairs.mode
     steps = int(cfg.dpo.steps if steps is None else steps)

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InputError
-from .schema import CHANNELS, N_CHANNELS
+from align_rl.errors import InputError
+from align_rl.io.schema import CHANNELS, N_CHANNELS
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .learner import DPOResult, POLICY_FILE, read_state, run_dpo
+from align_rl.alignment.learner import DPOResult, POLICY_FILE, read_state, run_dpo
 
 
 def round_backgrounds(r: int, order: Sequence[int], first: int, per_round: int) -> list[int]:
@@ -62,7 +62,7 @@ def run_online(cfg: Any, ws: Any, pool: Any, store: Any, tasks_for: Callable[[li
         if version > 0 or pool.version != 0:
             pool.ensure()
         if version > 0:
-            from .checkpoints import read_checkpoint
+            from align_rl.io.checkpoints import read_checkpoint
 
             ck = read_checkpoint(Path(out_dir) / POLICY_FILE)
             sync_s = pool.set_weights(ck["state_dict"], version)

@@ -23,16 +23,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import Config, DataConfig
-from ..errors import InputError
-from ..grid import Grid
-from ..normalization import Normalizer
-from ..schema import N_CHANNELS
-from ..states import States
-from ..store import write_states
-from .diagnostics import DERIVED, Diagnoser
-from .dycore import broadcast_members, get_dycore, model_threads
-from .spinup import DEFAULT_RESTART, load_restart
+from align_rl.config import Config, DataConfig
+from align_rl.errors import InputError
+from align_rl.io.grid import Grid
+from align_rl.io.normalization import Normalizer
+from align_rl.io.schema import N_CHANNELS
+from align_rl.io.states import States
+from align_rl.io.store import write_states
+from align_rl.world.diagnostics import DERIVED, Diagnoser
+from align_rl.world.dycore import broadcast_members, get_dycore, model_threads
+from align_rl.world.spinup import DEFAULT_RESTART, load_restart
 
 BASE_YEAR = 2000
 OUTPUT_HOURS = 6
@@ -198,7 +198,7 @@ def member_correlation(values: np.ndarray, channel: str = "z500",
     """Mean Pearson correlation between members of the eddy field (departure from the zonal mean)
     of ``channel``, per time: ``values`` (M, T, 69, H, W) -> (T,) (NaN when M < 2). With
     ``shifts_deg`` each member is first turned back by its rotation (nearest grid column)."""
-    from ..schema import channel_index
+    from align_rl.io.schema import channel_index
 
     x = values[:, :, channel_index(channel)].astype(np.float64)  # (M, T, H, W)
     if shifts_deg is not None:
@@ -236,7 +236,7 @@ def build_world(cfg: Config, out: str | Path, overwrite: bool = False, progress:
     if out.exists() and not overwrite:
         raise InputError(f"{out} exists; remove it or pass --overwrite")
     if out.exists():
-        from ..owned import require_owned
+        from align_rl.owned import require_owned
 
         require_owned(out, "world store")  # --overwrite replaces only a store align_rl wrote
     states = simulate(g, data.days, data.members, data.seed, data.burn_in_days, progress=progress)
@@ -259,7 +259,7 @@ def store_normalization(path: str | Path, train: list[str]) -> str:
 
     import zarr
 
-    from ..era5 import open_states
+    from align_rl.io.era5 import open_states
 
     states = open_states(path, check_units=False)  # statistics of any store
     norm, how = fit_normalizer(states, train)

@@ -16,7 +16,7 @@ Layout (one zarr v3 group, local path)::
     candidates/scores   (nc, K) f8         every reward component, names in attrs["reward_names"]
     pairs/winner, pairs/loser (np,) i8     rows in candidates
     pairs/background    (np,) i8           row in backgrounds
-    pairs/hash          (np, 16) u1        content hash of (z_b, z_w, z_l) (align_rl.pairs.pair_hash)
+    pairs/hash          (np, 16) u1        content hash of (z_b, z_w, z_l) (align_rl.alignment.pairs.pair_hash)
     pairs/mode          (np,) u1           0 = M, 1 = P
     pairs/version       (np,) i4           policy version of the candidates
 
@@ -31,7 +31,7 @@ Duplicates never enter: a background group already committed with the same ``(bg
 guidance)`` is skipped, and a pair whose ``(hash, mode)`` is already stored is dropped.
 One writer at a time (the driver); any number of readers (learner workers) while it appends.
 
-Integrity (format ``align_rl.pairs/2``): ``COMMIT`` also holds ``columns``, the SHA-256 of the
+Integrity (format ``align_rl.alignment.pairs/2``): ``COMMIT`` also holds ``columns``, the SHA-256 of the
 committed rows of every array except the latents, and every latent row has its own digest. Opening
 checks that ``COMMIT`` is readable and consistent (its counts within the arrays, the stored
 indices within the tables) and that no chunk file of a committed row is missing; each table's
@@ -58,11 +58,11 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .errors import ConfigError, InputError, IntegrityError
-from .pairs import HASH_BYTES, MODES, background_pairs, pair_hash, pair_rng
+from align_rl.errors import ConfigError, InputError, IntegrityError
+from align_rl.alignment.pairs import HASH_BYTES, MODES, background_pairs, pair_hash, pair_rng
 
-FORMAT = "align_rl.pairs/2"
-FORMATS = ("align_rl.pairs/1", FORMAT)  # /1: before digests (read as is, upgraded on appending)
+FORMAT = "align_rl.alignment.pairs/2"
+FORMATS = ("align_rl.alignment.pairs/1", FORMAT)  # /1: before digests (read as is, upgraded on appending)
 GUIDANCES = ("obsfree", "repaint", "dps")
 _COMMIT = "COMMIT"
 DIGEST_BYTES = 16
@@ -181,7 +181,7 @@ class PairStore:
         that is not a preference store is refused before anything is written into it; a damaged
         store raises :class:`IntegrityError` (module doc).
         """
-        from .owned import is_owned, mark
+        from align_rl.owned import is_owned, mark
 
         p = Path(path)
         if p.exists() and not p.is_dir():
@@ -200,7 +200,7 @@ class PairStore:
         g, attrs = cls._open_group(p, mode)
         fmt = attrs.get("format")
         if fmt not in FORMATS:
-            if str(fmt).startswith("align_rl.pairs/"):
+            if str(fmt).startswith("align_rl.alignment.pairs/"):
                 raise IntegrityError(f"preference store {p} has format {fmt!r}; this code reads "
                                      f"{', '.join(FORMATS)}: rebuild it with this version (move it aside)")
             raise InputError(
@@ -251,7 +251,7 @@ class PairStore:
     def _create(cls, p: Path, latent_shape, reward_names, meta) -> "PairStore":
         import zarr
 
-        from .owned import mark
+        from align_rl.owned import mark
 
         if latent_shape is None or reward_names is None:
             raise InputError(f"creating the preference store {p} needs latent_shape and reward_names")
@@ -658,7 +658,7 @@ class PairStore:
         """A new pair set from the STORED per-candidate scores (no sampling, no rollouts).
 
         Per committed background group: ``select`` by ``mode`` with ``weights``, stratified
-        ``pair_up`` (:func:`~align_rl.pairs.pair_rng`, so the same weights and seed give back the pairs
+        ``pair_up`` (:func:`~align_rl.alignment.pairs.pair_rng`, so the same weights and seed give back the pairs
         built with the candidates), dedup by content hash. Not written to the store; hand
         ``(store, pair_set)`` to :class:`PairDataset` or ``run_dpo``.
         """

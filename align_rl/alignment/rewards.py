@@ -20,7 +20,7 @@ very different spreads within a background (measured on the demo world: assim 0.
 
 A user-defined reward::
 
-    from align_rl.rewards import register_reward
+    from align_rl.alignment.rewards import register_reward
 
     @register_reward("t850_bias")
     def t850_bias(ctx):
@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from .errors import ConfigError, InputError
+from align_rl.errors import ConfigError, InputError
 
 RewardFn = Callable[["RewardContext"], np.ndarray]
 
@@ -106,7 +106,7 @@ def pairwise_sigmoid(err: Any) -> np.ndarray:
 
 
 def _wrmse_norm(a: torch.Tensor, b: torch.Tensor, lat: np.ndarray) -> np.ndarray:
-    from .metrics import wrmse
+    from align_rl.evaluation.metrics import wrmse
 
     return np.asarray(wrmse(a.double().cpu().numpy(), b.double().cpu().numpy()[None], lat))
 
@@ -129,7 +129,7 @@ def forecast_reward(ctx: RewardContext) -> np.ndarray:
 @register_reward("phys")
 def phys_reward(ctx: RewardContext) -> np.ndarray:
     """``2 σ(−|D − D_GT| / D_GT)`` of the geostrophic imbalance at ``geo_level`` (physical units)."""
-    from .geostrophic import geo_imbalance, geo_reward
+    from align_rl.evaluation.geostrophic import geo_imbalance, geo_reward
 
     xa = ctx.normalizer.denormalize(ctx.analyses.double().cpu().numpy())
     xt = ctx.normalizer.denormalize(ctx.truth.double().cpu().numpy())
@@ -144,7 +144,7 @@ def check_names(names: list[str] | tuple[str, ...], weights: Mapping[str, float]
     unknown = [n for n in names if n not in REWARDS]
     if unknown:
         raise ConfigError(f"unknown reward(s) {unknown} in rewards.names; known: {sorted(REWARDS)} "
-                          "(register a new one with align_rl.rewards.register_reward)")
+                          "(register a new one with align_rl.alignment.rewards.register_reward)")
     if weights:
         extra = [k for k, w in weights.items() if w != 0 and k not in names]
         if extra:

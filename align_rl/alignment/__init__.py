@@ -1,0 +1,1 @@
+"""Diffusion-DPO alignment: rewards, candidates, preference pairs, the DPO loss, the learner, online refreshes and validation."""

@@ -1,0 +1,1 @@
+"""Verification: metrics, the Geo-Score, the evaluation runner, its results and report."""
