@@ -26,7 +26,7 @@ _RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError
 
 class CandidatePool:
     """``models``: anything with ``codec``, ``eps_model``, ``forecaster``, ``normalizer``
-    (e.g. :class:`~align_rl.pretrain.PretrainedModels`); ``lat``/``lon`` of the grid."""
+    (e.g. :class:`~align_rl.training.pretraining.PretrainedModels`); ``lat``/``lon`` of the grid."""
 
     def __init__(self, cfg, models: Any, lat, lon, version: int = 0, samplers: int | None = None):
         self.cfg = cfg

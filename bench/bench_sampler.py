@@ -211,7 +211,7 @@ def accuracy(cfg, members: int = 64) -> list[dict]:
 def trained_sweep(workdir: str, overrides: list[str], n_times: int = 4, members: int = 4) -> list[dict]:
     """Analysis MSE (normalised, single member and ensemble mean) of the pretrained demo models of
     ``workdir`` against K, C and the DPS scale ζ, on held-out test times with 1 % observations."""
-    from align_rl.evaluate import _norm_t, load_eval_data, select_times
+    from align_rl.evaluation.runner import _norm_t, load_eval_data, select_times
     from align_rl.evaluation.metrics import mse
     from align_rl.workspace import Workspace
 

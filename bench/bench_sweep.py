@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("WANDB_MODE", "offline")
 
-    from align_rl.sweep import (build_base_config, load_spec, prepare_shared, run_sweep, split_overrides,
-                                sweep_dir)
+    from align_rl.tune.sweep import build_base_config, load_spec, prepare_shared, run_sweep, split_overrides, sweep_dir
 
     config = a.config
     label = "embedded default" if not a.config else f"--config {a.config}"

@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 def _setup(overrides: list[str], split: str):
     from align_rl.config import load_config
     from align_rl.world.dataset import ensure_world
-    from align_rl.evaluate import EvalData
-    from align_rl.pretrain import ensure_pretrained
+    from align_rl.evaluation.runner import EvalData
+    from align_rl.training.pretraining import ensure_pretrained
     from align_rl.world.splits import SplitData
     from align_rl.training.harness import init_ray
     from align_rl.workspace import Workspace
@@ -83,7 +83,7 @@ def _append(ws, split: str, rows: list[dict]) -> None:
 
 
 def cmd_analyses(args) -> None:
-    from align_rl.evaluate import run_evaluation
+    from align_rl.evaluation.runner import run_evaluation
 
     for dec in (args.decode or ["plain", "anchored"]):
         cfg, ecfg, ws, store, pre, data = _setup(args.overrides + [f"sampler.decode={dec}"], args.split)
@@ -100,8 +100,8 @@ def cmd_analyses(args) -> None:
 
 def cmd_align(args) -> None:
     from align_rl.io.checkpoints import load_model
-    from align_rl.evaluate import run_evaluation
-    from align_rl.train import run
+    from align_rl.evaluation.runner import run_evaluation
+    from align_rl.pipeline import run
 
     cfg, ecfg, ws, store, pre, data = _setup(args.overrides, args.split)
     t0 = time.perf_counter()

@@ -12,7 +12,8 @@ from torch import nn
 
 from align_rl.config import load_config
 from align_rl.errors import ConfigError
-from align_rl.evaluate import EvalData, load_models, paired_change, run_evaluation, select_times
+from align_rl.evaluation.runner import EvalData, load_models, run_evaluation, select_times
+from align_rl.evaluation.verdict import paired_change
 from align_rl.io.grid import Grid
 from align_rl.models.dit import build_dit
 from align_rl.models.forecaster import EmulatorForecaster, build_emulator
@@ -153,7 +154,7 @@ def test_comparisons_are_paired(setup):
 
 
 def test_analyses_store_is_read_by_score(setup):
-    from align_rl.score import score_stores
+    from align_rl.evaluation.scoring import score_stores
 
     _, data, summary, out = setup
     store = out / summary["files"]["analyses"]["reference/dps"]
@@ -193,7 +194,7 @@ def test_block_bootstrap_widens_for_correlated_times():
 
 
 def test_gain_verdict():
-    from align_rl.evaluate import gain_verdict
+    from align_rl.evaluation.verdict import gain_verdict
 
     def ch(p, lo, hi, n_nan=0):
         return {"pct": p, "ci": [lo, hi], "n": 12, "n_nan": n_nan}
@@ -256,9 +257,10 @@ def test_a_diverging_model_is_reported_not_fatal(setup, tmp_path):
 
 def test_cli_runs_the_reference_and_refuses_a_missing_checkpoint(setup, tmp_path, monkeypatch, capsys):
     import align_rl.evaluate as ev
+    from align_rl.evaluation import runner
 
     _, data, _, _ = setup
-    monkeypatch.setattr(ev, "load_eval_data", lambda cfg, ws: (data, Prior()))
+    monkeypatch.setattr(runner, "load_eval_data", lambda cfg, ws: (data, Prior()))
     args = [f"run.workdir={tmp_path}", "run.wandb_mode=disabled", "data.grid=16x32",
             "data.test=[2005-01-01, 2005-12-31]", "sampler.steps=2", "guidance.methods=[obsfree]",
             "eval.times=2", "eval.members=2", "eval.map_samples=1"]

@@ -95,10 +95,10 @@ def trap(monkeypatch):
         raise AssertionError("the command started its work: the bad input was not caught before")
 
     import align_rl.world.simulate as sim
-    import align_rl.evaluate as ev
-    import align_rl.pretrain as pre
-    import align_rl.sweep as sw
-    import align_rl.train as tr
+    import align_rl.evaluation.runner as ev
+    import align_rl.pipeline as tr
+    import align_rl.training.pretraining as pre
+    import align_rl.tune.sweep as sw
 
     monkeypatch.setattr(tr, "run", reached)
     monkeypatch.setattr(pre, "ensure_pretrained", reached)
@@ -106,7 +106,7 @@ def trap(monkeypatch):
     monkeypatch.setattr(ev, "run_evaluation", reached)
     monkeypatch.setattr(sw, "run_sweep", reached)
     monkeypatch.setattr(sim, "simulate", reached)
-    import align_rl.score as sc
+    import align_rl.evaluation.scoring as sc
 
     real = sc.score_stores
 

@@ -179,7 +179,8 @@ TINY = [
 @pytest.mark.ray
 @pytest.mark.slow
 def test_pretrain_all_trains_caches_and_retrains_what_changed(tmp_path, ray_session, capsys, monkeypatch):
-    from align_rl.pretrain import SUMMARY_FILE, main
+    from align_rl.training.pretraining import SUMMARY_FILE
+    from align_rl.pretrain import main
     from align_rl.workspace import Workspace
 
     store = _tiny_store(tmp_path)
@@ -198,14 +199,14 @@ def test_pretrain_all_trains_caches_and_retrains_what_changed(tmp_path, ray_sess
     mtimes = {s: ws.final_checkpoint(s).stat().st_mtime_ns for s in ("forecaster", "vae", "diffusion")}
 
     # a rerun reuses the three checkpoints
-    from align_rl.pretrain import ensure_pretrained
+    from align_rl.training.pretraining import ensure_pretrained
 
     models = ensure_pretrained(cfg, ws)
     assert {s: ws.final_checkpoint(s).stat().st_mtime_ns for s in mtimes} == mtimes
     assert models.codec.latent_shape == (4, 4, 8) and models.eps_model is not None
 
     # a changed diffusion config retrains the diffusion model only (and reuses the backgrounds)
-    import align_rl.pretrain as pt
+    import align_rl.training.pretraining as pt
 
     trained = []
 

@@ -117,7 +117,7 @@ def test_run_computes_statistics_in_its_workdir_never_in_the_store(tmp_path):
     norm = era5.load_normalizer(store)
     np.testing.assert_allclose(norm.mean, stored["mean"])
     assert "normalization" in era5.open_states(store, expect_grid="16x32").attrs
-    from align_rl.pretrain import load_data  # what pretraining reads: the model grid, these statistics
+    from align_rl.training.pretraining import load_data  # what pretraining reads: the model grid, these statistics
 
     data = load_data(cfg, ws, progress=False)
     assert data.train.grid == Grid(16, 32) and data.train_norm.shape == (4, 69, 16, 32)

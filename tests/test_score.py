@@ -12,7 +12,8 @@ import pytest
 from align_rl.io import era5
 from align_rl.io.grid import Grid
 from align_rl.io.schema import CHANNELS
-from align_rl.score import main, score_stores
+from align_rl.score import main
+from align_rl.evaluation.scoring import score_stores
 from align_rl.io.states import States
 from tests.test_era5 import make_states, write_layout
 from tests.test_geostrophic import balanced_states, hand_imbalance

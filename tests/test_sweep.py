@@ -15,19 +15,7 @@ import yaml
 
 from align_rl.config import load_config
 from align_rl.errors import ConfigError
-from align_rl.sweep import (
-    SweepSpec,
-    build_base_config,
-    eval_metrics,
-    load_spec,
-    parse_spec,
-    run_sweep,
-    simplex_grid,
-    split_overrides,
-    trial_config,
-    validation_config,
-    with_changes,
-)
+from align_rl.tune.sweep import SweepSpec, build_base_config, eval_metrics, load_spec, parse_spec, run_sweep, simplex_grid, split_overrides, trial_config, validation_config, with_changes
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE_CONFIGS = sorted((REPO / "tune_configs").glob("*.yaml"))
@@ -286,9 +274,9 @@ def test_dpo_trials_reselect_shared_pairs_train_in_stages_and_validate(tmp_path,
 
     from actors.pool import CandidatePool
     from align_rl.io.checkpoints import load_model
-    from align_rl.evaluate import EvalData, run_evaluation
+    from align_rl.evaluation.runner import EvalData, run_evaluation
     from align_rl.io.pair_store import PairStore
-    from align_rl.sweep import dpo_trial, eval_metrics
+    from align_rl.tune.sweep import dpo_trial, eval_metrics
 
     from align_rl.alignment.candidates import background_order, make_tasks, valid_times
 
@@ -391,7 +379,7 @@ def test_sweep_cli_end_to_end_on_a_tiny_world(tmp_path):
     # every cache was built once, for the base config: one pretraining run per model, and the
     # reference the pairs were drawn with is the one the trials trained against
     from align_rl.io.pair_store import PairStore
-    from align_rl.train import _file_hash
+    from align_rl.pipeline import _file_hash
 
     for model in ("forecaster", "vae", "diffusion"):
         assert len([d for d in (run / "checkpoints" / model).iterdir() if d.is_dir()]) == 1, model

@@ -128,7 +128,7 @@ def test_bad_config_fails_fast_with_exit_2(tmp_path, capsys):
 
 
 def test_pair_store_of_other_inputs_is_set_aside_and_reused(tmp_path):
-    from align_rl.train import open_pair_store
+    from align_rl.pipeline import open_pair_store
     from align_rl.workspace import Workspace
 
     from .test_pair_store import SHAPE, group

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         from pathlib import Path
 
         from align_rl.io import era5
-        from align_rl.score import write_json_atomic
+        from align_rl.evaluation.scoring import write_json_atomic
         from align_rl.world.dataset import stored_attrs
         from align_rl.world.simulate import store_normalization
 

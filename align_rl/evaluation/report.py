@@ -9,9 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 

@@ -201,7 +201,6 @@ def run_training(
     ``storage_path``: folder of the Ray run (absolute); ``run_name``: its name below it.
     Raises ``RuntimeError`` naming the task when training fails more than ``max_failures`` times.
     """
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

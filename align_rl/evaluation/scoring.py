@@ -1,0 +1,358 @@
+"""Score an analysis (or forecast) store against a truth store, WeatherBench2 style (docs/method.md §7, §10).
+
+``python -m align_rl.score --analysis A.zarr --truth T.zarr [--out metrics.json] [--csv FILE]
+[--regions global,tropics,extratropics,band:30:60] [--rmse both|per-time|wb2]
+[--variables z500,t850,...] [--regrid none|truth-to-analysis|analysis-to-truth]
+[--normalization STATS] [--chunk 16] [--no-unit-check]``
+
+What is scored: the channels (short names ``z500``, ``t850``, ``u10`` …; variables by their
+WeatherBench2 long names, levels by value) that **both** stores hold, at the time steps both hold,
+on their common grid (any accepted grid of :mod:`align_rl.io.era5`, rows on the poles included). The
+input stores are only read.
+
+- ``wrmse`` per channel and region, in the variables' physical units (no statistics needed),
+  weighted by **cell area** from the actual latitude coordinate (:func:`align_rl.io.grid.
+  cell_area_weights`: edges midway between rows, pole rows half cells, as WeatherBench2; on a
+  cell-centred grid this is ``cos φ / mean cos φ``, the paper's weights). Two conventions, stated
+  in the output's ``conventions``: ``wrmse`` = the mean over time steps of the per-step RMSE (the
+  paper's annual scores, docs/method.md §7) and ``wrmse_wb2`` = the square root of the time-mean MSE
+  (WeatherBench2's headline RMSE); ``--rmse`` chooses one or both (default both).
+- Regions: ``global``, ``tropics`` (|lat| ≤ 20°), ``extratropics`` (|lat| ≥ 20°),
+  ``nh-extratropics`` (20° … 90°), ``sh-extratropics`` (−90° … −20°), ``band:LO:HI`` (LO ≤ lat ≤ HI,
+  degrees); the rows of the region keep their cell areas.
+- ``mse``/``mae``: over the scored channels in normalised units, unweighted, per step then averaged
+  (the paper's Table 1), only when statistics are given (``--normalization`` JSON file or store) or
+  stored in the truth store.
+- ``geo_score``: the Geo-Score of the 500 hPa geostrophic balance (100 when the analysis is as
+  balanced as the truth), when both stores hold z500, u500 and v500.
+
+Values implausible in SI units (temperature in °C, geopotential height in m, …;
+:mod:`align_rl.io.plausibility`) are refused unless ``--no-unit-check`` is given.
+
+Prints the JSON; ``--out`` writes it and a CSV beside it (``--csv`` elsewhere; one row per region,
+metric and channel), both atomically and only after every score is computed. Bad input: one line
+``error: …`` naming the problem and the fix, exit status 2, nothing written.
+Python: :func:`score_stores`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from align_rl.io import era5
+from align_rl.errors import InputError
+from align_rl.evaluation.geostrophic import geo_score
+from align_rl.io.grid import cell_area_weights
+from align_rl.io.normalization import Normalizer
+from align_rl.io.schema import CHANNEL_INFO, CHANNELS, N_CHANNELS, channel_index
+
+REGIONS: dict[str, tuple[float, float] | str] = {
+    "global": (-90.0, 90.0),
+    "tropics": (-20.0, 20.0),
+    "extratropics": "extratropics",
+    "nh-extratropics": (20.0, 90.0),
+    "sh-extratropics": (-90.0, -20.0),
+}
+DEFAULT_REGIONS = ("global", "tropics", "extratropics")
+RMSE_CHOICES = ("both", "per-time", "wb2")
+REGRID_CHOICES = ("none", "truth-to-analysis", "analysis-to-truth")
+CONVENTIONS = {
+    "weights": "cell area from the latitude coordinate: row edges midway between rows, the outer "
+               "edges at the poles (rows on a pole are half cells), as WeatherBench2; "
+               "cos(lat)/mean(cos(lat)) on a cell-centred grid",
+    "wrmse": "mean over time steps of sqrt(area-weighted spatial mean of the squared error): the "
+             "per-time-step convention of the paper's annual scores",
+    "wrmse_wb2": "sqrt(mean over time steps of the area-weighted spatial mean of the squared "
+                 "error): WeatherBench2's headline RMSE",
+    "units": "wrmse in each variable's physical units (see 'units')",
+    "mse_mae": "over the scored channels in normalised units, unweighted, per time step then "
+               "averaged (the paper's Table 1); only with normalisation statistics",
+    "geo_score": "100 · 2σ(−|D − D_gt| / max(D_gt, 1e-3)) of the 500 hPa geostrophic imbalance, "
+                 "per time step then averaged",
+}
+
+
+def region_rows(name: str, lat: np.ndarray) -> np.ndarray:
+    """Boolean row mask of a region (see the module doc) for latitudes ``lat`` (degrees)."""
+    lat = np.asarray(lat, dtype=np.float64)
+    spec = REGIONS.get(name)
+    if spec == "extratropics":
+        mask = np.abs(lat) >= 20.0
+    elif spec is not None:
+        lo, hi = spec
+        mask = (lat >= lo - 1e-9) & (lat <= hi + 1e-9)
+    elif name.startswith("band:"):
+        try:
+            _, lo_s, hi_s = name.split(":")
+            lo, hi = float(lo_s), float(hi_s)
+        except ValueError:
+            raise InputError(f"region {name!r} must be band:LO:HI in degrees, e.g. band:30:60") from None
+        if not -90 <= lo < hi <= 90:
+            raise InputError(f"region {name!r}: need -90 <= LO < HI <= 90")
+        mask = (lat >= lo - 1e-9) & (lat <= hi + 1e-9)
+    else:
+        raise InputError(f"unknown region {name!r}; regions are {', '.join(REGIONS)} or band:LO:HI")
+    if not mask.any():
+        raise InputError(f"region {name!r} holds no grid row of this grid")
+    return mask
+
+
+def _select_channels(shared: list[str], variables: Sequence[str] | None) -> list[str]:
+    if not variables:
+        return shared
+    want: list[str] = []
+    var_names = {c.var for c in CHANNEL_INFO}
+    for v in variables:
+        if v in var_names:  # a variable: its levels that both stores hold
+            names = [c.name for c in CHANNEL_INFO if c.var == v and c.name in shared]
+            if not names:
+                raise InputError(f"no level of {v!r} is in both stores (they share {', '.join(shared)})")
+        elif v in CHANNELS:
+            if v not in shared:
+                raise InputError(f"{v} is not in both stores (they share {', '.join(shared)})")
+            names = [v]
+        else:
+            raise InputError(f"unknown channel or variable {v!r}; e.g. z500, t850, u10 or z")
+        want += [n for n in names if n not in want]
+    return [c for c in shared if c in want]
+
+
+def _normalizer(normalization: str | Path | None, truth_attrs: dict) -> tuple[Normalizer | None, str | None]:
+    if normalization is not None:
+        return era5.load_normalizer(normalization), str(normalization)
+    if "normalization" in truth_attrs:
+        try:
+            return Normalizer.from_dict(truth_attrs["normalization"]), "truth store"
+        except Exception as exc:  # noqa: BLE001 - malformed statistics: say so
+            raise InputError(f"the truth store's normalisation statistics are malformed ({exc}); "
+                             "pass --normalization FILE") from None
+    return None, None
+
+
+def score_stores(
+    analysis: str | Path,
+    truth: str | Path,
+    normalization: str | Path | None = None,
+    chunk: int = 16,
+    progress: bool = True,
+    regions: Sequence[str] = DEFAULT_REGIONS,
+    rmse: str = "both",
+    variables: Sequence[str] | None = None,
+    regrid: str = "none",
+    check_units: bool = True,
+) -> dict[str, Any]:
+    """The scores of ``analysis`` against ``truth`` (see the module doc) as a JSON-able dict;
+    ``check_units``: refuse values implausible in SI units (:mod:`align_rl.io.plausibility`)."""
+    if rmse not in RMSE_CHOICES:
+        raise InputError(f"rmse={rmse!r} is not one of {', '.join(RMSE_CHOICES)}")
+    if regrid not in REGRID_CHOICES:
+        raise InputError(f"regrid={regrid!r} is not one of {', '.join(REGRID_CHOICES)}")
+    ia, it = era5.store_info(analysis), era5.store_info(truth)
+    shared_t = np.intersect1d(ia["times"], it["times"])
+    if len(shared_t) == 0:
+        raise InputError(
+            f"{analysis} and {truth} share no time steps (analysis holds "
+            f"{_span(ia['times'])}, truth {_span(it['times'])}); score an analysis of the truth's period"
+        )
+    shared = [c for c in CHANNELS if c in ia["channels"] and c in it["channels"]]
+    if not shared:
+        raise InputError(
+            f"{analysis} and {truth} share no channel (analysis: {', '.join(ia['channels']) or 'none'}; "
+            f"truth: {', '.join(it['channels']) or 'none'}); both need a variable by its "
+            "WeatherBench2 long name at a common level"
+        )
+    chans = _select_channels(shared, variables)
+    ga, gt = ia["grid"], it["grid"]
+    if ga != gt and regrid == "none":
+        raise InputError(
+            f"the analysis grid {ga} differs from the truth grid {gt}; pass --regrid "
+            "truth-to-analysis (WeatherBench2's way: the truth on the forecast's grid) or "
+            "analysis-to-truth to regrid one conservatively"
+        )
+    grid = gt if regrid == "analysis-to-truth" else ga
+    src = ga if regrid == "analysis-to-truth" else gt
+    if ga != gt and grid.poles and not src.poles and grid.dlat <= src.dlat / 2 + 1e-9:
+        raise InputError(
+            f"conservative regridding from the grid {src} onto the finer grid {grid} is not "
+            "offered (its pole rows would stay empty); use --regrid "
+            f"{'truth-to-analysis' if regrid == 'analysis-to-truth' else 'analysis-to-truth'}"
+        )
+    lat = grid.lat
+    norm, norm_src = _normalizer(normalization, it["attrs"])
+    region_names = list(dict.fromkeys(regions))
+    masks = {r: region_rows(r, lat) for r in region_names}
+    w_all = cell_area_weights(lat)
+    weights = {r: np.where(m, w_all, 0.0) / (w_all[m].sum() * grid.nlon) for r, m in masks.items()}
+    geo_chans = ("z500", "u500", "v500")
+    do_geo = all(c in chans for c in geo_chans)
+    cidx = np.array([channel_index(c) for c in chans])
+
+    n = len(shared_t)
+    sum_rmse = {r: np.zeros(len(chans)) for r in region_names}
+    sum_mse = {r: np.zeros(len(chans)) for r in region_names}
+    sums = {"mse": 0.0, "mae": 0.0, "geo_score": 0.0}
+    steps = range(0, n, max(1, int(chunk)))
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="score", unit="chunk", file=sys.stderr, leave=False)
+    for s in steps:
+        times = shared_t[s:s + chunk]
+        fa = era5.open_fields(analysis, chans, times=times)
+        ft = era5.open_fields(truth, chans, times=times)
+        xa, xt = fa.values.astype(np.float64), ft.values.astype(np.float64)
+        if check_units:
+            from align_rl.io.plausibility import check_units as _check_units
+
+            _check_units(xa, f"store {analysis}", chans)
+            _check_units(xt, f"store {truth}", chans)
+        if ga != gt:
+            from align_rl.io.regrid import regrid as _regrid
+
+            if regrid == "analysis-to-truth":
+                xa = _regrid(xa, ga, gt, "conservative")
+            else:
+                xt = _regrid(xt, gt, ga, "conservative")
+        se = (xa - xt) ** 2  # (T, C, H, W)
+        row_mse = se.sum(axis=-1)  # (T, C, H)
+        for r in region_names:
+            m = row_mse @ weights[r]  # (T, C): weighted spatial mean
+            sum_mse[r] += m.sum(axis=0)
+            sum_rmse[r] += np.sqrt(m).sum(axis=0)
+        if norm is not None:
+            mu, sd = norm.mean[cidx][:, None, None], norm.std[cidx][:, None, None]
+            d = (xa - mu) / sd - (xt - mu) / sd
+            sums["mse"] += float((d ** 2).mean(axis=(1, 2, 3)).sum())
+            sums["mae"] += float(np.abs(d).mean(axis=(1, 2, 3)).sum())
+        if do_geo:
+            full_a = np.zeros((len(times), N_CHANNELS) + xa.shape[-2:])
+            full_t = np.zeros_like(full_a)
+            for c in geo_chans:
+                full_a[:, channel_index(c)] = xa[:, chans.index(c)]
+                full_t[:, channel_index(c)] = xt[:, chans.index(c)]
+            sums["geo_score"] += float(np.sum(geo_score(full_a, full_t, lat, grid.lon)))
+
+    def per_channel(arr: np.ndarray) -> dict[str, float]:
+        return {c: float(v) for c, v in zip(chans, arr)}
+
+    out: dict[str, Any] = {
+        "analysis": str(analysis),
+        "truth": str(truth),
+        "n_times": int(n),
+        "first_time": np.datetime_as_string(shared_t[0], unit="s"),
+        "last_time": np.datetime_as_string(shared_t[-1], unit="s"),
+        "grid": str(grid),
+        "regridded": None if ga == gt else f"{regrid} (conservative, xarray-regrid): {ga} → {gt}"
+        if regrid == "analysis-to-truth" else f"{regrid} (conservative, xarray-regrid): {gt} → {ga}",
+        "channels": chans,
+        "not_scored": {"analysis_only": [c for c in ia["channels"] if c not in it["channels"]],
+                       "truth_only": [c for c in it["channels"] if c not in ia["channels"]]},
+        "units": {c: CHANNEL_INFO[channel_index(c)].units for c in chans},
+        "rmse": rmse,
+        "conventions": {k: v for k, v in CONVENTIONS.items()
+                        if not ((k == "wrmse" and rmse == "wb2") or (k == "wrmse_wb2" and rmse == "per-time"))},
+    }
+    region_out: dict[str, Any] = {}
+    for r in region_names:
+        rows = masks[r]
+        entry: dict[str, Any] = {"lat_range": [float(lat[rows].min()), float(lat[rows].max())],
+                                 "rows": int(rows.sum())}
+        if rmse in ("both", "per-time"):
+            entry["wrmse"] = per_channel(sum_rmse[r] / n)
+        if rmse in ("both", "wb2"):
+            entry["wrmse_wb2"] = per_channel(np.sqrt(sum_mse[r] / n))
+        region_out[r] = entry
+    if "global" in region_out:
+        for k in ("wrmse", "wrmse_wb2"):
+            if k in region_out["global"]:
+                out[k] = region_out["global"][k]
+    out["regions"] = region_out
+    if norm is not None:
+        out["mse"] = sums["mse"] / n
+        out["mae"] = sums["mae"] / n
+        out["normalization"] = norm_src
+    else:
+        out["normalization"] = None
+        out["conventions"].pop("mse_mae")
+    if do_geo:
+        out["geo_score"] = sums["geo_score"] / n
+    else:
+        out["conventions"].pop("geo_score")
+    return out
+
+
+def _span(t: np.ndarray) -> str:
+    if len(t) == 0:
+        return "no times"
+    return f"{np.datetime_as_string(t[0], unit='h')} … {np.datetime_as_string(t[-1], unit='h')}"
+
+
+def csv_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (region, metric, channel) of a :func:`score_stores` result; scalar scores
+    (mse, mae, geo_score) with region ``global`` and an empty channel."""
+    rows = []
+    for region, entry in result["regions"].items():
+        for metric in ("wrmse", "wrmse_wb2"):
+            for ch, v in entry.get(metric, {}).items():
+                rows.append({"region": region, "metric": metric, "channel": ch, "value": v,
+                             "units": result["units"][ch]})
+    for metric in ("mse", "mae", "geo_score"):
+        if metric in result:
+            rows.append({"region": "global", "metric": metric, "channel": "", "value": result[metric],
+                         "units": "normalised" if metric != "geo_score" else "score (0-100)"})
+    return rows
+
+
+def _csv_text(result: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["region", "metric", "channel", "value", "units"])
+    w.writeheader()
+    for row in csv_rows(result):
+        w.writerow({**row, "value": repr(float(row["value"]))})
+    return buf.getvalue()
+
+
+def _write_texts_atomic(items: list[tuple[Path, str]]) -> None:
+    """Write every ``(path, text)`` to a temporary file first, then rename them all."""
+    tmps = []
+    try:
+        for path, text in items:
+            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+            tmps.append(tmp)
+            tmp.write_text(text)
+        for (path, _), tmp in zip(items, tmps):
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as JSON to ``path`` via a temporary file and a rename."""
+    path = Path(path)
+    _write_texts_atomic([(path, json.dumps(obj, indent=2) + "\n")])
+    return path
+
+
+def write_results(result: dict[str, Any], out: str | Path | None, csv_path: str | Path | None = None) -> list[Path]:
+    """Write the JSON to ``out`` and the CSV to ``csv_path`` (default: ``out`` with ``.csv``)."""
+    items: list[tuple[Path, str]] = []
+    if out:
+        items.append((Path(out), json.dumps(result, indent=2) + "\n"))
+        if csv_path is None:
+            csv_path = Path(out).with_suffix(".csv")
+    if csv_path:
+        items.append((Path(csv_path), _csv_text(result)))
+    _write_texts_atomic(items)
+    return [p for p, _ in items]
+
+

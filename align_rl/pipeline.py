@@ -1,0 +1,241 @@
+"""The main job: ``python -m align_rl.train [--config FILE] [key=value ...]``.
+
+End to end, each step reused from its cache when present:
+
+1. the dataset (``ensure_world``), the pretrained forecaster, VAE and diffusion prior
+   (``ensure_pretrained``) and the 48 h backgrounds of the preference split (``ensure_backgrounds``);
+2. preference candidates of ``pairs.backgrounds`` backgrounds of ``data.pref`` drawn by the
+   reference with ``pairs.guidance``, scored with every reward of ``rewards.names`` by sampler and
+   reward actors (``actors.*``), paired for every mode of ``pairs.variants`` and committed to the
+   preference store (``pairs.store``, default ``<workdir>/pairs.zarr``);
+3. Diffusion-DPO per variant (``dpo.mode``: ``offline`` on the stored pairs, or ``online`` with
+   refreshes by the policy), checkpoints in ``<workdir>/dpo/<variant>-<hash>/``;
+4. the evaluation (``align_rl.evaluation.runner.run_evaluation``) of the reference and the aligned models
+   (``Align-M``, ``Align-P``) × ``guidance.methods`` on held-out ``data.test`` times, never used for
+   pairs, with an "Alignment against the paper" section appended to ``report.md``.
+
+Ray: connects to ``RAY_ADDRESS`` when set (e.g. under ``ray job submit``), otherwise starts a
+local instance. Killing the driver and rerunning the same command resumes from the committed
+pairs and the last DPO checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+from align_rl.config import Config
+from align_rl.errors import ConfigError
+from align_rl.evaluation.paper import _append_report, alignment_section
+from align_rl.workspace import Workspace
+
+
+def _log(msg: str) -> None:
+    print(f"[align_rl.train] {msg}", flush=True)
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def store_meta(cfg: Config, reference_ckpt: Path) -> dict:
+    """What the candidates of the preference store depend on (checked when it is reopened)."""
+    r = cfg.rewards
+    rew = {"names": list(r.names), "forecast_hours": r.forecast_hours, "geo_level": r.geo_level,
+           "geo_equator_band": r.geo_equator_band}
+    p = cfg.pairs
+    pairs = {"candidates": p.candidates, "guidance": p.guidance}
+    key = json.dumps({"rewards": rew, "pairs": pairs, "seed": cfg.run.seed, "pref": cfg.data.pref},
+                     sort_keys=True)
+    return {"data": cfg.section_hash("data"), "obs": cfg.section_hash("obs"),
+            "sampler": cfg.section_hash("sampler"), "guidance": cfg.section_hash("guidance"),
+            "candidates": hashlib.sha256(key.encode()).hexdigest()[:12],
+            "reference": _file_hash(reference_ckpt)}
+
+
+def _meta_hash(meta: dict) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def open_pair_store(cfg: Config, ws: Workspace, latent_shape, reference_ckpt: Path,
+                    log=_log):
+    """The run's preference store for the current inputs (:func:`store_meta`).
+
+    With ``pairs.store`` set, that store (an error if it was built for other inputs). By default
+    ``<workdir>/pairs.zarr``: a store there built for other inputs (another dataset, reference
+    model, sampler, rewards ...) is moved aside to ``pairs-<hash>.zarr`` (nothing is deleted), and
+    a store set aside earlier for the current inputs is moved back, so switching configurations
+    reuses each one's pairs.
+    """
+    import os
+
+    from align_rl.io.pair_store import _COMMIT, PairStore
+
+    meta = store_meta(cfg, reference_ckpt)
+    path = Path(cfg.pairs.store or ws.pairs)
+    if cfg.pairs.store is None and (path / _COMMIT).exists():
+        old = dict(PairStore.open(path, mode="r").g.attrs.get("meta", {}))
+        if old != meta:
+            aside = path.with_name(f"pairs-{_meta_hash(old)}.zarr")
+            if not aside.exists():
+                os.replace(path, aside)
+                log(f"pair store {path} was built for other inputs: moved to {aside}")
+            mine = path.with_name(f"pairs-{_meta_hash(meta)}.zarr")
+            if mine.exists() and not path.exists():
+                os.replace(mine, path)
+                log(f"reusing the pair store {mine} built earlier for these inputs")
+    return PairStore.open(path, tuple(latent_shape), list(cfg.rewards.names), meta=meta)
+
+
+def dpo_dir(cfg: Config, ws: Workspace, variant: str, meta: dict) -> Path:
+    """The learner folder of one variant, keyed by everything its result depends on."""
+    key = json.dumps({"meta": meta, "dpo": cfg.to_dict()["dpo"], "weights": cfg.rewards.weights,
+                      "normalize": cfg.rewards.normalize,
+                      "pairs": {k: v for k, v in cfg.to_dict()["pairs"].items()
+                                if k not in ("variants", "mode", "store")}}, sort_keys=True)
+    return Path(ws.dpo) / f"{variant}-{cfg.dpo.mode}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def PrefData(cfg: Config, ws: Workspace, store: Any, models: Any, progress: bool = True):
+    """The preference split (:class:`align_rl.world.splits.SplitData` of ``data.pref``)."""
+    from align_rl.world.splits import SplitData
+
+    return SplitData(cfg, ws, store, models, progress, split="pref")
+
+
+def validation_inputs(cfg: Config, ws: Workspace, store: Any, models: Any, progress: bool = True) -> dict:
+    """What the learner's validation needs (:class:`align_rl.alignment.validation.Validator`):
+    ``dpo.val_backgrounds`` backgrounds spread over ``data.val`` and the models."""
+    from align_rl.world.splits import SplitData
+
+    val = SplitData(cfg, ws, store, models, progress, split="val")
+    return {"codec": models.codec, "forecaster": models.forecaster, "normalizer": val.normalizer,
+            "lat": val.lat, "lon": val.lon, "tasks": val.tasks(val.spread_ids(cfg.dpo.val_backgrounds))}
+
+
+def _validation_for(ctx: dict | None, cfg: Config, variant: str) -> dict | None:
+    from align_rl.alignment.validation import ranking_weights
+
+    return None if ctx is None else {**ctx, "weights": ranking_weights(variant, cfg.rewards.weights)}
+
+
+def run(cfg: Config, progress: bool = True, evaluate: bool = True) -> dict:
+    """The main job (see the module docstring); returns a summary dict (also written to
+    ``<workdir>/train_summary.json``)."""
+    from actors.pool import CandidatePool
+
+    from align_rl.io.checkpoints import load_model
+    from align_rl.world.dataset import ensure_world
+    from align_rl.alignment.learner import run_dpo
+    from align_rl.alignment.online import run_online
+    from align_rl.io.pair_store import PairStore
+    from align_rl.training.pretraining import ensure_pretrained
+    from align_rl.training.harness import init_ray
+
+    from align_rl.alignment.rewards import check_names
+
+    check_names(list(cfg.rewards.names), cfg.rewards.weights)  # fail before any expensive step
+    for v in cfg.pairs.variants:
+        if v == "P" and "phys" not in cfg.rewards.names:
+            raise ConfigError("pairs.variants has P (ranked by Geo-Score): add phys to rewards.names")
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    ws = Workspace.from_config(cfg)
+    init_ray()
+    t = time.perf_counter()
+    store = ensure_world(cfg, ws, progress=progress)
+    timings["world_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    models = ensure_pretrained(cfg, ws, progress=progress)
+    timings["pretrain_s"] = time.perf_counter() - t
+    reference_ckpt = Path(models.paths.get("diffusion", ws.final_checkpoint("diffusion")))
+    t = time.perf_counter()
+    pref = PrefData(cfg, ws, store, models, progress)
+    timings["backgrounds_s"] = time.perf_counter() - t
+    _log(f"preference split: {len(pref.times)} usable times, using {cfg.pairs.backgrounds} "
+         f"backgrounds × {cfg.pairs.candidates} candidates ({cfg.pairs.guidance})")
+
+    meta = store_meta(cfg, reference_ckpt)
+    pstore = open_pair_store(cfg, ws, models.codec.latent_shape, reference_ckpt)
+    variants = list(dict.fromkeys(cfg.pairs.variants))
+    pool = CandidatePool(cfg, models, pref.lat, pref.lon)
+    results = {}
+    info: dict[str, Any] = {"pairs": {}, "dpo": {}}
+    try:
+        if cfg.dpo.mode == "offline":
+            t = time.perf_counter()
+            first = [int(i) for i in pref.order[:int(cfg.pairs.backgrounds)]]
+            built = pool.build(pref.tasks(first), pstore, variants, progress=progress)
+            timings["pairs_s"] = time.perf_counter() - t
+            _log(f"pairs: {built['pairs']} new ({built['backgrounds']} backgrounds in "
+                 f"{built['seconds']:.1f} s); store holds {pstore.num_pairs} pairs")
+        pool.release()  # free the actors' resources for the learner
+        val_ctx = validation_inputs(cfg, ws, store, models, progress) if cfg.dpo.val_every else None
+        for v in variants:
+            out_dir = dpo_dir(cfg, ws, v, meta)
+            t = time.perf_counter()
+            if cfg.dpo.mode == "online":
+                # each online variant has its own lineage of policy versions, so its own buffer
+                vpath = pstore.path.with_name(pstore.path.name.removesuffix(".zarr") + f"-online-{v}.zarr")
+                vstore = PairStore.open(vpath, tuple(models.codec.latent_shape),
+                                        list(cfg.rewards.names), meta=meta)
+                res = run_online(cfg, ws, pool, vstore, pref.tasks, pref.order, reference_ckpt, v,
+                                 out_dir, progress=progress, log=_log,
+                                 validation=_validation_for(val_ctx, cfg, v))
+                info["pairs"][v] = len(vstore.pair_set(v))
+            else:
+                # from the stored per-candidate scores with the current weights: the same pairs
+                # as committed when nothing changed, a new selection when the weights did
+                ps = pstore.reselect(
+                    cfg.rewards.weights, v, cfg.pairs.pairs_per_background, cfg.run.seed,
+                    cfg.pairs.top_k_phys, cfg.pairs.decile, min_version=0,
+                    normalize=cfg.rewards.normalize)
+                info["pairs"][v] = len(ps)
+                res = run_dpo(cfg, ws, (pstore, ps), reference_ckpt, out_dir=out_dir, mode=v,
+                              progress=progress, validation=_validation_for(val_ctx, cfg, v))
+            timings[f"dpo_{v}_s"] = time.perf_counter() - t
+            results[v] = res
+            acc = res.metrics.get("rewards/accuracies", float("nan"))
+            _log(f"DPO-{v}: {res.step} steps, version {res.version}, loss "
+                 f"{res.metrics.get('loss', float('nan')):.4f}, accuracy {acc:.2f} -> {res.checkpoint}")
+            info["dpo"][v] = {"steps": res.step, "beta": cfg.dpo.beta, "lr": cfg.dpo.lr,
+                              "anchor": cfg.dpo.anchor, "t": [cfg.dpo.t_min, cfg.dpo.t_max],
+                              "mode": cfg.dpo.mode, "best_step": res.best.get("step")}
+    finally:
+        pool.shutdown()
+
+    summary: dict[str, Any] = {"variants": {v: {"checkpoint": str(r.checkpoint), "version": r.version,
+                                                "step": r.step, "metrics": r.metrics,
+                                                "best": r.best}
+                                            for v, r in results.items()},
+                               "pairs_store": str(pstore.path), "pairs_total": pstore.num_pairs}
+    if evaluate:
+        from align_rl.evaluation.runner import run_evaluation
+
+        t = time.perf_counter()
+        eval_models = {"reference": models.eps_model}
+        for v, r in results.items():
+            eval_models[f"Align-{v}"], _ = load_model(r.checkpoint, "diffusion", expect=cfg.diffusion)
+        ev = run_evaluation(cfg, ws, eval_models, progress=progress)
+        timings["eval_s"] = time.perf_counter() - t
+        out = Path(cfg.eval.out or ws.eval)
+        section = alignment_section(ev, variants, list(cfg.guidance.methods), info)
+        _append_report(out / "report.md", section)
+        summary["report"] = str(out / "report.md")
+        summary["changes"] = {f"{row}": ch for row, ch in ev.get("changes", {}).get("main", {}).items()}
+        print(section)
+    timings["total_s"] = time.perf_counter() - t_start
+    summary["timings"] = timings
+    (ws.root / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    _log("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    return summary
+
+

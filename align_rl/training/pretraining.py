@@ -1,0 +1,547 @@
+"""Pretraining of the forecaster, the VAE and the latent diffusion model on Ray Train.
+
+``python -m align_rl.pretrain {forecaster|vae|diffusion|all} [--config FILE] [--force] [key=value ...]``
+
+Order (``all``): the forecaster emulator (one 6 h step from two frames), the VAE, the per-channel
+latent statistics (:func:`~align_rl.models.vae.fit_latent_stats` over the training split), the 48 h
+backgrounds of the training and validation splits (:func:`align_rl.world.backgrounds.ensure_backgrounds`,
+needed because the diffusion model learns ``p(z | z_b)`` with ``z_b = E(x_b)``), then the diffusion
+model. Each training runs under a Ray Train ``TorchTrainer`` (:mod:`align_rl.training.harness`)
+with checkpoints below ``ws.checkpoints(model)``; the final network is written with
+:func:`~align_rl.io.checkpoints.save_model` to ``ws.final_checkpoint(model)`` with its *identity*
+(config section, dataset key, seed and, for the diffusion model, the hashes of the VAE and of the
+forecaster it was trained with) in ``extra["identity"]``. :func:`ensure_pretrained` reuses a final
+checkpoint whose identity matches and trains what is missing. The summary (validation split,
+normalised units) is printed and written to ``<workdir>/pretrain_summary.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from align_rl.config import Config
+from align_rl.errors import CheckpointError, InputError
+from align_rl.io.normalization import Normalizer
+from align_rl.io.states import States
+from align_rl.workspace import Workspace
+
+STAGES = ("forecaster", "vae", "diffusion")
+SUMMARY_FILE = "pretrain_summary.json"
+
+
+@dataclass
+class PretrainedModels:
+    """The pretrained networks of a run (all in eval mode, on CPU).
+
+    ``forecaster``: 6 h forecaster on normalised fields (``step``/``rollout``); ``codec``: the
+    :class:`~align_rl.models.vae.LatentCodec` (VAE + latent statistics); ``eps_model``: the
+    :class:`~align_rl.models.dit.LatentDiT`; ``normalizer``: the dataset's statistics; ``paths``:
+    final checkpoint of each model; ``summary``: the quality numbers of :func:`evaluate_models`
+    when they were computed in this call (else those stored in the summary file, or {})."""
+
+    forecaster: Any
+    codec: Any
+    eps_model: Any
+    normalizer: Normalizer | None = None
+    paths: dict[str, Path] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class PretrainData:
+    """The dataset of a run, read lazily: ``store`` (path), ``grid`` ``(H, W)`` and ``normalizer``
+    right away; the truth of the training and validation splits (``train``, ``val``: physical
+    States) and their normalised values (``train_norm``, ``val_norm``: ``(T, 69, H, W)`` float32)
+    on first use, so that a run whose models are all cached reads no fields."""
+
+    def __init__(self, cfg: Config, store: Path | str):
+        from align_rl.io.era5 import load_normalizer
+        from align_rl.io.grid import Grid
+
+        self.cfg, self.store = cfg, store
+        self.grid: tuple[int, int] = Grid.parse(cfg.data.grid).shape
+        self.normalizer: Normalizer = load_normalizer(store)
+        self.refs: dict[str, Any] = {}
+        self._split: dict[str, States] = {}
+        self._norm: dict[str, np.ndarray] = {}
+
+    def _load(self, name: str) -> States:
+        from align_rl.io.era5 import open_states
+
+        if name not in self._split:
+            self._split[name] = open_states(self.store, time_range=getattr(self.cfg.data, name),
+                                            coarsen=self.cfg.data.coarsen, expect_grid=self.cfg.data.grid,
+                                            check_units=self.cfg.checks.units)
+        return self._split[name]
+
+    def _normed(self, name: str) -> np.ndarray:
+        from align_rl.training.datasets import normalized_values
+
+        if name not in self._norm:
+            self._norm[name] = normalized_values(self._load(name), self.normalizer)
+        return self._norm[name]
+
+    @property
+    def train(self) -> States:
+        return self._load("train")
+
+    @property
+    def val(self) -> States:
+        return self._load("val")
+
+    @property
+    def train_norm(self) -> np.ndarray:
+        return self._normed("train")
+
+    @property
+    def val_norm(self) -> np.ndarray:
+        return self._normed("val")
+
+    def ref(self, name: str, value_fn) -> Any:
+        """An object ref of ``value_fn()``, put in the object store once."""
+        import ray
+
+        if name not in self.refs:
+            self.refs[name] = ray.put(value_fn())
+        return self.refs[name]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _json_hash(obj: Any, n: int = 12) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def data_key(cfg: Config, store: Path | str) -> dict[str, str]:
+    """Identity of the dataset: its path and the hash of the ``data`` config section."""
+    return {"store": str(store), "data_hash": cfg.section_hash("data")}
+
+
+def load_data(cfg: Config, ws: Workspace, progress: bool = True) -> PretrainData:
+    """The dataset of the run (simulated when absent), read lazily (:class:`PretrainData`)."""
+    from align_rl.world.dataset import ensure_world
+
+    return PretrainData(cfg, ensure_world(cfg, ws, progress=progress))
+
+
+RESOURCE_KEYS = ("num_workers", "cpus_per_worker")  # how a model trains, not what it is
+
+
+def _identity(cfg: Config, stage: str, data: PretrainData, deps: dict[str, str] | None = None) -> dict:
+    section = {k: v for k, v in asdict(getattr(cfg, stage)).items() if k not in RESOURCE_KEYS}
+    return {"stage": stage, "config": section, "data": data_key(cfg, data.store),
+            "grid": list(data.grid), "seed": int(cfg.run.seed), "deps": deps or {}}
+
+
+def _stored_identity(path: Path) -> dict | None:
+    from align_rl.io.checkpoints import read_checkpoint
+
+    try:
+        return read_checkpoint(path)["extra"].get("identity")
+    except CheckpointError:
+        return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def _wandb(cfg: Config, ws: Workspace, stage: str, ident_hash: str) -> dict:
+    return {"mode": cfg.run.wandb_mode, "project": cfg.run.wandb_project, "dir": str(ws.root / "wandb"),
+            "name": f"pretrain-{stage}", "group": f"{cfg.run.name}-pretrain",
+            "id": f"{cfg.run.name}-pretrain-{stage}-{ident_hash}".replace("/", "-")}
+
+
+def _log(msg: str) -> None:
+    print(f"[pretrain] {msg}", flush=True)
+
+
+def _diffusion_resources(cfg: Config):
+    """``cfg.pretrain`` with the score model's own ``num_workers`` / ``cpus_per_worker`` (0: keep
+    the pretrain value); the CPUs per worker are capped by the Ray cluster's CPUs."""
+    import ray
+
+    from align_rl.training.harness import init_ray
+
+    init_ray()
+    d = cfg.diffusion
+    pre = cfg.pretrain
+    cpus = int(d.cpus_per_worker) or int(pre.cpus_per_worker)
+    if not pre.use_gpu and ray.is_initialized():
+        cpus = max(1, min(cpus, int(ray.cluster_resources().get("CPU", 1))))
+    return replace(pre, num_workers=int(d.num_workers) or int(pre.num_workers), cpus_per_worker=cpus)
+
+
+def _train(cfg: Config, ws: Workspace, stage: str, loop_config: dict, ident: dict,
+           num_workers: int | None = None, extra_loop: dict | None = None, pretrain_cfg=None):
+    from align_rl.training.harness import init_ray, run_training
+
+    init_ray()
+    ih = _json_hash(ident)
+    section = getattr(cfg, stage)
+    lc = dict(loop_config)
+    lc.update(model_cfg=asdict(section), steps=int(section.steps), lr=float(section.lr),
+              batch_size=int(section.batch_size), seed=int(cfg.run.seed),
+              wandb=_wandb(cfg, ws, stage, ih))
+    lc.update(extra_loop or {})
+    pre = pretrain_cfg or cfg.pretrain
+    _log(f"training {stage}: {section.steps} steps, batch {section.batch_size}, "
+         f"{num_workers or pre.num_workers or 'auto'} worker(s) × {pre.cpus_per_worker} CPU(s) "
+         f"(run {stage}-{ih})")
+    res = run_training(stage, lc, pre, ws.checkpoints(stage), f"{stage}-{ih}", num_workers)
+    _log(f"{stage} done in {res.wall_s:.0f} s ({res.samples_per_s:.1f} samples/s); "
+         + ", ".join(f"{k} {v:.4g}" for k, v in res.metrics.items() if k.startswith("val_")))
+    return res
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def pretrain_forecaster(cfg: Config, ws: Workspace, data: PretrainData, force: bool = False,
+                        loop_extra: dict | None = None):
+    """The forecaster of ``cfg.forecaster``: the emulator is trained (or reused); ONNX / torch
+    forecasters are loaded as configured. Returns ``(forecaster, info)``."""
+    from align_rl.io.checkpoints import save_model
+    from align_rl.models.forecaster import EmulatorForecaster, build_emulator, load_forecaster
+
+    info: dict[str, Any] = {"trained": False}
+    if cfg.forecaster.kind != "emulator" or cfg.forecaster.path:
+        return load_forecaster(cfg, ws, data.normalizer), info
+    path = ws.final_checkpoint("forecaster")
+    ident = _identity(cfg, "forecaster", data)
+    if not force and path.exists() and _same(_stored_identity(path), ident):
+        _log(f"forecaster: reusing {path}")
+        return load_forecaster(cfg, ws, data.normalizer), info
+    ref = data.ref("train_seq", lambda: {"values": data.train_norm, "times": data.train.times})
+    vref = data.ref("val_seq", lambda: {"values": data.val_norm, "times": data.val.times})
+    res = _train(cfg, ws, "forecaster", {"grid": list(data.grid), "data": {"train": ref, "val": vref}},
+                 ident, extra_loop=loop_extra)
+    net = build_emulator(cfg.forecaster, data.grid)
+    net.load_state_dict(res.state_dict)
+    save_model(path, net, "forecaster", cfg.forecaster,
+               extra={"identity": ident, "metrics": res.metrics, "starts": res.starts,
+                      "samples_per_s": res.samples_per_s, "seconds": res.wall_s})
+    info.update(trained=True, metrics=res.metrics, samples_per_s=res.samples_per_s, seconds=res.wall_s)
+    return EmulatorForecaster(net).eval(), info
+
+
+def pretrain_vae(cfg: Config, ws: Workspace, data: PretrainData, force: bool = False,
+                 loop_extra: dict | None = None):
+    """Train (or reuse) the VAE, fit the latent statistics over the training split and save the
+    :class:`LatentCodec`. Returns ``(codec, info)``."""
+    from align_rl.io.checkpoints import load_codec, save_model
+    from align_rl.models.vae import LatentCodec, build_vae, fit_latent_stats
+
+    info: dict[str, Any] = {"trained": False}
+    path = ws.final_checkpoint("vae")
+    ident = _identity(cfg, "vae", data)
+    if not force and path.exists() and _same(_stored_identity(path), ident):
+        _log(f"vae: reusing {path}")
+        codec, _ = load_codec(path, expect=cfg.vae)
+        return codec, info
+    ref = data.ref("train_frames", lambda: {"values": data.train_norm})
+    vref = data.ref("val_frames", lambda: {"values": data.val_norm})
+    res = _train(cfg, ws, "vae", {"grid": list(data.grid), "data": {"train": ref, "val": vref},
+                                  "kl_weight": float(cfg.vae.kl_weight)}, ident, extra_loop=loop_extra)
+    vae = build_vae(cfg.vae, data.grid)
+    vae.load_state_dict(res.state_dict)
+    vae.eval()
+    t0 = time.perf_counter()
+    mean, std = fit_latent_stats(vae, torch.from_numpy(data.train_norm), batch_size=32)
+    codec = LatentCodec(vae, mean, std).eval()
+    _log(f"latent statistics over {len(data.train_norm)} training frames in {time.perf_counter() - t0:.1f} s")
+    save_model(path, codec, "vae", cfg.vae,
+               extra={"identity": ident, "metrics": res.metrics, "starts": res.starts,
+                      "samples_per_s": res.samples_per_s, "seconds": res.wall_s})
+    info.update(trained=True, metrics=res.metrics, samples_per_s=res.samples_per_s, seconds=res.wall_s)
+    return codec, info
+
+
+@torch.no_grad()
+def encode_all(codec, values: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Standardised latents ``(T, C, h, w)`` float32 of normalised fields ``(T, 69, H, W)``."""
+    codec.eval()
+    out = [codec.encode(torch.from_numpy(np.ascontiguousarray(values[i:i + batch_size]))).numpy()
+           for i in range(0, len(values), batch_size)]
+    return np.concatenate(out).astype(np.float32)
+
+
+def latent_pairs(codec, truth: States, truth_norm: np.ndarray, bg: States, normalizer: Normalizer):
+    """``(z, z_b)`` of the truth and of the background at every background time."""
+    idx = np.searchsorted(truth.times, bg.times)
+    if not np.array_equal(truth.times[np.minimum(idx, len(truth) - 1)], bg.times):
+        raise InputError("background times are not all in the truth; recompute the backgrounds")
+    z = encode_all(codec, truth_norm[idx])
+    zb = encode_all(codec, np.ascontiguousarray(normalizer.normalize(bg.values), dtype=np.float32))
+    return z, zb
+
+
+def _module_hash(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def pretrain_diffusion(cfg: Config, ws: Workspace, data: PretrainData, codec, forecaster,
+                       force: bool = False, loop_extra: dict | None = None, progress: bool = True):
+    """Backgrounds of the training and validation splits, their latents, then train (or reuse)
+    the diffusion model. Returns ``(eps_model, info)``; ``info["backgrounds"]`` holds the
+    validation backgrounds (States)."""
+    from align_rl.world.backgrounds import ensure_backgrounds, forecaster_fingerprint
+    from align_rl.io.checkpoints import load_model, save_model
+    from align_rl.models.dit import build_dit
+
+    info: dict[str, Any] = {"trained": False}
+    path = ws.final_checkpoint("diffusion")
+    deps = {"vae": _module_hash(codec), "forecaster": forecaster_fingerprint(forecaster, cfg)}
+    ident = _identity(cfg, "diffusion", data, deps)
+    latent_shape = tuple(codec.latent_shape)
+    if not force and path.exists() and _same(_stored_identity(path), ident):
+        _log(f"diffusion: reusing {path}")
+        model, _ = load_model(path, "diffusion", expect=cfg.diffusion, shapes={"latent_shape": latent_shape})
+        return model, info
+    t0 = time.perf_counter()
+    bg_train = ensure_backgrounds(cfg, ws, data.train, forecaster, progress=progress)
+    bg_val = ensure_backgrounds(cfg, ws, data.val, forecaster, progress=progress)
+    info["background_seconds"] = time.perf_counter() - t0
+    _log(f"backgrounds: {len(bg_train)} train + {len(bg_val)} val times in {info['background_seconds']:.0f} s")
+    z, zb = latent_pairs(codec, data.train, data.train_norm, bg_train, data.normalizer)
+    vz, vzb = latent_pairs(codec, data.val, data.val_norm, bg_val, data.normalizer)
+    import ray
+
+    skip_var = None
+    if str(cfg.diffusion.eps_skip) == "background":
+        from align_rl.models.dit import background_error_var
+
+        skip_var = background_error_var(z, zb).tolist()
+        _log(f"diffusion: latent background error variance s² mean {np.mean(skip_var):.4f} "
+             f"(range {min(skip_var):.4f}–{max(skip_var):.4f}) for the output skip")
+    loop = {"latent_shape": list(latent_shape), "skip_var": skip_var,
+            "data": {"train": ray.put({"z": z, "z_b": zb}), "val": ray.put({"z": vz, "z_b": vzb})}}
+    res = _train(cfg, ws, "diffusion", loop, ident, extra_loop=loop_extra,
+                 pretrain_cfg=_diffusion_resources(cfg))
+    model = build_dit(cfg.diffusion, latent_shape)
+    model.load_state_dict(res.state_dict)
+    model.eval()
+    save_model(path, model, "diffusion", cfg.diffusion,
+               extra={"identity": ident, "metrics": res.metrics, "starts": res.starts,
+                      "samples_per_s": res.samples_per_s, "seconds": res.wall_s})
+    info.update(trained=True, metrics=res.metrics, samples_per_s=res.samples_per_s, seconds=res.wall_s)
+    return model, info
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _rmse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)))
+
+
+@torch.no_grad()
+def evaluate_models(cfg: Config, ws: Workspace, data: PretrainData, models: PretrainedModels,
+                    max_samples: int = 256, progress: bool = True) -> dict[str, Any]:
+    """Quality on the validation split, normalised units (RMSE over all 69 channels and points):
+
+    ``forecaster_rmse_6h`` vs ``persistence_rmse_6h`` (one step from the truth);
+    ``background_rmse_48h`` (the cached 48 h backgrounds) vs ``climatology_rmse`` (the training
+    split's mean field at each grid point, against the same truth); ``vae_recon_mse``
+    (``D(E(x))`` with the posterior mean); ``diffusion_val_loss`` (denoising score matching,
+    fixed seed, four draws of ``(t, ε)`` per pair)."""
+    from align_rl.world.backgrounds import ensure_backgrounds
+    from align_rl.models.dit import dsm_loss
+    from align_rl.training.datasets import consecutive_starts, fixed_subset
+
+    out: dict[str, Any] = {}
+    v = data.val_norm
+    starts = consecutive_starts(data.val.times, 3)
+    sel = starts[fixed_subset(len(starts), max_samples)]
+    se_f, se_p = [], []
+    for c in np.array_split(sel, max(1, len(sel) // 32)):
+        x0, x1, x2 = (torch.from_numpy(v[c + k]) for k in range(3))
+        pred = models.forecaster.step(x0, x1)
+        se_f.append(((pred - x2) ** 2).double().mean(dim=(1, 2, 3)).numpy())
+        se_p.append(((x1 - x2) ** 2).double().mean(dim=(1, 2, 3)).numpy())
+    out["forecaster_rmse_6h"] = float(np.sqrt(np.mean(np.concatenate(se_f))))
+    out["persistence_rmse_6h"] = float(np.sqrt(np.mean(np.concatenate(se_p))))
+
+    bg = ensure_backgrounds(cfg, ws, data.val, models.forecaster, progress=progress)
+    idx = np.searchsorted(data.val.times, bg.times)
+    bgn = data.normalizer.normalize(bg.values).astype(np.float32)
+    clim = data.train_norm.mean(axis=0, dtype=np.float64)
+    out["background_rmse_48h"] = _rmse(bgn, v[idx])
+    out["climatology_rmse"] = float(np.sqrt(np.mean((v[idx] - clim[None]) ** 2)))
+    out["persistence_rmse_48h"] = _rmse(v[np.searchsorted(data.val.times, bg.times - np.timedelta64(48, "h"))], v[idx])
+
+    codec = models.codec
+    fsel = fixed_subset(len(v), max_samples)
+    se = 0.0
+    for c in np.array_split(fsel, max(1, len(fsel) // 32)):
+        x = torch.from_numpy(v[c])
+        mean, _ = codec.vae.encode(x)
+        se += float(((codec.vae.decode(mean) - x) ** 2).double().sum())
+    out["vae_recon_mse"] = se / (len(fsel) * v[0].size)
+    out.update(codec_quality(codec, v[idx], bgn, data.normalizer, data.val.lat, data.val.lon,
+                             fixed_subset(len(idx), min(max_samples, 64))))
+
+    bsel = fixed_subset(len(idx), max_samples)
+    z, zb = latent_pairs(codec, data.val, v, States(bg.values[bsel], bg.times[bsel], bg.lat, bg.lon,
+                                                    bg.attrs), data.normalizer)
+    gen = torch.Generator().manual_seed(1234)
+    losses = []
+    for _ in range(4):
+        for c in np.array_split(np.arange(len(z)), max(1, len(z) // 64)):
+            losses.append(float(dsm_loss(models.eps_model, torch.from_numpy(z[c]),
+                                         torch.from_numpy(zb[c]), generator=gen)) * len(c))
+    out["diffusion_val_loss"] = float(np.sum(losses) / (4 * len(z)))
+    out["val_times"] = int(len(v))
+    out["background_times"] = int(len(idx))
+    return out
+
+
+def codec_quality(codec: Any, truth: np.ndarray, bg: np.ndarray, normalizer: Normalizer,
+                  lat: np.ndarray, lon: np.ndarray, sel: np.ndarray) -> dict[str, float]:
+    """How well the codec passes the truth ``truth`` (T, 69, H, W) normalised, at the times
+    ``sel``, plain ``D(E(x))`` and anchored on the background ``bg`` (T, 69, H, W)
+    ``x_b + D(E(x)) − D(E(x_b))`` (:mod:`align_rl.models.anchored`): reconstruction MSE
+    (normalised) and the Geo-Score of the reconstructed truth (100 = the truth's balance), beside
+    the background's own MSE and Geo-Score."""
+    from align_rl.evaluation.geostrophic import geo_score
+    from align_rl.models.anchored import AnchoredCodec
+
+    se = {"plain": 0.0, "anchored": 0.0, "background": 0.0}
+    geo: dict[str, list] = {k: [] for k in se}
+    with torch.no_grad():
+        for c in np.array_split(sel, max(1, len(sel) // 16)):
+            x, xb = torch.from_numpy(truth[c]), torch.from_numpy(bg[c])
+            z = codec.encode(x)
+            rec = {"plain": codec.decode(z), "anchored": AnchoredCodec(codec, xb).decode(z),
+                   "background": xb}
+            xp = normalizer.denormalize(x.double().numpy())
+            for k, r in rec.items():
+                se[k] += float(((r - x) ** 2).double().sum())
+                geo[k].append(np.asarray(geo_score(normalizer.denormalize(r.double().numpy()), xp, lat, lon)))
+    n = len(sel) * truth[0].size
+    a = getattr(codec, "anchor_weights", None)
+    return {"anchor_weights_mean": float(a.mean()) if a is not None else 1.0,
+            "vae_recon_mse_anchored": se["anchored"] / n, "vae_recon_mse_same_times": se["plain"] / n,
+            "background_mse_same_times": se["background"] / n,
+            "vae_recon_geo_score": float(np.mean(np.concatenate(geo["plain"]))),
+            "vae_recon_geo_score_anchored": float(np.mean(np.concatenate(geo["anchored"]))),
+            "background_geo_score": float(np.mean(np.concatenate(geo["background"])))}
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The summary as aligned lines (normalised units)."""
+    def f(k: str) -> str:
+        return f"{s[k]:.4f}" if isinstance(s.get(k), (int, float)) and not math.isnan(s[k]) else "n/a"
+
+    lines = [
+        "pretraining summary (validation split, normalised units)",
+        f"  forecaster 6 h RMSE        {f('forecaster_rmse_6h')}   persistence {f('persistence_rmse_6h')}",
+        f"  48 h background RMSE       {f('background_rmse_48h')}   climatology {f('climatology_rmse')}"
+        f"   persistence {f('persistence_rmse_48h')}",
+        f"  VAE reconstruction MSE     {f('vae_recon_mse')}   anchored on the background "
+        f"{f('vae_recon_mse_anchored')}   (background MSE {f('background_mse_same_times')})",
+        f"  Geo-Score of reconstructed truth  {f('vae_recon_geo_score')}   anchored "
+        f"{f('vae_recon_geo_score_anchored')}   (background {f('background_geo_score')})",
+        f"  diffusion validation loss  {f('diffusion_val_loss')}   (denoising score matching)",
+    ]
+    if "seconds" in s:
+        lines.append(f"  wall time                  {s['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def anchor_weights(cfg: Config, ws: Workspace, data: PretrainData, codec: Any, forecaster: Any,
+                   progress: bool = True, max_samples: int = 128) -> torch.Tensor:
+    """Per-channel weights (69,) of anchored decoding (:func:`align_rl.models.anchored.
+    fit_anchor_weights`) on ``max_samples`` training times and their 48 h backgrounds (the
+    cached backgrounds of the training split; a few seconds)."""
+    from align_rl.world.backgrounds import ensure_backgrounds
+    from align_rl.models.anchored import fit_anchor_weights
+    from align_rl.training.datasets import fixed_subset
+
+    bg = ensure_backgrounds(cfg, ws, data.train, forecaster, progress=progress)
+    idx = np.searchsorted(data.train.times, bg.times)
+    sel = fixed_subset(len(idx), max_samples)
+    x = torch.from_numpy(np.ascontiguousarray(data.train_norm[idx[sel]]))
+    xb = torch.from_numpy(np.ascontiguousarray(data.normalizer.normalize(bg.values[sel]), dtype=np.float32))
+    was = codec.training
+    codec.eval()
+    try:
+        return fit_anchor_weights(codec, x, xb)
+    finally:
+        codec.train(was)
+
+
+def ensure_pretrained(cfg: Config, ws: Workspace, stages: tuple[str, ...] = STAGES,
+                      force: tuple[str, ...] = (), evaluate: bool = False,
+                      progress: bool = True, data: PretrainData | None = None) -> PretrainedModels:
+    """The pretrained models of a run: reuse each final checkpoint whose identity matches the
+    configuration (and the dataset, and for the diffusion model the VAE and forecaster), train
+    what is missing, in the order forecaster → VAE (+ latent statistics) → backgrounds →
+    diffusion. ``stages``: the models wanted (the diffusion model needs the other two; a stage
+    left out is loaded only when needed). ``force``: stages to retrain even when cached.
+    ``evaluate``: compute the summary (:func:`evaluate_models`) and write it to
+    ``<workdir>/pretrain_summary.json``."""
+    t0 = time.perf_counter()
+    for s in tuple(stages) + tuple(force):
+        if s not in STAGES:
+            raise InputError(f"unknown pretraining stage {s!r}; choose from {', '.join(STAGES)}")
+    data = data or load_data(cfg, ws, progress=progress)
+    need = set(stages)
+    if "diffusion" in need:
+        need |= {"forecaster", "vae"}
+    forecaster = codec = eps = None
+    infos: dict[str, Any] = {}
+    lx = {"progress": bool(progress)}
+    if "forecaster" in need:
+        forecaster, infos["forecaster"] = pretrain_forecaster(cfg, ws, data, force="forecaster" in force,
+                                                              loop_extra=lx)
+    if "vae" in need:
+        codec, infos["vae"] = pretrain_vae(cfg, ws, data, force="vae" in force, loop_extra=lx)
+    if "diffusion" in need:
+        eps, infos["diffusion"] = pretrain_diffusion(cfg, ws, data, codec, forecaster,
+                                                     force="diffusion" in force, loop_extra=lx,
+                                                     progress=progress)
+    if codec is not None and forecaster is not None:
+        codec.anchor_weights = anchor_weights(cfg, ws, data, codec, forecaster, progress)
+    paths = {s: ws.final_checkpoint(s) for s in STAGES if ws.final_checkpoint(s).exists()}
+    models = PretrainedModels(forecaster, codec, eps, data.normalizer, paths)
+    summary_path = ws.root / SUMMARY_FILE
+    if evaluate and forecaster is not None and codec is not None and eps is not None:
+        summary = evaluate_models(cfg, ws, data, models, progress=progress)
+        summary["seconds"] = time.perf_counter() - t0
+        summary["training"] = {k: {kk: vv for kk, vv in v.items() if kk != "backgrounds"}
+                               for k, v in infos.items()}
+        summary_path.write_text(json.dumps(summary, indent=2, default=str))
+        models.summary = summary
+    elif summary_path.exists():
+        try:
+            models.summary = json.loads(summary_path.read_text())
+        except ValueError:
+            models.summary = {}
+    return models
+
+
