@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no trial reported the metric", file=sys.stderr)
         return 1
     print(f"best: {result.best.trial_id} {spec.metric}={result.best.metrics[spec.metric]:.5g} "
-          f"{sweep._fmt(result.best.params)} -> {out / 'best_config.yaml'}")
+          f"{sweep.fmt(result.best.params)} -> {out / 'best_config.yaml'}")
     return 0
 
 
