@@ -192,7 +192,7 @@ def seed_trial_store(shared: PairStore, path: Path, pairs: PairSet) -> PairStore
     remove_owned(path, "trial pair store")  # only a store align_rl made (marker file)
     store = PairStore.open(path, shared.latent_shape, shared.reward_names, meta=dict(shared.g.attrs.get("meta", {})))
     bg = shared.backgrounds()
-    cb = shared._col("candidates/background")
+    cb = shared.candidate_backgrounds()
     sc = shared.scores()
     groups = []
     for b in np.unique(pairs.background):
