@@ -211,7 +211,7 @@ RANGES: dict[str, Rule] = {
     "pairs.pairs_per_background": integer(1),
     "pairs.top_k_phys": integer(1),
     "pairs.decile": in_range(0, 0.5, lo_open=True),  # top and bottom decile·N of N candidates
-    "pairs.guidance": GUIDANCE_METHODS,
+    "pairs.guidance": registry("align_rl.io.pair_store", "GUIDANCES"),  # recorded in the pair store
     "pairs.variants[]": PAIR_MODES,
     "dpo.beta": POSITIVE,
     "dpo.lr": POSITIVE,

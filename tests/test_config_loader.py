@@ -97,7 +97,10 @@ def test_config_choices_follow_the_registries(monkeypatch):
     with pytest.raises(ConfigError, match=r"pairs\.mode='Q' must be one of M, P \(align_rl\.alignment\.pairs\.MODES\)"):
         load_config(overrides=["pairs.mode=Q"])
     monkeypatch.setattr(guidance, "METHODS", guidance.METHODS + ("ensrf",))
-    assert load_config(overrides=["guidance.methods=[ensrf]", "pairs.guidance=ensrf"]).guidance.methods == ["ensrf"]
+    assert load_config(overrides=["guidance.methods=[ensrf]"]).guidance.methods == ["ensrf"]
+    # the candidates' method is recorded in the pair store: its own list of guidance names counts
+    with pytest.raises(ConfigError, match=r"pairs\.guidance='ensrf' .*align_rl\.io\.pair_store\.GUIDANCES"):
+        load_config(overrides=["pairs.guidance=ensrf"])
 
 
 def test_a_registry_rule_reads_the_registry_when_it_checks():
