@@ -590,6 +590,10 @@ class PairStore:
         s = self._col("candidates/scores")
         return {k: s[:, i] for i, k in enumerate(self.reward_names)}
 
+    def candidate_backgrounds(self) -> np.ndarray:
+        """Background row of every committed candidate ``(nc,)``."""
+        return self._col("candidates/background")
+
     def _latents(self, table: str, rows: np.ndarray) -> np.ndarray:
         """Latent rows of ``table``, each checked against its stored digest."""
         c = self._verify(table)
