@@ -5,7 +5,7 @@ sections in :mod:`align_rl.config_sections`), then ``section.key=value`` overrid
 line (values parsed as YAML, so ``dpo.beta=8000``, ``rewards.weights={assim: 1, forecast: 1, phys: 0}``,
 ``guidance.methods=[dps]``). Unknown keys and badly typed values raise :class:`ConfigError` naming
 the key and the fix. The loading machinery (YAML 1.2 scalars, dotted keys, typed apply, rules) is
-:mod:`align_rl.schema`, shared with the sweep files (:mod:`align_rl.tune.spec`).
+:mod:`align_rl.loader`, shared with the sweep files (:mod:`align_rl.tune.spec`).
 
 :func:`validate` is one pass over the whole configuration, run by :func:`load_config` before any
 command does work: every float must be finite, every key in :data:`RANGES` must satisfy its rule
@@ -33,7 +33,7 @@ from align_rl.config_sections import (  # noqa: F401 - the sections are part of 
 )
 from align_rl.errors import ConfigError, InputError
 from align_rl.io.grid import Grid
-from align_rl.schema import (  # noqa: F401 - Rule and its makers, yaml_load: part of this module's API
+from align_rl.loader import (  # noqa: F401 - Rule and its makers, yaml_load: part of this module's API
     Rule, apply, check_rules, choice, in_range, integer, is_num, merge, nest, parse_overrides,
     raise_problems, read_yaml_file, registry, set_dotted, yaml_load,
 )

@@ -1,4 +1,4 @@
-"""The one loader behind job configs and sweep files (align_rl.schema): dotted keys, layering,
+"""The one loader behind job configs and sweep files (align_rl.loader): dotted keys, layering,
 typed apply into nested and named sections, registry-backed choices, and the typed sweep spec."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import yaml
 import align_rl.diffusion.guidance as guidance
 from align_rl.config import Config, load_config, merge_overrides, with_values
 from align_rl.errors import ConfigError
-from align_rl.schema import apply, merge, nest, parse_overrides, registry, set_dotted
+from align_rl.loader import apply, merge, nest, parse_overrides, registry, set_dotted
 from align_rl.tune.spec import Dimension, SweepSpec, load_spec, parse_spec
 
 REPO = Path(__file__).resolve().parents[1]

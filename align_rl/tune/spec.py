@@ -2,7 +2,7 @@
 
 :class:`SweepSpec` and its parts (:class:`Dimension`, :class:`Simplex`, :class:`Asha`,
 :class:`Validation`, :class:`Resources`) are dataclasses; :func:`parse_spec` writes the YAML
-mapping (plus ``key=value`` overrides) into them with :func:`align_rl.schema.apply` (types, unknown
+mapping (plus ``key=value`` overrides) into them with :func:`align_rl.loader.apply` (types, unknown
 keys), checks :data:`SPEC_RANGES` (ranges and choices, ``validation.method`` from the guidance
 registry, ``metric`` from the metrics the trials report) and the rules that tie keys together.
 Every :class:`~align_rl.errors.ConfigError` names the file, the key and what is allowed. The
@@ -23,7 +23,7 @@ from align_rl.config import (
     Config, RewardConfig, load_config, merge_overrides, parse_overrides,
 )
 from align_rl.errors import ConfigError
-from align_rl.schema import (
+from align_rl.loader import (
     Rule, apply, check_rules, choice, in_range, integer, is_num, merge, nest, parse_value,
     raise_problems, read_yaml_file, registry, split_item,
 )
