@@ -201,6 +201,22 @@ def section_digest(cfg: Config, *sections: str) -> str:
     return digest({name: section_dict(cfg, name) for name in sections})
 
 
+def data_dict(cfg: Config) -> dict[str, Any]:
+    """The ``data`` section as it enters identities: without ``path`` (the store enters by its
+    content, :func:`dataset`) and with a ``normalization`` file or store by its content."""
+    d = section_dict(cfg, "data", drop=("path",))
+    norm = d.get("normalization")
+    if norm:
+        local = "://" not in str(norm) and Path(norm).is_file()
+        d["normalization"] = file_digest(norm) if local else store_digest(norm)
+    return d
+
+
+def data_digest(cfg: Config) -> str:
+    """The content hash of :func:`data_dict`."""
+    return digest(data_dict(cfg))
+
+
 # ----------------------------------------------------------------------------- dataset stores
 
 
@@ -288,14 +304,14 @@ def run_store(cfg: Config, ws: Any) -> str | Path:
 
 
 def world(cfg: Config) -> str:
-    """The simulated world's key: it is made from the ``data`` section alone."""
-    return section_digest(cfg, "data")
+    """The simulated world's key: it is made from the ``data`` section alone (:func:`data_digest`)."""
+    return data_digest(cfg)
 
 
 def dataset(cfg: Config, store: str | Path) -> dict[str, str]:
     """The dataset of a run: the store's content (:func:`store_digest`) and the ``data`` section
-    (splits, grid, coarsening, statistics)."""
-    return {"store": store_digest(store), "data": section_digest(cfg, "data")}
+    (:func:`data_digest`: splits, grid, coarsening, statistics; not the store's path)."""
+    return {"store": store_digest(store), "data": data_digest(cfg)}
 
 
 def normalization(cfg: Config, store: str | Path) -> str:
@@ -329,7 +345,7 @@ def backgrounds(cfg: Config, ws: Any, states: Any, forecaster: Any, normalizer: 
     if not local or Path(store).exists():
         data: Any = dataset(cfg, store)
     else:
-        data = {"source": str(states.attrs.get("source", "unknown")), "data": section_digest(cfg, "data")}
+        data = {"source": str(states.attrs.get("source", "unknown")), "data": data_digest(cfg)}
     return {"dataset": data, "normalization": digest(normalizer.to_dict()),
             "grid": f"{len(states.lat)}x{len(states.lon)}",
             "forecaster": forecaster_digest(forecaster, cfg), "lead_hours": int(lead_hours)}
@@ -349,7 +365,7 @@ def pair_store(cfg: Config, reference_ckpt: str | Path) -> dict[str, str]:
                               "geo_level": r.geo_level, "geo_equator_band": r.geo_equator_band},
                   "pairs": {"candidates": p.candidates, "guidance": p.guidance},
                   "seed": cfg.run.seed, "pref": cfg.data.pref}
-    return {"data": section_digest(cfg, "data"), "obs": section_digest(cfg, "obs"),
+    return {"data": data_digest(cfg), "obs": section_digest(cfg, "obs"),
             "sampler": section_digest(cfg, "sampler"), "guidance": section_digest(cfg, "guidance"),
             "candidates": digest(candidates), "reference": reference(reference_ckpt)}
 
@@ -377,7 +393,8 @@ def clear_memo() -> None:
     _STORE_MEMO.clear()
 
 
-__all__ = ["DIGEST_CHARS", "array_digest", "backgrounds", "canonical", "dataset", "diffusion_deps",
+__all__ = ["DIGEST_CHARS", "array_digest", "backgrounds", "canonical", "data_dict", "data_digest",
+           "dataset", "diffusion_deps",
            "digest", "dpo_run", "file_digest", "forecaster_digest", "module_digest", "normalization",
            "pair_store", "pretraining", "reference", "run_store", "same", "section_dict",
            "section_digest", "store_digest", "sweep_reference", "world", "clear_memo"]

@@ -261,7 +261,7 @@ def test_ensure_world_caches_by_config_hash(tmp_path, monkeypatch):
     path = ensure_world(cfg, ws, progress=False)
     assert path == ws.world and path.exists()
     attrs = stored_attrs(path)
-    assert attrs["config_hash"] == cfg.section_hash("data")
+    assert attrs["config_hash"] == identity.world(cfg)
     assert attrs["normalization_split"].startswith("all")  # train range empty: fallback, said so
     # unchanged config: reused, not simulated again
     import align_rl.world.simulate as sim
