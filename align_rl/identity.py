@@ -207,8 +207,11 @@ def data_dict(cfg: Config) -> dict[str, Any]:
     d = section_dict(cfg, "data", drop=("path",))
     norm = d.get("normalization")
     if norm:
-        local = "://" not in str(norm) and Path(norm).is_file()
-        d["normalization"] = file_digest(norm) if local else store_digest(norm)
+        remote = "://" in str(norm)
+        if not remote and not Path(norm).exists():
+            raise InputError(f"data.normalization={norm} does not exist; give a statistics file "
+                             "(python -m align_rl.data stats STORE --out FILE) or unset it")
+        d["normalization"] = file_digest(norm) if not remote and Path(norm).is_file() else store_digest(norm)
     return d
 
 

@@ -153,6 +153,8 @@ def test_data_section_enters_by_content_not_paths(tmp_path):
     assert identity.world(cfg_a) == identity.world(cfg_b)
     b.write_text('{"mean": [0.0], "std": [2.0]}')
     assert identity.data_digest(cfg_a) != identity.data_digest(cfg_b)
+    with pytest.raises(InputError, match="data.normalization"):
+        identity.data_digest(_cfg(tmp_path, f"data.normalization={tmp_path / 'missing.json'}"))
 
 
 def test_module_and_forecaster_digests_follow_the_weights():
