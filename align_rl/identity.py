@@ -6,23 +6,27 @@ A key is a content hash: ``sha256`` of the canonical JSON of what the result dep
 content, never by their path, name, size or modification time: a file or store copied elsewhere
 keeps its identity, and touching a file changes nothing.
 
-=====================  =====================================================  ========================
-cache                  identity                                               where it is kept
-=====================  =====================================================  ========================
-simulated world        :func:`world` (the ``data`` section)                   ``config_hash`` attribute
-normalisation file     :func:`normalization` (store content, ``data``)         ``normalization/<key>.json``
-pretrained stage       :func:`pretraining` (stage section, dataset, grid,      checkpoint ``extra``
-                       seed; the diffusion model also the VAE and forecaster)
-backgrounds            :func:`backgrounds` (dataset, statistics, forecaster)   ``background_key`` attr
-preference store       :func:`pair_store` (sections, reference checkpoint)     store ``meta``
-reference checkpoint   :func:`reference` (the file's bytes)                    in the keys above/below
-DPO run folder         :func:`dpo_run` (store identity, ``dpo``, weights)       ``dpo/<variant>-<key>``
-sweep reference        :func:`sweep_reference` (validation, reference)         ``reference_val.json``
-=====================  =====================================================  ========================
+Each cache, its identity and where the key is kept:
+
+- simulated world: :func:`world` (the ``data`` section); the store's ``config_hash`` attribute.
+- normalisation statistics of a zarr store: :func:`normalization` (store content, ``data``);
+  ``normalization/<key>.json``.
+- pretrained stage: :func:`pretraining` (stage section, dataset, grid, seed; the diffusion model
+  also the VAE and the forecaster, :func:`diffusion_deps`); the checkpoint's ``extra["identity"]``.
+- backgrounds: :func:`backgrounds` (dataset, statistics, grid, forecaster, lead); the
+  ``background_key`` attribute of ``backgrounds.zarr``.
+- preference store: :func:`pair_store` (sections, candidate settings, reference checkpoint); the
+  store's ``meta`` (a store for other inputs is set aside as ``pairs-<key>.zarr``).
+- reference checkpoint: :func:`reference` (the file's bytes), inside the pair-store and sweep keys.
+- DPO run folder: :func:`dpo_run` (pair-store identity, ``dpo``, weights); ``dpo/<variant>-<mode>-<key>``.
+- sweep reference metrics: :func:`sweep_reference` (validation settings, reference);
+  ``reference_val.json``.
 
 The keys changed once, when they moved here (one digest length, stores by content instead of
-path): caches in workdirs written before are not recognised and are simply rebuilt (a preference
-store built for other inputs is moved aside to ``pairs-<key>.zarr``, never deleted).
+path): caches in workdirs written before are not recognised and are simply rebuilt. A default
+preference store is moved aside to ``pairs-<key>.zarr``, never deleted (one set with
+``pairs.store`` is refused as built for other inputs: point it at a new folder), and a pretraining
+run interrupted before the change (``checkpoints/<model>/<model>-<key>/``) starts afresh.
 """
 
 from __future__ import annotations
