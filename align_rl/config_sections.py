@@ -8,11 +8,10 @@ validation are in :mod:`align_rl.config`. Units and meanings are in the comments
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from align_rl import identity
 
 # a field whose metadata holds HASH_UNLESS_SET is left out of the cache hashes while it holds its
 # default, so that adding it does not invalidate the caches of runs made before it
@@ -273,17 +272,9 @@ class Config:
         return dataclasses.asdict(self)
 
     def section_hash(self, *sections: str) -> str:
-        """Short stable hash of some sections, used as a cache key for derived artifacts (fields
+        """The content hash of some sections (:func:`align_rl.identity.section_digest`: fields
         marked ``HASH_UNLESS_SET`` count only when they differ from their default)."""
-        d = {}
-        for name in sections:
-            sec = getattr(self, name)
-            v = dataclasses.asdict(sec)
-            for f in dataclasses.fields(sec):
-                if f.metadata.get("hash") == "unless-set" and getattr(sec, f.name) == f.default:
-                    v.pop(f.name)
-            d[name] = v
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+        return identity.section_digest(self, *sections)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -21,13 +21,13 @@ pairs and the last DPO checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 
+from align_rl import identity
 from align_rl.config import Config
 from align_rl.errors import ConfigError
 from align_rl.evaluation.paper import _append_report, alignment_section
@@ -38,31 +38,10 @@ def _log(msg: str) -> None:
     print(f"[align_rl.train] {msg}", flush=True)
 
 
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
-
-
 def store_meta(cfg: Config, reference_ckpt: Path) -> dict:
-    """What the candidates of the preference store depend on (checked when it is reopened)."""
-    r = cfg.rewards
-    rew = {"names": list(r.names), "forecast_hours": r.forecast_hours, "geo_level": r.geo_level,
-           "geo_equator_band": r.geo_equator_band}
-    p = cfg.pairs
-    pairs = {"candidates": p.candidates, "guidance": p.guidance}
-    key = json.dumps({"rewards": rew, "pairs": pairs, "seed": cfg.run.seed, "pref": cfg.data.pref},
-                     sort_keys=True)
-    return {"data": cfg.section_hash("data"), "obs": cfg.section_hash("obs"),
-            "sampler": cfg.section_hash("sampler"), "guidance": cfg.section_hash("guidance"),
-            "candidates": hashlib.sha256(key.encode()).hexdigest()[:12],
-            "reference": _file_hash(reference_ckpt)}
-
-
-def _meta_hash(meta: dict) -> str:
-    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]
+    """What the candidates of the preference store depend on (checked when it is reopened):
+    :func:`align_rl.identity.pair_store`."""
+    return identity.pair_store(cfg, reference_ckpt)
 
 
 def open_pair_store(cfg: Config, ws: Workspace, latent_shape, reference_ckpt: Path,
@@ -84,11 +63,11 @@ def open_pair_store(cfg: Config, ws: Workspace, latent_shape, reference_ckpt: Pa
     if cfg.pairs.store is None and (path / _COMMIT).exists():
         old = dict(PairStore.open(path, mode="r").g.attrs.get("meta", {}))
         if old != meta:
-            aside = path.with_name(f"pairs-{_meta_hash(old)}.zarr")
+            aside = path.with_name(f"pairs-{identity.digest(old)}.zarr")
             if not aside.exists():
                 os.replace(path, aside)
                 log(f"pair store {path} was built for other inputs: moved to {aside}")
-            mine = path.with_name(f"pairs-{_meta_hash(meta)}.zarr")
+            mine = path.with_name(f"pairs-{identity.digest(meta)}.zarr")
             if mine.exists() and not path.exists():
                 os.replace(mine, path)
                 log(f"reusing the pair store {mine} built earlier for these inputs")
@@ -96,12 +75,9 @@ def open_pair_store(cfg: Config, ws: Workspace, latent_shape, reference_ckpt: Pa
 
 
 def dpo_dir(cfg: Config, ws: Workspace, variant: str, meta: dict) -> Path:
-    """The learner folder of one variant, keyed by everything its result depends on."""
-    key = json.dumps({"meta": meta, "dpo": cfg.to_dict()["dpo"], "weights": cfg.rewards.weights,
-                      "normalize": cfg.rewards.normalize,
-                      "pairs": {k: v for k, v in cfg.to_dict()["pairs"].items()
-                                if k not in ("variants", "mode", "store")}}, sort_keys=True)
-    return Path(ws.dpo) / f"{variant}-{cfg.dpo.mode}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    """The learner folder of one variant, keyed by everything its result depends on
+    (:func:`align_rl.identity.dpo_run`)."""
+    return Path(ws.dpo) / f"{variant}-{cfg.dpo.mode}-{identity.dpo_run(cfg, meta)}"
 
 
 def PrefData(cfg: Config, ws: Workspace, store: Any, models: Any, progress: bool = True):

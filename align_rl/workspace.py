@@ -1,12 +1,17 @@
-"""Where a run keeps its artifacts, and the cache keys that say when they can be reused.
+"""Where a run keeps its artifacts; the keys that say when they can be reused are computed by
+:mod:`align_rl.identity`.
 
 Layout below ``run.workdir``::
 
-    world.zarr                 the dataset (embedded world) with normalisation statistics
-    checkpoints/<model>/       pretraining checkpoints (forecaster, vae, diffusion) + final.pt
-    backgrounds.zarr           48 h backgrounds, keyed by dataset and forecaster checkpoint
-    pairs.zarr                 preference store (candidates, scores, pairs), append-only
-    dpo/                       learner checkpoints and policy versions
+    world.zarr                 the dataset (embedded world) with normalisation statistics,
+                               keyed by the data section (attribute config_hash)
+    normalization/<key>.json   statistics computed for a zarr store without them
+    checkpoints/<model>/       pretraining checkpoints (forecaster, vae, diffusion) + final.pt,
+                               whose identity is stored in the checkpoint
+    backgrounds.zarr           48 h backgrounds, keyed by dataset and forecaster content
+    pairs.zarr                 preference store (candidates, scores, pairs), append-only;
+                               stores for other inputs are set aside as pairs-<key>.zarr
+    dpo/<variant>-<mode>-<key> learner checkpoints and policy versions
     eval/                      report.md, metrics.json, metrics.csv, maps, analyses.zarr
 """
 

@@ -17,8 +17,8 @@ from align_rl.world.backgrounds import (
     KEY_ATTR,
     background_inputs,
     ensure_backgrounds,
-    forecaster_fingerprint,
 )
+from align_rl.identity import forecaster_digest
 from align_rl.config import load_config
 from align_rl.errors import InputError
 from align_rl.io.grid import Grid
@@ -88,10 +88,10 @@ def test_background_inputs_need_both_frames_six_hours_apart():
 
 def test_fingerprint_follows_the_weights():
     a, b = RollForecaster(1), RollForecaster(1)
-    assert forecaster_fingerprint(a) == forecaster_fingerprint(b)
-    assert forecaster_fingerprint(a) != forecaster_fingerprint(RollForecaster(2))
+    assert forecaster_digest(a) == forecaster_digest(b)
+    assert forecaster_digest(a) != forecaster_digest(RollForecaster(2))
     with pytest.raises(InputError, match="fingerprint"):
-        forecaster_fingerprint(object())
+        forecaster_digest(object())
 
 
 @pytest.mark.ray
@@ -119,7 +119,7 @@ def test_backgrounds_equal_the_advected_truth_and_are_cached(tmp_path, ray_sessi
     bg = ensure_backgrounds(cfg, ws, truth, RollForecaster(1), progress=False)
     assert calls == [2, 5]
     np.testing.assert_allclose(bg.values, truth.values[9:], rtol=1e-5, atol=1e-3)
-    assert bg.attrs[KEY_ATTR]["forecaster"] == forecaster_fingerprint(RollForecaster(1))
+    assert bg.attrs[KEY_ATTR]["forecaster"] == forecaster_digest(RollForecaster(1))
 
     # a rerun reuses everything
     again = ensure_backgrounds(cfg, ws, truth, RollForecaster(1), progress=False)

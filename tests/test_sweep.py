@@ -379,10 +379,10 @@ def test_sweep_cli_end_to_end_on_a_tiny_world(tmp_path):
     # every cache was built once, for the base config: one pretraining run per model, and the
     # reference the pairs were drawn with is the one the trials trained against
     from align_rl.io.pair_store import PairStore
-    from align_rl.pipeline import _file_hash
+    from align_rl import identity
 
     for model in ("forecaster", "vae", "diffusion"):
         assert len([d for d in (run / "checkpoints" / model).iterdir() if d.is_dir()]) == 1, model
     meta = dict(PairStore.open(run / "pairs.zarr", mode="r").g.attrs["meta"])
-    assert meta["reference"] == _file_hash(run / "checkpoints" / "diffusion" / "final.pt")
+    assert meta["reference"] == identity.reference(run / "checkpoints" / "diffusion" / "final.pt")
     assert list((out / "wandb").glob("offline-run-*")), "the results table is logged to wandb (offline)"

@@ -20,6 +20,7 @@ import pytest
 import torch
 import xarray as xr
 
+from align_rl import identity
 from align_rl.config import load_config
 from align_rl.io.grid import Grid, lat_weights
 from align_rl.io.schema import LEVELS, LONG_NAMES
@@ -196,7 +197,7 @@ def test_store_layout(world):
     z500 = ds["geopotential"].sel(level=500).sel(time=slice("2000", "2002")).values
     np.testing.assert_allclose(norm["mean"][4 + 7], z500.astype(np.float64).mean(), rtol=1e-6)
     assert set(json.loads(ds.attrs["splits"])) == {"train", "val", "pref", "test"}
-    assert len(ds.attrs["config_hash"]) == 12
+    assert len(ds.attrs["config_hash"]) == identity.DIGEST_CHARS
     # member 1 is member 0 turned by 180° and perturbed: turned back, the two differ a little
     # and the difference grows (chaotic dynamics)
     assert json.loads(ds.attrs["member_rotation_deg"]) == [0.0, 180.0]
@@ -260,7 +261,7 @@ def test_ensure_world_caches_by_config_hash(tmp_path, monkeypatch):
     path = ensure_world(cfg, ws, progress=False)
     assert path == ws.world and path.exists()
     attrs = stored_attrs(path)
-    assert attrs["config_hash"] == cfg.section_hash("data")
+    assert attrs["config_hash"] == identity.world(cfg)
     assert attrs["normalization_split"].startswith("all")  # train range empty: fallback, said so
     # unchanged config: reused, not simulated again
     import align_rl.world.simulate as sim

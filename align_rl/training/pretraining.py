@@ -9,15 +9,15 @@ needed because the diffusion model learns ``p(z | z_b)`` with ``z_b = E(x_b)``),
 model. Each training runs under a Ray Train ``TorchTrainer`` (:mod:`align_rl.training.harness`)
 with checkpoints below ``ws.checkpoints(model)``; the final network is written with
 :func:`~align_rl.io.checkpoints.save_model` to ``ws.final_checkpoint(model)`` with its *identity*
-(config section, dataset key, seed and, for the diffusion model, the hashes of the VAE and of the
-forecaster it was trained with) in ``extra["identity"]``. :func:`ensure_pretrained` reuses a final
+(:func:`align_rl.identity.pretraining`: config section, dataset by content, seed and, for the
+diffusion model, the content hashes of the VAE and of the forecaster it was trained with) in
+``extra["identity"]``. :func:`ensure_pretrained` reuses a final
 checkpoint whose identity matches and trains what is missing. The summary (validation split,
 normalised units) is printed and written to ``<workdir>/pretrain_summary.json``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from align_rl import identity
 from align_rl.config import Config
 from align_rl.errors import CheckpointError, InputError
 from align_rl.io.normalization import Normalizer
@@ -117,23 +118,6 @@ class PretrainData:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _json_hash(obj: Any, n: int = 12) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
-
-
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def data_key(cfg: Config, store: Path | str) -> dict[str, str]:
-    """Identity of the dataset: its path and the hash of the ``data`` config section."""
-    return {"store": str(store), "data_hash": cfg.section_hash("data")}
-
-
 def load_data(cfg: Config, ws: Workspace, progress: bool = True) -> PretrainData:
     """The dataset of the run (simulated when absent), read lazily (:class:`PretrainData`)."""
     from align_rl.world.dataset import ensure_world
@@ -141,13 +125,8 @@ def load_data(cfg: Config, ws: Workspace, progress: bool = True) -> PretrainData
     return PretrainData(cfg, ensure_world(cfg, ws, progress=progress))
 
 
-RESOURCE_KEYS = ("num_workers", "cpus_per_worker")  # how a model trains, not what it is
-
-
 def _identity(cfg: Config, stage: str, data: PretrainData, deps: dict[str, str] | None = None) -> dict:
-    section = {k: v for k, v in asdict(getattr(cfg, stage)).items() if k not in RESOURCE_KEYS}
-    return {"stage": stage, "config": section, "data": data_key(cfg, data.store),
-            "grid": list(data.grid), "seed": int(cfg.run.seed), "deps": deps or {}}
+    return identity.pretraining(cfg, stage, data.store, data.grid, deps)
 
 
 def _stored_identity(path: Path) -> dict | None:
@@ -160,7 +139,7 @@ def _stored_identity(path: Path) -> dict | None:
 
 
 def _same(a: Any, b: Any) -> bool:
-    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+    return identity.same(a, b)
 
 
 def _wandb(cfg: Config, ws: Workspace, stage: str, ident_hash: str) -> dict:
@@ -194,7 +173,7 @@ def _train(cfg: Config, ws: Workspace, stage: str, loop_config: dict, ident: dic
     from align_rl.training.harness import init_ray, run_training
 
     init_ray()
-    ih = _json_hash(ident)
+    ih = identity.digest(ident)
     section = getattr(cfg, stage)
     lc = dict(loop_config)
     lc.update(model_cfg=asdict(section), steps=int(section.steps), lr=float(section.lr),
@@ -293,26 +272,18 @@ def latent_pairs(codec, truth: States, truth_norm: np.ndarray, bg: States, norma
     return z, zb
 
 
-def _module_hash(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def pretrain_diffusion(cfg: Config, ws: Workspace, data: PretrainData, codec, forecaster,
                        force: bool = False, loop_extra: dict | None = None, progress: bool = True):
     """Backgrounds of the training and validation splits, their latents, then train (or reuse)
     the diffusion model. Returns ``(eps_model, info)``; ``info["backgrounds"]`` holds the
     validation backgrounds (States)."""
-    from align_rl.world.backgrounds import ensure_backgrounds, forecaster_fingerprint
+    from align_rl.world.backgrounds import ensure_backgrounds
     from align_rl.io.checkpoints import load_model, save_model
     from align_rl.models.dit import build_dit
 
     info: dict[str, Any] = {"trained": False}
     path = ws.final_checkpoint("diffusion")
-    deps = {"vae": _module_hash(codec), "forecaster": forecaster_fingerprint(forecaster, cfg)}
+    deps = identity.diffusion_deps(codec, forecaster, cfg)
     ident = _identity(cfg, "diffusion", data, deps)
     latent_shape = tuple(codec.latent_shape)
     if not force and path.exists() and _same(_stored_identity(path), ident):

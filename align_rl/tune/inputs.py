@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from align_rl import identity
 from align_rl.config import Config
 from align_rl.evaluation.runner import LEAD_STEPS, STEP_HOURS, EvalData, run_evaluation
 from align_rl.io import era5
@@ -39,9 +40,7 @@ def prepare_shared(cfg: Config, spec: SweepSpec, out: Path, progress: bool = Tru
     vcfg = validation_config(cfg, val)
     data, ref_model = validation_data(cfg, ws, progress)
     ref_file = out / "reference_val.json"
-    key = {"validation": val, "val": list(cfg.data.val), "seed": cfg.run.seed,
-           "sampler": cfg.to_dict()["sampler"], "obs": cfg.to_dict()["obs"],
-           "guidance": cfg.to_dict()["guidance"], "reference": _file_id(ws.final_checkpoint("diffusion"))}
+    key = identity.sweep_reference(cfg, val, ws.final_checkpoint("diffusion"))
     ref = None
     if ref_file.exists():
         stored = json.loads(ref_file.read_text())
@@ -75,12 +74,6 @@ def validation_data(cfg: Config, ws: Any, progress: bool = False):
                              expect_grid=cfg.data.grid, check_units=cfg.checks.units)
     bgs = ensure_backgrounds(cfg, ws, truth, pre.forecaster, progress=progress)
     return EvalData(truth, bgs, normalizer, pre.codec, pre.forecaster, truth_store=Path(store)), pre.eps_model
-
-
-def _file_id(p: Path) -> str:
-    """A cheap identity of the reference checkpoint in the reference-metrics cache key."""
-    st = Path(p).stat()
-    return f"{Path(p).name}:{st.st_size}:{int(st.st_mtime)}"
 
 
 def _ensure_pairs(cfg: Config, ws: Any, progress: bool) -> tuple[Path, Path]:

@@ -7,23 +7,22 @@ uninterrupted stretch on).
 
 The forecasts run on Ray forecast actors (:mod:`actors.forecast`) in batches of
 ``cfg.pretrain.background_batch``. The result is cached in ``ws.backgrounds`` (a WeatherBench2-layout
-zarr store, physical units) whose attribute ``background_key`` records the dataset identity (source
-path and hash of the ``data`` config section) and the forecaster fingerprint (hash of its weights,
-or of its ONNX file and statistics). A call with the same key reuses the stored backgrounds and
+zarr store, physical units) whose attribute ``background_key`` (:func:`align_rl.identity.backgrounds`)
+records the dataset by content, the normalisation statistics and the forecaster by content (its
+weights, or its ONNX file and statistics). A call with the same key reuses the stored backgrounds and
 only computes the times missing from the store; a changed key recomputes them all.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from align_rl import identity
 from align_rl.errors import InputError
 from align_rl.io.normalization import Normalizer
 from align_rl.io.states import States
@@ -53,63 +52,10 @@ def background_inputs(times: np.ndarray, lead_steps: int = LEAD_STEPS) -> tuple[
     return target, prev[ok].astype(np.int64), curr[ok].astype(np.int64)
 
 
-def _hash_update_state(h, state: dict) -> None:
-    for k in sorted(state):
-        v = state[k]
-        h.update(k.encode())
-        if isinstance(v, torch.Tensor):
-            h.update(str(tuple(v.shape)).encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
-
-
-def _hash_file(h, path: str | Path | None) -> None:
-    if path is None:
-        h.update(b"none")
-        return
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-
-
-def forecaster_fingerprint(forecaster: Any, cfg=None) -> str:
-    """A short hash that changes when the forecaster's weights (or ONNX file / statistics) do.
-
-    torch modules: the state dict (``forecaster`` itself, or its ``module``); ONNX: the file at
-    ``cfg.forecaster.path`` and the mean / std files. Anything else: ``fingerprint`` attribute."""
-    h = hashlib.sha256()
-    h.update(type(forecaster).__name__.encode())
-    fp = getattr(forecaster, "fingerprint", None)
-    if isinstance(fp, str):
-        h.update(fp.encode())
-    elif isinstance(forecaster, torch.nn.Module):
-        _hash_update_state(h, forecaster.state_dict())
-    elif isinstance(getattr(forecaster, "module", None), torch.nn.Module):
-        _hash_update_state(h, forecaster.module.state_dict())
-        for name in ("mean", "std", "model_mean", "model_std"):
-            v = getattr(forecaster, name, None)
-            if v is not None:
-                h.update(np.asarray(v, dtype=np.float64).tobytes())
-    elif cfg is not None and cfg.forecaster.path:
-        for p in (cfg.forecaster.path, cfg.forecaster.mean_path, cfg.forecaster.std_path):
-            _hash_file(h, p)
-        h.update(str(cfg.forecaster.lat_north_to_south).encode())
-    else:
-        raise InputError(
-            f"cannot fingerprint a forecaster of type {type(forecaster).__name__} for the background "
-            "cache; give it a `fingerprint` string attribute or use a torch / ONNX forecaster"
-        )
-    return h.hexdigest()[:16]
-
-
-def background_key(cfg, states: States, forecaster: Any) -> dict[str, Any]:
-    """The cache key: dataset source path, hash of the ``data`` section, grid, forecaster hash."""
-    return {
-        "dataset": str(states.attrs.get("source", cfg.data.path or "embedded")),
-        "data_hash": cfg.section_hash("data"),
-        "grid": f"{len(states.lat)}x{len(states.lon)}",
-        "forecaster": forecaster_fingerprint(forecaster, cfg),
-        "lead_hours": int(LEAD_STEPS * 6),
-    }
+def background_key(cfg, ws, states: States, forecaster: Any, normalizer: Normalizer) -> dict[str, Any]:
+    """The cache key (:func:`align_rl.identity.backgrounds`): the run's dataset by content, the
+    statistics, the grid, the forecaster and the lead time."""
+    return identity.backgrounds(cfg, ws, states, forecaster, normalizer, LEAD_STEPS * 6)
 
 
 def _normalizer_of(states: States) -> Normalizer:
@@ -133,7 +79,7 @@ def _open_cache(path: Path, key: dict) -> States | None:
             stored = json.loads(stored)
         except ValueError:
             return None
-    return cached if stored == key else None
+    return cached if identity.same(stored, key) else None
 
 
 def compute_backgrounds(
@@ -207,7 +153,7 @@ def ensure_backgrounds(cfg, ws, states: States, forecaster: Any, progress: bool 
             "t − 48 h); give at least 10 consecutive 6-hourly states"
         )
     normalizer = _normalizer_of(states)
-    key = background_key(cfg, states, forecaster)
+    key = background_key(cfg, ws, states, forecaster, normalizer)
     path = Path(ws.backgrounds)
     want = states.times[target]
     cached = _open_cache(path, key)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from align_rl import identity
 from align_rl.config import Config
 from align_rl.workspace import Workspace
 
@@ -39,7 +40,7 @@ def ensure_world(cfg: Config, ws: Workspace, progress: bool = True) -> Path | st
     ``cfg.data.source == "zarr"``: returns ``cfg.data.path`` unchanged (a ``Path`` for a local
     path, the string itself for a URL such as ``gs://…``; read it with
     :func:`align_rl.io.era5.open_states`). ``"simulate"``: returns ``ws.world``, simulating it first
-    when it is absent or its stored ``config_hash`` differs from ``cfg.section_hash("data")``.
+    when it is absent or its stored ``config_hash`` differs from :func:`align_rl.identity.world`.
     A zarr store gets its normalisation statistics from :func:`ensure_normalization`.
     """
     if cfg.data.source == "zarr":
@@ -50,7 +51,7 @@ def ensure_world(cfg: Config, ws: Workspace, progress: bool = True) -> Path | st
     from align_rl.world.simulate import build_world
 
     path = ws.world
-    if path.exists() and stored_attrs(path).get("config_hash") == cfg.section_hash("data"):
+    if path.exists() and stored_attrs(path).get("config_hash") == identity.world(cfg):
         return path
     return build_world(cfg, path, overwrite=True, progress=progress)
 
@@ -60,12 +61,11 @@ def ensure_normalization(cfg: Config, ws: Workspace, store: Path | str, progress
     (:func:`align_rl.io.era5.register_normalizer`) so that every reader of the store sees them.
 
     In order: ``data.normalization`` (a JSON file or a store holding them); the store's own
-    ``normalization`` attribute; ``<workdir>/normalization/<hash>.json`` computed earlier for this
-    store and ``data`` section; else computed now over ``data.train`` on ``data.grid`` (at most
+    ``normalization`` attribute; ``<workdir>/normalization/<key>.json`` computed earlier for this
+    store's content and ``data`` section (:func:`align_rl.identity.normalization`); else computed now over ``data.train`` on ``data.grid`` (at most
     ``data.stats_times`` evenly spaced times) and written there. The store is never written.
     Returns the :class:`~align_rl.io.normalization.Normalizer`.
     """
-    import hashlib
     import json
     import os
 
@@ -78,9 +78,8 @@ def ensure_normalization(cfg: Config, ws: Workspace, store: Path | str, progress
     info = era5.store_info(store)
     if "normalization" in info["attrs"] and "normalization_source" not in info["attrs"]:
         return era5.load_normalizer(store)
-    key = {"store": era5._store_key(store), "data": cfg.section_hash("data")}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    path = ws.root / "normalization" / f"{digest}.json"
+    key = identity.dataset(cfg, store)
+    path = ws.root / "normalization" / f"{identity.normalization(cfg, store)}.json"
     if path.exists():
         norm = era5.load_normalizer(path)
     else:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from align_rl import identity
 from align_rl.config import Config, DataConfig
 from align_rl.errors import InputError
 from align_rl.io.grid import Grid
@@ -245,7 +246,7 @@ def build_world(cfg: Config, out: str | Path, overwrite: bool = False, progress:
         "normalization": norm.to_dict(),
         "normalization_split": how,
         "splits": {k: list(getattr(data, k)) for k in ("train", "val", "pref", "test")},
-        "config_hash": cfg.section_hash("data"),
+        "config_hash": identity.world(cfg),
         "data_config": dataclasses.asdict(data),
     })
     return write_states(out, states, derived=DERIVED, overwrite=overwrite)
