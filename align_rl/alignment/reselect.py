@@ -63,4 +63,4 @@ def reselect_pairs(store: Any, weights: Mapping[str, float] | None, mode: str = 
             V.append(version); H.append(np.frombuffer(h, np.uint8))
     return PairSet(np.asarray(W, np.int64), np.asarray(L, np.int64), np.asarray(B, np.int64),
                    np.asarray(V, np.int32),
-                   np.stack(H) if H else np.zeros((0, HASH_BYTES), np.uint8), mode)
+                   np.stack(H) if H else np.zeros((0, HASH_BYTES), np.uint8), mode).in_content_order()

@@ -388,7 +388,7 @@ class PairStore(StoreIntegrity):
         idx = np.flatnonzero(keep)
         return PairSet(self._col("pairs/winner", n)[idx], self._col("pairs/loser", n)[idx],
                        self._col("pairs/background", n)[idx], ver[idx],
-                       self._col("pairs/hash", n)[idx], mode or "all")
+                       self._col("pairs/hash", n)[idx], mode or "all").in_content_order()
 
     def reselect(self, weights: Mapping[str, float] | None, mode: str = "M",
                  per_background: int = 8, seed: int = 0, top_k: int = 5, decile: float = 0.1,
