@@ -100,13 +100,19 @@ def module_device(module: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def place(module: Any, device: torch.device | str) -> Any:
-    """``module`` moved to ``device`` (in place for nn.Modules) and in eval mode; objects without
-    ``to``/``eval`` (an ONNX session) are returned as they are."""
+def place(module: Any, device: torch.device | str, frozen: bool = True) -> Any:
+    """``module`` moved to ``device`` (in place for nn.Modules), in eval mode and, when
+    ``frozen``, with ``requires_grad`` off on its parameters (inference only: DPS then
+    differentiates with respect to the latents alone and keeps no activations for weight
+    gradients; ``load_state_dict`` still loads new weights). Objects without ``to``/``eval`` (an
+    ONNX session) are returned as they are."""
     if hasattr(module, "to"):
         module = module.to(device) or module
     if hasattr(module, "eval"):
         module.eval()
+    if frozen and hasattr(module, "parameters"):
+        for p in module.parameters():
+            p.requires_grad_(False)
     return module
 
 

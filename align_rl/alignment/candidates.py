@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from align_rl.devices import module_device
+from align_rl.devices import cpu_numpy, module_device
 from align_rl.errors import InputError
 from align_rl.io.pair_store import CandidateGroup
 from align_rl.alignment.pairs import background_pairs, pair_rng, seed_of
@@ -121,9 +121,8 @@ def draw_candidates(codec: Any, eps_model: Any, tasks: Sequence[BackgroundTask],
         with torch.no_grad():
             dev = next(codec.parameters()).device if hasattr(codec, "parameters") else "cpu"
             z_b = codec.encode(x_b.to(dev))[0]
-        out.append(Drawn(task.bg_id, int(version), z_b.cpu().numpy().astype(np.float32),
-                         an.latents[0].cpu().numpy().astype(np.float32),
-                         an.fields[0].cpu().numpy().astype(np.float32)))
+        out.append(Drawn(task.bg_id, int(version), cpu_numpy(z_b), cpu_numpy(an.latents[0]),
+                         cpu_numpy(an.fields[0])))  # float32 CPU arrays, no extra copy
     return out
 
 
