@@ -7,8 +7,9 @@ Rules (README, "GPUs"):
 - ``cuda``: every actor reserves ``actors.gpus_per_actor`` (a fraction > 0, several actors share a
   GPU) and moves its networks there; a process without a CUDA device raises :class:`ConfigError`.
 - ``auto`` (default): each process decides for itself: CUDA when it can use one, else the CPU.
-  Inside a Ray actor "can use" means Ray assigned it a GPU (``ray.get_gpu_ids()``), so an actor
-  declared without GPUs stays on the CPU even on a GPU node and the reservations stay honest.
+  Inside a Ray actor "can use" means Ray assigned it a GPU share (its assigned resources), so
+  an actor declared without GPUs stays on the CPU even on a GPU node (Ray no longer hides the
+  GPUs from such actors) and the reservations stay honest.
 
 :func:`resolve_device` is the rule; :func:`actor_device` applies it inside a Ray actor and
 :func:`actor_gpus` gives the GPUs an actor asks Ray for. Tensors leave actors as CPU numpy arrays.

@@ -205,6 +205,11 @@ def test_analysis_actor_gives_the_driver_numbers(tmp_path, ray_session):
         assert s is not None and len(s.models) == 1  # one network, put once
         info = ray.get(s.actor.info.remote())
         assert info["model_device"] == "cpu" and len(info["models"]) == 1
+        ray.kill(s.actor, no_restart=False)  # a restarted actor fetches the network again
+        again = aa.analyse_batch(act, models.codec, models.eps_model, x_b, obs, "dps", act.sampler,
+                                 act.guidance, generator=torch.Generator().manual_seed(7), members=3)
+        torch.testing.assert_close(again.fields, d1.fields, rtol=1e-4, atol=1e-5)
+        assert ray.get(s.actor.info.remote())["pid"] != info["pid"]
         with torch.no_grad():  # new weights in place: sent again
             next(models.eps_model.parameters()).add_(0.0)
         aa.analyse_batch(act, models.codec, models.eps_model, x_b, obs, "obsfree", act.sampler,
