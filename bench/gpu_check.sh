@@ -6,7 +6,8 @@
 #
 # Runs, each with its own time limit, and writes everything under $OUT:
 #   1. bench/gpu_paper_scale.py: paper-scale analyses (69 x 128 x 256; DPS at K=128, C=2 and at the
-#      accuracy bench's K=32, C=1, with 1 and 4 members; ObsFree): gpu_paper_scale.json;
+#      accuracy bench's K=32, C=1, with 1 and 4 members; ObsFree; all with sampler.autocast=bf16_dps,
+#      then DPS at K=128 with bf16 (float32 gradients)): gpu_paper_scale.json;
 #   2. bench/gpu_align.py: candidates/s with 1 and 2 sampler actors sharing the GPU, the GPU's
 #      utilisation meanwhile, DPO steps/s at demo and paper sizes: gpu_align.json;
 #   3. bench/gpu_tiny_job.py: the tiny main job with run.device=cuda (learner and pretraining on
@@ -52,7 +53,7 @@ if [ -n "$SMOKE" ]; then
   step align 400 "$PY" bench/gpu_align.py --smoke "${BENCH[@]}"
   step tiny 900 "$PY" bench/gpu_tiny_job.py "$OUT/tiny" --device cpu
 else
-  step paper_scale 170 "$PY" bench/gpu_paper_scale.py "${BENCH[@]}"
+  step paper_scale 170 "$PY" bench/gpu_paper_scale.py --also-autocast bf16 "${BENCH[@]}"
   step align 140 "$PY" bench/gpu_align.py "${BENCH[@]}"
   nvidia-smi --query-compute-apps=timestamp,pid,process_name,used_memory --format=csv -lms 1000 \
     > "$OUT/tiny_gpu_apps.csv" 2>&1 &

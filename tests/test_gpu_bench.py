@@ -27,13 +27,14 @@ def test_paper_scale_smoke_records_time_per_analysis_and_member(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert ps.main(["--smoke", "--out", str(tmp_path)]) == 0
+        assert ps.main(["--smoke", "--out", str(tmp_path), "--also-autocast", "bf16"]) == 0
     finally:
         torch.set_num_threads(threads)
     info = json.loads((tmp_path / "gpu_paper_scale.json").read_text())
     runs = info["runs"]
     assert [(r["method"], r["members"]) for r in runs] == [("dps", 1), ("dps", 4), ("dps", 1), ("dps", 4),
-                                                           ("obsfree", 1)]
+                                                           ("obsfree", 1), ("dps", 1)]
+    assert [r["autocast"] for r in runs] == ["bf16_dps"] * 5 + ["bf16"]
     assert {(r["steps"], r["corrections"]) for r in runs} == {(2, 1), (1, 0)}  # paper K, and K_rec
     for r in runs:
         assert r["seconds"] > 0 and abs(r["per_member"] * r["members"] - r["seconds"]) < 1e-9
