@@ -20,6 +20,10 @@ import numpy as np
 import ray
 import torch
 
+from align_rl.devices import actor_device, cpu_numpy, from_numpy, module_device, place
+
+from .sampler import actor_options
+
 _RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
               ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError)
 
@@ -34,7 +38,7 @@ class ForecastActor:
         from align_rl.cpu import configure_worker
 
         configure_worker(threads)
-        self.device = torch.device(device)
+        self.device = actor_device(device)
         if forecaster is None:
             if loader is None:
                 raise ValueError("ForecastActor needs a forecaster or a loader")
@@ -47,11 +51,7 @@ class ForecastActor:
             norm = Normalizer.from_dict(loader["normalizer"]) if loader.get("normalizer") else None
             forecaster = load_forecaster(cfg, Workspace(root=Path(loader["workdir"])), norm,
                                          device=self.device)
-        self.forecaster = forecaster
-        if hasattr(forecaster, "eval"):
-            forecaster.eval()
-        if hasattr(forecaster, "to"):
-            forecaster.to(self.device)
+        self.forecaster = place(forecaster, self.device)
         self.calls = 0
 
     @torch.no_grad()
@@ -59,38 +59,36 @@ class ForecastActor:
                 last_only: bool = False) -> np.ndarray:
         """``n_steps`` 6 h steps from normalised ``(B, 69, H, W)`` frames at ``t − 6h`` and ``t``
         -> ``(B, n_steps, 69, H, W)`` float32 (``(B, 69, H, W)``, the last state, if ``last_only``)."""
-        xp = torch.as_tensor(np.asarray(batch_prev, dtype=np.float32), device=self.device)
-        xc = torch.as_tensor(np.asarray(batch_curr, dtype=np.float32), device=self.device)
+        xp = from_numpy(np.asarray(batch_prev, dtype=np.float32), self.device)
+        xc = from_numpy(np.asarray(batch_curr, dtype=np.float32), self.device)
         out = self.forecaster.rollout(xp, xc, int(n_steps))
         self.calls += 1
         if last_only:
             out = out[:, -1]
-        return out.detach().to("cpu", torch.float32).numpy()
+        return cpu_numpy(out)
 
     def info(self) -> dict:
-        return {"pid": os.getpid(), "calls": self.calls}
+        return {"pid": os.getpid(), "calls": self.calls, "device": str(self.device),
+                "model_device": str(module_device(self.forecaster))}
 
 
 def forecast_actor_options(cfg) -> dict:
-    """Ray options from ``cfg.actors``: CPUs, (fractional) GPUs, restarts, task retries."""
-    a = cfg.actors
-    opts: dict[str, Any] = {"num_cpus": float(a.cpus_per_actor), "max_restarts": int(a.max_restarts),
-                            "max_task_retries": int(a.max_task_retries)}
-    if a.gpus_per_actor > 0:
-        opts["num_gpus"] = float(a.gpus_per_actor)
-    return opts
+    """Ray options from ``cfg.actors``: CPUs, (fractional) GPUs, restarts, task retries
+    (:func:`actors.sampler.actor_options`)."""
+    return actor_options(cfg)
 
 
 def make_forecasters(cfg, forecaster: Any = None, n: int | None = None, loader: dict | None = None) -> list:
     """``n`` (default ``cfg.actors.forecasters``) forecast actors sharing one forecaster.
 
     ``forecaster``: an object or an object ref (put once); when ``None``, ``loader`` (see
-    :class:`ForecastActor`) rebuilds it in each actor. GPU actors run their forecaster on cuda.
+    :class:`ForecastActor`) rebuilds it in each actor. Each actor resolves ``run.device`` itself
+    (:func:`align_rl.devices.actor_device`): CUDA when Ray gave it a GPU share.
     """
     cls = ray.remote(ForecastActor).options(**forecast_actor_options(cfg))
     threads = max(1, int(cfg.actors.cpus_per_actor))
-    device = "cuda" if cfg.actors.gpus_per_actor > 0 else "cpu"
-    return [cls.remote(forecaster, threads, loader, device) for _ in range(int(n or cfg.actors.forecasters))]
+    return [cls.remote(forecaster, threads, loader, cfg.run.device)
+            for _ in range(int(n or cfg.actors.forecasters))]
 
 
 def forecaster_handle(forecaster: Any, cfg, workdir: str, normalizer=None) -> tuple[Any, dict | None]:

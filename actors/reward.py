@@ -2,7 +2,9 @@
 
 Thin: the science is :func:`align_rl.alignment.candidates.score_candidates` (rewards of
 :mod:`align_rl.alignment.rewards`). Declared with ``max_restarts`` / ``max_task_retries`` and resources from
-``cfg.actors``.
+``cfg.actors``. The forecaster lives on the actor's device (``run.device``: its GPU share when
+``actors.gpus_per_actor`` > 0); the 48 h forecasts run there and only their last state comes back
+to the CPU, where the rewards are computed; scores leave as numpy arrays.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import ray
+
+from align_rl.devices import actor_device, module_device, place
 
 from .sampler import actor_options
 
@@ -23,9 +27,8 @@ class RewardActor:
 
         configure_worker(threads)
         self.cfg = config_from_dict(cfg)
-        self.forecaster = forecaster
-        if hasattr(forecaster, "eval"):
-            forecaster.eval()
+        self.device = actor_device(self.cfg.run.device)
+        self.forecaster = place(forecaster, self.device)
         self.normalizer = normalizer
         self.lat, self.lon = np.asarray(lat), np.asarray(lon)
 
@@ -39,7 +42,8 @@ class RewardActor:
                                 self.cfg.rewards)
 
     def info(self) -> dict:
-        return {"pid": os.getpid()}
+        return {"pid": os.getpid(), "device": str(self.device),
+                "model_device": str(module_device(self.forecaster))}
 
 
 def make_rewarders(cfg, forecaster_ref, normalizer, lat, lon, n: int | None = None) -> list:

@@ -4,7 +4,9 @@ Thin: the science is :func:`align_rl.alignment.candidates.draw_candidates`. Decl
 :func:`make_samplers` with ``max_restarts`` / ``max_task_retries`` and resources from
 ``cfg.actors``; a restarted actor comes back with the constructor's weights (version of the
 reference), so :meth:`SamplerActor.draw` refuses a call for another version (it returns
-``{"stale": version held}``) and the pool sends the current weights again.
+``{"stale": version held}``) and the pool sends the current weights again. The networks live on
+the actor's device (``run.device``, :func:`align_rl.devices.actor_device`: its GPU share when
+``actors.gpus_per_actor`` > 0); candidates leave as float32 CPU numpy arrays.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 
 import ray
 
+from align_rl.devices import actor_device, actor_gpus, compile_module, place
+
 
 class SamplerActor:
     def __init__(self, codec: Any, eps_model: Any, version: int, cfg: dict, threads: int = 1):
@@ -22,8 +26,11 @@ class SamplerActor:
 
         configure_worker(threads)
         self.cfg = config_from_dict(cfg)
-        self.codec = codec.eval()
-        self.eps_model = eps_model.eval()
+        self.device = actor_device(self.cfg.run.device)
+        self.codec = place(codec, self.device)
+        self.eps_model = place(eps_model, self.device)
+        if self.cfg.sampler.compile:
+            compile_module(self.eps_model)
         self.version = int(version)
 
     def set_weights(self, state_dict: dict, version: int) -> int:
@@ -45,16 +52,19 @@ class SamplerActor:
                                int(members or c.pairs.candidates), int(c.run.seed))
 
     def info(self) -> dict:
-        return {"pid": os.getpid(), "version": self.version}
+        return {"pid": os.getpid(), "version": self.version, "device": str(self.device),
+                "model_device": str(next(self.eps_model.parameters()).device)}
 
 
 def actor_options(cfg, gpu: bool = True) -> dict:
-    """Ray options of an actor from ``cfg.actors``: CPUs, fractional GPUs, restarts, task retries."""
+    """Ray options of an actor from ``cfg.actors``: CPUs, fractional GPUs (none with
+    ``run.device=cpu``, :func:`align_rl.devices.actor_gpus`), restarts, task retries."""
     a = cfg.actors
     opts = {"num_cpus": float(a.cpus_per_actor), "max_restarts": int(a.max_restarts),
             "max_task_retries": int(a.max_task_retries)}
-    if gpu and a.gpus_per_actor > 0:
-        opts["num_gpus"] = float(a.gpus_per_actor)
+    gpus = actor_gpus(cfg) if gpu else 0.0
+    if gpus > 0:
+        opts["num_gpus"] = gpus
     return opts
 
 

@@ -193,6 +193,7 @@ RANGES: dict[str, Rule] = {
     "sampler.tau": POSITIVE,
     "sampler.members": integer(1),
     "sampler.decode": choice("anchored", "plain"),
+    "sampler.autocast": choice("none", "bf16", "bf16_dps"),
     "data.stats_times": integer(0),  # 0: every training time
     "guidance.methods[]": GUIDANCE_METHODS,
     "guidance.dps_zeta": NON_NEGATIVE,
@@ -248,6 +249,7 @@ RANGES: dict[str, Rule] = {
     "eval.errors[]": NON_NEGATIVE,
     "eval.map_samples": integer(1),
     "eval.batch_size": integer(1),
+    "eval.sampling": choice("auto", "actor", "driver"),
 }
 """The range or choices of every config key that has one (full dotted key)."""
 
@@ -275,6 +277,9 @@ def _cross_rules(cfg: Config) -> list[str]:
                    "(t is drawn from U(t_min, t_max))")
     if not cfg.guidance.methods:
         out.append("guidance.methods must name at least one method (obsfree, repaint, dps)")
+    if cfg.run.device == "cuda" and is_num(cfg.actors.gpus_per_actor) and cfg.actors.gpus_per_actor <= 0:
+        out.append("run.device=cuda needs actors.gpus_per_actor > 0 (the share of a GPU each actor "
+                   "reserves, e.g. 0.25), or run.device=auto")
     if cfg.run.root is not None and not str(cfg.run.root).strip():
         out.append("run.root must be a folder path (or unset)")
     return out

@@ -141,6 +141,10 @@ class SamplerConfig:
     # how analyses leave the latent space (docs/method.md §4): anchored = x_b + D(z_a) − D(E(x_b))
     # (the codec's error on the background cancels); plain = D(z_a) (the paper)
     decode: str = "anchored"
+    # GPU speed (docs/method.md §5.3): bf16 autocast of the network passes on CUDA (none | bf16 |
+    # bf16_dps: also DPS's differentiated pass); torch.compile of the score network in GPU actors
+    autocast: str = field(default="none", metadata=HASH_UNLESS_SET)
+    compile: bool = field(default=False, metadata=HASH_UNLESS_SET)
 
 
 @dataclass
@@ -238,6 +242,9 @@ class EvalConfig:
     map_samples: int = 10
     out: str | None = None  # default: <workdir>/eval
     batch_size: int = 8  # backgrounds per sampler call (each call runs batch_size × members rows)
+    # where the analyses run: actor (a Ray actor holding actors.gpus_per_actor of a GPU) | driver |
+    # auto (the actor when actors reserve GPUs, i.e. run.device is not cpu and gpus_per_actor > 0)
+    sampling: str = "auto"
 
 
 @dataclass

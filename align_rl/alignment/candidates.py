@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from align_rl.devices import cpu_numpy, module_device
 from align_rl.errors import InputError
 from align_rl.io.pair_store import CandidateGroup
 from align_rl.alignment.pairs import background_pairs, pair_rng, seed_of
@@ -120,19 +121,20 @@ def draw_candidates(codec: Any, eps_model: Any, tasks: Sequence[BackgroundTask],
         with torch.no_grad():
             dev = next(codec.parameters()).device if hasattr(codec, "parameters") else "cpu"
             z_b = codec.encode(x_b.to(dev))[0]
-        out.append(Drawn(task.bg_id, int(version), z_b.cpu().numpy().astype(np.float32),
-                         an.latents[0].cpu().numpy().astype(np.float32),
-                         an.fields[0].cpu().numpy().astype(np.float32)))
+        out.append(Drawn(task.bg_id, int(version), cpu_numpy(z_b), cpu_numpy(an.latents[0]),
+                         cpu_numpy(an.fields[0])))  # float32 CPU arrays, no extra copy
     return out
 
 
 def forecast_from(forecaster: Any, x_prev: torch.Tensor, x_a: torch.Tensor, hours: int) -> torch.Tensor:
     """``hours``-hour forecasts (B, 69, H, W) normalised from analyses ``x_a`` (B, 69, H, W) with
-    first frame ``x_prev`` (B, 69, H, W) (6 h earlier)."""
+    first frame ``x_prev`` (B, 69, H, W) (6 h earlier); run on the forecaster's device, returned
+    on ``x_a``'s (only the last state moves)."""
     if hours % 6:
         raise InputError(f"rewards.forecast_hours={hours} must be a multiple of 6")
+    dev = module_device(forecaster)
     with torch.no_grad():
-        return forecaster.rollout(x_prev, x_a, hours // 6)[:, -1]
+        return forecaster.rollout(x_prev.to(dev), x_a.to(dev), hours // 6)[:, -1].to(x_a.device)
 
 
 def score_candidates(forecaster: Any, normalizer: Any, lat: np.ndarray, lon: np.ndarray,

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from align_rl.diffusion.guidance import METHODS, make_guidance
+from align_rl.diffusion.precision import autocast_policy, decode_with, wrap_eps
 from align_rl.diffusion.sampler import sample
 from align_rl.errors import ConfigError, InputError
 from align_rl.models.anchored import AnchoredCodec, decoder_for
@@ -61,6 +62,7 @@ def analyse(
     batch_size: int | None = None,
     autocast: dict | None = None,
     progress: bool = False,
+    autocast_guidance: bool | None = None,
 ) -> Analysis:
     """Analyses of the backgrounds ``x_b`` (B, 69, H, W) normalised given ``obs`` (Observations
     with ``values``/``mask`` (B, 69, H, W) normalised; may be None for ``method="obsfree"``).
@@ -70,8 +72,11 @@ def analyse(
     key is absent); ``guidance_cfg``: ``dps_zeta``,
     ``dps_likelihood``, ``dps_gamma``. ``eps_model(z_t, t, z_b)`` is the score network (e.g.
     ``LatentDiT``). ``batch_size``: most backgrounds per sampler call (all when None; every call
-    runs ``batch_size · N`` rows). ``autocast``: ``torch.autocast`` kwargs for the networks (e.g.
-    bf16 on CUDA). Randomness comes from ``generator`` only; the networks run on their device.
+    runs ``batch_size · N`` rows). ``autocast``: ``torch.autocast`` kwargs for the network passes
+    (default: from ``sampler_cfg.autocast`` on the networks' device, :mod:`.precision`);
+    ``autocast_guidance``: DPS's differentiated pass autocasts too (default: ``bf16_dps``; False
+    with an explicit ``autocast``). Randomness comes from ``generator`` only; the networks run on
+    their device.
     """
     if method not in METHODS:
         raise ConfigError(f"guidance method {method!r} is not one of {', '.join(METHODS)}")
@@ -91,23 +96,18 @@ def analyse(
     B = x_b.shape[0]
     bs = B if not batch_size else max(1, int(batch_size))
 
-    def eps_fn(z, t, zb):
-        if autocast:
-            with torch.autocast(**autocast):
-                return eps_model(z, t, zb).float()
-        return eps_model(z, t, zb)
-
-    def decode(c, z):
-        if autocast:
-            with torch.autocast(**autocast):
-                return c.decode(z).float()
-        return c.decode(z)
+    if autocast is None:
+        autocast, in_grad = autocast_policy(str(_get(sampler_cfg, "autocast", "none")), dev)
+    else:
+        in_grad = False
+    in_grad = bool(autocast) and (in_grad if autocast_guidance is None else bool(autocast_guidance))
+    eps_fn = wrap_eps(eps_model, autocast, in_grad)
 
     lat_out, fld_out = [], []
     for i in range(0, B, bs):
         xb = x_b[i:i + bs].to(dev, torch.float32)
         o = obs[i:i + bs].to(dev) if obs is not None and hasattr(obs, "to") else obs
-        extra = {"autocast": autocast} if method == "dps" and autocast else {}
+        extra = {"autocast": autocast} if method == "dps" and in_grad else {}
         with torch.no_grad():
             dec = decoder_for(codec, xb, decoding)
             z_b = dec.z_b if isinstance(dec, AnchoredCodec) else codec.encode(xb)  # encoded once
@@ -115,7 +115,8 @@ def analyse(
         z = sample(eps_fn, z_b, n, steps, corr, tau, guidance=guidance, generator=generator,
                    progress=progress)
         with torch.no_grad():
-            x = decode(dec, z.reshape(-1, *z.shape[2:])).reshape(z.shape[0], n, *xb.shape[1:])
+            x = decode_with(dec, z.reshape(-1, *z.shape[2:]), autocast)
+            x = x.reshape(z.shape[0], n, *xb.shape[1:])
         lat_out.append(z)
         fld_out.append(x)
     fields = torch.cat(fld_out)

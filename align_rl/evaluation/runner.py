@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from align_rl.diffusion.analysis import analyse
+from actors.analysis import analyse_batch  # in the driver or a (GPU) actor: eval.sampling
 from align_rl.config import Config
 from align_rl.errors import CheckpointError, ConfigError, InputError
 from align_rl.evaluation.geostrophic import geo_score
@@ -311,8 +311,8 @@ def run_evaluation(
                 for i in range(0, T, bs):
                     sl = slice(i, min(T, i + bs))
                     try:
-                        an = analyse(data.codec, eps_model, x_b[sl], obs[sl], meth, cfg.sampler,
-                                     cfg.guidance, generator=gen, members=members)
+                        an = analyse_batch(cfg, data.codec, eps_model, x_b[sl], obs[sl], meth,
+                                           cfg.sampler, cfg.guidance, generator=gen, members=members)
                         xa = an.fields.float().cpu()
                     except InputError as exc:  # diverged (NaN): score as NaN, report, go on
                         failures.append({"setting": s.name, "row": row, "times": [i, sl.stop],
