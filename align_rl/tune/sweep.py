@@ -474,14 +474,20 @@ def validation_config(cfg: Config, val: dict[str, Any], seed: int | None = None)
     return config_from_dict(d)
 
 
-def eval_metrics(summary: dict, row: str) -> dict[str, float]:
-    """The validation metrics of ``row`` (``"<model>/<method>"``) in a run_evaluation summary."""
-    rows = summary["scores"]["main"]
-    if row not in rows:
-        raise InputError(f"evaluation summary has no row {row!r} (rows: {sorted(rows)})")
+def eval_metrics(summary, row: str) -> dict[str, float]:
+    """The validation metrics of ``row`` (``"<model>/<method>"``) in run_evaluation's results
+    (an :class:`~align_rl.evaluation.results.Evaluation` or its Dataset): time means of the main
+    setting, those not scored left out."""
+    from align_rl.evaluation.results import as_dataset, score, split_row, was_scored
+
+    ds = as_dataset(summary)
+    model, method = split_row(row)
+    if model == "background" or not was_scored(ds, model, method):
+        raise InputError(f"evaluation results have no row {row!r} (models: {list(ds.model.values)}, "
+                         f"methods: {list(ds.method.values)})")
     out = {}
     for name, (tab, stat, m) in _EVAL_METRICS.items():
-        v = rows[row].get(tab, {}).get(stat, {}).get(m)
+        v = score(ds, model, method, tab, m, stat)
         if v is not None:
             out[name] = float(v)
     return out
@@ -618,20 +624,16 @@ def validation_data(cfg: Config, ws: Any, progress: bool = False):
     (Not ``load_eval_data(validation_config(...))``: the validation config moves ``data.test``,
     which is part of the dataset identity that the pretraining and background caches are keyed
     by, so it would retrain.)"""
-    import numpy as np
-
     from align_rl.io import era5
     from align_rl.world.backgrounds import ensure_backgrounds
     from align_rl.world.dataset import ensure_world
-    from align_rl.evaluation.runner import LEAD_STEPS, STEP_HOURS, EvalData
+    from align_rl.evaluation.runner import EvalData, truth_window
     from align_rl.training.pretraining import ensure_pretrained
 
     store = ensure_world(cfg, ws, progress=progress)
     pre = ensure_pretrained(cfg, ws, progress=progress)
     normalizer = getattr(pre, "normalizer", None) or era5.load_normalizer(store)
-    h = np.timedelta64(1, "h")
-    start = np.datetime64(cfg.data.val[0]) - 2 * STEP_HOURS * LEAD_STEPS * h
-    end = np.datetime64(cfg.data.val[-1]) + np.timedelta64(1, "D") + STEP_HOURS * LEAD_STEPS * h
+    start, end = truth_window(cfg.data.val, cfg.rewards.forecast_hours)
     truth = era5.open_states(store, time_range=[start, end], coarsen=cfg.data.coarsen,
                              expect_grid=cfg.data.grid, check_units=cfg.checks.units)
     bgs = ensure_backgrounds(cfg, ws, truth, pre.forecaster, progress=progress)
