@@ -340,11 +340,10 @@ def run_evaluation(
     ``metrics.nc`` and the rest of ``metrics.json``).
     """
     t_start = time.time()
+    models = dict(models or {})
     if data is None:
         data, ref = load_eval_data(cfg, ws)
-        models = dict(models or {})
         models.setdefault("reference", ref)
-    models = dict(models or {})
     _check_models(cfg, models)
     steps = forecast_steps(cfg.rewards.forecast_hours)
     times = select_times(data.truth, data.backgrounds, cfg.data.test, cfg.eval.times, STEP_HOURS * steps)
