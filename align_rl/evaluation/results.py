@@ -62,6 +62,7 @@ class ScoreTable:
 
     def add(self, setting: str, model: str, method: str, kind: str, stat: str,
             metrics: dict[str, np.ndarray]) -> None:
+        """Append the scores ``{metric: (B,)}`` of the next batch of times to one cell."""
         if kind not in KINDS or stat not in STATS:
             raise InputError(f"score kind {kind!r} / stat {stat!r} is not one of {KINDS} / {STATS}")
         cell = self.cells.setdefault((setting, model, method, kind, stat), {})
@@ -138,7 +139,11 @@ def _changes(ds: xr.Dataset, baseline: str, seed: int) -> dict[str, tuple]:
             out["pct"][idx], (out["ci_lo"][idx], out["ci_hi"][idx]) = c["pct"], c["ci"]
             out["n"][idx], out["n_nan"][idx], out["block"][idx] = c["n"], c["n_nan"], c["block"]
             compared[idx] = True
-    res: dict[str, tuple] = {k: (CELL_DIMS, v) for k, v in out.items()}
+    about = {"pct": f"% change of the time mean against {baseline}",
+             "ci_lo": "95 % moving-block bootstrap interval of pct, lower end",
+             "ci_hi": "95 % moving-block bootstrap interval of pct, upper end",
+             "n": "times used", "n_nan": "times left out (not finite)", "block": "bootstrap block length"}
+    res: dict[str, tuple] = {k: (CELL_DIMS, v, {"long_name": about[k]}) for k, v in out.items()}
     res["compared"] = (CELL_DIMS, compared, {"long_name": f"changed against {baseline}"})
     return res
 
