@@ -20,7 +20,8 @@ setting and method), so model comparisons are paired. Per analysis time (then av
 - % change against ``eval.baseline`` with a 95 % paired bootstrap interval over times.
 
 Writes into ``eval.out`` (default ``<workdir>/eval``), atomically (a temporary folder renamed into
-place): ``report.md``, ``metrics.json``, ``metrics.csv``, ``maps/*.png`` (z500 error reduction
+place): ``report.md``, ``metrics.json``, ``metrics.csv``, ``metrics.nc`` (the scores and changes
+as an ``xarray.Dataset``, :mod:`align_rl.evaluation.results`), ``maps/*.png`` (z500 error reduction
 ``|x_a^ref − x_GT| − |x_a^model − x_GT|`` averaged over ``eval.map_samples`` analyses) and
 ``analyses/<model>-<method>.zarr`` (ensemble means, physical units, WeatherBench2 layout; score them
 with ``python -m align_rl.score --analysis … --truth <world store>``).
@@ -61,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     data, ref = runner.load_eval_data(cfg, ws)
     models = {"reference": ref}
     models.update(runner.load_models(specs, cfg, tuple(getattr(data.codec, "latent_shape", ())) or None))
-    summary = runner.run_evaluation(cfg, ws, models, data=data, out=args.out)
+    ev = runner.run_evaluation(cfg, ws, models, data=data, out=args.out)
     out = Path(args.out or cfg.eval.out or ws.eval)
     print(f"evaluation of {', '.join(models)} × {', '.join(cfg.guidance.methods)} on "
-          f"{summary['n_times']} times: {out / 'report.md'}")
-    for c in summary["checks"]:
+          f"{ev.ds.sizes['time']} times: {out / 'report.md'}")
+    for c in ev.meta["checks"]:
         print(f"  [{'ok' if c['passed'] else 'NO'}] {c['check']}: {c['values']}")
     return 0
 

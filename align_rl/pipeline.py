@@ -30,7 +30,6 @@ from typing import Any
 from align_rl import identity
 from align_rl.config import Config
 from align_rl.errors import ConfigError
-from align_rl.evaluation.paper import _append_report, alignment_section
 from align_rl.workspace import Workspace
 
 
@@ -108,7 +107,6 @@ def run(cfg: Config, progress: bool = True, evaluate: bool = True) -> dict:
     ``<workdir>/train_summary.json``)."""
     from actors.pool import CandidatePool
 
-    from align_rl.io.checkpoints import load_model
     from align_rl.world.dataset import ensure_world
     from align_rl.alignment.learner import run_dpo
     from align_rl.alignment.online import run_online
@@ -194,20 +192,13 @@ def run(cfg: Config, progress: bool = True, evaluate: bool = True) -> dict:
                                             for v, r in results.items()},
                                "pairs_store": str(pstore.path), "pairs_total": pstore.num_pairs}
     if evaluate:
-        from align_rl.evaluation.runner import run_evaluation
+        from align_rl.evaluation.stage import evaluate_aligned
 
         t = time.perf_counter()
-        eval_models = {"reference": models.eps_model}
-        for v, r in results.items():
-            eval_models[f"Align-{v}"], _ = load_model(r.checkpoint, "diffusion", expect=cfg.diffusion)
-        ev = run_evaluation(cfg, ws, eval_models, progress=progress)
+        summary.update(evaluate_aligned(cfg, ws, models.eps_model,
+                                        {v: r.checkpoint for v, r in results.items()}, variants, info,
+                                        progress=progress))
         timings["eval_s"] = time.perf_counter() - t
-        out = Path(cfg.eval.out or ws.eval)
-        section = alignment_section(ev, variants, list(cfg.guidance.methods), info)
-        _append_report(out / "report.md", section)
-        summary["report"] = str(out / "report.md")
-        summary["changes"] = {f"{row}": ch for row, ch in ev.get("changes", {}).get("main", {}).items()}
-        print(section)
     timings["total_s"] = time.perf_counter() - t_start
     summary["timings"] = timings
     (ws.root / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))

@@ -52,24 +52,27 @@ def _setup(overrides: list[str], split: str):
     return cfg, ecfg, ws, store, pre, data
 
 
-def _rows(summary: dict, tag: str) -> list[dict]:
-    sc = summary["scores"]["main"]
-    ch = summary.get("changes", {}).get("main", {})
+def _rows(ev, tag: str) -> list[dict]:
+    """One row per (model, method) of the main setting of run_evaluation's results ``ev``."""
+    from align_rl.evaluation.results import change, rows, score
+
+    ds = ev.ds
     out = []
-    for row, tabs in sc.items():
-        a, f = tabs["analysis"], tabs["forecast"]
+    for row, mo, me in rows(ds, "main"):
+        def sc(kind, stat, metric):
+            return score(ds, mo, me, kind, metric, stat)
+
         r = {"tag": tag, "row": row,
-             "mse": a["member"]["mse"], "mse_ens": a["ensmean"]["mse"],
-             "z500_ens": a["ensmean"]["wrmse_z500"], "t850_ens": a["ensmean"]["wrmse_t850"],
-             "geo": a["member"]["geo_score"], "crps": a.get("ensemble", {}).get("crps"),
-             "fc_mse": f["member"]["mse"]}
-        c = ch.get(row)
-        if c:
-            r["d_mse"] = c["analysis"]["member"]["mse"]
-            r["d_mse_ens"] = c["analysis"]["ensmean"]["mse"]
-            r["d_crps"] = c["analysis"]["ensemble"]["crps"]
-            r["d_fc"] = c["forecast"]["member"]["mse"]
-            r["d_geo"] = c["analysis"]["member"]["geo_score"]
+             "mse": sc("analysis", "member", "mse"), "mse_ens": sc("analysis", "ensmean", "mse"),
+             "z500_ens": sc("analysis", "ensmean", "wrmse_z500"), "t850_ens": sc("analysis", "ensmean", "wrmse_t850"),
+             "geo": sc("analysis", "member", "geo_score"), "crps": sc("analysis", "ensemble", "crps"),
+             "fc_mse": sc("forecast", "member", "mse")}
+        if change(ds, mo, me, "analysis", "mse") is not None:
+            r["d_mse"] = change(ds, mo, me, "analysis", "mse")
+            r["d_mse_ens"] = change(ds, mo, me, "analysis", "mse", "ensmean")
+            r["d_crps"] = change(ds, mo, me, "analysis", "crps", "ensemble")
+            r["d_fc"] = change(ds, mo, me, "forecast", "mse")
+            r["d_geo"] = change(ds, mo, me, "analysis", "geo_score")
         out.append(r)
     return out
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from align_rl.config import load_config
 from align_rl.errors import ConfigError
+from align_rl.evaluation.results import open_results, row_changes, row_scores, score
 from align_rl.evaluation.runner import EvalData, load_models, run_evaluation, select_times
 from align_rl.evaluation.verdict import paired_change
 from align_rl.io.grid import Grid
@@ -123,7 +124,7 @@ def test_files_tables_and_rows(setup):
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("setting,table,row")
     assert any(r.startswith("main,forecast,Align-M/dps,Align-M,dps,member,wrmse_z500,") for r in rows)
-    assert summary["n_times"] == 3 and len(summary["checks"]) == 2
+    assert summary.ds.sizes["time"] == 3 and len(summary.meta["checks"]) == 2
 
 
 def test_background_scores_match_a_hand_computation(setup):
@@ -137,32 +138,34 @@ def test_background_scores_match_a_hand_computation(setup):
     w = GRID.weights()[None, :, None]
     iz = channel_index("z500")
     wr = np.sqrt((w * (xb[:, iz] - xt[:, iz]) ** 2).mean(axis=(1, 2))).mean()
-    bg = summary["scores"]["main"]["background"]["analysis"]["member"]
-    assert bg["mse"] == pytest.approx(mse, rel=1e-6)
-    assert bg["wrmse_z500"] == pytest.approx(wr, rel=1e-6)
+    bg = summary.ds.time_mean.sel(setting="main", model="background", kind="analysis", stat="member")
+    for meth in ("obsfree", "repaint", "dps"):  # the background repeats along the methods
+        assert float(bg.sel({"method": meth, "metric": "mse"})) == pytest.approx(mse, rel=1e-6)
+        assert float(bg.sel({"method": meth, "metric": "wrmse_z500"})) == pytest.approx(wr, rel=1e-6)
 
 
 def test_comparisons_are_paired(setup):
     """The same network under another name sees the same observations and noise: 0 % change."""
     _, _, summary, _ = setup
     for meth in ("obsfree", "repaint", "dps"):
-        ch = summary["changes"]["main"][f"copy/{meth}"]
+        ch = row_changes(summary.ds, "copy", meth)
         for tab in ("analysis", "forecast"):
             for m, c in ch[tab]["member"].items():
                 assert c["pct"] == pytest.approx(0.0, abs=1e-9), (meth, tab, m)
-    assert summary["scores"]["main"]["Align-M/dps"] != summary["scores"]["main"]["reference/dps"]
+    assert row_scores(summary.ds, "Align-M", "dps") != row_scores(summary.ds, "reference", "dps")
 
 
 def test_analyses_store_is_read_by_score(setup):
     from align_rl.evaluation.scoring import score_stores
 
     _, data, summary, out = setup
-    store = out / summary["files"]["analyses"]["reference/dps"]
+    store = out / summary.meta["files"]["analyses"]["reference/dps"]
     res = score_stores(store, data.truth_store, progress=False, check_units=False)  # synthetic fields
     assert res["n_times"] == 3
-    ens = summary["scores"]["main"]["reference/dps"]["analysis"]["ensmean"]
-    assert res["mse"] == pytest.approx(ens["mse"], rel=1e-4)
-    assert res["wrmse"]["z500"] == pytest.approx(ens["wrmse_z500"], rel=1e-4)
+    assert res["mse"] == pytest.approx(score(summary.ds, "reference", "dps", "analysis", "mse", "ensmean"),
+                                       rel=1e-4)
+    assert res["wrmse"]["z500"] == pytest.approx(
+        score(summary.ds, "reference", "dps", "analysis", "wrmse_z500", "ensmean"), rel=1e-4)
 
 
 def test_paired_change_and_bad_model_spec():
@@ -249,10 +252,14 @@ def test_a_diverging_model_is_reported_not_fatal(setup, tmp_path):
                            data=data, out=tmp_path / "ev", progress=False)
     finally:
         torch.set_num_threads(threads)
-    assert s["failures"] and s["failures"][0]["row"] == "bad/obsfree"
-    assert "bad/obsfree" not in s["files"]["analyses"] and "reference/obsfree" in s["files"]["analyses"]
+    assert s.meta["failures"] and s.meta["failures"][0]["row"] == "bad/obsfree"
+    analyses = s.meta["files"]["analyses"]
+    assert "bad/obsfree" not in analyses and "reference/obsfree" in analyses
     assert "## Failures" in (tmp_path / "ev" / "report.md").read_text()
-    assert np.isfinite(s["scores"]["main"]["reference/obsfree"]["analysis"]["member"]["mse"])
+    assert np.isfinite(score(s.ds, "reference", "obsfree", "analysis", "mse"))
+    assert score(s.ds, "bad", "obsfree", "analysis", "mse") != score(s.ds, "bad", "obsfree", "analysis", "mse")  # NaN
+    assert s.ds.n_nan.sel({"setting": "main", "model": "bad", "method": "obsfree", "kind": "analysis",
+                           "stat": "member", "metric": "mse"}) == 2
 
 
 def test_cli_runs_the_reference_and_refuses_a_missing_checkpoint(setup, tmp_path, monkeypatch, capsys):
@@ -277,3 +284,89 @@ def test_cli_runs_the_reference_and_refuses_a_missing_checkpoint(setup, tmp_path
     assert "missing.pt" in err and "does not exist" in err
     doc = json.loads((tmp_path / "cli" / "metrics.json").read_text())
     assert doc["models"] == ["reference"] and "reference/obsfree" in doc["scores"]["main"]
+
+
+def test_results_dataset_dims_sel_and_netcdf(setup):
+    """The scores are one Dataset over (setting, model, method, kind, stat, metric, time); a
+    ``.sel`` gives the numbers of metrics.json, and metrics.nc holds the same Dataset."""
+    _, _, ev, out = setup
+    ds = ev.ds
+    assert ds.score.dims == ("setting", "model", "method", "kind", "stat", "metric", "time")
+    assert list(ds.setting.values) == ["main", "density=0.05"]
+    assert list(ds.model.values) == ["background", "reference", "copy", "Align-M"]
+    assert list(ds.method.values) == ["obsfree", "repaint", "dps"]
+    assert list(ds.kind.values) == ["analysis", "forecast"]
+    assert list(ds.stat.values) == ["member", "ensmean", "ensemble"]
+    assert {"mse", "wrmse_z500", "geo_score", "crps", "spread_skill"} <= set(ds.metric.values)
+    assert ds.sizes["time"] == 3 and ds.attrs["forecast_hours"] == 48 and ds.attrs["forecast_steps"] == 8
+    for v in ("pct", "ci_lo", "ci_hi", "n", "n_nan", "block"):
+        assert ds[v].dims == ("setting", "model", "method", "kind", "stat", "metric")
+    doc = json.loads((out / "metrics.json").read_text())
+    cell = {"setting": "main", "model": "Align-M", "method": "dps", "kind": "forecast", "stat": "member",
+            "metric": "wrmse_z500"}
+    assert float(ds.time_mean.sel(cell)) == doc["scores"]["main"]["Align-M/dps"]["forecast"]["member"]["wrmse_z500"]
+    ch = doc["changes"]["main"]["Align-M/dps"]["forecast"]["member"]["wrmse_z500"]
+    assert float(ds.pct.sel(cell)) == ch["pct"] and [float(ds.ci_lo.sel(cell)), float(ds.ci_hi.sel(cell))] == ch["ci"]
+    assert int(ds.n.sel(cell)) == ch["n"] == 3
+    assert list(ds.score.sel(cell).values) == doc["per_time"]["main"]["Align-M/dps"]["forecast"]["member"]["wrmse_z500"]
+    # what was not scored: no geo_score of forecasts, no obs-free rows in the ablation
+    assert not ds.scored.sel({**cell, "metric": "geo_score"})
+    assert not ds.scored.sel({"setting": "density=0.05", "method": "obsfree", "model": "Align-M"}).any()
+    assert not ds.compared.sel({"model": "reference"}).any()  # the baseline
+    back = open_results(out / "metrics.nc")
+    assert set(back.data_vars) == set(ds.data_vars)
+    for v in ds.data_vars:
+        np.testing.assert_array_equal(back[v].values, ds[v].values)
+    assert list(back.model.values) == list(ds.model.values) and back.attrs["baseline"] == "reference"
+
+
+class _CountingForecaster(nn.Module):
+    """The forecaster, recording the number of steps of every rollout."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.steps = inner, []
+
+    def rollout(self, prev, cur, steps):
+        self.steps.append(steps)
+        return self.inner.rollout(prev, cur, steps)
+
+
+def test_forecast_lead_follows_rewards_forecast_hours(setup, tmp_path):
+    """rewards.forecast_hours=24: 4 × 6 h forecasts, scored against the truth 24 h later."""
+    from align_rl.evaluation.skill import forecast_steps
+
+    _, data0, _, _ = setup
+    spy = _CountingForecaster(data0.forecaster)
+    data = EvalData(data0.truth, data0.backgrounds, data0.normalizer, data0.codec, spy)
+    cfg = load_config(None, [f"run.workdir={tmp_path}", "run.wandb_mode=disabled", "data.grid=16x32",
+                             "data.test=[2005-01-01, 2005-12-31]", "sampler.steps=2",
+                             "guidance.methods=[obsfree]", "eval.times=2", "eval.members=2",
+                             "eval.map_samples=1", "rewards.forecast_hours=24"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ev = run_evaluation(cfg, Workspace.from_config(cfg), {"reference": Prior()}, data=data,
+                            out=tmp_path / "ev", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert spy.steps and set(spy.steps) == {4}
+    assert ev.ds.attrs["forecast_hours"] == 24 and ev.ds.attrs["forecast_steps"] == 4
+    assert ev.meta["forecast_start"].endswith("4 x 6 h")
+    assert "Table 2 — 24 h forecasts" in (tmp_path / "ev" / "report.md").read_text()
+    # the background's forecast score, by hand: 4 steps from (x(t − 6 h), x_b(t)) against x(t + 24 h)
+    times = ev.times
+    norm = data.normalizer
+
+    def at(states, ts):
+        idx = [states.time_index(t) for t in ts]
+        return torch.as_tensor(norm.normalize(states.values[idx].astype(np.float64)), dtype=torch.float32)
+
+    six, day = np.timedelta64(6, "h"), np.timedelta64(24, "h")
+    with torch.no_grad():
+        fc = data0.forecaster.rollout(at(data.truth, times - six), at(data.backgrounds, times), 4)[:, -1]
+    want = ((fc.double() - at(data.truth, times + day).double()) ** 2).mean(dim=(1, 2, 3)).mean()
+    assert score(ev.ds, "background", "obsfree", "forecast", "mse") == pytest.approx(float(want), rel=1e-6)
+    assert forecast_steps(48) == 8
+    with pytest.raises(ConfigError, match="multiple of 6"):
+        forecast_steps(50)

@@ -168,17 +168,42 @@ def test_validation_config_uses_the_val_split_one_method_and_a_fixed_seed():
     assert v.run.seed == 5 and v.run.wandb_mode == "disabled"
 
 
+def _results(rows: dict):
+    """Summarised evaluation results (one time) holding ``{"<model>/<method>": {kind: {stat:
+    {metric: value}}}}``."""
+    import numpy as np
+
+    from align_rl.evaluation.results import ScoreTable, summarise
+
+    table = ScoreTable()
+    for row, kinds in rows.items():
+        model, method = row.split("/")
+        for kind, stats in kinds.items():
+            for stat, mets in stats.items():
+                table.add("main", model, method, kind, stat, {k: [v] for k, v in mets.items()})
+    setting = {"name": "main", "density": 0.01, "sigma_o": 0.0, "ablation": "main", "observed_fraction": 0.01}
+    models = list(dict.fromkeys(r.split("/")[0] for r in rows))
+    methods = list(dict.fromkeys(r.split("/")[1] for r in rows))
+    ds = table.to_dataset([setting], models, methods, np.array(["2005-01-01"], "datetime64[ns]"),
+                          {"members": 2, "grid": "4x8"})
+    return summarise(ds, models[0])
+
+
 def test_eval_metrics_and_changes_from_a_summary():
     row = {"analysis": {"member": {"mse": 0.5, "mae": 0.4, "geo_score": 90.0},
                         "ensmean": {"mse": 0.3}, "ensemble": {"crps": 0.2}},
            "forecast": {"member": {"mse": 0.8}, "ensmean": {"mse": 0.6}}}
-    m = eval_metrics({"scores": {"main": {"policy/obsfree": row}}}, "policy/obsfree")
+    m = eval_metrics(_results({"policy/obsfree": row}), "policy/obsfree")
     assert m == {"val_mse": 0.5, "val_mae": 0.4, "val_mse_ensmean": 0.3, "val_geo_score": 90.0,
                  "val_crps": 0.2, "val_fc_mse": 0.8, "val_fc_mse_ensmean": 0.6}
     c = with_changes(m, {"val_mse": 0.4, "val_geo_score": 100.0})
     assert c["val_mse_change_pct"] == pytest.approx(25.0)
     assert c["val_geo_score_change_pct"] == pytest.approx(-10.0)
     assert "val_mae_change_pct" not in c
+    from align_rl.errors import InputError
+
+    with pytest.raises(InputError, match="no row 'policy/dps'"):
+        eval_metrics(_results({"policy/obsfree": row}), "policy/dps")
 
 
 @pytest.mark.parametrize("path", TUNE_CONFIGS, ids=lambda p: p.name)

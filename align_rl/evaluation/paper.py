@@ -1,11 +1,19 @@
-"""The report's "Alignment against the paper" section: the aligned models' changes beside the
-Align-DA paper's numbers, with the verdict of :func:`align_rl.evaluation.verdict.gain_verdict`."""
+"""The comparisons with the Align-DA paper: the report's acceptance checks (:func:`paper_checks`)
+and its "Alignment against the paper" section (:func:`alignment_section`): the aligned models'
+changes beside the paper's numbers, with the verdict of
+:func:`align_rl.evaluation.verdict.gain_verdict`. Both select from the results Dataset
+(:mod:`align_rl.evaluation.results`)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
+import xarray as xr
+
+from align_rl.evaluation.results import BACKGROUND, as_dataset, row_changes, score
+from align_rl.evaluation.verdict import gain_verdict
 
 
 PAPER = {  # Align-DA, ERA5, 1 % observations: % change of MSE against the unaligned model
@@ -18,32 +26,33 @@ PAPER = {  # Align-DA, ERA5, 1 % observations: % change of MSE against the unali
 METHOD_LABEL = {"obsfree": "ObsFree", "repaint": "Repaint", "dps": "DPS"}
 
 
-def _change(summary: dict, row: str, table: str, metric: str = "mse", stat: str = "member"):
-    try:
-        return summary["changes"]["main"][row][table][stat][metric]
-    except KeyError:
-        return None
+def paper_checks(ds: xr.Dataset, baseline: str) -> list[dict]:
+    """The issue's acceptance checks on the main setting, with the numbers (passed or not):
+    the DPS ensemble-mean analysis beats the background, and the single-member MSE orders
+    DPS ≤ Repaint ≤ ObsFree. ``ds``: the summarised results (:mod:`align_rl.evaluation.results`)."""
+    out = []
+    methods = [str(m) for m in ds["method"].values]
+    bg = score(ds, BACKGROUND, methods[0], "analysis", "mse", "ensmean") if methods else None
+    dps = score(ds, baseline, "dps", "analysis", "mse", "ensmean")
+    if bg is not None and dps is not None:
+        out.append({"check": "DPS ensemble-mean analysis MSE < background MSE",
+                    "passed": bool(dps < bg), "values": {"dps_ensmean": dps, "background": bg}})
+    single = {m: score(ds, baseline, m, "analysis", "mse") for m in ("dps", "repaint", "obsfree")}
+    if all(v is not None for v in single.values()):
+        ok = single["dps"] <= single["repaint"] <= single["obsfree"]
+        out.append({"check": "single-member MSE: DPS <= Repaint <= ObsFree", "passed": bool(ok),
+                    "values": single})
+    return out
 
 
-def _score(summary: dict, row: str, table: str, metric: str, stat: str = "member"):
-    try:
-        return summary["scores"]["main"][row][table][stat][metric]
-    except KeyError:
-        return None
-
-
-def _row_changes(summary: dict, row: str) -> dict | None:
-    return summary.get("changes", {}).get("main", {}).get(row)
-
-
-def alignment_section(summary: dict, variants: list[str], methods: list[str], info: dict) -> str:
+def alignment_section(results, variants: list[str], methods: list[str], info: dict) -> str:
     """Markdown: % change of analysis and 48 h forecast MSE of each aligned model against the
     reference (95 % moving-block bootstrap interval over test times), the ensemble-mean MSE and
     CRPS beside them, the paper's numbers, and the verdict of
     :func:`align_rl.evaluation.verdict.gain_verdict` (a gain needs the single-member MSE lower with its
-    interval below 0, and neither the ensemble-mean MSE nor the CRPS higher, and no NaN)."""
-    from align_rl.evaluation.verdict import gain_verdict
-
+    interval below 0, and neither the ensemble-mean MSE nor the CRPS higher, and no NaN).
+    ``results``: an :class:`~align_rl.evaluation.results.Evaluation` or its Dataset."""
+    ds = as_dataset(results)
     lines = ["", "## Alignment against the paper (Align-DA)", "",
              f"Pairs: {info.get('pairs', {})}; DPO: {info.get('dpo', {})}.",
              "Relative change against the reference, on held-out test times never used for pairs or "
@@ -65,8 +74,7 @@ def alignment_section(summary: dict, variants: list[str], methods: list[str], in
 
     for v in variants:
         for m in methods:
-            row = f"Align-{v}/{m}"
-            ch = _row_changes(summary, row)
+            ch = row_changes(ds, f"Align-{v}", m)
             if ch is None:
                 continue
             a, f = ch["analysis"]["member"]["mse"], ch["forecast"]["member"]["mse"]
@@ -86,9 +94,9 @@ def alignment_section(summary: dict, variants: list[str], methods: list[str], in
                   "| method | reference | Align-P | change (95 % CI of the % change) | raised? | paper (DPS) |",
                   "|---|---|---|---|---|---|"]
         for m in methods:
-            r0 = _score(summary, f"reference/{m}", "analysis", "geo_score")
-            r1 = _score(summary, f"Align-P/{m}", "analysis", "geo_score")
-            ch = _row_changes(summary, f"Align-P/{m}")
+            r0 = score(ds, "reference", m, "analysis", "geo_score")
+            r1 = score(ds, "Align-P", m, "analysis", "geo_score")
+            ch = row_changes(ds, "Align-P", m)
             if r0 is None or r1 is None or ch is None:
                 continue
             g = ch["analysis"]["member"]["geo_score"]
@@ -116,8 +124,6 @@ def alignment_section(summary: dict, variants: list[str], methods: list[str], in
 
 
 def _append_report(path: Path, text: str) -> None:
-    import os
-
     body = path.read_text() if path.exists() else "# Evaluation\n"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(body.rstrip("\n") + "\n" + text)

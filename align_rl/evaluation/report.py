@@ -1,4 +1,5 @@
-"""The evaluation's files: ``report.md``, ``metrics.json``, ``metrics.csv``, maps (PNG), analyses (zarr).
+"""The evaluation's files: ``report.md``, ``metrics.json``, ``metrics.csv``, ``metrics.nc`` (the
+results Dataset of :mod:`align_rl.evaluation.results`), maps (PNG), analyses (zarr).
 
 Everything is written into a temporary folder beside the output folder and renamed into place at
 the end, so a crash never leaves a half-written report.
@@ -10,10 +11,18 @@ import csv
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xarray as xr
+
+from align_rl.evaluation.results import (BACKGROUND, Evaluation, cell_change, cell_score, changes_doc,
+                                         scores_doc, select_row, was_scored, write_netcdf)
+from align_rl.io.states import States
+from align_rl.io.store import write_states
+from align_rl.owned import staged
 
 METRIC_LABELS: dict[str, str] = {
     "mse": "MSE",
@@ -34,8 +43,6 @@ METHOD_LABELS = {"obsfree": "ObsFree", "repaint": "Repaint", "dps": "DPS"}
 
 def _nanmean(a: np.ndarray, axis: int = 0) -> np.ndarray:
     """Mean over ``axis`` ignoring NaNs (all-NaN -> NaN, silently)."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(a, axis=axis)
@@ -43,22 +50,6 @@ def _nanmean(a: np.ndarray, axis: int = 0) -> np.ndarray:
 
 def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf -> None, numpy -> python."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _clean(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def _fmt(v: float | None, metric: str = "") -> str:
@@ -87,30 +78,28 @@ def _label(row: str, baseline: str) -> str:
     return m if model == baseline else f"{model}-{m}"
 
 
-def table_md(summary: dict, setting: str, table: str, stat: str, metrics: list[str],
+def table_md(ds: xr.Dataset, setting: str, table: str, stat: str, metrics: list[str],
              baseline: str, models: list[str], methods: list[str], background: bool = True) -> str:
     """A markdown table: rows background + (method × model), columns ``metrics``; aligned rows carry
-    their % change against the baseline and its 95 % bootstrap interval."""
-    sc = summary["scores"].get(setting, {})
-    ch = summary["changes"].get(setting, {})
+    their % change against the baseline and its 95 % bootstrap interval. ``ds``: the results."""
     head = "| | " + " | ".join(METRIC_LABELS.get(m, m) for m in metrics) + " |"
     lines = [head, "|" + "---|" * (len(metrics) + 1)]
-    rows = (["background"] if background else []) + [f"{mo}/{me}" for me in methods for mo in models]
-    for row in rows:
-        vals = sc.get(row, {}).get(table, {}).get(stat)
-        if vals is None:
+    cells = ([("background", BACKGROUND, methods[0])] if background and methods else [])
+    cells += [(f"{mo}/{me}", mo, me) for me in methods for mo in models]
+    for row, mo, me in cells:
+        if not was_scored(ds, mo, me, table, stat, setting):
             continue
-        chs = ch.get(row, {}).get(table, {}).get(stat, {})
-        cells = [_fmt(vals.get(m), m) + _pct(chs.get(m)) for m in metrics]
-        lines.append(f"| {_label(row, baseline)} | " + " | ".join(cells) + " |")
+        r = select_row(ds, mo, me, setting)
+        texts = [_fmt(cell_score(r, table, m, stat), m) + _pct(cell_change(r, table, m, stat))
+                 for m in metrics]
+        lines.append(f"| {_label(row, baseline)} | " + " | ".join(texts) + " |")
     return "\n".join(lines)
 
 
-def write_report_md(path: Path, summary: dict, baseline: str, models: list[str], methods: list[str],
-                    files: list[str]) -> None:
-    s = summary
+def _intro(doc: dict) -> list[str]:
+    s = doc
     main = next(x for x in s["settings"] if x["name"] == "main")
-    L = [
+    return [
         "# Align-DA evaluation",
         "",
         f"{s['n_times']} held-out analysis times ({s['times'][0]} … {s['times'][-1]}), grid {s['grid']}, "
@@ -118,44 +107,55 @@ def write_report_md(path: Path, summary: dict, baseline: str, models: list[str],
         f"C = {s['sampler']['corrections']}, τ = {s['sampler']['tau']}; observations: density "
         f"{main['density']:g} (observed fraction {main['observed_fraction']:.4f}), σ_o = {main['sigma_o']:g}; "
         f"DPS ζ = {s['guidance']['dps_zeta']}, likelihood {s['guidance']['dps_likelihood']}. "
-        f"Models: {', '.join(models)}; % changes against **{baseline}** (same observations and "
+        f"Models: {', '.join(s['models'])}; % changes against **{s['baseline']}** (same observations and "
         "sampler noise), with 95 % paired bootstrap intervals over times. Every score is computed "
         "per analysis time, then averaged. MSE/MAE over the 69 normalised channels; WRMSE in "
         "physical units. *Single member*: each member's score averaged over members (the expected "
         "score of one analysis, as in the paper); *ensemble mean*: the score of the members' mean.",
         "",
+    ]
+
+
+def _main_tables(ds: xr.Dataset, doc: dict) -> list[str]:
+    """Tables 1, 1b, 2, 2b and the probabilistic scores of the main setting."""
+    args = (doc["baseline"], doc["models"], doc["methods"])
+    lead = f"{int(ds.attrs['forecast_hours'])} h"
+    prob = ["crps", "crps_z500", "spread_skill", "spread_skill_z500"]
+    return [
         "## Table 1 — analysis accuracy (single member)",
         "",
-        table_md(s, "main", "analysis", "member", TABLE_METRICS + ["geo_score"], baseline, models, methods),
+        table_md(ds, "main", "analysis", "member", TABLE_METRICS + ["geo_score"], *args),
         "",
         "## Table 1b — analysis accuracy (ensemble mean)",
         "",
-        table_md(s, "main", "analysis", "ensmean", TABLE_METRICS + ["geo_score"], baseline, models, methods),
+        table_md(ds, "main", "analysis", "ensmean", TABLE_METRICS + ["geo_score"], *args),
         "",
-        "## Table 2 — 48 h forecasts from the analyses (single member)",
+        f"## Table 2 — {lead} forecasts from the analyses (single member)",
         "",
-        f"Forecast start: {s['forecast_start']}.",
+        f"Forecast start: {doc['forecast_start']}.",
         "",
-        table_md(s, "main", "forecast", "member", TABLE_METRICS, baseline, models, methods),
+        table_md(ds, "main", "forecast", "member", TABLE_METRICS, *args),
         "",
-        "## Table 2b — 48 h forecasts (ensemble mean of the member forecasts)",
+        f"## Table 2b — {lead} forecasts (ensemble mean of the member forecasts)",
         "",
-        table_md(s, "main", "forecast", "ensmean", TABLE_METRICS, baseline, models, methods),
+        table_md(ds, "main", "forecast", "ensmean", TABLE_METRICS, *args),
         "",
         "## Probabilistic scores (not in the paper)",
         "",
-        "Fair CRPS and spread/skill ratio (1 = reliable) of the analysis ensembles and of their 48 h forecasts.",
+        f"Fair CRPS and spread/skill ratio (1 = reliable) of the analysis ensembles and of their {lead} forecasts.",
         "",
-        table_md(s, "main", "analysis", "ensemble",
-                 ["crps", "crps_z500", "spread_skill", "spread_skill_z500"], baseline, models, methods,
-                 background=False),
+        table_md(ds, "main", "analysis", "ensemble", prob, *args, background=False),
         "",
-        table_md(s, "main", "forecast", "ensemble",
-                 ["crps", "crps_z500", "spread_skill", "spread_skill_z500"], baseline, models, methods,
-                 background=False),
+        table_md(ds, "main", "forecast", "ensemble", prob, *args, background=False),
         "",
     ]
-    abl = [x for x in s["settings"] if x["ablation"] != "main"]
+
+
+def _ablation_tables(ds: xr.Dataset, doc: dict) -> list[str]:
+    """Tables 3 (observation density) and 4 (observation error), single member."""
+    L: list[str] = []
+    abl = [x for x in doc["settings"] if x["ablation"] != "main"]
+    methods = [m for m in doc["methods"] if m != "obsfree"]
     for kind, title in (("density", "Table 3 — observation density"), ("error", "Table 4 — observation error")):
         sets = [x for x in abl if x["ablation"] == kind]
         if not sets:
@@ -163,34 +163,47 @@ def write_report_md(path: Path, summary: dict, baseline: str, models: list[str],
         L += [f"## {title} (single member)", ""]
         for x in sets:
             L += [f"### {x['name']} (density {x['density']:g}, σ_o = {x['sigma_o']:g})", "",
-                  table_md(s, x["name"], "analysis", "member", TABLE_METRICS, baseline, models,
-                           [m for m in methods if m != "obsfree"], background=False), ""]
-    L += ["## Checks", ""]
-    if not s["checks"]:
+                  table_md(ds, x["name"], "analysis", "member", TABLE_METRICS, doc["baseline"], doc["models"],
+                           methods, background=False), ""]
+    return L
+
+
+def _checks_and_failures(doc: dict) -> list[str]:
+    L = ["## Checks", ""]
+    if not doc["checks"]:
         L.append("(the checks need the reference with DPS, Repaint and ObsFree)")
-    for c in s["checks"]:
+    for c in doc["checks"]:
         vals = ", ".join(f"{k} {_fmt(v)}" for k, v in c["values"].items())
         L.append(f"- {'✅' if c['passed'] else '❌'} {c['check']}: {vals}")
         if not c["passed"]:
             L.append("  - not reproduced on this run; see the numbers above (small ensembles, few "
                      "times and a briefly trained prior make these orderings noisy)")
-    if s.get("failures"):
+    if doc.get("failures"):
         L += ["", "## Failures", "", "Analyses that diverged (NaN) are scored as missing:", ""]
         L += [f"- {f['setting']} {f['row']} times {f['times'][0]}–{f['times'][1]}: {f['error']}"
-              for f in s["failures"]]
+              for f in doc["failures"]]
+    return L
+
+
+def write_report_md(path: Path, ds: xr.Dataset, doc: dict, files: list[str]) -> None:
+    """``report.md``: the tables from the results ``ds``, the run's facts from ``doc`` (the
+    ``metrics.json`` document), the list of ``files``."""
+    L = _intro(doc) + _main_tables(ds, doc) + _ablation_tables(ds, doc) + _checks_and_failures(doc)
     L += ["", "## Files", ""] + [f"- `{f}`" for f in files]
-    L += ["", f"Evaluation time: {s.get('seconds', 0):.0f} s.", ""]
+    L += ["", f"Evaluation time: {doc.get('seconds', 0):.0f} s.", ""]
     path.write_text("\n".join(L))
 
 
-def write_csv(path: Path, summary: dict) -> None:
+def write_csv(path: Path, ds: xr.Dataset) -> None:
+    """``metrics.csv``: one row per (setting, kind, row, stat, metric) with the time mean and the
+    change against the baseline (empty when not compared)."""
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["setting", "table", "row", "model", "method", "stat", "metric", "value",
                     "pct_vs_baseline", "ci_lo", "ci_hi"])
-        for setting, rows in summary["scores"].items():
-            chs = summary["changes"].get(setting, {})
-            for row, tabs in rows.items():
+        for setting in (str(x) for x in ds["setting"].values):
+            chs = changes_doc(ds, setting)
+            for row, tabs in scores_doc(ds, setting).items():
                 model, meth = (row.split("/", 1) + [""])[:2] if "/" in row else (row, "")
                 for tab, stats in tabs.items():
                     for st, mets in stats.items():
@@ -243,43 +256,46 @@ def plot_maps(path: Path, maps: dict[str, np.ndarray], lat: np.ndarray, lon: np.
     return [path.name]
 
 
-def write_outputs(out_dir: Path, summary: dict, per_time: dict, maps: dict[str, np.ndarray],
-                  ens_means: dict[tuple[str, str], np.ndarray], times: np.ndarray, data: Any,
-                  baseline: str, models: list[str], methods: list[str]) -> Path:
-    """Write every file of the evaluation into ``out_dir`` atomically (see module doc)."""
-    from align_rl.io.states import States
-    from align_rl.io.store import write_states
-
-    from align_rl.owned import staged
-
+def write_outputs(out_dir: Path, ev: Evaluation, maps: dict[str, np.ndarray],
+                  ens_means: dict[tuple[str, str], np.ndarray], data: Any) -> Path:
+    """Write every file of the evaluation into ``out_dir`` atomically (see module doc); records
+    them in ``ev.meta["files"]``. ``maps``: z500 errors for :func:`plot_maps`; ``ens_means``:
+    physical ensemble means (T, 69, H, W) per (model, method)."""
     out_dir = Path(out_dir)
     # a new folder replaces the old one atomically; an existing folder not made by align_rl is
     # refused (align_rl.owned)
     with staged(out_dir, "eval") as tmp:
         tmp.mkdir()
-        files = ["report.md", "metrics.json", "metrics.csv"]
+        files = ["report.md", "metrics.json", "metrics.csv", "metrics.nc"]
         (tmp / "maps").mkdir()
         plot_maps(tmp / "maps" / "z500_error_reduction.png", maps, data.truth.lat, data.truth.lon,
-                  baseline, models, methods)
+                  ev.baseline, ev.models, ev.methods)
         files.append("maps/z500_error_reduction.png")
-        (tmp / "analyses").mkdir()
-        stores = {}
-        for (mo, me), values in ens_means.items():
-            name = f"analyses/{safe_name(mo)}-{me}.zarr"
-            st = States(values.astype(np.float32), times, data.truth.lat, data.truth.lon,
-                        attrs={"title": f"Align-DA analyses (ensemble mean) of {mo} with {me}",
-                               "model": mo, "guidance": me,
-                               "normalization": data.normalizer.to_dict()})
-            write_states(tmp / name, st)
-            stores[f"{mo}/{me}"] = name
-            files.append(name)
-        summary["files"] = {"analyses": stores, "maps": ["maps/z500_error_reduction.png"]}
+        stores = _write_analyses(tmp, ens_means, ev.times, data)
+        files += list(stores.values())
+        ev.meta["files"] = {"analyses": stores, "maps": ["maps/z500_error_reduction.png"]}
         if data.truth_store is not None:
-            summary["files"]["truth"] = str(data.truth_store)
-        main_pt = per_time.get("main", {})
-        doc = dict(summary)
-        doc["per_time"] = {"main": main_pt}
-        (tmp / "metrics.json").write_text(json.dumps(_clean(doc), indent=1) + "\n")
-        write_csv(tmp / "metrics.csv", summary)
-        write_report_md(tmp / "report.md", summary, baseline, models, methods, files)
+            ev.meta["files"]["truth"] = str(data.truth_store)
+        doc = ev.document(per_time=("main",))
+        (tmp / "metrics.json").write_text(json.dumps(doc, indent=1) + "\n")
+        write_csv(tmp / "metrics.csv", ev.ds)
+        write_netcdf(ev.ds, tmp / "metrics.nc")
+        write_report_md(tmp / "report.md", ev.ds, doc, files)
     return out_dir
+
+
+def _write_analyses(tmp: Path, ens_means: dict[tuple[str, str], np.ndarray], times: np.ndarray,
+                    data: Any) -> dict[str, str]:
+    """``analyses/<model>-<method>.zarr`` (WeatherBench2 layout, physical units); returns
+    ``{"<model>/<method>": relative path}``."""
+    (tmp / "analyses").mkdir()
+    stores = {}
+    for (mo, me), values in ens_means.items():
+        name = f"analyses/{safe_name(mo)}-{me}.zarr"
+        st = States(values.astype(np.float32), times, data.truth.lat, data.truth.lon,
+                    attrs={"title": f"Align-DA analyses (ensemble mean) of {mo} with {me}",
+                           "model": mo, "guidance": me,
+                           "normalization": data.normalizer.to_dict()})
+        write_states(tmp / name, st)
+        stores[f"{mo}/{me}"] = name
+    return stores

@@ -1,6 +1,8 @@
 """The evaluation that reproduces the paper's tables (docs/method.md §10).
 
-``python -m align_rl.evaluate [--config FILE] [--models NAME=CHECKPOINT ...] [key=value ...]``
+``python -m align_rl.evaluate [--config FILE] [--models NAME=CHECKPOINT ...] [key=value ...]``;
+Python: :func:`run_evaluation`, which returns an :class:`align_rl.evaluation.results.Evaluation`
+(the scores and changes as an ``xarray.Dataset``).
 
 Every model given (name → score network ``ε_θ``; the pretrained reference, aligned models later)
 × every guidance method of ``guidance.methods`` analyses the same ``eval.times`` held-out times of
@@ -11,16 +13,17 @@ setting and method), so model comparisons are paired. Per analysis time (then av
 - Table 1, analysis: MSE and MAE over the 69 normalised channels, WRMSE in physical units of
   u10, v500, z500, t850, Geo-Score; for one member (the mean over members of each member's score,
   i.e. the expected score of a single analysis, as the paper's) and for the ensemble mean;
-- Table 2, 48 h forecasts started from the analyses (the forecaster's 8 × 6 h rollout from
-  ``(x_{t−6h}, x_a)``, with ``x_{t−6h}`` the truth 6 h before: the previous analysis of a cycling
-  system **(choice)**) against the truth 48 h later;
+- Table 2, forecasts of ``rewards.forecast_hours`` (48 h: the forecaster's 8 × 6 h rollout)
+  started from the analyses at ``(x_{t−6h}, x_a)``, with ``x_{t−6h}`` the truth 6 h before (the
+  previous analysis of a cycling system **(choice)**), against the truth at the lead;
 - probabilistic scores: fair CRPS and spread/skill ratio;
 - a background row (the 48 h forecast used as ``x_b``), and its forecast;
 - ablations when ``eval.ablations`` lists ``density`` (Table 3) or ``error`` (Table 4);
 - % change against ``eval.baseline`` with a 95 % paired bootstrap interval over times.
 
 Writes into ``eval.out`` (default ``<workdir>/eval``), atomically (a temporary folder renamed into
-place): ``report.md``, ``metrics.json``, ``metrics.csv``, ``maps/*.png`` (z500 error reduction
+place): ``report.md``, ``metrics.json``, ``metrics.csv``, ``metrics.nc`` (the results Dataset,
+:mod:`align_rl.evaluation.results`), ``maps/*.png`` (z500 error reduction
 ``|x_a^ref − x_GT| − |x_a^model − x_GT|`` averaged over ``eval.map_samples`` analyses) and
 ``analyses/<model>-<method>.zarr`` (ensemble means, physical units, WeatherBench2 layout; score them
 with ``python -m align_rl.score --analysis … --truth <world store>``).
@@ -40,24 +43,24 @@ import torch
 from actors.analysis import analyse_batch  # in the driver or a (GPU) actor: eval.sampling
 from align_rl.config import Config
 from align_rl.errors import CheckpointError, ConfigError, InputError
-from align_rl.evaluation.geostrophic import geo_score
-from align_rl.evaluation.metrics import crps_ensemble, mae, mse, spread_skill, wrmse
+from align_rl.evaluation.paper import paper_checks
+from align_rl.evaluation.report import write_outputs
+from align_rl.evaluation.results import BACKGROUND, Evaluation, ScoreTable, scores_doc, summarise
+from align_rl.evaluation.skill import (STEP_HOURS, deterministic_metrics, forecast_from, forecast_steps,
+                                       hours, score_batch)
 from align_rl.io.normalization import Normalizer
 from align_rl.io.schema import channel_index
 from align_rl.io.states import States
-from align_rl.evaluation.verdict import paired_change
 from align_rl.workspace import Workspace
-
-TABLE_VARS: tuple[str, ...] = ("u10", "v500", "z500", "t850")
-"""Channels whose physical WRMSE the paper's tables report."""
-LEAD_STEPS = 8  # 48 h = 8 × 6 h
-STEP_HOURS = 6
+from align_rl.world.backgrounds import LEAD_STEPS as BACKGROUND_STEPS
+from align_rl.world.observations import make_observations
 
 
 @dataclass
 class EvalData:
     """Everything the evaluation reads, in physical units (``truth`` must hold ``t − 6 h`` and
-    ``t + 48 h`` of every analysis time ``t``; ``backgrounds`` the 48 h forecast valid at ``t``)."""
+    ``t + rewards.forecast_hours`` of every analysis time ``t``; ``backgrounds`` the 48 h forecast
+    valid at ``t``)."""
 
     truth: States
     backgrounds: States
@@ -76,109 +79,80 @@ class ObsSetting:
 
 
 @dataclass
-class _Collector:
-    """Per-time metric arrays: ``values[setting][row][table][stat][metric] -> list of (T,) arrays``."""
+class Inputs:
+    """The normalised fields ``(T, 69, H, W)`` at the analysis times ``times``: the truth at ``t``,
+    ``t − 6 h`` and ``t + steps · 6 h``, and the backgrounds at ``t``."""
 
-    values: dict = field(default_factory=dict)
-
-    def add(self, setting: str, row: str, table: str, stat: str, metrics: dict[str, np.ndarray]):
-        d = self.values.setdefault(setting, {}).setdefault(row, {}).setdefault(table, {}).setdefault(stat, {})
-        for k, v in metrics.items():
-            d.setdefault(k, []).append(np.asarray(v, dtype=np.float64).reshape(-1))
-
-    def arrays(self) -> dict:
-        def walk(d):
-            if isinstance(d, dict):
-                return {k: walk(v) for k, v in d.items()}
-            return np.concatenate(d)
-        return walk(self.values)
+    times: np.ndarray
+    truth: torch.Tensor
+    prev: torch.Tensor
+    truth_fc: torch.Tensor
+    background: torch.Tensor
+    steps: int
 
 
-# ----------------------------------------------------------------------------- metrics
-def _hours(h: int) -> np.timedelta64:
-    return np.timedelta64(int(h), "h").astype("timedelta64[ns]")
+@dataclass
+class _Plan:
+    """What one evaluation runs: settings × methods × models, ensembles and batches."""
+
+    settings: list[ObsSetting]
+    methods: list[str]
+    baseline: str
+    members: int
+    batch: int
+    map_n: int
 
 
-def deterministic_metrics(x_norm: torch.Tensor, truth_norm: torch.Tensor, normalizer: Normalizer,
-                          lat: np.ndarray, lon: np.ndarray, geo: bool = True) -> dict[str, np.ndarray]:
-    """Scores of fields ``x_norm`` (T, [N,] 69, H, W) against ``truth_norm`` (T, 69, H, W), both
-    normalised. With a member axis the scores are averaged over members. Returns (T,) arrays:
-    ``mse``, ``mae`` (normalised), ``wrmse_<var>`` (physical units), ``geo_score``."""
-    has_members = x_norm.ndim == 5
-    t = truth_norm.unsqueeze(1) if has_members else truth_norm
-    x64, t64 = x_norm.double(), t.double()
-    xp, tp = normalizer.denormalize(x64), normalizer.denormalize(t64)
-    out = {"mse": mse(x64, t64), "mae": mae(x64, t64)}
-    w = wrmse(xp, tp, lat)
-    for v in TABLE_VARS:
-        out[f"wrmse_{v}"] = w[..., channel_index(v)]
-    if geo:
-        out["geo_score"] = geo_score(xp, tp, lat, lon)
-    res = {}
-    for k, v in out.items():
-        v = v.detach().cpu().numpy()
-        res[k] = v.mean(axis=1) if has_members else v
-    return res
+@dataclass
+class _Products:
+    """What the sampling leaves: the scores; per (model, method) of the main setting the ensemble
+    means (physical, (T, 69, H, W)) and the z500 errors of the first map times (``|ens. mean −
+    truth|``, (map_n, H, W)), in batches; per setting the observed fraction; the failures."""
+
+    table: ScoreTable = field(default_factory=ScoreTable)
+    ens_means: dict = field(default_factory=dict)
+    z500_err: dict = field(default_factory=dict)
+    obs_fraction: dict = field(default_factory=dict)
+    failures: list = field(default_factory=list)
 
 
-def probabilistic_metrics(ens_norm: torch.Tensor, truth_norm: torch.Tensor, normalizer: Normalizer,
-                          lat: np.ndarray) -> dict[str, np.ndarray]:
-    """Fair CRPS (mean over the 69 normalised channels; z500 in physical units) and the
-    spread/skill ratio (mean over channels; z500) of an ensemble (T, N, 69, H, W). (T,) arrays."""
-    e64, t64 = ens_norm.double(), truth_norm.double()
-    crps = crps_ensemble(e64, t64, lat)
-    ss = spread_skill(e64, t64, lat)
-    iz = channel_index("z500")
-    std = float(normalizer.std[iz])
-    return {
-        "crps": crps.mean(dim=-1).cpu().numpy(),
-        "crps_z500": (crps[..., iz] * std).cpu().numpy(),
-        "spread_skill": ss.mean(dim=-1).cpu().numpy(),
-        "spread_skill_z500": ss[..., iz].cpu().numpy(),
-    }
+@dataclass
+class _Run:
+    """One evaluation in progress."""
 
-
-def forecast_48h(forecaster: Any, x_prev: torch.Tensor, x0: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    """The 48 h forecast (normalised) from ``(x_prev (T, 69, H, W), x0 (T, [N,] 69, H, W))``."""
-    has_members = x0.ndim == 5
-    if has_members:
-        T, N = x0.shape[:2]
-        prev = x_prev.unsqueeze(1).expand_as(x0).reshape(T * N, *x0.shape[2:])
-        cur = x0.reshape(T * N, *x0.shape[2:])
-    else:
-        prev, cur = x_prev, x0
-    out = []
-    dev = _module_device(forecaster)
-    with torch.no_grad():
-        for i in range(0, cur.shape[0], batch):
-            r = forecaster.rollout(prev[i:i + batch].to(dev), cur[i:i + batch].to(dev), LEAD_STEPS)
-            out.append(r[:, -1].float().cpu())
-    f = torch.cat(out)
-    return f.reshape(x0.shape) if has_members else f
-
-
-def _module_device(m: Any) -> torch.device:
-    try:
-        return next(m.parameters()).device
-    except (AttributeError, StopIteration, TypeError):
-        return torch.device("cpu")
+    cfg: Config
+    data: EvalData
+    inp: Inputs
+    plan: _Plan
+    prod: _Products = field(default_factory=_Products)
 
 
 # ----------------------------------------------------------------------------- set-up
-def select_times(truth: States, backgrounds: States, test_range: list[str] | None, n: int) -> np.ndarray:
+def truth_window(split: list[str], forecast_hours: int) -> tuple[np.datetime64, np.datetime64]:
+    """The time range of truth that the evaluation of the dates ``split`` ([first, last] day)
+    reads: from the backgrounds' first input (``2 × 48 h`` before, generous) to the last day's end
+    plus ``forecast_hours``."""
+    start = np.datetime64(split[0]) - hours(2 * STEP_HOURS * BACKGROUND_STEPS)
+    end = np.datetime64(split[-1]) + np.timedelta64(1, "D") + hours(forecast_hours)
+    return start, end
+
+
+def select_times(truth: States, backgrounds: States, test_range: list[str] | None, n: int,
+                 forecast_hours: int = STEP_HOURS * BACKGROUND_STEPS) -> np.ndarray:
     """``n`` analysis times, evenly spread over the test range, whose background, ``t − 6 h`` and
-    ``t + 48 h`` truth exist (datetime64[ns])."""
+    ``t + forecast_hours`` truth exist (datetime64[ns])."""
     cand = backgrounds.times
     if test_range:
         cand = backgrounds.select(test_range[0], test_range[-1]).times
     have = truth.times.astype("datetime64[ns]")
     cand = np.asarray(cand, dtype="datetime64[ns]")
-    ok = cand[np.isin(cand, have) & np.isin(cand - _hours(STEP_HOURS), have)
-              & np.isin(cand + _hours(STEP_HOURS * LEAD_STEPS), have)]
+    ok = cand[np.isin(cand, have) & np.isin(cand - hours(STEP_HOURS), have)
+              & np.isin(cand + hours(forecast_hours), have)]
     if len(ok) == 0:
         raise InputError(
-            f"no test time in {test_range} has a background and the truth 6 h before and 48 h after; "
-            "check data.test and the backgrounds (python -m align_rl.pretrain all)"
+            f"no test time in {test_range} has a background and the truth 6 h before and "
+            f"{forecast_hours} h after; check data.test, rewards.forecast_hours and the backgrounds "
+            "(python -m align_rl.pretrain all)"
         )
     if n >= len(ok):
         return ok
@@ -211,9 +185,7 @@ def load_eval_data(cfg: Config, ws: Workspace) -> tuple[EvalData, Any]:
     store = ensure_world(cfg, ws)
     pre = ensure_pretrained(cfg, ws)
     normalizer = getattr(pre, "normalizer", None) or era5.load_normalizer(store)
-    test = cfg.data.test
-    start = np.datetime64(test[0]) - _hours(2 * STEP_HOURS * LEAD_STEPS)
-    end = np.datetime64(test[-1]) + np.timedelta64(1, "D") + _hours(STEP_HOURS * LEAD_STEPS)
+    start, end = truth_window(cfg.data.test, cfg.rewards.forecast_hours)
     truth = era5.open_states(store, time_range=[start, end], coarsen=cfg.data.coarsen,
                              expect_grid=cfg.data.grid, check_units=cfg.checks.units)
     bgs = ensure_backgrounds(cfg, ws, truth, pre.forecaster)
@@ -221,7 +193,6 @@ def load_eval_data(cfg: Config, ws: Workspace) -> tuple[EvalData, Any]:
     return data, pre.eps_model
 
 
-# ----------------------------------------------------------------------------- main loop
 def _norm_t(normalizer: Normalizer, states: States, times: np.ndarray) -> torch.Tensor:
     idx = [states.time_index(t) for t in times]
     if any(i is None for i in idx):
@@ -229,6 +200,130 @@ def _norm_t(normalizer: Normalizer, states: States, times: np.ndarray) -> torch.
     return torch.as_tensor(normalizer.normalize(states.values[idx].astype(np.float64)), dtype=torch.float32)
 
 
+def prepare_inputs(data: EvalData, times: np.ndarray, steps: int) -> Inputs:
+    """The normalised truth and backgrounds at ``times`` (forecast lead ``steps`` × 6 h)."""
+    norm = data.normalizer
+    return Inputs(times, _norm_t(norm, data.truth, times),
+                  _norm_t(norm, data.truth, times - hours(STEP_HOURS)),
+                  _norm_t(norm, data.truth, times + hours(STEP_HOURS * steps)),
+                  _norm_t(norm, data.backgrounds, times), steps)
+
+
+def _plan(cfg: Config, models: dict[str, Any], n_times: int) -> _Plan:
+    members = int(cfg.eval.members)
+    if members < 2:
+        raise ConfigError("eval.members must be >= 2 (ensemble mean, CRPS and spread/skill need it)")
+    return _Plan(observation_settings(cfg), list(cfg.guidance.methods),
+                 cfg.eval.baseline if cfg.eval.baseline in models else next(iter(models)),
+                 members, max(1, int(cfg.eval.batch_size)), min(int(cfg.eval.map_samples), n_times))
+
+
+def _check_models(cfg: Config, models: dict[str, Any]) -> None:
+    if not models:
+        raise ConfigError("run_evaluation needs at least one model (name -> score network)")
+    if BACKGROUND in models:
+        raise ConfigError(f"a model may not be named {BACKGROUND!r} (the background's row); rename it")
+    if not list(cfg.guidance.methods):
+        raise ConfigError("guidance.methods is empty; name at least one of obsfree, repaint, dps")
+
+
+# ----------------------------------------------------------------------------- sampling
+def _analyse_batch(data: EvalData, eps_model: Any, x_b: torch.Tensor, obs: Any, method: str,
+                   cfg: Config, generator: torch.Generator, members: int) -> torch.Tensor:
+    """An ensemble of ``members`` analyses of one batch of backgrounds ``x_b`` (B, 69, H, W):
+    (B, members, 69, H, W) normalised, float32 on the CPU. InputError when the sampler diverges."""
+    an = analyse_batch(cfg, data.codec, eps_model, x_b, obs, method, cfg.sampler, cfg.guidance,
+                       generator=generator, members=members)
+    return an.fields.float().cpu()
+
+
+def _score_background(run: _Run) -> np.ndarray:
+    """The background rows (the same in every setting and method) into the table; returns the
+    background's z500 errors ``|x_b − x_GT|`` of the map times (map_n, H, W), physical."""
+    data, inp, plan = run.data, run.inp, run.plan
+    norm, lat, lon = data.normalizer, data.truth.lat, data.truth.lon
+    f_bg = forecast_from(data.forecaster, inp.prev, inp.background, inp.steps)
+    bg = {"analysis": deterministic_metrics(inp.background, inp.truth, norm, lat, lon),
+          "forecast": deterministic_metrics(f_bg, inp.truth_fc, norm, lat, lon, geo=False)}
+    for s in plan.settings:
+        for meth in plan.methods:
+            for stat in ("member", "ensmean"):
+                for kind, metrics in bg.items():
+                    run.prod.table.add(s.name, BACKGROUND, meth, kind, stat, metrics)
+    iz, k = channel_index("z500"), plan.map_n
+    return (norm.denormalize(inp.background[:k].double())
+            - norm.denormalize(inp.truth[:k].double()))[:, iz].abs().numpy()
+
+
+def _keep_maps(run: _Run, key: tuple[str, str], sl: slice, xa: torch.Tensor) -> None:
+    """The main setting's ensemble mean of one batch (physical) and its z500 map errors."""
+    norm, iz = run.data.normalizer, channel_index("z500")
+    phys = norm.denormalize(xa.mean(dim=1).double())
+    run.prod.ens_means.setdefault(key, []).append(phys.float().numpy())
+    k = max(0, min(run.plan.map_n, sl.stop) - sl.start)
+    if k:
+        err = (phys[:k, iz] - norm.denormalize(run.inp.truth[sl][:k].double())[:, iz]).abs().numpy()
+        run.prod.z500_err.setdefault(key, []).append(err)
+
+
+def _sample_row(run: _Run, s: ObsSetting, obs: Any, meth: str, name: str, eps_model: Any,
+                generator: torch.Generator) -> None:
+    """Analyse and score every batch of times of one row (setting, method, model); a batch that
+    diverges is scored as NaN and listed in the failures."""
+    data, inp, plan = run.data, run.inp, run.plan
+    T, bs = len(inp.times), plan.batch
+    for i in range(0, T, bs):
+        sl = slice(i, min(T, i + bs))
+        try:
+            xa = _analyse_batch(data, eps_model, inp.background[sl], obs[sl], meth, run.cfg, generator,
+                                plan.members)
+        except InputError as exc:  # diverged (NaN): score as NaN, report, go on
+            run.prod.failures.append({"setting": s.name, "row": f"{name}/{meth}", "times": [i, sl.stop],
+                                      "error": str(exc)})
+            xa = torch.full((sl.stop - i, plan.members, *inp.background.shape[1:]), float("nan"))
+        scores = score_batch(xa, inp.truth[sl], inp.prev[sl], inp.truth_fc[sl], data.forecaster,
+                             inp.steps, data.normalizer, data.truth.lat, data.truth.lon)
+        for (kind, stat), metrics in scores.items():
+            run.prod.table.add(s.name, name, meth, kind, stat, metrics)
+        if s.ablation == "main":
+            _keep_maps(run, (name, meth), sl, xa)
+
+
+def _jobs(plan: _Plan, models: dict[str, Any]) -> list[tuple[int, ObsSetting, int, str, str]]:
+    """``(setting index, setting, method index, method, model)`` of every row, in order; no
+    observation-free rows in the ablations."""
+    return [(si, s, mi, meth, name) for si, s in enumerate(plan.settings)
+            for mi, meth in enumerate(plan.methods) for name in models
+            if not (s.ablation != "main" and meth == "obsfree")]
+
+
+def _sample_all(run: _Run, models: dict[str, Any], progress: bool) -> None:
+    """Every row of :func:`_jobs`: observations drawn once per setting (seeded by the setting),
+    sampler noise seeded by setting and method, so the models' rows are paired."""
+    cfg, jobs = run.cfg, _jobs(run.plan, models)
+    bar = _progress_bar(len(jobs)) if progress else None
+    obs: dict[int, Any] = {}
+    for si, s in enumerate(run.plan.settings):
+        obs[si] = make_observations(run.inp.truth, s.density, s.sigma_o, cfg.obs.mode, cfg.obs.r_floor,
+                                    generator=torch.Generator().manual_seed(cfg.run.seed * 1000 + 17 + si))
+        run.prod.obs_fraction[s.name] = obs[si].fraction
+    for si, s, mi, meth, name in jobs:
+        gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + 100 * si + mi)
+        _sample_row(run, s, obs[si], meth, name, models[name], gen)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{s.name} {name}/{meth}")
+    if bar is not None:
+        bar.close()
+
+
+def _progress_bar(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="evaluate", unit="run")
+
+
+# ----------------------------------------------------------------------------- main
 def run_evaluation(
     cfg: Config,
     ws: Workspace,
@@ -236,197 +331,64 @@ def run_evaluation(
     data: EvalData | None = None,
     out: str | Path | None = None,
     progress: bool = True,
-) -> dict:
+) -> Evaluation:
     """Evaluate ``models`` (name → ε_θ) × ``cfg.guidance.methods``; write the report files.
 
     ``data``: the truth, backgrounds, normaliser, codec and forecaster (loaded from the workspace
     caches when None; then ``models`` defaults to ``{"reference": pretrained ε_θ}``). Returns the
-    summary dict that is also written to ``metrics.json``.
+    results (:class:`~align_rl.evaluation.results.Evaluation`: the Dataset written to
+    ``metrics.nc`` and the rest of ``metrics.json``).
     """
     t_start = time.time()
+    models = dict(models or {})
     if data is None:
         data, ref = load_eval_data(cfg, ws)
-        models = dict(models or {})
         models.setdefault("reference", ref)
-    if not models:
-        raise ConfigError("run_evaluation needs at least one model (name -> score network)")
-    baseline = cfg.eval.baseline if cfg.eval.baseline in models else next(iter(models))
-    methods = list(cfg.guidance.methods)
-    if not methods:
-        raise ConfigError("guidance.methods is empty; name at least one of obsfree, repaint, dps")
-    settings = observation_settings(cfg)
-    times = select_times(data.truth, data.backgrounds, cfg.data.test, cfg.eval.times)
-    T = len(times)
-    norm = data.normalizer
-    lat, lon = data.truth.lat, data.truth.lon
-    x_true = _norm_t(norm, data.truth, times)
-    x_prev = _norm_t(norm, data.truth, times - _hours(STEP_HOURS))
-    x_true48 = _norm_t(norm, data.truth, times + _hours(STEP_HOURS * LEAD_STEPS))
-    x_b = _norm_t(norm, data.backgrounds, times)
-    for m in models.values():
+    _check_models(cfg, models)
+    steps = forecast_steps(cfg.rewards.forecast_hours)
+    times = select_times(data.truth, data.backgrounds, cfg.data.test, cfg.eval.times, STEP_HOURS * steps)
+    run = _Run(cfg, data, prepare_inputs(data, times, steps), _plan(cfg, models, len(times)))
+    for m in [*models.values(), data.codec]:
         if hasattr(m, "eval"):
             m.eval()
-    if hasattr(data.codec, "eval"):
-        data.codec.eval()
-    members = int(cfg.eval.members)
-    if members < 2:
-        raise ConfigError("eval.members must be >= 2 (ensemble mean, CRPS and spread/skill need it)")
-    bs = max(1, int(cfg.eval.batch_size))
-    map_n = min(int(cfg.eval.map_samples), T)
-    iz = channel_index("z500")
+    bg_err = _score_background(run)
+    _sample_all(run, models, progress)
+    ev = _summarise(run, list(models))
+    ev.meta["seconds"] = round(time.time() - t_start, 1)
+    write_outputs(Path(out or cfg.eval.out or ws.eval), ev, *_maps_and_means(run.prod, bg_err), data)
+    _log_wandb(cfg, ev)
+    return ev
 
-    col = _Collector()
-    z500_err: dict[tuple[str, str], np.ndarray] = {}  # (model, method) -> (map_n, H, W) |ens mean − GT|
-    ens_means: dict[tuple[str, str], np.ndarray] = {}  # main setting, physical (T, 69, H, W)
-    obs_fraction: dict[str, float] = {}
-    failures: list[dict] = []
-    # background rows (the same in every setting)
-    f_bg = forecast_48h(data.forecaster, x_prev, x_b)
-    bg_an = deterministic_metrics(x_b, x_true, norm, lat, lon)
-    bg_fc = deterministic_metrics(f_bg, x_true48, norm, lat, lon, geo=False)
-    bg_err = (norm.denormalize(x_b[:map_n].double()) - norm.denormalize(x_true[:map_n].double()))[:, iz].abs().numpy()
 
-    jobs = [(s, meth, name) for s in settings for meth in methods for name in models
-            if not (s.ablation != "main" and meth == "obsfree")]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+def _maps_and_means(prod: _Products, bg_err: np.ndarray) -> tuple[dict, dict]:
+    """``(z500 error maps {"background" | "<model>/<method>": (map_n, H, W)}, finite ensemble
+    means {(model, method): (T, 69, H, W)})`` (a store of NaNs is not written)."""
+    maps = {"background": bg_err, **{f"{m}/{k}": np.concatenate(v) for (m, k), v in prod.z500_err.items()}}
+    ens_means = {k: np.concatenate(v) for k, v in prod.ens_means.items()}
+    return maps, {k: v for k, v in ens_means.items() if np.all(np.isfinite(v))}
 
-        bar = tqdm(total=len(jobs), desc="evaluate", unit="run")
-    from align_rl.world.observations import make_observations
 
-    for si, s in enumerate(settings):
-        for stat in ("member", "ensmean"):
-            col.add(s.name, "background", "analysis", stat, bg_an)
-            col.add(s.name, "background", "forecast", stat, bg_fc)
-        obs = make_observations(x_true, s.density, s.sigma_o, cfg.obs.mode, cfg.obs.r_floor,
-                                generator=torch.Generator().manual_seed(cfg.run.seed * 1000 + 17 + si))
-        obs_fraction[s.name] = obs.fraction
-        for mi, meth in enumerate(methods):
-            if s.ablation != "main" and meth == "obsfree":
-                continue
-            for name, eps_model in models.items():
-                row = f"{name}/{meth}"
-                gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + 100 * si + mi)
-                for i in range(0, T, bs):
-                    sl = slice(i, min(T, i + bs))
-                    try:
-                        an = analyse_batch(cfg, data.codec, eps_model, x_b[sl], obs[sl], meth,
-                                           cfg.sampler, cfg.guidance, generator=gen, members=members)
-                        xa = an.fields.float().cpu()
-                    except InputError as exc:  # diverged (NaN): score as NaN, report, go on
-                        failures.append({"setting": s.name, "row": row, "times": [i, sl.stop],
-                                         "error": str(exc)})
-                        xa = torch.full((sl.stop - i, members, *x_b.shape[1:]), float("nan"))
-                    ens = xa.mean(dim=1)
-                    col.add(s.name, row, "analysis", "member",
-                            deterministic_metrics(xa, x_true[sl], norm, lat, lon))
-                    col.add(s.name, row, "analysis", "ensmean",
-                            deterministic_metrics(ens, x_true[sl], norm, lat, lon))
-                    col.add(s.name, row, "analysis", "ensemble",
-                            probabilistic_metrics(xa, x_true[sl], norm, lat))
-                    fm = forecast_48h(data.forecaster, x_prev[sl], xa)
-                    col.add(s.name, row, "forecast", "member",
-                            deterministic_metrics(fm, x_true48[sl], norm, lat, lon, geo=False))
-                    col.add(s.name, row, "forecast", "ensmean",
-                            deterministic_metrics(fm.mean(dim=1), x_true48[sl], norm, lat, lon, geo=False))
-                    col.add(s.name, row, "forecast", "ensemble",
-                            probabilistic_metrics(fm, x_true48[sl], norm, lat))
-                    if s.ablation == "main":
-                        phys = norm.denormalize(ens.double())
-                        ens_means.setdefault((name, meth), []).append(phys.float().numpy())
-                        k = max(0, min(map_n, sl.stop) - sl.start)
-                        if k:
-                            err = (phys[:k, iz] - norm.denormalize(x_true[sl][:k].double())[:, iz]).abs().numpy()
-                            z500_err.setdefault((name, meth), []).append(err)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix_str(f"{s.name} {row}")
-    if bar is not None:
-        bar.close()
-    per_time = col.arrays()
-    ens_means = {k: np.concatenate(v) for k, v in ens_means.items()}
-    ens_means = {k: v for k, v in ens_means.items() if np.all(np.isfinite(v))}  # no store of NaNs
-    z500_err = {k: np.concatenate(v) for k, v in z500_err.items()}
-
-    summary = summarise(per_time, baseline, list(models), methods, settings, seed=cfg.run.seed)
-    summary.update({
-        "times": [np.datetime_as_string(t, unit="h") for t in times],
-        "n_times": T,
-        "members": members,
-        "models": list(models),
-        "methods": methods,
-        "baseline": baseline,
-        "settings": [s.__dict__ | {"observed_fraction": obs_fraction[s.name]} for s in settings],
+def _summarise(run: _Run, models: list[str]) -> Evaluation:
+    """The results Dataset (time means, paired changes) and the report's other facts."""
+    cfg, plan, steps = run.cfg, run.plan, run.inp.steps
+    settings = [s.__dict__ | {"observed_fraction": run.prod.obs_fraction[s.name]} for s in plan.settings]
+    lat, lon = run.data.truth.lat, run.data.truth.lon
+    attrs = {"members": plan.members, "grid": f"{len(lat)}x{len(lon)}",
+             "forecast_hours": STEP_HOURS * steps, "forecast_steps": steps,
+             "title": "Align-DA evaluation: scores per analysis time and paired changes"}
+    ds = run.prod.table.to_dataset(settings, models, plan.methods, run.inp.times, attrs)
+    ds = summarise(ds, plan.baseline, seed=cfg.run.seed)
+    meta = {
         "sampler": {k: getattr(cfg.sampler, k) for k in ("steps", "corrections", "tau")},
         "guidance": cfg.to_dict()["guidance"],
-        "grid": f"{len(lat)}x{len(lon)}",
-        "forecast_start": "(truth at t-6h, analysis at t), 8 x 6 h",
-        "failures": failures,
-    })
-    summary["checks"] = paper_checks(summary, baseline)
-
-    from align_rl.evaluation.report import write_outputs
-
-    out_dir = Path(out or cfg.eval.out or ws.eval)
-    summary["seconds"] = round(time.time() - t_start, 1)
-    maps = {"background": bg_err, **{f"{m}/{k}": v for (m, k), v in z500_err.items()}}
-    write_outputs(out_dir, summary, per_time, maps, ens_means, times, data, baseline,
-                  list(models), methods)
-    _log_wandb(cfg, summary)
-    return summary
+        "forecast_start": f"(truth at t-6h, analysis at t), {steps} x {STEP_HOURS} h",
+        "failures": run.prod.failures,
+    }
+    meta["checks"] = paper_checks(ds, plan.baseline)
+    return Evaluation(ds, meta)
 
 
-def summarise(per_time: dict, baseline: str, models: list[str], methods: list[str],
-              settings: list[ObsSetting], seed: int = 0) -> dict:
-    """Time means of every metric and the paired % changes against ``baseline``."""
-    scores: dict = {}
-    changes: dict = {}
-    for s in settings:
-        rows = per_time.get(s.name, {})
-        scores[s.name] = {
-            row: {tab: {st: {m: float(np.nanmean(v)) for m, v in mets.items()} for st, mets in stats.items()}
-                  for tab, stats in tabs.items()}
-            for row, tabs in rows.items()
-        }
-        ch: dict = {}
-        for meth in methods:
-            base_row = rows.get(f"{baseline}/{meth}")
-            if base_row is None:
-                continue
-            for name in models:
-                row = rows.get(f"{name}/{meth}")
-                if name == baseline or row is None:
-                    continue
-                ch[f"{name}/{meth}"] = {
-                    tab: {st: {m: paired_change(v, base_row[tab][st][m], seed=seed) for m, v in mets.items()}
-                          for st, mets in stats.items()}
-                    for tab, stats in row.items()
-                }
-        changes[s.name] = ch
-    return {"scores": scores, "changes": changes}
-
-
-def paper_checks(summary: dict, baseline: str) -> list[dict]:
-    """The issue's acceptance checks on the main setting, with the numbers (passed or not)."""
-    sc = summary["scores"].get("main", {})
-    out = []
-    bg = sc.get("background", {}).get("analysis", {}).get("ensmean", {}).get("mse")
-    dps = sc.get(f"{baseline}/dps", {}).get("analysis", {})
-    if bg is not None and dps:
-        v = dps["ensmean"]["mse"]
-        out.append({"check": "DPS ensemble-mean analysis MSE < background MSE",
-                    "passed": bool(v < bg), "values": {"dps_ensmean": v, "background": bg}})
-    single = {m: sc.get(f"{baseline}/{m}", {}).get("analysis", {}).get("member", {}).get("mse")
-              for m in ("dps", "repaint", "obsfree")}
-    if all(v is not None for v in single.values()):
-        ok = single["dps"] <= single["repaint"] <= single["obsfree"]
-        out.append({"check": "single-member MSE: DPS <= Repaint <= ObsFree", "passed": bool(ok),
-                    "values": single})
-    return out
-
-
-def _log_wandb(cfg: Config, summary: dict) -> None:
+def _log_wandb(cfg: Config, ev: Evaluation) -> None:
     if cfg.run.wandb_mode == "disabled":
         return
     try:
@@ -434,7 +396,7 @@ def _log_wandb(cfg: Config, summary: dict) -> None:
     except ImportError:  # pragma: no cover
         return
     flat = {}
-    for row, tabs in summary["scores"].get("main", {}).items():
+    for row, tabs in scores_doc(ev.ds, "main").items():
         for tab, stats in tabs.items():
             for st, mets in stats.items():
                 for m, v in mets.items():
@@ -464,5 +426,3 @@ def load_models(specs: list[str], cfg: Config, latent_shape: tuple[int, int, int
         model, _ = load_model(path, "diffusion", expect=cfg.diffusion, shapes=shapes)
         out[name] = model
     return out
-
-

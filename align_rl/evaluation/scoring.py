@@ -42,6 +42,7 @@ import io
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -137,6 +138,42 @@ def _normalizer(normalization: str | Path | None, truth_attrs: dict) -> tuple[No
     return None, None
 
 
+@dataclass
+class _Setup:
+    """What the two stores share and how it is scored: the common times and channels, the
+    scoring grid (``grid``; ``ga``/``gt`` the stores' grids), the statistics and the regions'
+    normalised row weights (``weights[r]``: (H,), summing with the longitudes to 1)."""
+
+    analysis: str | Path
+    truth: str | Path
+    ia: dict
+    it: dict
+    times: np.ndarray
+    chans: list[str]
+    ga: Any
+    gt: Any
+    grid: Any
+    regrid: str
+    norm: Normalizer | None
+    norm_src: str | None
+    masks: dict[str, np.ndarray]
+    weights: dict[str, np.ndarray]
+    do_geo: bool
+
+
+@dataclass
+class _Sums:
+    """Running sums over time steps: per region the (C,) sums of the per-step weighted MSE and
+    of its square root; the normalised MSE/MAE and the Geo-Score."""
+
+    mse: dict[str, np.ndarray]
+    rmse: dict[str, np.ndarray]
+    scalars: dict[str, float] = field(default_factory=lambda: {"mse": 0.0, "mae": 0.0, "geo_score": 0.0})
+
+
+GEO_CHANNELS = ("z500", "u500", "v500")
+
+
 def score_stores(
     analysis: str | Path,
     truth: str | Path,
@@ -155,6 +192,21 @@ def score_stores(
         raise InputError(f"rmse={rmse!r} is not one of {', '.join(RMSE_CHOICES)}")
     if regrid not in REGRID_CHOICES:
         raise InputError(f"regrid={regrid!r} is not one of {', '.join(REGRID_CHOICES)}")
+    su = _setup(analysis, truth, normalization, regions, variables, regrid)
+    sums = _Sums({r: np.zeros(len(su.chans)) for r in su.masks}, {r: np.zeros(len(su.chans)) for r in su.masks})
+    steps = range(0, len(su.times), max(1, int(chunk)))
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="score", unit="chunk", file=sys.stderr, leave=False)
+    for s in steps:
+        _add_chunk(su, su.times[s:s + chunk], check_units, sums)
+    return _result(su, sums, rmse)
+
+
+def _setup(analysis: str | Path, truth: str | Path, normalization: str | Path | None,
+           regions: Sequence[str], variables: Sequence[str] | None, regrid: str) -> _Setup:
+    """The common times, channels and grid of the stores (InputError when they share none)."""
     ia, it = era5.store_info(analysis), era5.store_info(truth)
     shared_t = np.intersect1d(ia["times"], it["times"])
     if len(shared_t) == 0:
@@ -171,6 +223,17 @@ def score_stores(
         )
     chans = _select_channels(shared, variables)
     ga, gt = ia["grid"], it["grid"]
+    grid = _scoring_grid(ga, gt, regrid)
+    norm, norm_src = _normalizer(normalization, it["attrs"])
+    masks = {r: region_rows(r, grid.lat) for r in dict.fromkeys(regions)}
+    w_all = cell_area_weights(grid.lat)
+    weights = {r: np.where(m, w_all, 0.0) / (w_all[m].sum() * grid.nlon) for r, m in masks.items()}
+    return _Setup(analysis, truth, ia, it, shared_t, chans, ga, gt, grid, regrid, norm, norm_src,
+                  masks, weights, all(c in chans for c in GEO_CHANNELS))
+
+
+def _scoring_grid(ga: Any, gt: Any, regrid: str) -> Any:
+    """The grid the scores are computed on (the analysis's unless ``analysis-to-truth``)."""
     if ga != gt and regrid == "none":
         raise InputError(
             f"the analysis grid {ga} differs from the truth grid {gt}; pass --regrid "
@@ -185,71 +248,60 @@ def score_stores(
             "offered (its pole rows would stay empty); use --regrid "
             f"{'truth-to-analysis' if regrid == 'analysis-to-truth' else 'analysis-to-truth'}"
         )
-    lat = grid.lat
-    norm, norm_src = _normalizer(normalization, it["attrs"])
-    region_names = list(dict.fromkeys(regions))
-    masks = {r: region_rows(r, lat) for r in region_names}
-    w_all = cell_area_weights(lat)
-    weights = {r: np.where(m, w_all, 0.0) / (w_all[m].sum() * grid.nlon) for r, m in masks.items()}
-    geo_chans = ("z500", "u500", "v500")
-    do_geo = all(c in chans for c in geo_chans)
-    cidx = np.array([channel_index(c) for c in chans])
+    return grid
 
-    n = len(shared_t)
-    sum_rmse = {r: np.zeros(len(chans)) for r in region_names}
-    sum_mse = {r: np.zeros(len(chans)) for r in region_names}
-    sums = {"mse": 0.0, "mae": 0.0, "geo_score": 0.0}
-    steps = range(0, n, max(1, int(chunk)))
-    if progress:
-        from tqdm import tqdm
 
-        steps = tqdm(steps, desc="score", unit="chunk", file=sys.stderr, leave=False)
-    for s in steps:
-        times = shared_t[s:s + chunk]
-        fa = era5.open_fields(analysis, chans, times=times)
-        ft = era5.open_fields(truth, chans, times=times)
-        xa, xt = fa.values.astype(np.float64), ft.values.astype(np.float64)
-        if check_units:
-            from align_rl.io.plausibility import check_units as _check_units
+def _add_chunk(su: _Setup, times: np.ndarray, check_units: bool, sums: _Sums) -> None:
+    """Read ``times`` of both stores (physical, (T, C, H, W)), regrid, and add their scores."""
+    xa = era5.open_fields(su.analysis, su.chans, times=times).values.astype(np.float64)
+    xt = era5.open_fields(su.truth, su.chans, times=times).values.astype(np.float64)
+    if check_units:
+        from align_rl.io.plausibility import check_units as _check_units
 
-            _check_units(xa, f"store {analysis}", chans)
-            _check_units(xt, f"store {truth}", chans)
-        if ga != gt:
-            from align_rl.io.regrid import regrid as _regrid
+        _check_units(xa, f"store {su.analysis}", su.chans)
+        _check_units(xt, f"store {su.truth}", su.chans)
+    if su.ga != su.gt:
+        from align_rl.io.regrid import regrid as _regrid
 
-            if regrid == "analysis-to-truth":
-                xa = _regrid(xa, ga, gt, "conservative")
-            else:
-                xt = _regrid(xt, gt, ga, "conservative")
-        se = (xa - xt) ** 2  # (T, C, H, W)
-        row_mse = se.sum(axis=-1)  # (T, C, H)
-        for r in region_names:
-            m = row_mse @ weights[r]  # (T, C): weighted spatial mean
-            sum_mse[r] += m.sum(axis=0)
-            sum_rmse[r] += np.sqrt(m).sum(axis=0)
-        if norm is not None:
-            mu, sd = norm.mean[cidx][:, None, None], norm.std[cidx][:, None, None]
-            d = (xa - mu) / sd - (xt - mu) / sd
-            sums["mse"] += float((d ** 2).mean(axis=(1, 2, 3)).sum())
-            sums["mae"] += float(np.abs(d).mean(axis=(1, 2, 3)).sum())
-        if do_geo:
-            full_a = np.zeros((len(times), N_CHANNELS) + xa.shape[-2:])
-            full_t = np.zeros_like(full_a)
-            for c in geo_chans:
-                full_a[:, channel_index(c)] = xa[:, chans.index(c)]
-                full_t[:, channel_index(c)] = xt[:, chans.index(c)]
-            sums["geo_score"] += float(np.sum(geo_score(full_a, full_t, lat, grid.lon)))
+        if su.regrid == "analysis-to-truth":
+            xa = _regrid(xa, su.ga, su.gt, "conservative")
+        else:
+            xt = _regrid(xt, su.gt, su.ga, "conservative")
+    row_mse = ((xa - xt) ** 2).sum(axis=-1)  # (T, C, H)
+    for r, w in su.weights.items():
+        m = row_mse @ w  # (T, C): weighted spatial mean
+        sums.mse[r] += m.sum(axis=0)
+        sums.rmse[r] += np.sqrt(m).sum(axis=0)
+    if su.norm is not None:
+        cidx = np.array([channel_index(c) for c in su.chans])
+        mu, sd = su.norm.mean[cidx][:, None, None], su.norm.std[cidx][:, None, None]
+        d = (xa - mu) / sd - (xt - mu) / sd
+        sums.scalars["mse"] += float((d ** 2).mean(axis=(1, 2, 3)).sum())
+        sums.scalars["mae"] += float(np.abs(d).mean(axis=(1, 2, 3)).sum())
+    if su.do_geo:
+        full_a = np.zeros((len(times), N_CHANNELS) + xa.shape[-2:])
+        full_t = np.zeros_like(full_a)
+        for c in GEO_CHANNELS:
+            full_a[:, channel_index(c)] = xa[:, su.chans.index(c)]
+            full_t[:, channel_index(c)] = xt[:, su.chans.index(c)]
+        sums.scalars["geo_score"] += float(np.sum(geo_score(full_a, full_t, su.grid.lat, su.grid.lon)))
+
+
+def _result(su: _Setup, sums: _Sums, rmse: str) -> dict[str, Any]:
+    """The JSON-able result of :func:`score_stores` from the sums over its ``n`` times."""
+    n, chans, lat, (ga, gt) = len(su.times), su.chans, su.grid.lat, (su.ga, su.gt)
+    ia, it, regrid = su.ia, su.it, su.regrid
 
     def per_channel(arr: np.ndarray) -> dict[str, float]:
         return {c: float(v) for c, v in zip(chans, arr)}
 
     out: dict[str, Any] = {
-        "analysis": str(analysis),
-        "truth": str(truth),
+        "analysis": str(su.analysis),
+        "truth": str(su.truth),
         "n_times": int(n),
-        "first_time": np.datetime_as_string(shared_t[0], unit="s"),
-        "last_time": np.datetime_as_string(shared_t[-1], unit="s"),
-        "grid": str(grid),
+        "first_time": np.datetime_as_string(su.times[0], unit="s"),
+        "last_time": np.datetime_as_string(su.times[-1], unit="s"),
+        "grid": str(su.grid),
         "regridded": None if ga == gt else f"{regrid} (conservative, xarray-regrid): {ga} → {gt}"
         if regrid == "analysis-to-truth" else f"{regrid} (conservative, xarray-regrid): {gt} → {ga}",
         "channels": chans,
@@ -261,29 +313,28 @@ def score_stores(
                         if not ((k == "wrmse" and rmse == "wb2") or (k == "wrmse_wb2" and rmse == "per-time"))},
     }
     region_out: dict[str, Any] = {}
-    for r in region_names:
-        rows = masks[r]
+    for r, rows in su.masks.items():
         entry: dict[str, Any] = {"lat_range": [float(lat[rows].min()), float(lat[rows].max())],
                                  "rows": int(rows.sum())}
         if rmse in ("both", "per-time"):
-            entry["wrmse"] = per_channel(sum_rmse[r] / n)
+            entry["wrmse"] = per_channel(sums.rmse[r] / n)
         if rmse in ("both", "wb2"):
-            entry["wrmse_wb2"] = per_channel(np.sqrt(sum_mse[r] / n))
+            entry["wrmse_wb2"] = per_channel(np.sqrt(sums.mse[r] / n))
         region_out[r] = entry
     if "global" in region_out:
         for k in ("wrmse", "wrmse_wb2"):
             if k in region_out["global"]:
                 out[k] = region_out["global"][k]
     out["regions"] = region_out
-    if norm is not None:
-        out["mse"] = sums["mse"] / n
-        out["mae"] = sums["mae"] / n
-        out["normalization"] = norm_src
+    if su.norm is not None:
+        out["mse"] = sums.scalars["mse"] / n
+        out["mae"] = sums.scalars["mae"] / n
+        out["normalization"] = su.norm_src
     else:
         out["normalization"] = None
         out["conventions"].pop("mse_mae")
-    if do_geo:
-        out["geo_score"] = sums["geo_score"] / n
+    if su.do_geo:
+        out["geo_score"] = sums.scalars["geo_score"] / n
     else:
         out["conventions"].pop("geo_score")
     return out

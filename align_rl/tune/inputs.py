@@ -13,11 +13,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from align_rl import identity
 from align_rl.config import Config
-from align_rl.evaluation.runner import LEAD_STEPS, STEP_HOURS, EvalData, run_evaluation
+from align_rl.evaluation.runner import EvalData, run_evaluation, truth_window
 from align_rl.io import era5
 from align_rl.io.pair_store import PairStore
 from align_rl.pipeline import PrefData, store_meta
@@ -67,9 +66,7 @@ def validation_data(cfg: Config, ws: Any, progress: bool = False):
     store = ensure_world(cfg, ws, progress=progress)
     pre = ensure_pretrained(cfg, ws, progress=progress)
     normalizer = getattr(pre, "normalizer", None) or era5.load_normalizer(store)
-    h = np.timedelta64(1, "h")
-    start = np.datetime64(cfg.data.val[0]) - 2 * STEP_HOURS * LEAD_STEPS * h
-    end = np.datetime64(cfg.data.val[-1]) + np.timedelta64(1, "D") + STEP_HOURS * LEAD_STEPS * h
+    start, end = truth_window(cfg.data.val, cfg.rewards.forecast_hours)
     truth = era5.open_states(store, time_range=[start, end], coarsen=cfg.data.coarsen,
                              expect_grid=cfg.data.grid, check_units=cfg.checks.units)
     bgs = ensure_backgrounds(cfg, ws, truth, pre.forecaster, progress=progress)

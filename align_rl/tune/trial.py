@@ -27,6 +27,7 @@ from align_rl.alignment.learner import run_dpo
 from align_rl.alignment.online import run_online
 from align_rl.config import Config, config_from_dict, with_values
 from align_rl.errors import InputError
+from align_rl.evaluation.results import as_dataset, score, split_row, was_scored
 from align_rl.evaluation.runner import run_evaluation
 from align_rl.io.checkpoints import load_model
 from align_rl.io.pair_store import CandidateGroup, PairSet, PairStore
@@ -57,14 +58,18 @@ reference on the same validation times; negative = better for errors)."""
 # ----------------------------------------------------------------------------- how a trial reads the evaluation
 
 
-def eval_metrics(summary: dict, row: str) -> dict[str, float]:
-    """The validation metrics of ``row`` (``"<model>/<method>"``) in a run_evaluation summary."""
-    rows = summary["scores"]["main"]
-    if row not in rows:
-        raise InputError(f"evaluation summary has no row {row!r} (rows: {sorted(rows)})")
+def eval_metrics(summary, row: str) -> dict[str, float]:
+    """The validation metrics of ``row`` (``"<model>/<method>"``) in run_evaluation's results
+    (an :class:`~align_rl.evaluation.results.Evaluation` or its Dataset): time means of the main
+    setting, those not scored left out."""
+    ds = as_dataset(summary)
+    model, method = split_row(row)
+    if model == "background" or not was_scored(ds, model, method):
+        raise InputError(f"evaluation results have no row {row!r} (models: {list(ds.model.values)}, "
+                         f"methods: {list(ds.method.values)})")
     out = {}
     for name, (tab, stat, m) in _EVAL_METRICS.items():
-        v = rows[row].get(tab, {}).get(stat, {}).get(m)
+        v = score(ds, model, method, tab, m, stat)
         if v is not None:
             out[name] = float(v)
     return out
