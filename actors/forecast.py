@@ -27,7 +27,7 @@ _RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError
 class ForecastActor:
     """``forecaster``: a forecaster object (usually an object ref resolved by Ray), or ``None``
     with ``loader={"cfg": Config.to_dict(), "workdir": str, "normalizer": Normalizer.to_dict()}``
-    to load it here with :func:`align_rl.models.forecaster.load_forecaster`."""
+    to load it here with :func:`align_rl.models.loading.load_forecaster`."""
 
     def __init__(self, forecaster: Any = None, threads: int = 1, loader: dict | None = None,
                  device: str = "cpu"):
@@ -39,7 +39,7 @@ class ForecastActor:
             if loader is None:
                 raise ValueError("ForecastActor needs a forecaster or a loader")
             from align_rl.config import config_from_dict
-            from align_rl.models.forecaster import load_forecaster
+            from align_rl.models.loading import load_forecaster
             from align_rl.io.normalization import Normalizer
             from align_rl.workspace import Workspace
 
