@@ -149,3 +149,19 @@ def forecast_batches(
         if todo:
             submit(todo.pop())
     return results  # type: ignore[return-value]
+
+
+def run_forecasts(cfg, forecaster: Any, batches: Sequence[tuple[np.ndarray, np.ndarray]], n_steps: int,
+                  workdir: str | Path, normalizer=None,
+                  on_result: Callable[[int, np.ndarray], None] | None = None) -> None:
+    """One job on ``cfg.actors.forecasters`` fresh forecast actors, stopped at the end: the last
+    state after ``n_steps`` 6 h steps from each ``(prev, curr)`` batch of normalised
+    ``(B, 69, H, W)`` frames, handed to ``on_result(i, state)`` as batch ``i`` arrives (the
+    :data:`align_rl.remote.Workers.forecast` of :func:`actors.install`)."""
+    ref, loader = forecaster_handle(forecaster, cfg, str(workdir), normalizer)
+    actors = make_forecasters(cfg, ref, loader=loader)
+    try:
+        forecast_batches(actors, batches, n_steps, last_only=True, on_result=on_result)
+    finally:
+        for a in actors:
+            ray.kill(a, no_restart=True)

@@ -61,6 +61,7 @@ import csv
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import os
 import time
@@ -71,8 +72,12 @@ from typing import Any, Callable
 
 import yaml
 
+from align_rl import remote
 from align_rl.config import Config, _apply, config_from_dict, load_config, parse_overrides
 from align_rl.errors import ConfigError, InputError
+from align_rl.logs import stage
+
+LOG = logging.getLogger("align_rl.sweep")
 
 SWEEP_KEYS = ("name", "question", "base", "search", "metric", "mode", "scheduler", "asha",
              "num_samples", "stages", "steps_per_stage", "validation", "resources_per_trial",
@@ -648,8 +653,6 @@ def _ensure_pairs(cfg: Config, ws: Any, spec: SweepSpec, progress: bool) -> tupl
     builds it (same store identity ``align_rl.pipeline.store_meta``, the same first
     ``pairs.backgrounds`` backgrounds of the seeded order): reused when the main job (or an
     earlier sweep) has built it, completed otherwise. Returns ``(store path, dataset path)``."""
-    from actors.pool import CandidatePool
-
     from align_rl.world.dataset import ensure_world
     from align_rl.io.pair_store import PairStore
     from align_rl.training.pretraining import ensure_pretrained
@@ -665,7 +668,7 @@ def _ensure_pairs(cfg: Config, ws: Any, spec: SweepSpec, progress: bool) -> tupl
     first = [int(i) for i in pref.order[:int(cfg.pairs.backgrounds)]]
     todo = [i for i in first if (i, 0, cfg.pairs.guidance) not in store.done_keys()]
     if todo:
-        pool = CandidatePool(cfg, models, pref.lat, pref.lon)
+        pool = remote.workers().candidate_pool(cfg, models, pref.lat, pref.lon)
         try:
             pool.build(pref.tasks(todo), store, list(dict.fromkeys(cfg.pairs.variants)), progress=progress)
         finally:
@@ -705,8 +708,6 @@ def seed_trial_store(shared: Any, path: Path, pairs: Any) -> Any:
 def _online_stage(cfg: Config, ws: Any, ctx: dict, store: Any, steps: int, out_dir: Path, state: dict):
     """Online trials: :func:`align_rl.alignment.online.run_online` up to ``steps`` learner steps (it resumes
     in ``out_dir``), with the trial's own sampler / reward actors and pair store."""
-    from actors.pool import CandidatePool
-
     from align_rl.alignment.online import run_online
     from align_rl.training.pretraining import ensure_pretrained
     from align_rl.pipeline import PrefData
@@ -715,7 +716,7 @@ def _online_stage(cfg: Config, ws: Any, ctx: dict, store: Any, steps: int, out_d
         base = config_from_dict(ctx["base"])  # the caches' identity is the base config's
         models = ensure_pretrained(base, ws, progress=False)
         state["pref"] = PrefData(base, ws, Path(ctx["world"]), models, progress=False)
-        state["pool"] = CandidatePool(cfg, models, state["pref"].lat, state["pref"].lon)
+        state["pool"] = remote.workers().candidate_pool(cfg, models, state["pref"].lat, state["pref"].lon)
     c = config_from_dict(cfg.to_dict())
     c.dpo.steps = int(steps)
     pref = state["pref"]
@@ -783,13 +784,17 @@ def run_sweep(spec: SweepSpec, cfg: Config, trainable: Callable[[dict, dict], No
     init_ray(num_cpus=local_cpus(spec, cfg))
     if trainable is None:
         trainable = dpo_trial
-        ctx = prepare_shared(cfg, spec, out, progress)
+        with stage("shared inputs of the trials", LOG):
+            ctx = prepare_shared(cfg, spec, out, progress)
     ctx = dict(ctx or {})
     ctx.setdefault("stages", spec.stages)
     ctx.setdefault("sweep_dir", str(out))
+    ctx.setdefault("workers", remote.provided())  # the Ray actors, for the trials' processes
     prep_s = time.time() - t0
 
     def entry(config: dict, ctx: dict) -> None:  # Tune passes the sampled point as `config`
+        if ctx.get("workers") is not None:
+            remote.provide(ctx["workers"])
         trainable(dict(config), ctx)
 
     base_d = cfg.to_dict()
@@ -805,7 +810,8 @@ def run_sweep(spec: SweepSpec, cfg: Config, trainable: Callable[[dict, dict], No
         run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=1 if progress else 0,
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
-    grid = tuner.fit()
+    with stage(f"trials of sweep {spec.name}", LOG):
+        grid = tuner.fit()
     result = collect_results(grid, spec, cfg)
     result.seconds = time.time() - t0
     result.prepare_seconds = prep_s
