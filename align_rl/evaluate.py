@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     data, ref = runner.load_eval_data(cfg, ws)
     models = {"reference": ref}
     models.update(runner.load_models(specs, cfg, tuple(getattr(data.codec, "latent_shape", ())) or None))
-    summary = runner.run_evaluation(cfg, ws, models, data=data, out=args.out)
+    with logs.stage("evaluation"):
+        summary = runner.run_evaluation(cfg, ws, models, data=data, out=args.out)
     out = Path(args.out or cfg.eval.out or ws.eval)
     print(f"evaluation of {', '.join(models)} × {', '.join(cfg.guidance.methods)} on "
           f"{summary['n_times']} times: {out / 'report.md'}")

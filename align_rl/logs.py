@@ -42,7 +42,8 @@ def _raw(stream: Any) -> Any:
 
 @contextlib.contextmanager
 def _bars_cleared(stream: Any) -> Iterator[None]:
-    """Clear the progress bars on ``stream`` while a line is written, then draw them again."""
+    """Clear the progress bars on the console (tqdm's, and the workers' bars of Ray's tqdm_ray)
+    while a line is written to ``stream`` (``sys.stdout`` or ``sys.stderr``), then draw them again."""
     mgr = sys.modules.get("ray.experimental.tqdm_ray")
     mgr = getattr(mgr, "_manager", None)
     tqdm = sys.modules.get("tqdm")
@@ -58,19 +59,21 @@ def _bars_cleared(stream: Any) -> Iterator[None]:
 
 
 class ConsoleHandler(logging.Handler):
-    """Lines ``[name HH:MM:SS] message`` on the current ``sys.stdout`` (``name`` without the
-    ``align_rl.`` prefix), progress bars cleared around each line."""
+    """Lines ``[name HH:MM:SS] message`` on the current ``sys.stdout`` (or ``sys.stderr``), ``name``
+    without the ``align_rl.`` prefix, progress bars cleared around each line."""
 
-    def __init__(self, level: int = logging.INFO):
+    def __init__(self, level: int = logging.INFO, stream: str = "stdout"):
         super().__init__(level)
+        self.stream_name = stream
         self.setFormatter(logging.Formatter("[%(short)s %(asctime)s] %(message)s", "%H:%M:%S"))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             record.short = record.name.removeprefix("align_rl.")
             msg = self.format(record)
-            stream = _raw(sys.stdout)
-            with _bars_cleared(stream):
+            current = getattr(sys, self.stream_name)
+            stream = _raw(current)  # the log file has its own handler
+            with _bars_cleared(current):
                 stream.write(msg + "\n")
                 stream.flush()
         except Exception:  # pragma: no cover - as logging.StreamHandler
@@ -163,7 +166,7 @@ class _Sink(logging.Handler):
 
 LOG = logging.getLogger("align_rl")
 _CONSOLE = ConsoleHandler()
-_OTHERS = ConsoleHandler(logging.WARNING)
+_OTHERS = ConsoleHandler(logging.WARNING, "stderr")
 _OTHERS.addFilter(_OthersFilter())
 _sink: _Sink | None = None
 _closed_bars: set[str] = set()
