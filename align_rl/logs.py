@@ -59,17 +59,16 @@ def _bars_cleared(stream: Any) -> Iterator[None]:
 
 
 class ConsoleHandler(logging.Handler):
-    """Lines ``[name HH:MM:SS] message`` on the current ``sys.stdout`` (or ``sys.stderr``), ``name``
-    without the ``align_rl.`` prefix, progress bars cleared around each line."""
+    """Lines ``HH:MM:SS [logger name] message`` on the current ``sys.stdout`` (or ``sys.stderr``),
+    progress bars cleared around each line."""
 
     def __init__(self, level: int = logging.INFO, stream: str = "stdout"):
         super().__init__(level)
         self.stream_name = stream
-        self.setFormatter(logging.Formatter("[%(short)s %(asctime)s] %(message)s", "%H:%M:%S"))
+        self.setFormatter(logging.Formatter("%(asctime)s [%(name)s] %(message)s", "%H:%M:%S"))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            record.short = record.name.removeprefix("align_rl.")
             msg = self.format(record)
             current = getattr(sys, self.stream_name)
             stream = _raw(current)  # the log file has its own handler

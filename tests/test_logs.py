@@ -37,7 +37,7 @@ def test_stage_lines_with_their_duration(capsys):
         with logs.stage("pairs"):
             raise ValueError("bad")
     out = capsys.readouterr().out.splitlines()
-    assert out[0].endswith("] world ...") and out[0].startswith("[align_rl ")
+    assert out[0].endswith(" [align_rl] world ...") and out[0][2] == ":" and out[0][5] == ":"
     assert "] world done in 0.0 s" in out[1] and st.seconds >= 0
     assert out[2].endswith("] pairs ...") and out[3].endswith("] pairs failed after 0.0 s: ValueError")
     assert logs._dur(75) == "1 min 15 s" and logs._dur(3725) == "1 h 02 min" and logs._dur(12.4) == "12 s"
