@@ -79,7 +79,7 @@ def _is_pair_store_or_empty(p: Path) -> bool:
         meta = json.loads((p / "zarr.json").read_text())
     except (OSError, ValueError):
         return (p / "COMMIT").exists()
-    return str(meta.get("attributes", {}).get("format", "")).startswith("align_rl.alignment.pairs/")
+    return str(meta.get("attributes", {}).get("format", "")).startswith("align_rl.pairs/")
 
 
 def preflight(cfg: Config, outputs: tuple[str, ...] = (), eval_out: str | None = None) -> None:

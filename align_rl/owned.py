@@ -71,14 +71,14 @@ def _zarr_meta(p: Path) -> dict:
 def legacy_kind(path: str | Path) -> str | None:
     """The kind of a folder written by the project before markers existed, from its content:
     ``states`` (a zarr of ``write_states``: variables with ``short_name`` and ``derived``
-    attributes), ``pairs`` (a preference store: format ``align_rl.alignment.pairs/…``), ``eval`` (an
+    attributes), ``pairs`` (a preference store: format ``align_rl.pairs/…``), ``eval`` (an
     evaluation folder: ``report.md`` and a ``metrics.json`` with checks); None otherwise."""
     p = Path(path)
     if not p.is_dir():
         return None
     meta = _zarr_meta(p)
     attrs = meta.get("attributes", meta) if isinstance(meta, dict) else {}
-    if isinstance(attrs, dict) and str(attrs.get("format", "")).startswith("align_rl.alignment.pairs/"):
+    if isinstance(attrs, dict) and str(attrs.get("format", "")).startswith("align_rl.pairs/"):
         return "pairs"
     cm = meta.get("consolidated_metadata", {}) if isinstance(meta, dict) else {}
     entries = (cm or {}).get("metadata", {}) if isinstance(cm, dict) else {}

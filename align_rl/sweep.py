@@ -30,15 +30,16 @@ Overrides on the command line whose first part is a section of the align_rl conf
 ``asha.grace_period=2``, ``search.dpo.beta={grid: [500, 1000]}``). Every key is checked before
 anything runs: a bad file raises :class:`~align_rl.errors.ConfigError` naming the key.
 
-What a trial does (:func:`dpo_trial`): build its config (base + its point of the search space),
-reselect the preference pairs of its reward weights and pair mode from the SHARED pair store's
-stored per-candidate scores (:meth:`align_rl.io.pair_store.PairStore.reselect`; no new sampling, no
-forecast rollouts), then ``stages`` times: :func:`align_rl.alignment.learner.run_dpo` for
-``steps_per_stage`` more steps (the same ``out_dir``, so the optimiser state carries over and the
-trial equals one run of ``stages × steps_per_stage`` steps), a short validation evaluation
-(:func:`align_rl.evaluate.run_evaluation` on ``validation.times`` times of the VAL split with one
-guidance method), and ``tune.report`` of the metrics, so ASHA can stop weak trials early. Online
-trials (``dpo.mode=online``) run the online loop instead, which draws fresh candidates by design.
+What a trial does (:func:`align_rl.tune.trial.dpo_trial`): build its config (base + its point of
+the search space), reselect the preference pairs of its reward weights and pair mode from the SHARED
+pair store's stored per-candidate scores (:meth:`align_rl.io.pair_store.PairStore.reselect`; no new
+sampling, no forecast rollouts), then ``stages`` times: :func:`align_rl.alignment.learner.run_dpo`
+for ``steps_per_stage`` more steps (the same ``out_dir``, so the optimiser state carries over and
+the trial equals one run of ``stages × steps_per_stage`` steps), a short validation evaluation
+(:func:`align_rl.evaluation.runner.run_evaluation` on ``validation.times`` times of the VAL split
+with one guidance method), and ``tune.report`` of the metrics, so ASHA can stop weak trials early.
+Online trials (``dpo.mode=online``) run the online loop instead, which draws fresh candidates by
+design.
 
 Before the trials the driver makes sure that the shared inputs exist (dataset, pretrained
 models, backgrounds, the reference's scored candidates in the pair store: each reused from its
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no trial reported the metric", file=sys.stderr)
         return 1
     print(f"best: {result.best.trial_id} {spec.metric}={result.best.metrics[spec.metric]:.5g} "
-          f"{sweep._fmt(result.best.params)} -> {out / 'best_config.yaml'}")
+          f"{sweep.fmt(result.best.params)} -> {out / 'best_config.yaml'}")
     return 0
 
 

@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Machine: {_machine()}. Data: {label}; {len(res.rows)} trials x {spec.stages} stages of "
         f"{int(res.rows[0].metrics.get('dpo_steps', 0)) // max(1, spec.stages) if res.rows else '?'} DPO steps, "
-        f"validation {spec.validation['times']} val times x {spec.validation['members']} members "
-        f"({spec.validation['method']}); one trial at a time.",
+        f"validation {spec.validation.times} val times x {spec.validation.members} members "
+        f"({spec.validation.method}); one trial at a time.",
         "",
         "| phase | wall time |",
         "|---|---|",

@@ -142,15 +142,15 @@ def test_store_of_format_1_is_read_and_upgraded_on_append(tmp_path):
     g = zarr.open_group(str(p), mode="a")
     for name in ("backgrounds/digest", "candidates/digest"):
         del g[name]
-    g.attrs["format"] = "align_rl.alignment.pairs/1"
+    g.attrs["format"] = "align_rl.pairs/1"
     c = json.loads((p / "COMMIT").read_text())
     c.pop("columns")
     (p / "COMMIT").write_text(json.dumps(c))
     (p / ".align_rl").unlink()
     old = PairStore.open(p, mode="r")
-    assert old.format == "align_rl.alignment.pairs/1" and len(old.pair_set("M")) == len(want)
+    assert old.format == "align_rl.pairs/1" and len(old.pair_set("M")) == len(want)
     up = PairStore.open(p, SHAPE, NAMES)
-    assert up.format == "align_rl.alignment.pairs/2" and "columns" in up.committed
+    assert up.format == "align_rl.pairs/2" and "columns" in up.committed
     assert (p / ".align_rl").exists()
     up.append([group(2)])
     again = PairStore.open(p, mode="r")

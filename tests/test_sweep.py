@@ -144,7 +144,7 @@ def test_overrides_go_to_the_config_or_to_the_sweep_file():
     assert spec_ov == {"num_samples": 3, "asha": {"grace_period": 2},
                        "search": {"dpo.lr": {"grid": [1e-5, 2e-5]}}}
     spec = parse_spec(_spec(asha={"reduction_factor": 3}), "x.yaml", spec_ov)
-    assert spec.num_samples == 3 and spec.asha == {"reduction_factor": 3, "grace_period": 2}
+    assert spec.num_samples == 3 and spec.asha.given() == {"reduction_factor": 3, "grace_period": 2}
     assert set(spec.search) == {"dpo.beta", "dpo.lr"}
     cfg = build_base_config(spec, cfg_overrides=cfg_items)
     assert cfg.dpo.steps == 7

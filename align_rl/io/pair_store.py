@@ -31,7 +31,7 @@ Duplicates never enter: a background group already committed with the same ``(bg
 guidance)`` is skipped, and a pair whose ``(hash, mode)`` is already stored is dropped.
 One writer at a time (the driver); any number of readers (learner workers) while it appends.
 
-Integrity (format ``align_rl.alignment.pairs/2``): ``COMMIT`` also holds ``columns``, the SHA-256 of the
+Integrity (format ``align_rl.pairs/2``): ``COMMIT`` also holds ``columns``, the SHA-256 of the
 committed rows of every array except the latents, and every latent row has its own digest. Opening
 checks that ``COMMIT`` is readable and consistent (its counts within the arrays, the stored
 indices within the tables) and that no chunk file of a committed row is missing; each table's
@@ -61,8 +61,8 @@ import torch
 from align_rl.errors import ConfigError, InputError, IntegrityError
 from align_rl.alignment.pairs import HASH_BYTES, MODES, background_pairs, pair_hash, pair_rng
 
-FORMAT = "align_rl.alignment.pairs/2"
-FORMATS = ("align_rl.alignment.pairs/1", FORMAT)  # /1: before digests (read as is, upgraded on appending)
+FORMAT = "align_rl.pairs/2"
+FORMATS = ("align_rl.pairs/1", FORMAT)  # /1: before digests (read as is, upgraded on appending)
 GUIDANCES = ("obsfree", "repaint", "dps")
 _COMMIT = "COMMIT"
 DIGEST_BYTES = 16
@@ -200,7 +200,7 @@ class PairStore:
         g, attrs = cls._open_group(p, mode)
         fmt = attrs.get("format")
         if fmt not in FORMATS:
-            if str(fmt).startswith("align_rl.alignment.pairs/"):
+            if str(fmt).startswith("align_rl.pairs/"):
                 raise IntegrityError(f"preference store {p} has format {fmt!r}; this code reads "
                                      f"{', '.join(FORMATS)}: rebuild it with this version (move it aside)")
             raise InputError(
@@ -589,6 +589,10 @@ class PairStore:
         """Per-candidate scores of the committed candidates: ``{reward: (nc,)}``."""
         s = self._col("candidates/scores")
         return {k: s[:, i] for i, k in enumerate(self.reward_names)}
+
+    def candidate_backgrounds(self) -> np.ndarray:
+        """Background row of every committed candidate ``(nc,)``."""
+        return self._col("candidates/background")
 
     def _latents(self, table: str, rows: np.ndarray) -> np.ndarray:
         """Latent rows of ``table``, each checked against its stored digest."""

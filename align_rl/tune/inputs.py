@@ -1,0 +1,106 @@
+"""The sweep's shared inputs, made once before the trials.
+
+The dataset, pretrained models, backgrounds and the reference's scored candidates in the pair
+store (each reused from its cache, exactly as the main job builds them), and the reference's
+validation metrics on the same validation times, observations and sampler seeds as every trial,
+so that each trial also reports its paired % change against the reference.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from align_rl.config import Config
+from align_rl.evaluation.runner import LEAD_STEPS, STEP_HOURS, EvalData, run_evaluation
+from align_rl.io import era5
+from align_rl.io.pair_store import PairStore
+from align_rl.pipeline import PrefData, store_meta
+from align_rl.training.pretraining import ensure_pretrained
+from align_rl.tune.results import write_atomic
+from align_rl.tune.spec import SweepSpec, steps_per_stage
+from align_rl.tune.trial import candidate_pool, eval_metrics, validation_config
+from align_rl.workspace import Workspace
+from align_rl.world.backgrounds import ensure_backgrounds
+from align_rl.world.dataset import ensure_world
+
+
+def prepare_shared(cfg: Config, spec: SweepSpec, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Dataset, pretrained models, backgrounds and the reference's scored candidates (each from its
+    cache when present), then the reference's validation metrics (cached in
+    ``reference_val.json``). Returns the trials' shared context."""
+    ws = Workspace.from_config(cfg)
+    val = asdict(spec.validation)
+    pairs_path, world = _ensure_pairs(cfg, ws, progress)
+    vcfg = validation_config(cfg, val)
+    data, ref_model = validation_data(cfg, ws, progress)
+    ref_file = out / "reference_val.json"
+    key = {"validation": val, "val": list(cfg.data.val), "seed": cfg.run.seed,
+           "sampler": cfg.to_dict()["sampler"], "obs": cfg.to_dict()["obs"],
+           "guidance": cfg.to_dict()["guidance"], "reference": _file_id(ws.final_checkpoint("diffusion"))}
+    ref = None
+    if ref_file.exists():
+        stored = json.loads(ref_file.read_text())
+        if stored.get("key") == json.loads(json.dumps(key)):
+            ref = stored["metrics"]
+    if ref is None:
+        summary = run_evaluation(vcfg, ws, {"reference": ref_model}, data=data, out=out / "reference_val",
+                                 progress=progress)
+        ref = eval_metrics(summary, f"reference/{spec.validation.method}")
+        write_atomic(ref_file, json.dumps({"key": key, "metrics": ref}, indent=1))
+    return {"base": cfg.to_dict(), "name": spec.name, "workdir": str(ws.root), "sweep_dir": str(out),
+            "world": str(world),
+            "pairs": str(pairs_path), "reference_ckpt": str(ws.final_checkpoint("diffusion")),
+            "validation": val, "reference_metrics": ref, "eval_data": data,
+            "stages": spec.stages, "steps_per_stage": steps_per_stage(spec, cfg)}
+
+
+def validation_data(cfg: Config, ws: Any, progress: bool = False):
+    """``(EvalData of the VAL split, reference ε model)`` from the caches of the BASE config.
+
+    (Not ``load_eval_data(validation_config(...))``: the validation config moves ``data.test``,
+    which is part of the dataset identity that the pretraining and background caches are keyed
+    by, so it would retrain.)"""
+    store = ensure_world(cfg, ws, progress=progress)
+    pre = ensure_pretrained(cfg, ws, progress=progress)
+    normalizer = getattr(pre, "normalizer", None) or era5.load_normalizer(store)
+    h = np.timedelta64(1, "h")
+    start = np.datetime64(cfg.data.val[0]) - 2 * STEP_HOURS * LEAD_STEPS * h
+    end = np.datetime64(cfg.data.val[-1]) + np.timedelta64(1, "D") + STEP_HOURS * LEAD_STEPS * h
+    truth = era5.open_states(store, time_range=[start, end], coarsen=cfg.data.coarsen,
+                             expect_grid=cfg.data.grid, check_units=cfg.checks.units)
+    bgs = ensure_backgrounds(cfg, ws, truth, pre.forecaster, progress=progress)
+    return EvalData(truth, bgs, normalizer, pre.codec, pre.forecaster, truth_store=Path(store)), pre.eps_model
+
+
+def _file_id(p: Path) -> str:
+    """A cheap identity of the reference checkpoint in the reference-metrics cache key."""
+    st = Path(p).stat()
+    return f"{Path(p).name}:{st.st_size}:{int(st.st_mtime)}"
+
+
+def _ensure_pairs(cfg: Config, ws: Any, progress: bool) -> tuple[Path, Path]:
+    """The shared pair store with the reference's scored candidates, exactly as the main job
+    builds it (same store identity ``align_rl.pipeline.store_meta``, the same first
+    ``pairs.backgrounds`` backgrounds of the seeded order): reused when the main job (or an
+    earlier sweep) has built it, completed otherwise. Returns ``(store path, dataset path)``."""
+    world = ensure_world(cfg, ws, progress=progress)
+    models = ensure_pretrained(cfg, ws, progress=progress)
+    reference_ckpt = Path(models.paths.get("diffusion", ws.final_checkpoint("diffusion")))
+    pref = PrefData(cfg, ws, world, models, progress)
+    path = Path(cfg.pairs.store or ws.pairs)
+    store = PairStore.open(path, tuple(models.codec.latent_shape), list(cfg.rewards.names),
+                           meta=store_meta(cfg, reference_ckpt))
+    first = [int(i) for i in pref.order[:int(cfg.pairs.backgrounds)]]
+    todo = [i for i in first if (i, 0, cfg.pairs.guidance) not in store.done_keys()]
+    if todo:
+        pool = candidate_pool(cfg, models, pref.lat, pref.lon)
+        try:
+            pool.build(pref.tasks(todo), store, list(dict.fromkeys(cfg.pairs.variants)), progress=progress)
+        finally:
+            pool.shutdown()
+    return path, Path(world)

@@ -1,0 +1,223 @@
+"""One sweep trial: its config, the DPO stages, a short validation after each and the report.
+
+What a trial does (:func:`dpo_trial`): build its config (the sweep's base + its point of the search
+space, :func:`trial_config`), reselect the preference pairs of its reward weights and pair mode
+from the SHARED pair store's stored per-candidate scores
+(:meth:`align_rl.io.pair_store.PairStore.reselect`; no new sampling, no forecast rollouts), then
+``stages`` times: :func:`align_rl.alignment.learner.run_dpo` for ``steps_per_stage`` more steps
+(the same ``out_dir``, so the optimiser state carries over and the trial equals one run of
+``stages × steps_per_stage`` steps), a short validation evaluation
+(:func:`align_rl.evaluation.runner.run_evaluation` on ``validation.times`` times of the VAL split
+with one guidance method, :func:`validation_config`), and ``tune.report`` of the metrics
+(:func:`eval_metrics`, :func:`with_changes`), so ASHA can stop weak trials early. Online trials
+(``dpo.mode=online``) run the online loop instead, which draws fresh candidates by design.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from align_rl import remote
+from align_rl.alignment.learner import run_dpo
+from align_rl.alignment.online import run_online
+from align_rl.config import Config, config_from_dict, with_values
+from align_rl.errors import InputError
+from align_rl.evaluation.runner import run_evaluation
+from align_rl.io.checkpoints import load_model
+from align_rl.io.pair_store import CandidateGroup, PairSet, PairStore
+from align_rl.owned import remove_owned
+from align_rl.pipeline import PrefData
+from align_rl.training.pretraining import ensure_pretrained
+from align_rl.workspace import Workspace
+
+# validation metric -> (table, statistic, metric) in run_evaluation's summary
+_EVAL_METRICS: dict[str, tuple[str, str, str]] = {
+    "val_mse": ("analysis", "member", "mse"),
+    "val_mae": ("analysis", "member", "mae"),
+    "val_mse_ensmean": ("analysis", "ensmean", "mse"),
+    "val_wrmse_z500": ("analysis", "member", "wrmse_z500"),
+    "val_geo_score": ("analysis", "member", "geo_score"),
+    "val_crps": ("analysis", "ensemble", "crps"),
+    "val_fc_mse": ("forecast", "member", "mse"),
+    "val_fc_mse_ensmean": ("forecast", "ensmean", "mse"),
+}
+_DPO_METRICS = {"dpo_loss": "loss", "dpo_accuracy": "rewards/accuracies", "dpo_margin": "rewards/margins"}
+VALIDATION_METRICS: tuple[str, ...] = (
+    tuple(_EVAL_METRICS) + tuple(f"{k}_change_pct" for k in _EVAL_METRICS) + tuple(_DPO_METRICS)
+)
+"""Metrics every DPO trial reports after each stage (``*_change_pct``: % change against the
+reference on the same validation times; negative = better for errors)."""
+
+
+# ----------------------------------------------------------------------------- how a trial reads the evaluation
+
+
+def eval_metrics(summary: dict, row: str) -> dict[str, float]:
+    """The validation metrics of ``row`` (``"<model>/<method>"``) in a run_evaluation summary."""
+    rows = summary["scores"]["main"]
+    if row not in rows:
+        raise InputError(f"evaluation summary has no row {row!r} (rows: {sorted(rows)})")
+    out = {}
+    for name, (tab, stat, m) in _EVAL_METRICS.items():
+        v = rows[row].get(tab, {}).get(stat, {}).get(m)
+        if v is not None:
+            out[name] = float(v)
+    return out
+
+
+def with_changes(metrics: dict[str, float], reference: dict[str, float]) -> dict[str, float]:
+    """Add ``<metric>_change_pct`` = 100 (policy − reference) / |reference|."""
+    out = dict(metrics)
+    for k, v in metrics.items():
+        r = reference.get(k)
+        if r is not None and r != 0 and math.isfinite(r):
+            out[f"{k}_change_pct"] = 100.0 * (v - r) / abs(r)
+    return out
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def trial_config(base: Config | dict, params: dict[str, Any]) -> Config:
+    """The align_rl config of one trial: ``base`` with the trial's dotted ``params`` applied
+    (``rewards.weights`` replaced whole); ``base`` is untouched."""
+    return with_values(base, params)
+
+
+def validation_config(cfg: Config, val: dict[str, Any], seed: int | None = None) -> Config:
+    """The short validation evaluation: VAL split times, one guidance method, no ablations,
+    no wandb run of its own. ``seed`` (default ``cfg.run.seed``) fixes the observations and the
+    sampler noise: give every trial the sweep's base seed so all comparisons are paired."""
+    d = cfg.to_dict()
+    if seed is not None:
+        d["run"]["seed"] = int(seed)
+    d["data"]["test"] = list(cfg.data.val)
+    d["eval"].update(times=int(val["times"]), members=int(val["members"]), ablations=[],
+                     map_samples=1, baseline="reference", out=None)
+    d["guidance"]["methods"] = [val["method"]]
+    d["run"]["wandb_mode"] = "disabled"
+    return config_from_dict(d)
+
+
+def candidate_pool(cfg: Config, models: Any, lat: Any, lon: Any) -> Any:
+    """The sampler and reward actors that draw and score candidates (the candidate pool of
+    :mod:`align_rl.remote`), for the shared pair store and for online trials."""
+    return remote.workers().candidate_pool(cfg, models, lat, lon)
+
+
+# ----------------------------------------------------------------------------- the trial
+
+
+def _policy_pairs(store: PairStore, cfg: Config) -> PairSet:
+    """The trial's pairs: reselected from the stored scores of the REFERENCE's candidates
+    (policy version 0) with the trial's reward weights and pair mode."""
+    ps = store.reselect(cfg.rewards.weights, cfg.pairs.mode, per_background=cfg.pairs.pairs_per_background,
+                        seed=cfg.run.seed, top_k=cfg.pairs.top_k_phys, decile=cfg.pairs.decile,
+                        min_version=0, normalize=cfg.rewards.normalize)
+    keep = np.flatnonzero(ps.version == 0)
+    ps = PairSet(ps.winner[keep], ps.loser[keep], ps.background[keep], ps.version[keep], ps.hash[keep],
+                 ps.mode)
+    if len(ps) == 0:
+        raise InputError(f"no {cfg.pairs.mode} pairs for weights {cfg.rewards.weights} in {store.path}")
+    return ps
+
+
+def dpo_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """One Tune trial: reselected pairs, DPO in ``stages``, a validation and a report after each.
+    ``ctx``: the shared context of :func:`align_rl.tune.inputs.prepare_shared`."""
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id() or "trial"
+    cfg = trial_config(ctx["base"], params)
+    cfg.run.name = f"{ctx['name']}-{trial_id}"
+    ws = Workspace(Path(ctx["workdir"]))
+    tdir = Path(ctx["sweep_dir"]) / "trials" / trial_id
+    tdir.mkdir(parents=True, exist_ok=True)
+    (tdir / "params.json").write_text(json.dumps(params, indent=1, default=str))
+    vcfg = validation_config(cfg, ctx["validation"], seed=ctx["base"]["run"]["seed"])
+    sps, stages = int(ctx["steps_per_stage"]), int(ctx["stages"])
+    ref_ckpt = Path(ctx["reference_ckpt"])
+    store = PairStore.open(ctx["pairs"], mode="r")
+    pairs = _policy_pairs(store, cfg)
+    online: dict[str, Any] = {}
+    if cfg.dpo.mode == "online":
+        store = seed_trial_store(store, tdir / "pairs.zarr", pairs)
+    ckpt = None
+    try:
+        for stage in range(1, stages + 1):
+            t0 = time.time()
+            if cfg.dpo.mode == "offline":
+                res = run_dpo(cfg, ws, (store, pairs), ref_ckpt, init_ckpt=ckpt, steps=stage * sps,
+                              out_dir=tdir / "dpo", progress=False)
+            else:
+                res = _online_stage(cfg, ws, ctx, store, stage * sps, tdir / "dpo", online)
+            ckpt = res.checkpoint
+            n_pairs = len(pairs) if cfg.dpo.mode == "offline" else store.num_pairs
+            tune.report(_validate_stage(vcfg, ws, res, ctx, tdir / "val" / f"stage_{stage}", stage,
+                                        n_pairs, t0))
+    finally:
+        if "pool" in online:
+            online["pool"].shutdown()
+
+
+def _validate_stage(vcfg: Config, ws: Workspace, res: Any, ctx: dict, out: Path, stage: int,
+                    n_pairs: int, t0: float) -> dict[str, float]:
+    """The stage's short validation of the policy ``res.checkpoint``: the metrics to report."""
+    model, _ = load_model(res.checkpoint, "diffusion")
+    summary = run_evaluation(vcfg, ws, {"policy": model}, data=ctx["eval_data"], out=out, progress=False)
+    m = with_changes(eval_metrics(summary, f"policy/{ctx['validation']['method']}"),
+                     ctx["reference_metrics"])
+    for k, src in _DPO_METRICS.items():
+        if src in res.metrics:
+            m[k] = float(res.metrics[src])
+    m.update(stage=stage, dpo_steps=int(res.step), policy_version=int(res.version),
+             pairs=int(n_pairs), stage_seconds=time.time() - t0)
+    return m
+
+
+# ----------------------------------------------------------------------------- online trials
+
+
+def seed_trial_store(shared: PairStore, path: Path, pairs: PairSet) -> PairStore:
+    """A trial's own pair store (online trials: their policy's candidates must not mix with other
+    trials'): the reference's candidates of the shared store with the trial's reselected
+    ``pairs`` (a :class:`~align_rl.io.pair_store.PairSet` of version-0 rows), committed as version 0."""
+    remove_owned(path, "trial pair store")  # only a store align_rl made (marker file)
+    store = PairStore.open(path, shared.latent_shape, shared.reward_names, meta=dict(shared.g.attrs.get("meta", {})))
+    bg = shared.backgrounds()
+    cb = shared.candidate_backgrounds()
+    sc = shared.scores()
+    groups = []
+    for b in np.unique(pairs.background):
+        rows = np.flatnonzero(cb == b)
+        sel = pairs.background == b
+        local = np.stack([np.searchsorted(rows, pairs.winner[sel]), np.searchsorted(rows, pairs.loser[sel])], 1)
+        groups.append(CandidateGroup(
+            bg_id=int(bg["bg_id"][b]), time=int(bg["time"][b].astype("int64")), version=0,
+            guidance=str(bg["guidance"][b]), z_b=shared.background_latents(np.array([b]))[0],
+            latents=shared.candidate_latents(rows), scores={k: v[rows] for k, v in sc.items()},
+            pairs={pairs.mode: local}))
+    store.append(groups)
+    return store
+
+
+def _online_stage(cfg: Config, ws: Workspace, ctx: dict, store: PairStore, steps: int, out_dir: Path,
+                  state: dict):
+    """Online trials: :func:`align_rl.alignment.online.run_online` up to ``steps`` learner steps (it
+    resumes in ``out_dir``), with the trial's own sampler / reward actors and pair store."""
+    if "pool" not in state:
+        base = config_from_dict(ctx["base"])  # the caches' identity is the base config's
+        models = ensure_pretrained(base, ws, progress=False)
+        state["pref"] = PrefData(base, ws, Path(ctx["world"]), models, progress=False)
+        state["pool"] = candidate_pool(cfg, models, state["pref"].lat, state["pref"].lon)
+    c = config_from_dict(cfg.to_dict())
+    c.dpo.steps = int(steps)
+    pref = state["pref"]
+    return run_online(c, ws, state["pool"], store, pref.tasks, pref.order, Path(ctx["reference_ckpt"]),
+                      cfg.pairs.mode, out_dir, progress=False, log=lambda m: None)
