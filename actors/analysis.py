@@ -26,7 +26,7 @@ import numpy as np
 import ray
 import torch
 
-from align_rl.devices import (actor_device, actor_gpus, compile_module, cpu_numpy, from_numpy,
+from align_rl.devices import (actor_device, actor_gpus, compile_module, cpu_numpy, from_numpy, sampling_place,
                               module_device, place)
 from align_rl.diffusion.analysis import Analysis, analyse
 from align_rl.errors import InputError
@@ -90,15 +90,6 @@ class AnalysisActor:
         held = next(reversed(self.models.values())) if self.models else self.codec
         return {"pid": os.getpid(), "device": str(self.device), "models": list(self.models),
                 "model_device": str(module_device(held))}
-
-
-def sampling_place(cfg: Any) -> str:
-    """Where the evaluation's analyses run: ``"actor"`` or ``"driver"`` (``eval.sampling``;
-    ``auto``: the actor when actors reserve GPUs, :func:`align_rl.devices.actor_gpus` > 0)."""
-    mode = str(getattr(cfg.eval, "sampling", "auto"))
-    if mode == "auto":
-        return "actor" if actor_gpus(cfg) > 0 else "driver"
-    return mode
 
 
 def _fingerprint(module: Any) -> tuple:

@@ -31,7 +31,7 @@ _RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError
 class ForecastActor:
     """``forecaster``: a forecaster object (usually an object ref resolved by Ray), or ``None``
     with ``loader={"cfg": Config.to_dict(), "workdir": str, "normalizer": Normalizer.to_dict()}``
-    to load it here with :func:`align_rl.models.forecaster.load_forecaster`."""
+    to load it here with :func:`align_rl.models.loading.load_forecaster`."""
 
     def __init__(self, forecaster: Any = None, threads: int = 1, loader: dict | None = None,
                  device: str = "cpu"):
@@ -43,7 +43,7 @@ class ForecastActor:
             if loader is None:
                 raise ValueError("ForecastActor needs a forecaster or a loader")
             from align_rl.config import config_from_dict
-            from align_rl.models.forecaster import load_forecaster
+            from align_rl.models.loading import load_forecaster
             from align_rl.io.normalization import Normalizer
             from align_rl.workspace import Workspace
 
@@ -147,3 +147,19 @@ def forecast_batches(
         if todo:
             submit(todo.pop())
     return results  # type: ignore[return-value]
+
+
+def run_forecasts(cfg, forecaster: Any, batches: Sequence[tuple[np.ndarray, np.ndarray]], n_steps: int,
+                  workdir: str | Path, normalizer=None,
+                  on_result: Callable[[int, np.ndarray], None] | None = None) -> None:
+    """One job on ``cfg.actors.forecasters`` fresh forecast actors, stopped at the end: the last
+    state after ``n_steps`` 6 h steps from each ``(prev, curr)`` batch of normalised
+    ``(B, 69, H, W)`` frames, handed to ``on_result(i, state)`` as batch ``i`` arrives (the
+    :data:`align_rl.remote.Workers.forecast` of :func:`actors.install`)."""
+    ref, loader = forecaster_handle(forecaster, cfg, str(workdir), normalizer)
+    actors = make_forecasters(cfg, ref, loader=loader)
+    try:
+        forecast_batches(actors, batches, n_steps, last_only=True, on_result=on_result)
+    finally:
+        for a in actors:
+            ray.kill(a, no_restart=True)

@@ -142,3 +142,12 @@ def from_numpy(a, device: torch.device | str = "cpu") -> torch.Tensor:
     with warnings.catch_warnings():  # only read, by the copy to the device
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(a).to(device)
+
+
+def sampling_place(cfg: Any) -> str:
+    """Where the evaluation's analyses run: ``"actor"`` or ``"driver"`` (``eval.sampling``;
+    ``auto``: the actor when actors reserve GPUs, :func:`align_rl.devices.actor_gpus` > 0)."""
+    mode = str(getattr(cfg.eval, "sampling", "auto"))
+    if mode == "auto":
+        return "actor" if actor_gpus(cfg) > 0 else "driver"
+    return mode

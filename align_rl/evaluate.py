@@ -33,6 +33,9 @@ import argparse
 import sys
 from pathlib import Path
 
+import actors
+from align_rl import logs
+from align_rl.cli import check_model_specs, parse_args, preflight, split_model_specs
 from align_rl.config import load_config
 from align_rl.errors import cli_errors
 from align_rl.evaluation import runner
@@ -51,18 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    from align_rl.cli import check_model_specs, parse_args, preflight, split_model_specs
-
     args = parse_args(build_parser(), argv)
     specs, more = split_model_specs(args.models)  # `--models A=x.pt run.workdir=W`
     cfg = load_config(args.config, list(args.overrides) + more)
     check_model_specs(specs)  # before the world, the models and the backgrounds are built
     preflight(cfg, outputs=("eval",), eval_out=args.out)
+    actors.install()
+    logs.setup(cfg.run.workdir)
     ws = Workspace.from_config(cfg)
     data, ref = runner.load_eval_data(cfg, ws)
     models = {"reference": ref}
     models.update(runner.load_models(specs, cfg, tuple(getattr(data.codec, "latent_shape", ())) or None))
-    ev = runner.run_evaluation(cfg, ws, models, data=data, out=args.out)
+    with logs.stage("evaluation"):
+        ev = runner.run_evaluation(cfg, ws, models, data=data, out=args.out)
     out = Path(args.out or cfg.eval.out or ws.eval)
     print(f"evaluation of {', '.join(models)} × {', '.join(cfg.guidance.methods)} on "
           f"{ev.ds.sizes['time']} times: {out / 'report.md'}")

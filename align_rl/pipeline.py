@@ -22,19 +22,33 @@ pairs and the last DPO checkpoint.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-
-from align_rl import identity
+from align_rl import identity, remote
+from align_rl.alignment.learner import run_dpo
+from align_rl.alignment.online import run_online
+from align_rl.alignment.rewards import check_names
+from align_rl.alignment.validation import ranking_weights
 from align_rl.config import Config
 from align_rl.errors import ConfigError
+from align_rl.evaluation.stage import evaluate_aligned
+from align_rl.io.pair_store import _COMMIT, PairStore
+from align_rl.logs import stage
+from align_rl.training.harness import init_ray
+from align_rl.training.pretraining import ensure_pretrained
 from align_rl.workspace import Workspace
+from align_rl.world.dataset import ensure_world
+from align_rl.world.splits import SplitData
+
+LOG = logging.getLogger("align_rl.train")
 
 
 def _log(msg: str) -> None:
-    print(f"[align_rl.train] {msg}", flush=True)
+    LOG.info(msg)
 
 
 def store_meta(cfg: Config, reference_ckpt: Path) -> dict:
@@ -53,10 +67,6 @@ def open_pair_store(cfg: Config, ws: Workspace, latent_shape, reference_ckpt: Pa
     a store set aside earlier for the current inputs is moved back, so switching configurations
     reuses each one's pairs.
     """
-    import os
-
-    from align_rl.io.pair_store import _COMMIT, PairStore
-
     meta = store_meta(cfg, reference_ckpt)
     path = Path(cfg.pairs.store or ws.pairs)
     if cfg.pairs.store is None and (path / _COMMIT).exists():
@@ -81,101 +91,99 @@ def dpo_dir(cfg: Config, ws: Workspace, variant: str, meta: dict) -> Path:
 
 def PrefData(cfg: Config, ws: Workspace, store: Any, models: Any, progress: bool = True):
     """The preference split (:class:`align_rl.world.splits.SplitData` of ``data.pref``)."""
-    from align_rl.world.splits import SplitData
-
     return SplitData(cfg, ws, store, models, progress, split="pref")
 
 
 def validation_inputs(cfg: Config, ws: Workspace, store: Any, models: Any, progress: bool = True) -> dict:
     """What the learner's validation needs (:class:`align_rl.alignment.validation.Validator`):
     ``dpo.val_backgrounds`` backgrounds spread over ``data.val`` and the models."""
-    from align_rl.world.splits import SplitData
-
     val = SplitData(cfg, ws, store, models, progress, split="val")
     return {"codec": models.codec, "forecaster": models.forecaster, "normalizer": val.normalizer,
             "lat": val.lat, "lon": val.lon, "tasks": val.tasks(val.spread_ids(cfg.dpo.val_backgrounds))}
 
 
 def _validation_for(ctx: dict | None, cfg: Config, variant: str) -> dict | None:
-    from align_rl.alignment.validation import ranking_weights
-
     return None if ctx is None else {**ctx, "weights": ranking_weights(variant, cfg.rewards.weights)}
+
+
+def _dpo_variant(cfg: Config, ws: Workspace, v: str, pool: Any, pstore: Any, pref: Any, meta: dict,
+                 models: Any, reference_ckpt: Path, val_ctx: dict | None, progress: bool):
+    """DPO of one variant (``dpo.mode``) -> ``(DPOResult, number of pairs)``."""
+    out_dir = dpo_dir(cfg, ws, v, meta)
+    if cfg.dpo.mode == "online":
+        # each online variant has its own lineage of policy versions, so its own buffer
+        vpath = pstore.path.with_name(pstore.path.name.removesuffix(".zarr") + f"-online-{v}.zarr")
+        vstore = PairStore.open(vpath, tuple(models.codec.latent_shape),
+                                list(cfg.rewards.names), meta=meta)
+        res = run_online(cfg, ws, pool, vstore, pref.tasks, pref.order, reference_ckpt, v,
+                         out_dir, progress=progress, log=_log,
+                         validation=_validation_for(val_ctx, cfg, v))
+        return res, len(vstore.pair_set(v))
+    # from the stored per-candidate scores with the current weights: the same pairs
+    # as committed when nothing changed, a new selection when the weights did
+    ps = pstore.reselect(
+        cfg.rewards.weights, v, cfg.pairs.pairs_per_background, cfg.run.seed,
+        cfg.pairs.top_k_phys, cfg.pairs.decile, min_version=0,
+        normalize=cfg.rewards.normalize)
+    res = run_dpo(cfg, ws, (pstore, ps), reference_ckpt, out_dir=out_dir, mode=v,
+                  progress=progress, validation=_validation_for(val_ctx, cfg, v))
+    return res, len(ps)
+
+
+def _check_inputs(cfg: Config) -> None:
+    """Fail before any expensive step."""
+    check_names(list(cfg.rewards.names), cfg.rewards.weights)
+    for v in cfg.pairs.variants:
+        if v == "P" and "phys" not in cfg.rewards.names:
+            raise ConfigError("pairs.variants has P (ranked by Geo-Score): add phys to rewards.names")
 
 
 def run(cfg: Config, progress: bool = True, evaluate: bool = True) -> dict:
     """The main job (see the module docstring); returns a summary dict (also written to
-    ``<workdir>/train_summary.json``)."""
-    from actors.pool import CandidatePool
-
-    from align_rl.world.dataset import ensure_world
-    from align_rl.alignment.learner import run_dpo
-    from align_rl.alignment.online import run_online
-    from align_rl.io.pair_store import PairStore
-    from align_rl.training.pretraining import ensure_pretrained
-    from align_rl.training.harness import init_ray
-
-    from align_rl.alignment.rewards import check_names
-
-    check_names(list(cfg.rewards.names), cfg.rewards.weights)  # fail before any expensive step
-    for v in cfg.pairs.variants:
-        if v == "P" and "phys" not in cfg.rewards.names:
-            raise ConfigError("pairs.variants has P (ranked by Geo-Score): add phys to rewards.names")
+    ``<workdir>/train_summary.json``). One console line per stage start and end
+    (:func:`align_rl.logs.stage`); the Ray actors come from :mod:`align_rl.remote`."""
+    _check_inputs(cfg)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     ws = Workspace.from_config(cfg)
     init_ray()
-    t = time.perf_counter()
-    store = ensure_world(cfg, ws, progress=progress)
-    timings["world_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    models = ensure_pretrained(cfg, ws, progress=progress)
-    timings["pretrain_s"] = time.perf_counter() - t
+    with stage("world", LOG) as st:
+        store = ensure_world(cfg, ws, progress=progress)
+    timings["world_s"] = st.seconds
+    with stage("pretraining", LOG) as st:
+        models = ensure_pretrained(cfg, ws, progress=progress)
+    timings["pretrain_s"] = st.seconds
     reference_ckpt = Path(models.paths.get("diffusion", ws.final_checkpoint("diffusion")))
-    t = time.perf_counter()
-    pref = PrefData(cfg, ws, store, models, progress)
-    timings["backgrounds_s"] = time.perf_counter() - t
+    with stage("backgrounds of the preference split", LOG) as st:
+        pref = PrefData(cfg, ws, store, models, progress)
+    timings["backgrounds_s"] = st.seconds
     _log(f"preference split: {len(pref.times)} usable times, using {cfg.pairs.backgrounds} "
          f"backgrounds × {cfg.pairs.candidates} candidates ({cfg.pairs.guidance})")
 
     meta = store_meta(cfg, reference_ckpt)
     pstore = open_pair_store(cfg, ws, models.codec.latent_shape, reference_ckpt)
     variants = list(dict.fromkeys(cfg.pairs.variants))
-    pool = CandidatePool(cfg, models, pref.lat, pref.lon)
+    pool = remote.workers().candidate_pool(cfg, models, pref.lat, pref.lon)
     results = {}
     info: dict[str, Any] = {"pairs": {}, "dpo": {}}
     try:
         if cfg.dpo.mode == "offline":
-            t = time.perf_counter()
-            first = [int(i) for i in pref.order[:int(cfg.pairs.backgrounds)]]
-            built = pool.build(pref.tasks(first), pstore, variants, progress=progress)
-            timings["pairs_s"] = time.perf_counter() - t
+            with stage("pairs", LOG) as st:
+                first = [int(i) for i in pref.order[:int(cfg.pairs.backgrounds)]]
+                built = pool.build(pref.tasks(first), pstore, variants, progress=progress)
+            timings["pairs_s"] = st.seconds
             _log(f"pairs: {built['pairs']} new ({built['backgrounds']} backgrounds in "
                  f"{built['seconds']:.1f} s); store holds {pstore.num_pairs} pairs")
         pool.release()  # free the actors' resources for the learner
-        val_ctx = validation_inputs(cfg, ws, store, models, progress) if cfg.dpo.val_every else None
+        val_ctx = None
+        if cfg.dpo.val_every:
+            with stage("validation backgrounds", LOG):
+                val_ctx = validation_inputs(cfg, ws, store, models, progress)
         for v in variants:
-            out_dir = dpo_dir(cfg, ws, v, meta)
-            t = time.perf_counter()
-            if cfg.dpo.mode == "online":
-                # each online variant has its own lineage of policy versions, so its own buffer
-                vpath = pstore.path.with_name(pstore.path.name.removesuffix(".zarr") + f"-online-{v}.zarr")
-                vstore = PairStore.open(vpath, tuple(models.codec.latent_shape),
-                                        list(cfg.rewards.names), meta=meta)
-                res = run_online(cfg, ws, pool, vstore, pref.tasks, pref.order, reference_ckpt, v,
-                                 out_dir, progress=progress, log=_log,
-                                 validation=_validation_for(val_ctx, cfg, v))
-                info["pairs"][v] = len(vstore.pair_set(v))
-            else:
-                # from the stored per-candidate scores with the current weights: the same pairs
-                # as committed when nothing changed, a new selection when the weights did
-                ps = pstore.reselect(
-                    cfg.rewards.weights, v, cfg.pairs.pairs_per_background, cfg.run.seed,
-                    cfg.pairs.top_k_phys, cfg.pairs.decile, min_version=0,
-                    normalize=cfg.rewards.normalize)
-                info["pairs"][v] = len(ps)
-                res = run_dpo(cfg, ws, (pstore, ps), reference_ckpt, out_dir=out_dir, mode=v,
-                              progress=progress, validation=_validation_for(val_ctx, cfg, v))
-            timings[f"dpo_{v}_s"] = time.perf_counter() - t
+            with stage(f"DPO-{v}", LOG) as st:
+                res, info["pairs"][v] = _dpo_variant(cfg, ws, v, pool, pstore, pref, meta, models,
+                                                     reference_ckpt, val_ctx, progress)
+            timings[f"dpo_{v}_s"] = st.seconds
             results[v] = res
             acc = res.metrics.get("rewards/accuracies", float("nan"))
             _log(f"DPO-{v}: {res.step} steps, version {res.version}, loss "
@@ -192,17 +200,13 @@ def run(cfg: Config, progress: bool = True, evaluate: bool = True) -> dict:
                                             for v, r in results.items()},
                                "pairs_store": str(pstore.path), "pairs_total": pstore.num_pairs}
     if evaluate:
-        from align_rl.evaluation.stage import evaluate_aligned
-
-        t = time.perf_counter()
-        summary.update(evaluate_aligned(cfg, ws, models.eps_model,
-                                        {v: r.checkpoint for v, r in results.items()}, variants, info,
-                                        progress=progress))
-        timings["eval_s"] = time.perf_counter() - t
+        with stage("evaluation", LOG) as st:
+            summary.update(evaluate_aligned(cfg, ws, models.eps_model,
+                                            {v: r.checkpoint for v, r in results.items()}, variants,
+                                            info, progress=progress))
+        timings["eval_s"] = st.seconds
     timings["total_s"] = time.perf_counter() - t_start
     summary["timings"] = timings
     (ws.root / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     _log("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     return summary
-
-

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
+import actors
+from align_rl import logs
+from align_rl.cli import parse_args, preflight
 from align_rl.config import load_config
 from align_rl.errors import cli_errors
 from align_rl.training import pretraining
@@ -40,22 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    from align_rl.cli import parse_args, preflight
-
     args = parse_args(build_parser(), argv)
     cfg = load_config(args.config, args.overrides)
     preflight(cfg)
+    actors.install()
+    logs.setup(cfg.run.workdir)
     ws = Workspace.from_config(cfg)
     stages = STAGES if args.stage == "all" else (args.stage,)
     force = stages if args.force else ()
-    t0 = time.perf_counter()
-    models = pretraining.ensure_pretrained(cfg, ws, stages, force=force, evaluate=args.stage in ("all", "diffusion"),
-                               progress=not args.no_progress)
+    with logs.stage(f"pretrain {args.stage}") as st:
+        models = pretraining.ensure_pretrained(cfg, ws, stages, force=force,
+                                               evaluate=args.stage in ("all", "diffusion"),
+                                               progress=not args.no_progress)
     for s, pth in models.paths.items():
         print(f"{s}: {pth}")
     if models.summary and args.stage in ("all", "diffusion"):
         print(pretraining.format_summary(models.summary))
-    print(f"pretrain {args.stage} finished in {time.perf_counter() - t0:.0f} s")
+    print(f"pretrain {args.stage} finished in {st.seconds:.0f} s")
     return 0
 
 

@@ -60,6 +60,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import actors
+from align_rl import logs
 from align_rl.cli import preflight
 from align_rl.errors import cli_errors
 from align_rl.tune import sweep
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = sweep.load_spec(args.spec, spec_ov)
     cfg = sweep.build_base_config(spec, args.config, cfg_items)
     preflight(cfg, outputs=("pairs",))
+    actors.install()
+    logs.setup(cfg.run.workdir)
     result = sweep.run_sweep(spec, cfg, progress=not args.quiet)
     out = sweep.sweep_dir(cfg, spec)
     print(f"sweep {spec.name}: {len(result.rows)} trials in {result.seconds / 60:.1f} min; "

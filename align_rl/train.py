@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from align_rl import pipeline
+import actors
+from align_rl import logs, pipeline
+from align_rl.cli import parse_args, preflight
 from align_rl.config import load_config
 from align_rl.errors import cli_errors
 
@@ -39,11 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    from align_rl.cli import parse_args, preflight
-
     args = parse_args(build_parser(), argv)
     cfg = load_config(args.config, args.overrides)
     preflight(cfg, outputs=("pairs",) + (() if args.no_eval else ("eval",)))
+    actors.install()
+    logs.setup(cfg.run.workdir)
     s = pipeline.run(cfg, evaluate=not args.no_eval)
     if "report" in s:
         pipeline._log(f"report: {s['report']}")

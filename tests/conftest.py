@@ -15,6 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+import actors
+
+actors.install()  # the Ray actors of the library's stages, as the commands supply them
+
 if not (os.environ.get("RAY_AUTH_MODE") or os.environ.get("RAY_AUTH_TOKEN")
         or os.environ.get("RAY_AUTH_TOKEN_PATH")):
     # Ray's token authentication stays on in the tests; the session's token lives in a private

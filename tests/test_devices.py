@@ -159,7 +159,7 @@ def test_actor_outputs_are_cpu_numpy_and_models_on_cpu(tmp_path, ray_session):
 
 # ----------------------------------------------------------------------------- evaluation sampling
 def test_sampling_place():
-    from actors.analysis import sampling_place
+    from align_rl.devices import sampling_place
 
     assert sampling_place(load_config()) == "driver"  # CPU: as before
     assert sampling_place(load_config(overrides=["actors.gpus_per_actor=0.5"])) == "actor"

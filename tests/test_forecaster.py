@@ -10,7 +10,8 @@ from align_rl.io.checkpoints import save_model
 from align_rl.config import load_config
 from align_rl.errors import CheckpointError, ConfigError, InputError
 from align_rl.models.forecaster import (EmulatorForecaster, OnnxForecaster, TorchForecaster,
-                                        build_emulator, load_forecaster)
+                                        build_emulator)
+from align_rl.models.loading import load_forecaster
 from align_rl.io.normalization import Normalizer
 from align_rl.workspace import Workspace
 

@@ -123,7 +123,7 @@ def test_malicious_state_and_checkpoint_are_refused(tmp_path):
 
 def test_pickled_forecaster_needs_the_trust_switch(tmp_path):
     from align_rl.config import load_config
-    from align_rl.models.forecaster import load_forecaster
+    from align_rl.models.loading import load_forecaster
     from align_rl.workspace import Workspace
 
     marker = tmp_path / "pwned"

@@ -40,8 +40,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.analysis import analyse_batch  # in the driver or a (GPU) actor: eval.sampling
+from align_rl import remote
 from align_rl.config import Config
+from align_rl.devices import sampling_place
+from align_rl.diffusion.analysis import analyse
 from align_rl.errors import CheckpointError, ConfigError, InputError
 from align_rl.evaluation.paper import paper_checks
 from align_rl.evaluation.report import write_outputs
@@ -232,8 +234,12 @@ def _analyse_batch(data: EvalData, eps_model: Any, x_b: torch.Tensor, obs: Any, 
                    cfg: Config, generator: torch.Generator, members: int) -> torch.Tensor:
     """An ensemble of ``members`` analyses of one batch of backgrounds ``x_b`` (B, 69, H, W):
     (B, members, 69, H, W) normalised, float32 on the CPU. InputError when the sampler diverges."""
-    an = analyse_batch(cfg, data.codec, eps_model, x_b, obs, method, cfg.sampler, cfg.guidance,
-                       generator=generator, members=members)
+    if sampling_place(cfg) == "driver":
+        an = analyse(data.codec, eps_model, x_b, obs, method, cfg.sampler, cfg.guidance,
+                     generator=generator, members=members)
+    else:  # in an analysis actor on a GPU share (eval.sampling)
+        an = remote.workers().analyse(cfg, data.codec, eps_model, x_b, obs, method, cfg.sampler,
+                                      cfg.guidance, generator=generator, members=members)
     return an.fields.float().cpu()
 
 

@@ -25,11 +25,16 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from align_rl import __version__ as _pkg_version
 from align_rl.errors import CheckpointError, ConfigError
+from align_rl.models.dit import build_dit
+from align_rl.models.forecaster import build_emulator
+from align_rl.models.vae import LatentCodec, build_vae
+from align_rl.owned import temp_file
 
 FORMAT = "align_rl.checkpoint"
 VERSION = "1"
@@ -93,8 +98,6 @@ def _feed(h, obj: Any) -> None:
 
 def _plain(obj: Any) -> Any:
     """numpy scalars and arrays as Python numbers and tensors (``weights_only`` loads them)."""
-    import numpy as np
-
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -138,8 +141,6 @@ def save_state(obj: dict, path: str | Path) -> Path:
 
 def _save_atomic(obj: dict, path: str | Path) -> Path:
     """``torch.save`` into a temporary file beside ``path``, then rename it into place."""
-    from align_rl.owned import temp_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_file(path)
@@ -234,15 +235,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def _build(kind: str, cfg: dict[str, Any], shapes: dict[str, Any]) -> nn.Module:
     if kind == "vae":
-        from align_rl.models.vae import build_vae
-
         return build_vae(cfg, tuple(shapes["grid"]))
     if kind == "diffusion":
-        from align_rl.models.dit import build_dit
-
         return build_dit(cfg, tuple(shapes["latent_shape"]))
-    from align_rl.models.forecaster import build_emulator
-
     return build_emulator(cfg, tuple(shapes["grid"]) if "grid" in shapes else None)
 
 
@@ -304,8 +299,6 @@ def load_codec(path: str | Path, expect: Any = None, device: str | torch.device 
                shapes: dict | None = None):
     """A :class:`~align_rl.models.vae.LatentCodec` from a ``vae`` checkpoint holding latent
     statistics (``extra["latent_mean"]``, ``extra["latent_std"]``)."""
-    from align_rl.models.vae import LatentCodec
-
     vae, meta = load_model(path, "vae", expect=expect, device=device, shapes=shapes)
     ex = meta["extra"]
     if "latent_mean" not in ex or "latent_std" not in ex:

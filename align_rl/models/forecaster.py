@@ -7,8 +7,10 @@ All take and return the project's normalised fields ``(B, 69, H, W)``, latitude 
 - :class:`RegriddedForecaster` runs a forecaster on its own grid (the public FengWu ONNX: 721 × 1440,
   rows on the poles, latitude 90 → −90) behind the model grid: each rollout maps the two input
   frames model grid → its grid (bilinear, :mod:`align_rl.io.regrid`), steps there, and maps every
-  output state back (conservative). :func:`load_forecaster` wraps an ONNX model whose fixed input
+  output state back (conservative). :func:`on_model_grid` wraps an ONNX model whose fixed input
   grid is not ``data.grid``.
+
+Loading one from the config: :func:`align_rl.models.loading.load_forecaster`.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from align_rl.errors import CheckpointError, ConfigError, InputError
+from align_rl.io.grid import Grid, LatLonGrid
 from align_rl.io.normalization import Normalizer
+from align_rl.io.regrid import regrid
 from align_rl.io.schema import N_CHANNELS
+from align_rl.models.vae import _grid_shape
 
 
 class PeriodicConv2d(nn.Conv2d):
@@ -86,8 +91,6 @@ def build_emulator(fc_cfg: Any, grid: Any = None) -> EmulatorNet:
         raise ConfigError(f"forecaster.hidden={hidden} must be >= 1 and forecaster.depth={depth} >= 0")
     net = EmulatorNet(hidden=hidden, depth=depth)
     if grid is not None:
-        from align_rl.models.vae import _grid_shape
-
         H, W = _grid_shape(grid)
         if H % 2 or W % 2:
             raise ConfigError(f"the emulator needs an even grid, got {H}x{W}")
@@ -137,7 +140,7 @@ class EmulatorForecaster(nn.Module, Forecaster):
         return self.step(x_prev, x_curr)
 
 
-def _load_stats(path: str | Path | None, what: str) -> np.ndarray | None:
+def load_stats(path: str | Path | None, what: str) -> np.ndarray | None:
     if path is None:
         return None
     p = Path(path)
@@ -215,7 +218,7 @@ class OnnxForecaster(_StackedForecaster):
         p = Path(path)
         if not p.exists():
             raise CheckpointError(f"ONNX forecaster {p} does not exist; set forecaster.path=FILE.onnx")
-        super().__init__(normalizer, _load_stats(mean_path, "mean"), _load_stats(std_path, "std"),
+        super().__init__(normalizer, load_stats(mean_path, "mean"), load_stats(std_path, "std"),
                          lat_north_to_south)
         try:
             import onnxruntime as ort
@@ -267,22 +270,16 @@ class RegriddedForecaster(Forecaster):
     normalisation. Not differentiable (the regridding goes through numpy)."""
 
     def __init__(self, inner: Forecaster, model: Any, native: Any):
-        from align_rl.io.grid import LatLonGrid
-
         self.inner = inner
         self.model = LatLonGrid.of(model)
         self.native = LatLonGrid.of(native)
 
     def to_native(self, x: torch.Tensor) -> torch.Tensor:
         """Fields ``(..., H, W)`` on the model grid → ``(..., H', W')`` on the native grid."""
-        from align_rl.io.regrid import regrid
-
         return regrid(x, self.model, self.native, "linear")
 
     def from_native(self, y: torch.Tensor) -> torch.Tensor:
         """Fields ``(..., H', W')`` on the native grid → ``(..., H, W)`` on the model grid."""
-        from align_rl.io.regrid import regrid
-
         return regrid(y, self.native, self.model, "conservative")
 
     def rollout(self, x_prev: torch.Tensor, x_curr: torch.Tensor, n_steps: int) -> torch.Tensor:
@@ -328,37 +325,10 @@ class TorchForecaster(_StackedForecaster):
         return self
 
 
-def _load_torch_module(path: Path, trust_pickle: bool = False) -> nn.Module:
-    """A TorchScript file, or (only with ``trust_pickle``) a pickled module: unpickling a module
-    runs code named in the file, so it is refused unless the file is trusted."""
-    try:
-        return torch.jit.load(str(path), map_location="cpu")
-    except Exception:
-        pass
-    if not trust_pickle:
-        raise CheckpointError(
-            f"torch forecaster {path} is neither TorchScript nor an align_rl checkpoint; if it is a "
-            "pickled module, loading it runs code from the file: export it with torch.jit.save, or, "
-            "only for a file you trust, set checks.trust_pickle=true"
-        )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)  # trusted by checks.trust_pickle
-    except Exception as exc:
-        raise CheckpointError(f"cannot read torch forecaster {path}: {exc}") from None
-    if not isinstance(obj, nn.Module):
-        raise CheckpointError(
-            f"{path} holds a {type(obj).__name__}, not a torch module; save the whole module "
-            "(torch.save(module) or torch.jit.save) or an align_rl forecaster checkpoint"
-        )
-    return obj
-
-
 def on_model_grid(forecaster: "OnnxForecaster", model_grid: Any) -> Forecaster:
     """``forecaster`` itself when it runs on any grid or on ``model_grid``; else wrapped in a
     :class:`RegriddedForecaster` for its fixed grid (an odd number of rows: rows on the poles, as
     FengWu's 721 × 1440; even: cell-centred)."""
-    from align_rl.io.grid import Grid, LatLonGrid
-
     model = Grid.parse(model_grid) if isinstance(model_grid, str) else model_grid
     if forecaster.grid is None or tuple(forecaster.grid) == model.shape:
         return forecaster
@@ -369,34 +339,3 @@ def on_model_grid(forecaster: "OnnxForecaster", model_grid: Any) -> Forecaster:
         raise CheckpointError(f"the forecast model runs on a {H}x{W} grid that cannot be mapped "
                               f"to the model grid {model}: {exc}") from None
     return RegriddedForecaster(forecaster, model, native)
-
-
-def load_forecaster(cfg, ws, normalizer: Normalizer | None, device: str | torch.device = "cpu") -> Forecaster:
-    """The forecaster named by ``cfg.forecaster.kind``: ``emulator`` loads
-    ``cfg.forecaster.path`` or ``ws.final_checkpoint("forecaster")`` (checked against the config);
-    ``onnx`` opens ``cfg.forecaster.path`` with the mean/std files (a model on a fixed grid other
-    than ``cfg.data.grid``, e.g. FengWu's 721 × 1440, behind :func:`on_model_grid`); ``torch``
-    loads an align_rl forecaster checkpoint, a TorchScript file or (with ``checks.trust_pickle``) a
-    pickled module. Modules are put in eval mode."""
-    from align_rl.io.checkpoints import is_checkpoint, load_model
-
-    fc = cfg.forecaster
-    if fc.kind == "emulator":
-        path = Path(fc.path) if fc.path else ws.final_checkpoint("forecaster")
-        net, _ = load_model(path, "forecaster", expect=fc, device=device)
-        return EmulatorForecaster(net).eval()
-    if not fc.path:
-        raise ConfigError(f"forecaster.kind={fc.kind} needs forecaster.path=FILE")
-    if fc.kind == "onnx":
-        onnx_fc = OnnxForecaster(fc.path, normalizer, fc.mean_path, fc.std_path, fc.lat_north_to_south)
-        return on_model_grid(onnx_fc, cfg.data.grid)
-    path = Path(fc.path)
-    if not path.exists():
-        raise CheckpointError(f"torch forecaster {path} does not exist; set forecaster.path")
-    if is_checkpoint(path):
-        net, _ = load_model(path, "forecaster", device=device)
-        return EmulatorForecaster(net).eval()
-    checks = getattr(cfg, "checks", None)
-    module = _load_torch_module(path, bool(getattr(checks, "trust_pickle", False))).to(device).eval()
-    return TorchForecaster(module, normalizer, _load_stats(fc.mean_path, "mean"),
-                           _load_stats(fc.std_path, "std"), fc.lat_north_to_south)

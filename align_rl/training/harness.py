@@ -19,13 +19,17 @@ dict, the metrics history, the step at which each attempt started).
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
+from ray._private import ray_constants
 
+from align_rl import logs
 from align_rl.config import PretrainConfig
 from align_rl.training.loops import STATE_FILE, train_loop
 
@@ -77,6 +81,12 @@ def ensure_auth_token() -> Path | None:
     return path
 
 
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+"""Defaults (unless set) for Ray's processes: Ray Train workers print as plain processes (with
+Ray Train's print patch a worker's output, its progress-bar states included, reaches the driver
+twice)."""
+
+
 def init_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     """Connect to Ray: the cluster in ``RAY_ADDRESS`` if set, else a small local instance.
 
@@ -85,15 +95,19 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     generates the token once into ``~/.ray/auth_token`` (mode 0600) unless ``RAY_AUTH_TOKEN`` or
     ``RAY_AUTH_TOKEN_PATH`` name one, and every client of the instance sends it. An explicit
     ``RAY_AUTH_MODE=disabled`` is respected with a warning. No-op when Ray is already up.
+
+    With a log file (:func:`align_rl.logs.setup`), Ray's log records and the workers' output go to
+    it and stay off the console (:func:`align_rl.logs.route_ray`), except the workers' progress
+    bars and Ray's errors.
     """
-    import sys
-
-    import ray
-
     if ray.is_initialized():
         return
+    for k, v in WORKER_ENV.items():
+        os.environ.setdefault(k, v)
+    logs.route_ray()  # Ray's records while it starts
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=log_to_driver)
+        logs.route_ray()
         return
     os.environ.update(LOOPBACK_ENV)  # for the processes Ray starts (raylet, GCS, agents, workers)
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
@@ -101,8 +115,6 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
               "unset it to keep token authentication on", file=sys.stderr)
     else:
         ensure_auth_token()
-    from ray._private import ray_constants
-
     was = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
     try:
         # the driver read its copy of the variable when ray was imported: loopback as node address
@@ -113,6 +125,7 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     finally:
         if was is not None:
             ray_constants.ENABLE_RAY_CLUSTER = was
+    logs.route_ray()
 
 
 def _train_env_defaults() -> None:

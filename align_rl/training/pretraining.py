@@ -198,7 +198,8 @@ def pretrain_forecaster(cfg: Config, ws: Workspace, data: PretrainData, force: b
     """The forecaster of ``cfg.forecaster``: the emulator is trained (or reused); ONNX / torch
     forecasters are loaded as configured. Returns ``(forecaster, info)``."""
     from align_rl.io.checkpoints import save_model
-    from align_rl.models.forecaster import EmulatorForecaster, build_emulator, load_forecaster
+    from align_rl.models.forecaster import EmulatorForecaster, build_emulator
+    from align_rl.models.loading import load_forecaster
 
     info: dict[str, Any] = {"trained": False}
     if cfg.forecaster.kind != "emulator" or cfg.forecaster.path:

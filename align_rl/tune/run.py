@@ -8,6 +8,7 @@ Tune's own records (``tune/``).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -16,12 +17,16 @@ from typing import Any, Callable
 
 import yaml
 
+from align_rl import remote
 from align_rl.config import Config
+from align_rl.logs import stage
 from align_rl.training.harness import init_ray
 from align_rl.tune.inputs import prepare_shared
 from align_rl.tune.results import SweepResult, collect_results, log_wandb, write_atomic, write_results
 from align_rl.tune.spec import SweepSpec
 from align_rl.tune.trial import dpo_trial, trial_config
+
+LOG = logging.getLogger("align_rl.sweep")
 
 
 def sweep_dir(cfg: Config, spec: SweepSpec) -> Path:
@@ -76,6 +81,8 @@ def _tuner(spec: SweepSpec, cfg: Config, trainable: Callable[[dict, dict], None]
     from ray import tune
 
     def entry(config: dict, ctx: dict) -> None:  # Tune passes the sampled point as `config`
+        if ctx.get("workers") is not None:  # the Ray actors, in the trial's process
+            remote.provide(ctx["workers"])
         trainable(dict(config), ctx)
 
     base_d = cfg.to_dict()
@@ -105,12 +112,15 @@ def run_sweep(spec: SweepSpec, cfg: Config, trainable: Callable[[dict, dict], No
     init_ray(num_cpus=local_cpus(spec, cfg))
     if trainable is None:
         trainable = dpo_trial
-        ctx = prepare_shared(cfg, spec, out, progress)
+        with stage("shared inputs of the trials", LOG):
+            ctx = prepare_shared(cfg, spec, out, progress)
     ctx = dict(ctx or {})
     ctx.setdefault("stages", spec.stages)
     ctx.setdefault("sweep_dir", str(out))
+    ctx.setdefault("workers", remote.provided())
     prep_s = time.time() - t0
-    grid = _tuner(spec, cfg, trainable, ctx, out, progress).fit()
+    with stage(f"trials of sweep {spec.name}", LOG):
+        grid = _tuner(spec, cfg, trainable, ctx, out, progress).fit()
     result = collect_results(grid, spec, cfg)
     result.seconds = time.time() - t0
     result.prepare_seconds = prep_s

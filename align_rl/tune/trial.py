@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from align_rl import remote
 from align_rl.alignment.learner import run_dpo
 from align_rl.alignment.online import run_online
 from align_rl.config import Config, config_from_dict, with_values
@@ -110,11 +111,9 @@ def validation_config(cfg: Config, val: dict[str, Any], seed: int | None = None)
 
 
 def candidate_pool(cfg: Config, models: Any, lat: Any, lon: Any) -> Any:
-    """The sampler and reward actors that draw and score candidates
-    (:class:`actors.pool.CandidatePool`), for the shared pair store and for online trials."""
-    from actors.pool import CandidatePool  # Ray actors: imported only where a pool is made
-
-    return CandidatePool(cfg, models, lat, lon)
+    """The sampler and reward actors that draw and score candidates (the candidate pool of
+    :mod:`align_rl.remote`), for the shared pair store and for online trials."""
+    return remote.workers().candidate_pool(cfg, models, lat, lon)
 
 
 # ----------------------------------------------------------------------------- the trial

@@ -5,8 +5,8 @@ truth at ``t − 54 h`` and ``t − 48 h``; a background exists at every time ``
 two input times are in the states too (with 6-hourly data: from the 10th frame of each
 uninterrupted stretch on).
 
-The forecasts run on Ray forecast actors (:mod:`actors.forecast`) in batches of
-``cfg.pretrain.background_batch``. The result is cached in ``ws.backgrounds`` (a WeatherBench2-layout
+The forecasts run on Ray forecast actors (:mod:`align_rl.remote`: ``workers().forecast``) in
+batches of ``cfg.pretrain.background_batch``. The result is cached in ``ws.backgrounds`` (a WeatherBench2-layout
 zarr store, physical units) whose attribute ``background_key`` (:func:`align_rl.identity.backgrounds`)
 records the dataset by content, the normalisation statistics and the forecaster by content (its
 weights, or its ONNX file and statistics). A call with the same key reuses the stored backgrounds and
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from align_rl import identity
+from align_rl import identity, remote
 from align_rl.errors import InputError
 from align_rl.io.normalization import Normalizer
 from align_rl.io.states import States
@@ -95,10 +95,6 @@ def compute_backgrounds(
 ) -> np.ndarray:
     """48 h forecasts for the given index triples, on Ray forecast actors -> physical float32
     ``(len(target), 69, H, W)``."""
-    import ray
-
-    from actors.forecast import forecast_batches, forecaster_handle, make_forecasters
-
     from align_rl.training.harness import init_ray
 
     init_ray()
@@ -109,8 +105,7 @@ def compute_backgrounds(
         return np.ascontiguousarray(normalizer.normalize(states.values[idx]), dtype=np.float32)
 
     batches = [(norm(prev[c]), norm(curr[c])) for c in chunks]
-    ref, loader = forecaster_handle(forecaster, cfg, str(workdir), normalizer)
-    actors = make_forecasters(cfg, ref, loader=loader)
+    forecast = remote.workers().forecast
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -123,12 +118,10 @@ def compute_backgrounds(
             if bar is not None:
                 bar.update(len(chunks[i]))
 
-        forecast_batches(actors, batches, LEAD_STEPS, last_only=True, on_result=store)
+        forecast(cfg, forecaster, batches, LEAD_STEPS, workdir, normalizer, on_result=store)
     finally:
         if bar is not None:
             bar.close()
-        for a in actors:
-            ray.kill(a, no_restart=True)
     if not np.all(np.isfinite(out)):
         raise InputError("the forecaster produced NaN or inf backgrounds; check the forecaster")
     return out
