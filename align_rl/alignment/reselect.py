@@ -61,6 +61,6 @@ def reselect_pairs(store: Any, weights: Mapping[str, float] | None, mode: str = 
             seen.add(h)
             W.append(rows[wi]); L.append(rows[li]); B.append(b)
             V.append(version); H.append(np.frombuffer(h, np.uint8))
-    return PairSet(np.asarray(W, np.int64), np.asarray(L, np.int64), np.asarray(B, np.int64),
-                   np.asarray(V, np.int32),
-                   np.stack(H) if H else np.zeros((0, HASH_BYTES), np.uint8), mode).in_content_order()
+    return store.in_task_order(PairSet(np.asarray(W, np.int64), np.asarray(L, np.int64),
+                                       np.asarray(B, np.int64), np.asarray(V, np.int32),
+                                       np.stack(H) if H else np.zeros((0, HASH_BYTES), np.uint8), mode))

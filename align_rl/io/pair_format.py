@@ -77,15 +77,11 @@ class PairSet:
     def __len__(self) -> int:
         return int(len(self.winner))
 
-    def in_content_order(self) -> "PairSet":
-        """The same pairs ordered by their content hash, not by store row.
-
-        Sampler actors commit backgrounds in the order they finish, so the rows of the same pairs
-        differ between two runs; a learner that draws batches by position would then train on
-        another sequence. Ordered by hash, the same pairs give the same batches (same seed)."""
+    def ordered(self, key: np.ndarray) -> "PairSet":
+        """The same pairs sorted by the rows of ``key`` (P, k) integers (lexicographic, stable)."""
         if len(self) < 2:
             return self
-        order = np.lexsort(self.hash.T[::-1])
+        order = np.lexsort(np.asarray(key).T[::-1])
         return PairSet(self.winner[order], self.loser[order], self.background[order],
                        self.version[order], self.hash[order], self.mode)
 

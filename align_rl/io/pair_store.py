@@ -386,9 +386,24 @@ class PairStore(StoreIntegrity):
                 raise ConfigError(f"pair mode {mode!r} is not one of {', '.join(MODES)}")
             keep &= md == MODES.index(mode)
         idx = np.flatnonzero(keep)
-        return PairSet(self._col("pairs/winner", n)[idx], self._col("pairs/loser", n)[idx],
-                       self._col("pairs/background", n)[idx], ver[idx],
-                       self._col("pairs/hash", n)[idx], mode or "all").in_content_order()
+        ps = PairSet(self._col("pairs/winner", n)[idx], self._col("pairs/loser", n)[idx],
+                     self._col("pairs/background", n)[idx], ver[idx],
+                     self._col("pairs/hash", n)[idx], mode or "all")
+        return self.in_task_order(ps)
+
+    def in_task_order(self, ps: PairSet) -> PairSet:
+        """``ps`` ordered by what each pair is, not by store row: background id, policy version,
+        guidance, winner's and loser's member index. Sampler actors commit backgrounds in the order they
+        finish, so the rows of the same pairs differ from run to run; ordered so, the same pairs
+        give the learner the same batches (same seed)."""
+        if len(ps) < 2:
+            return ps
+        nb = self.num_backgrounds
+        bg_id = self._col("backgrounds/bg_id", nb)[ps.background]
+        guidance = self._col("backgrounds/guidance", nb)[ps.background]
+        member = self._col("candidates/member", self.num_candidates)
+        return ps.ordered(np.stack([bg_id, ps.version, guidance, member[ps.winner],
+                                    member[ps.loser]], 1).astype(np.int64))
 
     def reselect(self, weights: Mapping[str, float] | None, mode: str = "M",
                  per_background: int = 8, seed: int = 0, top_k: int = 5, decile: float = 0.1,
