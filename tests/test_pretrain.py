@@ -174,6 +174,7 @@ TINY = [
     "diffusion.embed_dim=16", "diffusion.depth=1", "diffusion.heads=2", "diffusion.steps=6",
     "diffusion.batch_size=4", "pretrain.checkpoint_every=3", "pretrain.val_every=3",
     "pretrain.background_batch=8", "actors.forecasters=1", "run.wandb_mode=disabled",
+    "checks.units=false",  # random fields around 100, not physical values (align_rl.io.plausibility)
 ]
 
 
