@@ -213,3 +213,37 @@ def test_to_cpu_walks_containers():
     out = to_cpu(obj)
     assert out["a"][0].device.type == "cpu" and not out["a"][0].requires_grad
     assert isinstance(out["b"], tuple) and out["b"][1] == 3 and out["c"] == "x"
+
+
+class _Scored(_Line):
+    """Validation scores 0.5, 0.2, 0.9 in turn (higher is better); the start scores 0.3."""
+
+    best_key = "val/score"
+
+    def __init__(self, config, worker):
+        super().__init__(config, worker)
+        self.scores, self.kept = [0.5, 0.2, 0.9], []
+
+    def initial_score(self, model):
+        return 0.3
+
+    def validate(self, model):
+        assert not model.training
+        return {"val/score": self.scores.pop(0)}
+
+    def keep_best(self, out_dir, model, step, best):
+        self.kept.append((step, best["val/score"]))
+
+
+def test_validation_keeps_the_best_model(tmp_path):
+    loop = Loop(_config(tmp_path, val_every=1, make_task=_Scored), Worker())
+    loop.prepare(lambda m: m)
+    assert loop.best == {"step": 0, "val/score": 0.3}
+    seen = []
+    for _ in range(3):
+        loop.train_step()
+        m = loop.metrics()
+        loop.validate(m)
+        seen.append(m["val/best_step"])
+    assert seen == [1.0, 1.0, 3.0] and loop.task.kept == [(0, 0.3), (1, 0.5), (3, 0.9)]
+    assert loop.model.training and loop.state()["best"] == {"step": 3, "val/score": 0.9}

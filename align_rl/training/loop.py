@@ -310,11 +310,12 @@ class Loop:
             self.raw.eval()
             self.best = {"step": self.start, self.task.best_key: self.task.initial_score(self.raw)}
             self.raw.train()
-            self.task.keep_best(self._out(), self.raw, self.start, self.best)
+            self._keep_best()
 
-    def _out(self) -> Path:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        return self.out_dir
+    def _keep_best(self) -> None:
+        if self.out_dir is not None:  # a task keeps its best model in out_dir only
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.task.keep_best(self.out_dir, self.raw, int(self.best["step"]), self.best)
 
     def train_step(self) -> None:
         """One optimiser step: batch, loss, backward, clipping, update; adds to the window."""
@@ -358,7 +359,7 @@ class Loop:
         if key:
             if vm[key] > float(self.best[key]):
                 self.best = {"step": self.step, key: vm[key]}
-                self.task.keep_best(self._out(), self.raw, self.step, self.best)
+                self._keep_best()
             m[BEST_STEP] = float(self.best["step"])
 
     def state(self) -> dict[str, Any]:
@@ -375,7 +376,8 @@ class Loop:
         save_state(st, directory / STATE_FILE)
         if self.out_dir is None:
             return
-        self.task.publish(self._out(), self.raw, self.step)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.task.publish(self.out_dir, self.raw, self.step)
         save_state(st, self.out_dir / STATE_FILE)  # after the model: the commit point
         with open(self.out_dir / METRICS_FILE, "a") as f:
             for h in self.history[self.written:]:
