@@ -23,7 +23,6 @@ from align_rl.training.loop import (
     to_cpu,
 )
 
-
 # ----------------------------------------------------------------------------- devices
 
 
@@ -95,7 +94,7 @@ def test_pretraining_resolves_run_device(cluster, monkeypatch, tmp_path):
 
 
 def test_run_dpo_refuses_cuda_on_a_cluster_without_gpus(cluster, monkeypatch, tmp_path):
-    import align_rl.alignment.learner as learner
+    from align_rl.alignment import learner
 
     from .test_learner import _setup
 

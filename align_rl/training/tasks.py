@@ -19,8 +19,9 @@ the batch of step ``s`` on worker ``r`` is :func:`~align_rl.training.datasets.dr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
