@@ -151,3 +151,41 @@ def sampling_place(cfg: Any) -> str:
     if mode == "auto":
         return "actor" if actor_gpus(cfg) > 0 else "driver"
     return mode
+
+
+# ----------------------------------------------------------------------------- Ray Train workers
+# ``run.device`` → ``ScalingConfig(use_gpu=...)`` for the pretraining workers and the DPO learner:
+# ``cpu``: no GPU, whatever the cluster holds; ``cuda``: one GPU per worker, a ConfigError when the
+# Ray cluster has none (Ray would wait forever); ``auto``: one GPU per worker when the Ray cluster
+# has GPUs. A section's ``use_gpu: true`` (``pretrain.use_gpu``, ``dpo.use_gpu``) asks as ``cuda``
+# does. Inside a worker, models and batches go to ``ray.train.torch.get_device()``; checkpoints
+# hold CPU tensors, so they load on any machine.
+
+
+def cluster_gpus() -> float:
+    """GPUs of the connected Ray cluster (0 when Ray is not initialised)."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0.0
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def resolve_use_gpu(device: str, requested: bool = False, key: str = "run.device") -> bool:
+    """Whether the Ray Train workers take a GPU each (see the module docstring).
+
+    ``device``: ``cfg.run.device``; ``requested``: the section's ``use_gpu``; ``key``: the name of
+    that key, for the error message."""
+    device = str(device).lower()
+    if device not in DEVICES:
+        raise ConfigError(f"run.device={device!r} is not one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return False
+    gpus = cluster_gpus()
+    if device == "cuda" or requested:
+        if gpus <= 0:
+            why = "run.device=cuda" if device == "cuda" else f"{key}=true"
+            raise ConfigError(f"{why} but the Ray cluster has no GPU; set run.device=cpu (or auto "
+                              f"and {key}=false), or connect to a cluster with GPUs (RAY_ADDRESS)")
+        return True
+    return gpus > 0

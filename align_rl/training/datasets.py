@@ -9,7 +9,7 @@ next member's first frames never form a sample).
 - :class:`SequenceDataset`: ``n_frames`` consecutive frames ``(n_frames, 69, H, W)`` (the
   forecaster: triples ``x_{t−6h}, x_t, x_{t+6h}``).
 - :class:`LatentPairDataset`: ``(z_t, z_b)`` standardised latents ``(C, h, w)`` of the truth at ``t``
-  and of the background at ``t`` (the diffusion model).
+  and of the background at ``t`` (the diffusion model), made by :func:`latent_pairs`.
 
 Every dataset also offers ``batch(indices) -> tuple of tensors`` (one gather instead of a python
 collate loop) and ``len``; training draws random indices with :func:`draw_indices`.
@@ -144,3 +144,24 @@ def fixed_subset(n: int, size: int, seed: int = 0) -> np.ndarray:
     if size >= n:
         return np.arange(n)
     return np.unique(np.linspace(0, n - 1, size).round().astype(np.int64))
+
+
+@torch.no_grad()
+def encode_all(codec, values: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Standardised latents ``(T, C, h, w)`` float32 of normalised fields ``(T, 69, H, W)``."""
+    codec.eval()
+    out = [codec.encode(torch.from_numpy(np.ascontiguousarray(values[i:i + batch_size]))).numpy()
+           for i in range(0, len(values), batch_size)]
+    return np.concatenate(out).astype(np.float32)
+
+
+def latent_pairs(codec, truth: States, truth_norm: np.ndarray, bg: States, normalizer: Normalizer):
+    """``(z, z_b)``, each ``(N, C, h, w)`` float32, of the truth (``truth_norm`` ``(T, 69, H, W)``
+    normalised, at the times of ``truth``) and of the background ``bg`` (physical) at every
+    background time."""
+    idx = np.searchsorted(truth.times, bg.times)
+    if not np.array_equal(truth.times[np.minimum(idx, len(truth) - 1)], bg.times):
+        raise InputError("background times are not all in the truth; recompute the backgrounds")
+    z = encode_all(codec, truth_norm[idx])
+    zb = encode_all(codec, np.ascontiguousarray(normalizer.normalize(bg.values), dtype=np.float32))
+    return z, zb

@@ -1,10 +1,10 @@
-"""The shared Ray Train runner of the pretraining tasks.
+"""The shared Ray Train runner: :func:`fit_loop` runs :func:`align_rl.training.loop.train_loop`
+under a ``TorchTrainer`` (Ray Train V2) for the pretraining tasks (:func:`run_training`) and the
+DPO learner (:func:`align_rl.alignment.learner.run_dpo`):
 
-:func:`run_training` builds a ``TorchTrainer`` (Ray Train V2) for one task of
-:mod:`align_rl.training.loops`:
-
-- ``ScalingConfig(num_workers, use_gpu, resources_per_worker)`` from ``cfg.pretrain``
-  (``num_workers``, ``use_gpu``, ``cpus_per_worker``; one GPU per worker when ``use_gpu``);
+- ``ScalingConfig(num_workers, use_gpu, resources_per_worker)``: ``cpus_per_worker`` CPUs and, when
+  ``use_gpu`` (:func:`align_rl.devices.resolve_use_gpu` of ``run.device``), one GPU per
+  worker;
 - DDP over gloo on CPU, nccl on GPU (``TorchConfig(backend=...)``);
 - ``RunConfig(name=run_name, storage_path=...)`` with ``FailureConfig(max_failures)``: a worker that
   dies restarts the worker group, which resumes from the latest reported checkpoint; a new
@@ -12,8 +12,8 @@
   manager from storage), so callers put a hash of everything that defines the run in the name;
 - ``CheckpointConfig(num_to_keep=2)``.
 
-The result is read back on the driver as a :class:`TrainResult` (the final weights as a state
-dict, the metrics history, the step at which each attempt started).
+A pretraining result is read back on the driver as a :class:`TrainResult` (the final weights as a
+state dict, the metrics history, the step at which each attempt started).
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ from ray._private import ray_constants
 
 from align_rl import logs
 from align_rl.config import PretrainConfig
-from align_rl.training.loops import STATE_FILE, train_loop
+from align_rl.io.checkpoints import load_state
+from align_rl.training.loop import STATE_FILE, train_loop
+from align_rl.training.tasks import pretrain_task
 
 
 @dataclass
@@ -156,17 +158,23 @@ def auto_workers(pre: PretrainConfig, cap: int = 2) -> int:
     return int(max(1, min(cap, free // max(1, int(pre.cpus_per_worker)))))
 
 
-def scaling_config(pre: PretrainConfig, num_workers: int | None = None):
-    """``ScalingConfig`` of ``cfg.pretrain`` (``num_workers`` overrides the config)."""
+def worker_scaling(num_workers: int, cpus_per_worker: float, use_gpu: bool):
+    """``ScalingConfig`` of ``num_workers`` workers with ``cpus_per_worker`` CPUs and, when
+    ``use_gpu``, one GPU each."""
     from ray.train import ScalingConfig
 
+    res: dict[str, float] = {"CPU": float(cpus_per_worker)}
+    if use_gpu:
+        res["GPU"] = 1.0
+    return ScalingConfig(num_workers=int(num_workers), use_gpu=bool(use_gpu), resources_per_worker=res)
+
+
+def scaling_config(pre: PretrainConfig, num_workers: int | None = None):
+    """``ScalingConfig`` of ``cfg.pretrain`` (``num_workers`` overrides the config)."""
     n = int(num_workers if num_workers is not None else pre.num_workers)
     if n <= 0:
         n = auto_workers(pre)
-    res: dict[str, float] = {"CPU": float(pre.cpus_per_worker)}
-    if pre.use_gpu:
-        res["GPU"] = 1.0
-    return ScalingConfig(num_workers=n, use_gpu=bool(pre.use_gpu), resources_per_worker=res)
+    return worker_scaling(n, pre.cpus_per_worker, pre.use_gpu)
 
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
@@ -198,6 +206,39 @@ def repair_run_storage(storage_path: str | Path, run_name: str) -> Path | None:
         return aside
 
 
+def fit_loop(config: dict[str, Any], scaling, storage_path: str | Path, run_name: str,
+             max_failures: int, log_level: str = "WARNING"):
+    """Run :func:`~align_rl.training.loop.train_loop` with ``config`` under a ``TorchTrainer``
+    (``scaling``: its ``ScalingConfig``; the Ray run ``run_name`` below ``storage_path``) and
+    return ``(Ray Train result, seconds of fit())``. A failure beyond ``max_failures`` raises."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    _train_env_defaults()
+    storage_path = Path(storage_path).expanduser().resolve()
+    storage_path.mkdir(parents=True, exist_ok=True)
+    repair_run_storage(storage_path, run_name)  # a snapshot cut by a killed driver
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage_path),
+            failure_config=FailureConfig(max_failures=int(max_failures)),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level=log_level),
+        ),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    return result, time.perf_counter() - t0
+
+
+WANDB_KEYS = ("task", "model_cfg", "steps", "lr", "batch_size", "seed", "num_workers")
+
+
 def run_training(
     task: str,
     loop_config: dict[str, Any],
@@ -207,55 +248,39 @@ def run_training(
     num_workers: int | None = None,
     log_level: str = "WARNING",
 ) -> TrainResult:
-    """Run the ``task`` loop under a ``TorchTrainer`` and return its result.
+    """Run the pretraining ``task`` (:data:`align_rl.training.tasks.TASKS`) under a
+    ``TorchTrainer`` and return its result.
 
-    ``loop_config``: the loop's config (see :mod:`align_rl.training.loops`) without the keys this
-    function fills in (``task``, ``threads``, ``checkpoint_every``, ``val_every``, ``num_workers``).
-    ``storage_path``: folder of the Ray run (absolute); ``run_name``: its name below it.
+    ``loop_config``: the task's config (``model_cfg``, ``grid`` or ``latent_shape``, ``data``,
+    ``steps``, ``lr``, ``batch_size``, ``seed``, optional ``kl_weight``, ``skip_var``, ``wandb``,
+    ``progress``, ``crash``; see :mod:`align_rl.training.loop` and :mod:`align_rl.training.tasks`)
+    without the keys this function fills in (``task``, ``threads``, ``checkpoint_every``,
+    ``val_every``, ``num_workers``). ``pre.use_gpu``: one GPU per worker (the caller resolves
+    ``run.device``). ``storage_path``: folder of the Ray run; ``run_name``: its name below it.
     Raises ``RuntimeError`` naming the task when training fails more than ``max_failures`` times.
     """
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    _train_env_defaults()
     storage_path = Path(storage_path).expanduser().resolve()
-    storage_path.mkdir(parents=True, exist_ok=True)
-    repair_run_storage(storage_path, run_name)
     sc = scaling_config(pre, num_workers)
     config = dict(loop_config)
-    config.update(task=task, threads=max(1, int(pre.cpus_per_worker)),
+    config.update(task=task, make_task=pretrain_task, threads=max(1, int(pre.cpus_per_worker)),
                   checkpoint_every=int(pre.checkpoint_every), val_every=int(pre.val_every),
-                  num_workers=sc.num_workers)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if pre.use_gpu else "gloo"),
-        scaling_config=sc,
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=str(storage_path),
-            failure_config=FailureConfig(max_failures=int(pre.max_failures)),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            logging_config=LoggingConfig(log_level=log_level),
-        ),
-    )
-    t0 = time.perf_counter()
+                  num_workers=sc.num_workers, log_every=0, label=f"pretrain {task}")
+    w = dict(config.get("wandb") or {})
+    w.setdefault("config", {k: v for k, v in config.items() if k in WANDB_KEYS})
+    config["wandb"] = w
     try:
-        result = trainer.fit()
+        result, wall = fit_loop(config, sc, storage_path, run_name, pre.max_failures, log_level)
     except Exception as exc:  # TrainingFailedError and friends: name the task and the way out
         raise RuntimeError(
             f"pretraining {task} failed after {pre.max_failures} recoveries: {exc}; its checkpoints "
             f"are in {storage_path / run_name} (a rerun resumes from the latest)"
         ) from exc
-    wall = time.perf_counter() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"pretraining {task} reported no checkpoint; see {storage_path / run_name}")
-    from align_rl.io.checkpoints import load_state
-
     with result.checkpoint.as_directory() as d:
         state = load_state(Path(d) / STATE_FILE, fix=f"delete {storage_path / run_name} to retrain")
     history = list(state["history"])
-    with_val = [h for h in history if "val_loss" in h]
+    with_val = [h for h in history if "val/loss" in h]
     metrics = dict(with_val[-1] if with_val else (history[-1] if history else {}))
     return TrainResult(task=task, state_dict=state["model"], metrics=metrics, history=history,
                        starts=list(state["starts"]), checkpoint=str(result.checkpoint.path),

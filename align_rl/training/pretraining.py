@@ -19,21 +19,35 @@ normalised units) is printed and written to ``<workdir>/pretrain_summary.json``.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 
 from align_rl import identity
-from align_rl.config import Config
+from align_rl.config import Config, PretrainConfig
 from align_rl.errors import CheckpointError, InputError
+from align_rl.io.checkpoints import load_codec, load_model, save_model
+from align_rl.io.era5 import load_normalizer, open_states
+from align_rl.io.grid import Grid
 from align_rl.io.normalization import Normalizer
 from align_rl.io.states import States
+from align_rl.models.anchored import fit_anchor_weights
+from align_rl.models.dit import background_error_var, build_dit
+from align_rl.models.forecaster import EmulatorForecaster, build_emulator
+from align_rl.models.loading import load_forecaster
+from align_rl.models.vae import LatentCodec, build_vae, fit_latent_stats
+from align_rl.training.datasets import fixed_subset, latent_pairs, normalized_values
+from align_rl.devices import resolve_use_gpu
+from align_rl.training.harness import init_ray, run_training
+from align_rl.training.quality import evaluate_models, format_summary  # noqa: F401 (the command prints it)
 from align_rl.workspace import Workspace
+from align_rl.world.backgrounds import ensure_backgrounds
+from align_rl.world.dataset import ensure_world
 
 STAGES = ("forecaster", "vae", "diffusion")
 SUMMARY_FILE = "pretrain_summary.json"
@@ -64,9 +78,6 @@ class PretrainData:
     on first use, so that a run whose models are all cached reads no fields."""
 
     def __init__(self, cfg: Config, store: Path | str):
-        from align_rl.io.era5 import load_normalizer
-        from align_rl.io.grid import Grid
-
         self.cfg, self.store = cfg, store
         self.grid: tuple[int, int] = Grid.parse(cfg.data.grid).shape
         self.normalizer: Normalizer = load_normalizer(store)
@@ -75,8 +86,6 @@ class PretrainData:
         self._norm: dict[str, np.ndarray] = {}
 
     def _load(self, name: str) -> States:
-        from align_rl.io.era5 import open_states
-
         if name not in self._split:
             self._split[name] = open_states(self.store, time_range=getattr(self.cfg.data, name),
                                             coarsen=self.cfg.data.coarsen, expect_grid=self.cfg.data.grid,
@@ -84,8 +93,6 @@ class PretrainData:
         return self._split[name]
 
     def _normed(self, name: str) -> np.ndarray:
-        from align_rl.training.datasets import normalized_values
-
         if name not in self._norm:
             self._norm[name] = normalized_values(self._load(name), self.normalizer)
         return self._norm[name]
@@ -108,8 +115,6 @@ class PretrainData:
 
     def ref(self, name: str, value_fn) -> Any:
         """An object ref of ``value_fn()``, put in the object store once."""
-        import ray
-
         if name not in self.refs:
             self.refs[name] = ray.put(value_fn())
         return self.refs[name]
@@ -120,8 +125,6 @@ class PretrainData:
 
 def load_data(cfg: Config, ws: Workspace, progress: bool = True) -> PretrainData:
     """The dataset of the run (simulated when absent), read lazily (:class:`PretrainData`)."""
-    from align_rl.world.dataset import ensure_world
-
     return PretrainData(cfg, ensure_world(cfg, ws, progress=progress))
 
 
@@ -152,16 +155,17 @@ def _log(msg: str) -> None:
     print(f"[pretrain] {msg}", flush=True)
 
 
-def _diffusion_resources(cfg: Config):
-    """``cfg.pretrain`` with the score model's own ``num_workers`` / ``cpus_per_worker`` (0: keep
-    the pretrain value); the CPUs per worker are capped by the Ray cluster's CPUs."""
-    import ray
-
-    from align_rl.training.harness import init_ray
-
+def _resources(cfg: Config, stage: str) -> PretrainConfig:
+    """``cfg.pretrain`` with ``use_gpu`` resolved from ``run.device``
+    (:func:`~align_rl.devices.resolve_use_gpu`) and, for the score model, its own
+    ``num_workers`` / ``cpus_per_worker`` (0: keep the pretrain value; the CPUs per worker capped
+    by the Ray cluster's CPUs when the workers run on CPUs)."""
     init_ray()
+    pre = replace(cfg.pretrain, use_gpu=resolve_use_gpu(cfg.run.device, cfg.pretrain.use_gpu,
+                                                        "pretrain.use_gpu"))
+    if stage != "diffusion":
+        return pre
     d = cfg.diffusion
-    pre = cfg.pretrain
     cpus = int(d.cpus_per_worker) or int(pre.cpus_per_worker)
     if not pre.use_gpu and ray.is_initialized():
         cpus = max(1, min(cpus, int(ray.cluster_resources().get("CPU", 1))))
@@ -169,10 +173,9 @@ def _diffusion_resources(cfg: Config):
 
 
 def _train(cfg: Config, ws: Workspace, stage: str, loop_config: dict, ident: dict,
-           num_workers: int | None = None, extra_loop: dict | None = None, pretrain_cfg=None):
-    from align_rl.training.harness import init_ray, run_training
-
-    init_ray()
+           num_workers: int | None = None, extra_loop: dict | None = None):
+    """Train ``stage`` on Ray Train (:func:`~align_rl.training.harness.run_training`) under the run
+    name ``<stage>-<identity hash>``; returns its :class:`~align_rl.training.harness.TrainResult`."""
     ih = identity.digest(ident)
     section = getattr(cfg, stage)
     lc = dict(loop_config)
@@ -180,13 +183,14 @@ def _train(cfg: Config, ws: Workspace, stage: str, loop_config: dict, ident: dic
               batch_size=int(section.batch_size), seed=int(cfg.run.seed),
               wandb=_wandb(cfg, ws, stage, ih))
     lc.update(extra_loop or {})
-    pre = pretrain_cfg or cfg.pretrain
+    pre = _resources(cfg, stage)
     _log(f"training {stage}: {section.steps} steps, batch {section.batch_size}, "
-         f"{num_workers or pre.num_workers or 'auto'} worker(s) × {pre.cpus_per_worker} CPU(s) "
+         f"{num_workers or pre.num_workers or 'auto'} worker(s) × {pre.cpus_per_worker} CPU(s)"
+         f"{' + 1 GPU' if pre.use_gpu else ''} "
          f"(run {stage}-{ih})")
     res = run_training(stage, lc, pre, ws.checkpoints(stage), f"{stage}-{ih}", num_workers)
     _log(f"{stage} done in {res.wall_s:.0f} s ({res.samples_per_s:.1f} samples/s); "
-         + ", ".join(f"{k} {v:.4g}" for k, v in res.metrics.items() if k.startswith("val_")))
+         + ", ".join(f"{k} {v:.4g}" for k, v in res.metrics.items() if k.startswith("val/")))
     return res
 
 
@@ -197,10 +201,6 @@ def pretrain_forecaster(cfg: Config, ws: Workspace, data: PretrainData, force: b
                         loop_extra: dict | None = None):
     """The forecaster of ``cfg.forecaster``: the emulator is trained (or reused); ONNX / torch
     forecasters are loaded as configured. Returns ``(forecaster, info)``."""
-    from align_rl.io.checkpoints import save_model
-    from align_rl.models.forecaster import EmulatorForecaster, build_emulator
-    from align_rl.models.loading import load_forecaster
-
     info: dict[str, Any] = {"trained": False}
     if cfg.forecaster.kind != "emulator" or cfg.forecaster.path:
         return load_forecaster(cfg, ws, data.normalizer), info
@@ -226,9 +226,6 @@ def pretrain_vae(cfg: Config, ws: Workspace, data: PretrainData, force: bool = F
                  loop_extra: dict | None = None):
     """Train (or reuse) the VAE, fit the latent statistics over the training split and save the
     :class:`LatentCodec`. Returns ``(codec, info)``."""
-    from align_rl.io.checkpoints import load_codec, save_model
-    from align_rl.models.vae import LatentCodec, build_vae, fit_latent_stats
-
     info: dict[str, Any] = {"trained": False}
     path = ws.final_checkpoint("vae")
     ident = _identity(cfg, "vae", data)
@@ -254,34 +251,11 @@ def pretrain_vae(cfg: Config, ws: Workspace, data: PretrainData, force: bool = F
     return codec, info
 
 
-@torch.no_grad()
-def encode_all(codec, values: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Standardised latents ``(T, C, h, w)`` float32 of normalised fields ``(T, 69, H, W)``."""
-    codec.eval()
-    out = [codec.encode(torch.from_numpy(np.ascontiguousarray(values[i:i + batch_size]))).numpy()
-           for i in range(0, len(values), batch_size)]
-    return np.concatenate(out).astype(np.float32)
-
-
-def latent_pairs(codec, truth: States, truth_norm: np.ndarray, bg: States, normalizer: Normalizer):
-    """``(z, z_b)`` of the truth and of the background at every background time."""
-    idx = np.searchsorted(truth.times, bg.times)
-    if not np.array_equal(truth.times[np.minimum(idx, len(truth) - 1)], bg.times):
-        raise InputError("background times are not all in the truth; recompute the backgrounds")
-    z = encode_all(codec, truth_norm[idx])
-    zb = encode_all(codec, np.ascontiguousarray(normalizer.normalize(bg.values), dtype=np.float32))
-    return z, zb
-
-
 def pretrain_diffusion(cfg: Config, ws: Workspace, data: PretrainData, codec, forecaster,
                        force: bool = False, loop_extra: dict | None = None, progress: bool = True):
     """Backgrounds of the training and validation splits, their latents, then train (or reuse)
     the diffusion model. Returns ``(eps_model, info)``; ``info["backgrounds"]`` holds the
     validation backgrounds (States)."""
-    from align_rl.world.backgrounds import ensure_backgrounds
-    from align_rl.io.checkpoints import load_model, save_model
-    from align_rl.models.dit import build_dit
-
     info: dict[str, Any] = {"trained": False}
     path = ws.final_checkpoint("diffusion")
     deps = identity.diffusion_deps(codec, forecaster, cfg)
@@ -298,19 +272,15 @@ def pretrain_diffusion(cfg: Config, ws: Workspace, data: PretrainData, codec, fo
     _log(f"backgrounds: {len(bg_train)} train + {len(bg_val)} val times in {info['background_seconds']:.0f} s")
     z, zb = latent_pairs(codec, data.train, data.train_norm, bg_train, data.normalizer)
     vz, vzb = latent_pairs(codec, data.val, data.val_norm, bg_val, data.normalizer)
-    import ray
 
     skip_var = None
     if str(cfg.diffusion.eps_skip) == "background":
-        from align_rl.models.dit import background_error_var
-
         skip_var = background_error_var(z, zb).tolist()
         _log(f"diffusion: latent background error variance s² mean {np.mean(skip_var):.4f} "
              f"(range {min(skip_var):.4f}–{max(skip_var):.4f}) for the output skip")
     loop = {"latent_shape": list(latent_shape), "skip_var": skip_var,
             "data": {"train": ray.put({"z": z, "z_b": zb}), "val": ray.put({"z": vz, "z_b": vzb})}}
-    res = _train(cfg, ws, "diffusion", loop, ident, extra_loop=loop_extra,
-                 pretrain_cfg=_diffusion_resources(cfg))
+    res = _train(cfg, ws, "diffusion", loop, ident, extra_loop=loop_extra)
     model = build_dit(cfg.diffusion, latent_shape)
     model.load_state_dict(res.state_dict)
     model.eval()
@@ -321,127 +291,6 @@ def pretrain_diffusion(cfg: Config, ws: Workspace, data: PretrainData, codec, fo
     return model, info
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
-def _rmse(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.sqrt(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)))
-
-
-@torch.no_grad()
-def evaluate_models(cfg: Config, ws: Workspace, data: PretrainData, models: PretrainedModels,
-                    max_samples: int = 256, progress: bool = True) -> dict[str, Any]:
-    """Quality on the validation split, normalised units (RMSE over all 69 channels and points):
-
-    ``forecaster_rmse_6h`` vs ``persistence_rmse_6h`` (one step from the truth);
-    ``background_rmse_48h`` (the cached 48 h backgrounds) vs ``climatology_rmse`` (the training
-    split's mean field at each grid point, against the same truth); ``vae_recon_mse``
-    (``D(E(x))`` with the posterior mean); ``diffusion_val_loss`` (denoising score matching,
-    fixed seed, four draws of ``(t, ε)`` per pair)."""
-    from align_rl.world.backgrounds import ensure_backgrounds
-    from align_rl.models.dit import dsm_loss
-    from align_rl.training.datasets import consecutive_starts, fixed_subset
-
-    out: dict[str, Any] = {}
-    v = data.val_norm
-    starts = consecutive_starts(data.val.times, 3)
-    sel = starts[fixed_subset(len(starts), max_samples)]
-    se_f, se_p = [], []
-    for c in np.array_split(sel, max(1, len(sel) // 32)):
-        x0, x1, x2 = (torch.from_numpy(v[c + k]) for k in range(3))
-        pred = models.forecaster.step(x0, x1)
-        se_f.append(((pred - x2) ** 2).double().mean(dim=(1, 2, 3)).numpy())
-        se_p.append(((x1 - x2) ** 2).double().mean(dim=(1, 2, 3)).numpy())
-    out["forecaster_rmse_6h"] = float(np.sqrt(np.mean(np.concatenate(se_f))))
-    out["persistence_rmse_6h"] = float(np.sqrt(np.mean(np.concatenate(se_p))))
-
-    bg = ensure_backgrounds(cfg, ws, data.val, models.forecaster, progress=progress)
-    idx = np.searchsorted(data.val.times, bg.times)
-    bgn = data.normalizer.normalize(bg.values).astype(np.float32)
-    clim = data.train_norm.mean(axis=0, dtype=np.float64)
-    out["background_rmse_48h"] = _rmse(bgn, v[idx])
-    out["climatology_rmse"] = float(np.sqrt(np.mean((v[idx] - clim[None]) ** 2)))
-    out["persistence_rmse_48h"] = _rmse(v[np.searchsorted(data.val.times, bg.times - np.timedelta64(48, "h"))], v[idx])
-
-    codec = models.codec
-    fsel = fixed_subset(len(v), max_samples)
-    se = 0.0
-    for c in np.array_split(fsel, max(1, len(fsel) // 32)):
-        x = torch.from_numpy(v[c])
-        mean, _ = codec.vae.encode(x)
-        se += float(((codec.vae.decode(mean) - x) ** 2).double().sum())
-    out["vae_recon_mse"] = se / (len(fsel) * v[0].size)
-    out.update(codec_quality(codec, v[idx], bgn, data.normalizer, data.val.lat, data.val.lon,
-                             fixed_subset(len(idx), min(max_samples, 64))))
-
-    bsel = fixed_subset(len(idx), max_samples)
-    z, zb = latent_pairs(codec, data.val, v, States(bg.values[bsel], bg.times[bsel], bg.lat, bg.lon,
-                                                    bg.attrs), data.normalizer)
-    gen = torch.Generator().manual_seed(1234)
-    losses = []
-    for _ in range(4):
-        for c in np.array_split(np.arange(len(z)), max(1, len(z) // 64)):
-            losses.append(float(dsm_loss(models.eps_model, torch.from_numpy(z[c]),
-                                         torch.from_numpy(zb[c]), generator=gen)) * len(c))
-    out["diffusion_val_loss"] = float(np.sum(losses) / (4 * len(z)))
-    out["val_times"] = int(len(v))
-    out["background_times"] = int(len(idx))
-    return out
-
-
-def codec_quality(codec: Any, truth: np.ndarray, bg: np.ndarray, normalizer: Normalizer,
-                  lat: np.ndarray, lon: np.ndarray, sel: np.ndarray) -> dict[str, float]:
-    """How well the codec passes the truth ``truth`` (T, 69, H, W) normalised, at the times
-    ``sel``, plain ``D(E(x))`` and anchored on the background ``bg`` (T, 69, H, W)
-    ``x_b + D(E(x)) − D(E(x_b))`` (:mod:`align_rl.models.anchored`): reconstruction MSE
-    (normalised) and the Geo-Score of the reconstructed truth (100 = the truth's balance), beside
-    the background's own MSE and Geo-Score."""
-    from align_rl.evaluation.geostrophic import geo_score
-    from align_rl.models.anchored import AnchoredCodec
-
-    se = {"plain": 0.0, "anchored": 0.0, "background": 0.0}
-    geo: dict[str, list] = {k: [] for k in se}
-    with torch.no_grad():
-        for c in np.array_split(sel, max(1, len(sel) // 16)):
-            x, xb = torch.from_numpy(truth[c]), torch.from_numpy(bg[c])
-            z = codec.encode(x)
-            rec = {"plain": codec.decode(z), "anchored": AnchoredCodec(codec, xb).decode(z),
-                   "background": xb}
-            xp = normalizer.denormalize(x.double().numpy())
-            for k, r in rec.items():
-                se[k] += float(((r - x) ** 2).double().sum())
-                geo[k].append(np.asarray(geo_score(normalizer.denormalize(r.double().numpy()), xp, lat, lon)))
-    n = len(sel) * truth[0].size
-    a = getattr(codec, "anchor_weights", None)
-    return {"anchor_weights_mean": float(a.mean()) if a is not None else 1.0,
-            "vae_recon_mse_anchored": se["anchored"] / n, "vae_recon_mse_same_times": se["plain"] / n,
-            "background_mse_same_times": se["background"] / n,
-            "vae_recon_geo_score": float(np.mean(np.concatenate(geo["plain"]))),
-            "vae_recon_geo_score_anchored": float(np.mean(np.concatenate(geo["anchored"]))),
-            "background_geo_score": float(np.mean(np.concatenate(geo["background"])))}
-
-
-def format_summary(s: dict[str, Any]) -> str:
-    """The summary as aligned lines (normalised units)."""
-    def f(k: str) -> str:
-        return f"{s[k]:.4f}" if isinstance(s.get(k), (int, float)) and not math.isnan(s[k]) else "n/a"
-
-    lines = [
-        "pretraining summary (validation split, normalised units)",
-        f"  forecaster 6 h RMSE        {f('forecaster_rmse_6h')}   persistence {f('persistence_rmse_6h')}",
-        f"  48 h background RMSE       {f('background_rmse_48h')}   climatology {f('climatology_rmse')}"
-        f"   persistence {f('persistence_rmse_48h')}",
-        f"  VAE reconstruction MSE     {f('vae_recon_mse')}   anchored on the background "
-        f"{f('vae_recon_mse_anchored')}   (background MSE {f('background_mse_same_times')})",
-        f"  Geo-Score of reconstructed truth  {f('vae_recon_geo_score')}   anchored "
-        f"{f('vae_recon_geo_score_anchored')}   (background {f('background_geo_score')})",
-        f"  diffusion validation loss  {f('diffusion_val_loss')}   (denoising score matching)",
-    ]
-    if "seconds" in s:
-        lines.append(f"  wall time                  {s['seconds']:.0f} s")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- entry points
 
 
@@ -450,10 +299,6 @@ def anchor_weights(cfg: Config, ws: Workspace, data: PretrainData, codec: Any, f
     """Per-channel weights (69,) of anchored decoding (:func:`align_rl.models.anchored.
     fit_anchor_weights`) on ``max_samples`` training times and their 48 h backgrounds (the
     cached backgrounds of the training split; a few seconds)."""
-    from align_rl.world.backgrounds import ensure_backgrounds
-    from align_rl.models.anchored import fit_anchor_weights
-    from align_rl.training.datasets import fixed_subset
-
     bg = ensure_backgrounds(cfg, ws, data.train, forecaster, progress=progress)
     idx = np.searchsorted(data.train.times, bg.times)
     sel = fixed_subset(len(idx), max_samples)
