@@ -247,3 +247,22 @@ def test_validation_keeps_the_best_model(tmp_path):
         seen.append(m["val/best_step"])
     assert seen == [1.0, 1.0, 3.0] and loop.task.kept == [(0, 0.3), (1, 0.5), (3, 0.9)]
     assert loop.model.training and loop.state()["best"] == {"step": 3, "val/score": 0.9}
+
+
+def test_auto_workers_follow_the_cluster_not_the_free_cpus(monkeypatch):
+    """pretrain.num_workers=0 counts the cluster's CPUs: CPUs still held by a previous stage's
+    actors must not change the data-parallel batches (and so the trained model)."""
+    import ray
+
+    from align_rl.config import load_config
+    from align_rl.training.harness import auto_workers
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 1.0})
+    pre = load_config(overrides=["pretrain.cpus_per_worker=1"]).pretrain
+    assert auto_workers(pre) == 2
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0})
+    assert auto_workers(pre) == 2  # capped
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    assert auto_workers(pre) == 1

@@ -148,14 +148,18 @@ def _train_env_defaults() -> None:
 
 
 def auto_workers(pre: PretrainConfig, cap: int = 2) -> int:
-    """``pretrain.num_workers=0``: one worker per ``cpus_per_worker`` free CPUs of the connected
-    Ray cluster, between 1 and ``cap`` (1 when Ray is not initialised)."""
+    """``pretrain.num_workers=0``: one worker per ``cpus_per_worker`` CPUs of the connected Ray
+    cluster, between 1 and ``cap`` (1 when Ray is not initialised).
+
+    The cluster's CPUs, not the CPUs free at this moment: actors of the previous stage may still
+    be releasing theirs, and a worker count read then would change the data-parallel batches,
+    and so the trained model, from one run of the same config to the next."""
     import ray
 
     if not ray.is_initialized():
         return 1
-    free = float(ray.available_resources().get("CPU", 1.0))
-    return int(max(1, min(cap, free // max(1, int(pre.cpus_per_worker)))))
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    return int(max(1, min(cap, total // max(1, int(pre.cpus_per_worker)))))
 
 
 def worker_scaling(num_workers: int, cpus_per_worker: float, use_gpu: bool):
