@@ -26,10 +26,22 @@ import numpy as np
 import ray
 import torch
 
-from align_rl.devices import (actor_device, actor_gpus, compile_module, cpu_numpy, from_numpy, sampling_place,
-                              module_device, place)
+from align_rl.config import config_from_dict
+from align_rl.cpu import configure_worker
+from align_rl.devices import (
+    actor_device,
+    actor_gpus,
+    compile_module,
+    cpu_numpy,
+    from_numpy,
+    module_device,
+    place,
+    sampling_place,
+)
 from align_rl.diffusion.analysis import Analysis, analyse
 from align_rl.errors import InputError
+from align_rl.training.harness import init_ray
+from align_rl.world.observations import Observations
 
 _KEEP_MODELS = 4  # score networks an actor keeps (an evaluation compares up to ~3 models)
 
@@ -38,9 +50,6 @@ class AnalysisActor:
     """Holds ``codec`` on its device; score networks arrive by object ref and are kept by key."""
 
     def __init__(self, codec: Any, cfg: dict, threads: int = 1):
-        from align_rl.config import config_from_dict
-        from align_rl.cpu import configure_worker
-
         configure_worker(threads)
         self.cfg = config_from_dict(cfg)
         self.device = actor_device(self.cfg.run.device)
@@ -65,7 +74,6 @@ class AnalysisActor:
         ``(device type, state)`` of the driver's generator. Returns ``{"latents", "fields",
         "gen"}`` (float32 numpy, the generator's new state), or ``{"error", "gen"}`` when the
         analyses diverged (InputError)."""
-        from align_rl.world.observations import Observations
 
         model = self._model(key, ref)
         generator = None
@@ -102,8 +110,6 @@ class _Session:
     """The driver's handle on one AnalysisActor and the networks it was sent."""
 
     def __init__(self, cfg: Any, codec: Any):
-        from align_rl.training.harness import init_ray
-
         init_ray()
         opts = {"num_cpus": float(cfg.actors.cpus_per_actor), "max_restarts": int(cfg.actors.max_restarts),
                 "max_task_retries": int(cfg.actors.max_task_retries)}
@@ -160,8 +166,6 @@ def _as_dict(c: Any) -> Any:
 
 
 def _obs_payload(obs: Any) -> Any:
-    from align_rl.world.observations import Observations
-
     if isinstance(obs, Observations):
         return {"values": cpu_numpy(obs.values), "mask": cpu_numpy(obs.mask),
                 "sigma_o": float(obs.sigma_o), "r_floor": float(obs.r_floor)}

@@ -20,6 +20,7 @@ import numpy as np
 import ray
 import torch
 
+from align_rl.cpu import configure_worker
 from align_rl.devices import actor_device, cpu_numpy, from_numpy, module_device, place
 
 from .sampler import actor_options
@@ -35,16 +36,14 @@ class ForecastActor:
 
     def __init__(self, forecaster: Any = None, threads: int = 1, loader: dict | None = None,
                  device: str = "cpu"):
-        from align_rl.cpu import configure_worker
-
         configure_worker(threads)
         self.device = actor_device(device)
         if forecaster is None:
             if loader is None:
                 raise ValueError("ForecastActor needs a forecaster or a loader")
             from align_rl.config import config_from_dict
-            from align_rl.models.loading import load_forecaster
             from align_rl.io.normalization import Normalizer
+            from align_rl.models.loading import load_forecaster
             from align_rl.workspace import Workspace
 
             cfg = config_from_dict(loader["cfg"])

@@ -17,6 +17,8 @@ from typing import Any, Callable, Sequence
 
 import ray
 
+from align_rl.alignment.candidates import make_group
+
 from .reward import make_rewarders
 from .sampler import make_samplers
 
@@ -78,7 +80,6 @@ class CandidatePool:
         """Draw, score, pair and commit the tasks not yet in ``store`` (for this version and
         guidance). Returns ``{"backgrounds", "candidates", "pairs", "skipped", "resubmitted",
         "seconds"}`` added by this call."""
-        from align_rl.alignment.candidates import make_group
 
         cfg = self.cfg
         guidance = guidance or cfg.pairs.guidance

@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 import ray
 
+from align_rl.alignment.candidates import score_candidates
+from align_rl.config import config_from_dict
+from align_rl.cpu import configure_worker
 from align_rl.devices import actor_device, module_device, place
 
 from .sampler import actor_options
@@ -22,9 +25,6 @@ from .sampler import actor_options
 
 class RewardActor:
     def __init__(self, forecaster: Any, normalizer: Any, lat, lon, cfg: dict, threads: int = 1):
-        from align_rl.config import config_from_dict
-        from align_rl.cpu import configure_worker
-
         configure_worker(threads)
         self.cfg = config_from_dict(cfg)
         self.device = actor_device(self.cfg.run.device)
@@ -34,7 +34,6 @@ class RewardActor:
 
     def score(self, tasks: list, drawn):
         """``[{reward: (N,)}]`` per task, or ``drawn`` unchanged when it is a stale-weights marker."""
-        from align_rl.alignment.candidates import score_candidates
 
         if isinstance(drawn, dict):
             return drawn

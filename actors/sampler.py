@@ -16,14 +16,14 @@ from typing import Any
 
 import ray
 
+from align_rl.alignment.candidates import draw_candidates
+from align_rl.config import config_from_dict
+from align_rl.cpu import configure_worker
 from align_rl.devices import actor_device, actor_gpus, compile_module, place
 
 
 class SamplerActor:
     def __init__(self, codec: Any, eps_model: Any, version: int, cfg: dict, threads: int = 1):
-        from align_rl.config import config_from_dict
-        from align_rl.cpu import configure_worker
-
         configure_worker(threads)
         self.cfg = config_from_dict(cfg)
         self.device = actor_device(self.cfg.run.device)
@@ -42,7 +42,6 @@ class SamplerActor:
 
     def draw(self, tasks: list, version: int, method: str | None = None, members: int | None = None):
         """Candidates (``list[Drawn]``) of the tasks by policy ``version``, or ``{"stale": held}``."""
-        from align_rl.alignment.candidates import draw_candidates
 
         if int(version) != self.version:
             return {"stale": self.version}

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from align_rl.config import Config
 from align_rl.errors import CheckpointError, ConfigError, InputError
+from align_rl.io.checkpoints import read_checkpoint
+from align_rl.owned import require_owned
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -45,7 +47,6 @@ def split_model_specs(items: list[str]) -> tuple[list[str], list[str]]:
 
 def check_model_specs(specs: list[str]) -> dict[str, Path]:
     """``{name: checkpoint}`` of ``NAME=CHECKPOINT`` items, each an existing diffusion checkpoint."""
-    from align_rl.io.checkpoints import read_checkpoint
 
     out: dict[str, Path] = {}
     for spec in specs:
@@ -86,7 +87,6 @@ def preflight(cfg: Config, outputs: tuple[str, ...] = (), eval_out: str | None =
     """Fail before any work when an input the config names is missing or an output folder it
     would replace is not align_rl's. ``outputs``: ``eval`` (the evaluation folder: ``eval_out``,
     else ``eval.out``, else ``<workdir>/eval``), ``pairs`` (``pairs.store``)."""
-    from align_rl.owned import require_owned
 
     d = cfg.data
     if d.source == "zarr" and "://" not in str(d.path) and not Path(str(d.path)).expanduser().exists():

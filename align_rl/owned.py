@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from align_rl.errors import OwnershipError
+from align_rl.errors import InputError, OwnershipError
 
 MARKER = ".align_rl"
 """Name of the marker file inside every folder the project created."""
@@ -226,7 +226,6 @@ def staged(target: str | Path, kind: str, overwrite: bool = True) -> Iterator[Pa
     must be ours (:func:`require_owned`, checked before the block runs); ``overwrite=False``
     refuses an existing target.
     """
-    from align_rl.errors import InputError
 
     t = Path(target)
     clean_stale(t)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from align_rl.config import Config
+from align_rl.owned import clean_tree
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,6 @@ class Workspace:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Workspace":
-        from align_rl.owned import clean_tree
-
         root = Path(cfg.run.workdir).expanduser().resolve()
         root.mkdir(parents=True, exist_ok=True)
         clean_tree(root)  # staging folders and temporary files of dead processes

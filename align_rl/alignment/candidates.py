@@ -22,10 +22,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from align_rl.alignment.pairs import background_pairs, pair_rng, seed_of
+from align_rl.alignment.rewards import RewardContext, score_all
 from align_rl.devices import cpu_numpy, module_device
+from align_rl.diffusion.analysis import analyse
 from align_rl.errors import InputError
 from align_rl.io.pair_store import CandidateGroup
-from align_rl.alignment.pairs import background_pairs, pair_rng, seed_of
+from align_rl.world.observations import make_observations
 
 
 @dataclass
@@ -105,8 +108,6 @@ def draw_candidates(codec: Any, eps_model: Any, tasks: Sequence[BackgroundTask],
                     seed: int) -> list[Drawn]:
     """N candidate analyses per task with :func:`align_rl.diffusion.analysis.analyse` (one call per
     background, generators seeded per background and version)."""
-    from align_rl.diffusion.analysis import analyse
-    from align_rl.world.observations import make_observations
 
     out = []
     for task in tasks:
@@ -141,7 +142,6 @@ def score_candidates(forecaster: Any, normalizer: Any, lat: np.ndarray, lon: np.
                      tasks: Sequence[BackgroundTask], drawn: Sequence[Drawn], reward_cfg: Any
                      ) -> list[dict[str, np.ndarray]]:
     """Every reward of ``reward_cfg.names`` for each task's candidates → ``[{name: (N,)}]``."""
-    from align_rl.alignment.rewards import RewardContext, score_all
 
     by_id = {d.bg_id: d for d in drawn}
     out = []

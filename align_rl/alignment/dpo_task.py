@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from align_rl.alignment.dpo import dpo_loss
+from align_rl.alignment.validation import Validator
 from align_rl.config import config_from_dict
 from align_rl.io.checkpoints import load_model, save_model
 from align_rl.io.pair_store import PairDataset, PairSet
@@ -82,8 +83,6 @@ class DPOTask(Task):
             self.validator = self._validator(conf["validation"])
 
     def _validator(self, v: dict):
-        from align_rl.alignment.validation import Validator
-
         ref = self.reference
         if self.device.type != "cpu":
             ref, _ = load_model(self.conf["reference_ckpt"], "diffusion")

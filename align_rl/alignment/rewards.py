@@ -38,6 +38,8 @@ import numpy as np
 import torch
 
 from align_rl.errors import ConfigError, InputError
+from align_rl.evaluation.geostrophic import geo_imbalance, geo_reward
+from align_rl.evaluation.metrics import wrmse
 
 RewardFn = Callable[["RewardContext"], np.ndarray]
 
@@ -106,8 +108,6 @@ def pairwise_sigmoid(err: Any) -> np.ndarray:
 
 
 def _wrmse_norm(a: torch.Tensor, b: torch.Tensor, lat: np.ndarray) -> np.ndarray:
-    from align_rl.evaluation.metrics import wrmse
-
     return np.asarray(wrmse(a.double().cpu().numpy(), b.double().cpu().numpy()[None], lat))
 
 
@@ -129,7 +129,6 @@ def forecast_reward(ctx: RewardContext) -> np.ndarray:
 @register_reward("phys")
 def phys_reward(ctx: RewardContext) -> np.ndarray:
     """``2 σ(−|D − D_GT| / D_GT)`` of the geostrophic imbalance at ``geo_level`` (physical units)."""
-    from align_rl.evaluation.geostrophic import geo_imbalance, geo_reward
 
     xa = ctx.normalizer.denormalize(ctx.analyses.double().cpu().numpy())
     xt = ctx.normalizer.denormalize(ctx.truth.double().cpu().numpy())

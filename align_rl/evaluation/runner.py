@@ -48,13 +48,24 @@ from align_rl.errors import CheckpointError, ConfigError, InputError
 from align_rl.evaluation.paper import paper_checks
 from align_rl.evaluation.report import write_outputs
 from align_rl.evaluation.results import BACKGROUND, Evaluation, ScoreTable, scores_doc, summarise
-from align_rl.evaluation.skill import (STEP_HOURS, deterministic_metrics, forecast_from, forecast_steps,
-                                       hours, score_batch)
+from align_rl.evaluation.skill import (
+    STEP_HOURS,
+    deterministic_metrics,
+    forecast_from,
+    forecast_steps,
+    hours,
+    score_batch,
+)
+from align_rl.io import era5
+from align_rl.io.checkpoints import load_model
 from align_rl.io.normalization import Normalizer
 from align_rl.io.schema import channel_index
 from align_rl.io.states import States
+from align_rl.training.pretraining import ensure_pretrained
 from align_rl.workspace import Workspace
 from align_rl.world.backgrounds import LEAD_STEPS as BACKGROUND_STEPS
+from align_rl.world.backgrounds import ensure_backgrounds
+from align_rl.world.dataset import ensure_world
 from align_rl.world.observations import make_observations
 
 
@@ -179,10 +190,6 @@ def observation_settings(cfg: Config) -> list[ObsSetting]:
 def load_eval_data(cfg: Config, ws: Workspace) -> tuple[EvalData, Any]:
     """Dataset, pretrained models and backgrounds from their caches (building them when absent).
     Returns ``(data, reference eps model)``."""
-    from align_rl.io import era5
-    from align_rl.world.backgrounds import ensure_backgrounds
-    from align_rl.world.dataset import ensure_world
-    from align_rl.training.pretraining import ensure_pretrained
 
     store = ensure_world(cfg, ws)
     pre = ensure_pretrained(cfg, ws)
@@ -419,7 +426,6 @@ def _log_wandb(cfg: Config, ev: Evaluation) -> None:
 # ----------------------------------------------------------------------------- CLI
 def load_models(specs: list[str], cfg: Config, latent_shape: tuple[int, int, int] | None = None) -> dict[str, Any]:
     """``["Align-M=path.pt", ...]`` -> ``{name: LatentDiT}`` from ``align_rl.io.checkpoints`` files."""
-    from align_rl.io.checkpoints import load_model
 
     out = {}
     for spec in specs:

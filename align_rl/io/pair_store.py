@@ -24,8 +24,18 @@ import torch
 from align_rl.alignment.pairs import HASH_BYTES, MODES, pair_hash
 from align_rl.alignment.reselect import reselect_pairs
 from align_rl.errors import ConfigError, InputError, IntegrityError
-from align_rl.io.pair_format import (_COMMIT, DIGEST_BYTES, FORMAT, FORMATS, GUIDANCES,
-                                     TABLES, PairSet, StoreIntegrity, row_digests)
+from align_rl.io.pair_format import (
+    _COMMIT,
+    DIGEST_BYTES,
+    FORMAT,
+    FORMATS,
+    GUIDANCES,
+    TABLES,
+    PairSet,
+    StoreIntegrity,
+    row_digests,
+)
+from align_rl.owned import is_owned, mark
 
 __all__ = ["CandidateGroup", "FORMAT", "GUIDANCES", "PairDataset", "PairSet", "PairStore"]
 
@@ -99,7 +109,6 @@ class PairStore(StoreIntegrity):
         that is not a preference store is refused before anything is written into it; a damaged
         store raises :class:`IntegrityError` (module doc).
         """
-        from align_rl.owned import is_owned, mark
 
         p = Path(path)
         if p.exists() and not p.is_dir():
@@ -168,8 +177,6 @@ class PairStore(StoreIntegrity):
     @classmethod
     def _create(cls, p: Path, latent_shape, reward_names, meta) -> "PairStore":
         import zarr
-
-        from align_rl.owned import mark
 
         if latent_shape is None or reward_names is None:
             raise InputError(f"creating the preference store {p} needs latent_shape and reward_names")

@@ -20,6 +20,7 @@ import xarray as xr
 from align_rl.errors import InputError
 from align_rl.io.schema import CHANNEL_INFO, LEVEL_VARS, LEVELS, LONG_NAMES, SURFACE_VARS, UNITS, channels_of
 from align_rl.io.states import States
+from align_rl.owned import require_owned, staged
 
 
 def states_to_dataset(states: States, derived: tuple[str, ...] = ()) -> xr.Dataset:
@@ -63,7 +64,6 @@ def write_states(
 
     Dict- or list-valued ``states.attrs`` are stored as JSON strings (e.g. ``normalization``).
     """
-    from align_rl.owned import require_owned, staged
 
     path = Path(path)
     if not np.all(np.isfinite(states.values)):

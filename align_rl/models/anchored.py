@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from align_rl.errors import InputError
+from align_rl.errors import ConfigError, InputError
 
 DECODINGS = ("anchored", "plain")
 
@@ -89,7 +89,6 @@ def decoder_for(codec: Any, x_b: torch.Tensor, decoding: str) -> Any:
         return codec
     if decoding == "anchored":
         return AnchoredCodec(codec, x_b)
-    from align_rl.errors import ConfigError
 
     raise ConfigError(f"sampler.decode={decoding!r} is not one of {', '.join(DECODINGS)}")
 

@@ -30,8 +30,9 @@ import torch
 
 from align_rl import identity
 from align_rl.config import Config, PretrainConfig
+from align_rl.devices import resolve_use_gpu
 from align_rl.errors import CheckpointError, InputError
-from align_rl.io.checkpoints import load_codec, load_model, save_model
+from align_rl.io.checkpoints import load_codec, load_model, read_checkpoint, save_model
 from align_rl.io.era5 import load_normalizer, open_states
 from align_rl.io.grid import Grid
 from align_rl.io.normalization import Normalizer
@@ -42,7 +43,6 @@ from align_rl.models.forecaster import EmulatorForecaster, build_emulator
 from align_rl.models.loading import load_forecaster
 from align_rl.models.vae import LatentCodec, build_vae, fit_latent_stats
 from align_rl.training.datasets import fixed_subset, latent_pairs, normalized_values
-from align_rl.devices import resolve_use_gpu
 from align_rl.training.harness import init_ray, run_training
 from align_rl.training.quality import evaluate_models, format_summary  # noqa: F401 (the command prints it)
 from align_rl.workspace import Workspace
@@ -133,8 +133,6 @@ def _identity(cfg: Config, stage: str, data: PretrainData, deps: dict[str, str] 
 
 
 def _stored_identity(path: Path) -> dict | None:
-    from align_rl.io.checkpoints import read_checkpoint
-
     try:
         return read_checkpoint(path)["extra"].get("identity")
     except CheckpointError:

@@ -24,8 +24,11 @@ import numpy as np
 
 from align_rl import identity, remote
 from align_rl.errors import InputError
+from align_rl.io.era5 import load_normalizer, open_states
 from align_rl.io.normalization import Normalizer
 from align_rl.io.states import States
+from align_rl.io.store import write_states
+from align_rl.training.harness import init_ray
 
 STEP = np.timedelta64(6, "h")
 LEAD_STEPS = 8  # 8 × 6 h = 48 h
@@ -59,15 +62,12 @@ def background_key(cfg, ws, states: States, forecaster: Any, normalizer: Normali
 
 
 def _normalizer_of(states: States) -> Normalizer:
-    from align_rl.io.era5 import load_normalizer
-
     return load_normalizer(states)
 
 
 def _open_cache(path: Path, key: dict) -> States | None:
     if not path.exists():
         return None
-    from align_rl.io.era5 import open_states
 
     try:
         cached = open_states(path, check_units=False)  # derived from checked inputs
@@ -95,7 +95,6 @@ def compute_backgrounds(
 ) -> np.ndarray:
     """48 h forecasts for the given index triples, on Ray forecast actors -> physical float32
     ``(len(target), 69, H, W)``."""
-    from align_rl.training.harness import init_ray
 
     init_ray()
     bs = max(1, int(cfg.pretrain.background_batch))
@@ -137,7 +136,6 @@ def ensure_backgrounds(cfg, ws, states: States, forecaster: Any, progress: bool 
     whose ``attrs`` hold ``normalization`` and ``background_key``. Raises :class:`InputError` when no
     time has its inputs.
     """
-    from align_rl.io.store import write_states
 
     target, prev, curr = background_inputs(states.times)
     if len(target) == 0:

@@ -18,7 +18,10 @@ from pathlib import Path
 
 from align_rl import identity
 from align_rl.config import Config
+from align_rl.io import era5
+from align_rl.io.wb2_store import parse_attrs
 from align_rl.workspace import Workspace
+from align_rl.world import simulate as simulation
 
 
 def stored_attrs(path: str | Path) -> dict:
@@ -29,9 +32,7 @@ def stored_attrs(path: str | Path) -> dict:
         attrs = dict(zarr.open_group(str(path), mode="r").attrs)
     except Exception:  # noqa: BLE001 - a missing or broken store simply is not reusable
         return {}
-    from align_rl.io.era5 import _parse_attrs
-
-    return _parse_attrs(attrs)
+    return parse_attrs(attrs)
 
 
 def ensure_world(cfg: Config, ws: Workspace, progress: bool = True) -> Path | str:
@@ -48,12 +49,10 @@ def ensure_world(cfg: Config, ws: Workspace, progress: bool = True) -> Path | st
         store = p if "://" in p else Path(p)
         ensure_normalization(cfg, ws, store, progress=progress)
         return store
-    from align_rl.world.simulate import build_world
-
     path = ws.world
     if path.exists() and stored_attrs(path).get("config_hash") == identity.world(cfg):
         return path
-    return build_world(cfg, path, overwrite=True, progress=progress)
+    return simulation.build_world(cfg, path, overwrite=True, progress=progress)
 
 
 def ensure_normalization(cfg: Config, ws: Workspace, store: Path | str, progress: bool = True):
@@ -68,8 +67,6 @@ def ensure_normalization(cfg: Config, ws: Workspace, store: Path | str, progress
     """
     import json
     import os
-
-    from align_rl.io import era5
 
     if cfg.data.normalization:
         norm = era5.load_normalizer(cfg.data.normalization)
@@ -99,9 +96,7 @@ def ensure_normalization(cfg: Config, ws: Workspace, store: Path | str, progress
 
 def simulate(*args, **kwargs):
     """See :func:`align_rl.world.simulate.simulate`."""
-    from align_rl.world.simulate import simulate as _simulate
-
-    return _simulate(*args, **kwargs)
+    return simulation.simulate(*args, **kwargs)
 
 
 __all__ = ["ensure_normalization", "ensure_world", "simulate", "stored_attrs"]

@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 from align_rl import identity
 from align_rl.config import Config, DataConfig
 from align_rl.errors import InputError
+from align_rl.io.era5 import open_states
 from align_rl.io.grid import Grid
 from align_rl.io.normalization import Normalizer
-from align_rl.io.schema import N_CHANNELS
+from align_rl.io.schema import N_CHANNELS, channel_index
 from align_rl.io.states import States
 from align_rl.io.store import write_states
 from align_rl.world.diagnostics import DERIVED, Diagnoser
@@ -199,7 +200,6 @@ def member_correlation(values: np.ndarray, channel: str = "z500",
     """Mean Pearson correlation between members of the eddy field (departure from the zonal mean)
     of ``channel``, per time: ``values`` (M, T, 69, H, W) -> (T,) (NaN when M < 2). With
     ``shifts_deg`` each member is first turned back by its rotation (nearest grid column)."""
-    from align_rl.io.schema import channel_index
 
     x = values[:, :, channel_index(channel)].astype(np.float64)  # (M, T, H, W)
     if shifts_deg is not None:
@@ -259,8 +259,6 @@ def store_normalization(path: str | Path, train: list[str]) -> str:
     import json
 
     import zarr
-
-    from align_rl.io.era5 import open_states
 
     states = open_states(path, check_units=False)  # statistics of any store
     norm, how = fit_normalizer(states, train)

@@ -13,7 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from align_rl.alignment.candidates import background_order, make_tasks, valid_times
 from align_rl.errors import InputError
+from align_rl.io import era5
+from align_rl.world.backgrounds import ensure_backgrounds
 
 
 class SplitData:
@@ -23,10 +26,6 @@ class SplitData:
 
     def __init__(self, cfg: Any, ws: Any, store: Any, models: Any, progress: bool = True,
                  split: str = "pref") -> None:
-        from align_rl.io import era5
-        from align_rl.world.backgrounds import ensure_backgrounds
-        from align_rl.alignment.candidates import background_order, valid_times
-
         rng_ = list(getattr(cfg.data, split))
         h = np.timedelta64(1, "h")
         start = np.datetime64(rng_[0]) - 60 * h
@@ -47,7 +46,6 @@ class SplitData:
 
     def tasks(self, ids):
         """:class:`~align_rl.alignment.candidates.BackgroundTask` of background ids (positions in ``times``)."""
-        from align_rl.alignment.candidates import make_tasks
 
         return make_tasks(ids, self.times, self.truth, self.backgrounds, self.normalizer,
                           self.forecast_hours)
