@@ -165,3 +165,17 @@ def test_forecast_actor_restarts_after_being_killed(tmp_path, ray_session):
         np.testing.assert_allclose(res[i][0], np.roll(x[i, 1], 4, axis=-1))
     assert ray.get(actor.info.remote())["pid"] != pid
     ray.kill(actor, no_restart=True)
+
+
+def test_truth_window_covers_the_background_inputs_and_the_forecast_lead():
+    """One window for every split (pairs, validation, evaluation): the first day's background
+    needs the truth 54 h before it, the last analysis its truth ``forecast_hours`` later."""
+    import numpy as np
+
+    from align_rl.world.splits import truth_window
+
+    for fh in (24, 48):
+        start, end = truth_window(["2004-01-01", "2004-01-31"], fh)
+        assert start <= np.datetime64("2004-01-01T00") - np.timedelta64(54, "h")
+        assert end >= np.datetime64("2004-01-31T18") + np.timedelta64(fh, "h")
+        assert end - start < np.timedelta64(31 * 24 + fh + 96, "h")  # no more than it needs

@@ -64,9 +64,9 @@ from align_rl.io.states import States
 from align_rl.training.pretraining import ensure_pretrained
 from align_rl.workspace import Workspace
 from align_rl.world.backgrounds import LEAD_STEPS as BACKGROUND_STEPS
-from align_rl.world.backgrounds import ensure_backgrounds
 from align_rl.world.dataset import ensure_world
 from align_rl.world.observations import make_observations
+from align_rl.world.splits import open_split
 
 
 @dataclass
@@ -141,15 +141,6 @@ class _Run:
 
 
 # ----------------------------------------------------------------------------- set-up
-def truth_window(split: list[str], forecast_hours: int) -> tuple[np.datetime64, np.datetime64]:
-    """The time range of truth that the evaluation of the dates ``split`` ([first, last] day)
-    reads: from the backgrounds' first input (``2 × 48 h`` before, generous) to the last day's end
-    plus ``forecast_hours``."""
-    start = np.datetime64(split[0]) - hours(2 * STEP_HOURS * BACKGROUND_STEPS)
-    end = np.datetime64(split[-1]) + np.timedelta64(1, "D") + hours(forecast_hours)
-    return start, end
-
-
 def select_times(truth: States, backgrounds: States, test_range: list[str] | None, n: int,
                  forecast_hours: int = STEP_HOURS * BACKGROUND_STEPS) -> np.ndarray:
     """``n`` analysis times, evenly spread over the test range, whose background, ``t − 6 h`` and
@@ -194,10 +185,7 @@ def load_eval_data(cfg: Config, ws: Workspace) -> tuple[EvalData, Any]:
     store = ensure_world(cfg, ws)
     pre = ensure_pretrained(cfg, ws)
     normalizer = getattr(pre, "normalizer", None) or era5.load_normalizer(store)
-    start, end = truth_window(cfg.data.test, cfg.rewards.forecast_hours)
-    truth = era5.open_states(store, time_range=[start, end], coarsen=cfg.data.coarsen,
-                             expect_grid=cfg.data.grid, check_units=cfg.checks.units)
-    bgs = ensure_backgrounds(cfg, ws, truth, pre.forecaster)
+    truth, bgs = open_split(cfg, ws, store, pre.forecaster, cfg.data.test)
     data = EvalData(truth, bgs, normalizer, pre.codec, pre.forecaster, truth_store=Path(store))
     return data, pre.eps_model
 

@@ -13,10 +13,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-
 from align_rl import identity
 from align_rl.config import Config
-from align_rl.evaluation.runner import EvalData, run_evaluation, truth_window
+from align_rl.evaluation.runner import EvalData, run_evaluation
 from align_rl.io import era5
 from align_rl.io.pair_store import PairStore
 from align_rl.pipeline import PrefData, store_meta
@@ -25,8 +24,8 @@ from align_rl.tune.results import write_atomic
 from align_rl.tune.spec import SweepSpec, steps_per_stage
 from align_rl.tune.trial import candidate_pool, eval_metrics, validation_config
 from align_rl.workspace import Workspace
-from align_rl.world.backgrounds import ensure_backgrounds
 from align_rl.world.dataset import ensure_world
+from align_rl.world.splits import open_split
 
 
 def prepare_shared(cfg: Config, spec: SweepSpec, out: Path, progress: bool = True) -> dict[str, Any]:
@@ -66,10 +65,7 @@ def validation_data(cfg: Config, ws: Any, progress: bool = False):
     store = ensure_world(cfg, ws, progress=progress)
     pre = ensure_pretrained(cfg, ws, progress=progress)
     normalizer = getattr(pre, "normalizer", None) or era5.load_normalizer(store)
-    start, end = truth_window(cfg.data.val, cfg.rewards.forecast_hours)
-    truth = era5.open_states(store, time_range=[start, end], coarsen=cfg.data.coarsen,
-                             expect_grid=cfg.data.grid, check_units=cfg.checks.units)
-    bgs = ensure_backgrounds(cfg, ws, truth, pre.forecaster, progress=progress)
+    truth, bgs = open_split(cfg, ws, store, pre.forecaster, cfg.data.val, progress)
     return EvalData(truth, bgs, normalizer, pre.codec, pre.forecaster, truth_store=Path(store)), pre.eps_model
 
 

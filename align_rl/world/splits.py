@@ -1,6 +1,8 @@
 """The analysis times of one split with everything a candidate needs around them.
 
-:class:`SplitData` opens the truth of a time range (``data.pref``, ``data.val``, …) with the margin
+:func:`open_split` is the one way a stage reads the truth around a split's dates and its 48 h
+backgrounds (:func:`truth_window`): the preference split, the learner's and the sweep's validation,
+and the evaluation's test split all use it. :class:`SplitData` opens the truth of a time range (``data.pref``, ``data.val``, …) with the margin
 that backgrounds and 48 h forecasts need, ensures the 48 h backgrounds (cached), and lists the
 usable analysis times: those with a background, the truth, and (with the forecast reward) the truth
 6 h before and ``rewards.forecast_hours`` after. The preference pairs use ``data.pref``; the
@@ -16,7 +18,33 @@ import numpy as np
 from align_rl.alignment.candidates import background_order, make_tasks, valid_times
 from align_rl.errors import InputError
 from align_rl.io import era5
-from align_rl.world.backgrounds import ensure_backgrounds
+from align_rl.io.states import States
+from align_rl.world.backgrounds import LEAD_STEPS, ensure_backgrounds
+
+STEP_HOURS = 6
+"""The data's and the forecaster's time step."""
+
+
+def truth_window(dates: list, forecast_hours: int) -> tuple[np.datetime64, np.datetime64]:
+    """The truth that analyses on the days ``dates`` ([first, last]) need: from the first
+    background's earlier input (``48 h + 6 h`` before the first day) with one step to spare, to the
+    end of the last day plus ``forecast_hours`` (the forecast reward, the evaluation's forecasts)
+    and one step."""
+    step = np.timedelta64(STEP_HOURS, "h")
+    start = np.datetime64(dates[0]) - (LEAD_STEPS + 2) * step
+    end = np.datetime64(dates[-1]) + np.timedelta64(1, "D") + np.timedelta64(int(forecast_hours), "h") + step
+    return start, end
+
+
+def open_split(cfg: Any, ws: Any, store: Any, forecaster: Any, dates: list,
+               progress: bool = True) -> tuple[States, States]:
+    """``(truth, backgrounds)`` in physical units around the days ``dates`` (:func:`truth_window`
+    of ``rewards.forecast_hours``): the truth read from ``store`` on the model grid, the 48 h
+    backgrounds from their cache (computed where missing, :func:`ensure_backgrounds`)."""
+    start, end = truth_window(dates, cfg.rewards.forecast_hours)
+    truth = era5.open_states(store, time_range=[start, end], coarsen=cfg.data.coarsen,
+                             expect_grid=cfg.data.grid, check_units=cfg.checks.units)
+    return truth, ensure_backgrounds(cfg, ws, truth, forecaster, progress=progress)
 
 
 class SplitData:
@@ -27,14 +55,9 @@ class SplitData:
     def __init__(self, cfg: Any, ws: Any, store: Any, models: Any, progress: bool = True,
                  split: str = "pref") -> None:
         rng_ = list(getattr(cfg.data, split))
-        h = np.timedelta64(1, "h")
-        start = np.datetime64(rng_[0]) - 60 * h
-        end = np.datetime64(rng_[-1]) + np.timedelta64(1, "D") + (cfg.rewards.forecast_hours + 6) * h
         self.split = split
-        self.truth = era5.open_states(store, time_range=[start, end], coarsen=cfg.data.coarsen,
-                                      expect_grid=cfg.data.grid, check_units=cfg.checks.units)
+        self.truth, self.backgrounds = open_split(cfg, ws, store, models.forecaster, rng_, progress)
         self.normalizer = models.normalizer or era5.load_normalizer(store)
-        self.backgrounds = ensure_backgrounds(cfg, ws, self.truth, models.forecaster, progress=progress)
         fh = cfg.rewards.forecast_hours if "forecast" in cfg.rewards.names else None
         self.forecast_hours = fh
         self.times = valid_times(self.truth.times, self.backgrounds.times, rng_[0], rng_[-1], fh)
@@ -46,7 +69,6 @@ class SplitData:
 
     def tasks(self, ids):
         """:class:`~align_rl.alignment.candidates.BackgroundTask` of background ids (positions in ``times``)."""
-
         return make_tasks(ids, self.times, self.truth, self.backgrounds, self.normalizer,
                           self.forecast_hours)
 
