@@ -36,7 +36,7 @@ from align_rl.alignment.validation import ranking_weights
 from align_rl.config import Config
 from align_rl.errors import ConfigError
 from align_rl.evaluation.stage import evaluate_aligned
-from align_rl.io.pair_store import _COMMIT, PairStore
+from align_rl.io.pair_store import COMMIT_FILE, PairStore
 from align_rl.logs import stage
 from align_rl.training.harness import init_ray
 from align_rl.training.pretraining import ensure_pretrained
@@ -69,7 +69,7 @@ def open_pair_store(cfg: Config, ws: Workspace, latent_shape, reference_ckpt: Pa
     """
     meta = store_meta(cfg, reference_ckpt)
     path = Path(cfg.pairs.store or ws.pairs)
-    if cfg.pairs.store is None and (path / _COMMIT).exists():
+    if cfg.pairs.store is None and (path / COMMIT_FILE).exists():
         old = dict(PairStore.open(path, mode="r").g.attrs.get("meta", {}))
         if old != meta:
             aside = path.with_name(f"pairs-{identity.digest(old)}.zarr")

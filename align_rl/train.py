@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(cfg.run.workdir)
     s = pipeline.run(cfg, evaluate=not args.no_eval)
     if "report" in s:
-        pipeline._log(f"report: {s['report']}")
+        pipeline.LOG.info(f"report: {s['report']}")
     return 0
 
 

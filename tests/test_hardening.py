@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import yaml
 
-from align_rl.errors import AlignRLError, OwnershipError, cli_errors
+from align_rl.errors import OwnershipError, cli_errors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,7 +180,6 @@ def _ps_damage(kind: str):
         elif kind == "winner_out_of_range":
             import zarr
 
-            from align_rl.io.pair_store import PairStore
 
             a = zarr.open_group(str(p), mode="a")["pairs/winner"]
             a[0] = 10_000  # and COMMIT's checksum no longer matches

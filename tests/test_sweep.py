@@ -15,7 +15,7 @@ import yaml
 
 from align_rl.config import load_config
 from align_rl.errors import ConfigError
-from align_rl.tune.sweep import SweepSpec, build_base_config, eval_metrics, load_spec, parse_spec, run_sweep, simplex_grid, split_overrides, trial_config, validation_config, with_changes
+from align_rl.tune.sweep import build_base_config, eval_metrics, load_spec, parse_spec, run_sweep, simplex_grid, split_overrides, trial_config, validation_config, with_changes
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE_CONFIGS = sorted((REPO / "tune_configs").glob("*.yaml"))

@@ -123,7 +123,7 @@ def alignment_section(results, variants: list[str], methods: list[str], info: di
     return "\n".join(lines) + "\n"
 
 
-def _append_report(path: Path, text: str) -> None:
+def append_report(path: Path, text: str) -> None:
     body = path.read_text() if path.exists() else "# Evaluation\n"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(body.rstrip("\n") + "\n" + text)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from align_rl.config import Config
-from align_rl.evaluation.paper import _append_report, alignment_section
+from align_rl.evaluation.paper import append_report, alignment_section
 from align_rl.evaluation.results import changes_doc
 from align_rl.evaluation.runner import run_evaluation
 from align_rl.io.checkpoints import load_model
@@ -27,6 +27,6 @@ def evaluate_aligned(cfg: Config, ws: Workspace, reference: Any, checkpoints: di
     ev = run_evaluation(cfg, ws, models, progress=progress)
     out = Path(cfg.eval.out or ws.eval)
     section = alignment_section(ev, variants, list(cfg.guidance.methods), info)
-    _append_report(out / "report.md", section)
+    append_report(out / "report.md", section)
     print(section)
     return {"report": str(out / "report.md"), "changes": changes_doc(ev.ds, "main")}

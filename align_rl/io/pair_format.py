@@ -55,7 +55,7 @@ from align_rl.errors import InputError, IntegrityError
 FORMAT = "align_rl.pairs/2"
 FORMATS = ("align_rl.pairs/1", FORMAT)  # /1: before digests (read as is, upgraded on appending)
 GUIDANCES = ("obsfree", "repaint", "dps")
-_COMMIT = "COMMIT"
+COMMIT_FILE = "COMMIT"
 DIGEST_BYTES = 16
 TABLES = ("backgrounds", "candidates", "pairs")
 LATENTS = ("backgrounds/latent", "candidates/latent")
@@ -149,16 +149,16 @@ class StoreIntegrity:
 
     # ------------------------------------------------------------------ commit bookkeeping
     def _write_commit(self, c: dict) -> None:
-        tmp = self.path / f".{_COMMIT}.tmp"
+        tmp = self.path / f".{COMMIT_FILE}.tmp"
         tmp.write_text(json.dumps(c))
-        os.replace(tmp, self.path / _COMMIT)
+        os.replace(tmp, self.path / COMMIT_FILE)
 
     def _commit_text(self) -> str:
         try:
-            return (self.path / _COMMIT).read_text()
+            return (self.path / COMMIT_FILE).read_text()
         except FileNotFoundError:
             raise IntegrityError(
-                f"the {_COMMIT} file of the preference store {self.path} is lost; move the store aside "
+                f"the {COMMIT_FILE} file of the preference store {self.path} is lost; move the store aside "
                 f"(mv {self.path} {self.path}.damaged) and rerun the command to rebuild it"
             ) from None
 
@@ -173,7 +173,7 @@ class StoreIntegrity:
             ok = False
         if not ok:
             raise IntegrityError(
-                f"the {_COMMIT} file of the preference store {self.path} is damaged ({text[:80]!r}); "
+                f"the {COMMIT_FILE} file of the preference store {self.path} is damaged ({text[:80]!r}); "
                 f"move the store aside (mv {self.path} {self.path}.damaged) and rerun to rebuild it"
             )
         return c
@@ -244,8 +244,8 @@ class StoreIntegrity:
             have = self.g[name].shape[0]
             if have < n:
                 raise IntegrityError(
-                    f"{_COMMIT} of the preference store {self.path} counts {n} {table} but {name} holds "
-                    f"only {have} rows ({_COMMIT} and the data disagree); {fix}"
+                    f"{COMMIT_FILE} of the preference store {self.path} counts {n} {table} but {name} holds "
+                    f"only {have} rows ({COMMIT_FILE} and the data disagree); {fix}"
                 )
         if lat:
             missing = self._missing_chunks(lat, n)
@@ -264,7 +264,7 @@ class StoreIntegrity:
             want = hashes.get(name)
             if want is None:
                 if self.format == FORMAT:
-                    raise IntegrityError(f"{_COMMIT} of the preference store {self.path} has no checksum "
+                    raise IntegrityError(f"{COMMIT_FILE} of the preference store {self.path} has no checksum "
                                          f"of {name}; {fix}")
                 continue
             if column_digest(values[k]) != want:
@@ -272,7 +272,7 @@ class StoreIntegrity:
                 where = f" (chunk file(s) {', '.join(missing[:4])} missing)" if missing else ""
                 raise IntegrityError(
                     f"{name} of the preference store {self.path} does not match its checksum in "
-                    f"{_COMMIT}{where}: its committed rows 0-{n - 1} are damaged; {fix}"
+                    f"{COMMIT_FILE}{where}: its committed rows 0-{n - 1} are damaged; {fix}"
                 )
         limits = {"candidates": {"background": c["backgrounds"]},
                   "pairs": {"winner": c["candidates"], "loser": c["candidates"],

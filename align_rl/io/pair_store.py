@@ -25,7 +25,7 @@ from align_rl.alignment.pairs import HASH_BYTES, MODES, pair_hash
 from align_rl.alignment.reselect import reselect_pairs
 from align_rl.errors import ConfigError, InputError, IntegrityError
 from align_rl.io.pair_format import (
-    _COMMIT,
+    COMMIT_FILE,
     DIGEST_BYTES,
     FORMAT,
     FORMATS,
@@ -119,9 +119,9 @@ class PairStore(StoreIntegrity):
                 raise InputError(f"no preference store at {p}; build pairs first (python -m align_rl.train)")
             return cls._create(p, latent_shape, reward_names, meta)
         has_meta = (p / "zarr.json").exists() or (p / ".zgroup").exists()
-        if not has_meta and not (p / _COMMIT).exists():
+        if not has_meta and not (p / COMMIT_FILE).exists():
             raise InputError(
-                f"{p} is not an align_rl preference store (no zarr metadata, no {_COMMIT}); nothing "
+                f"{p} is not an align_rl preference store (no zarr metadata, no {COMMIT_FILE}); nothing "
                 "was written to it: point pairs.store at a new or empty folder"
             )
         g, attrs = cls._open_group(p, mode)
@@ -145,9 +145,9 @@ class PairStore(StoreIntegrity):
                 f"the metadata of the preference store {p} is damaged (latent_shape, reward_names or "
                 f"guidance_names: {exc}); move the store aside (mv {p} {p}.damaged) and rerun to rebuild it"
             ) from None
-        if not (p / _COMMIT).exists():
+        if not (p / COMMIT_FILE).exists():
             raise IntegrityError(
-                f"the {_COMMIT} file of the preference store {p} is lost, so which rows were committed "
+                f"the {COMMIT_FILE} file of the preference store {p} is lost, so which rows were committed "
                 f"is unknown (the store is not taken for empty); move the store aside "
                 f"(mv {p} {p}.damaged) and rerun the command to rebuild it"
             )

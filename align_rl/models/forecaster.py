@@ -29,7 +29,7 @@ from align_rl.io.grid import Grid, LatLonGrid
 from align_rl.io.normalization import Normalizer
 from align_rl.io.regrid import regrid
 from align_rl.io.schema import N_CHANNELS
-from align_rl.models.vae import _grid_shape
+from align_rl.models.vae import grid_shape
 
 
 class PeriodicConv2d(nn.Conv2d):
@@ -91,7 +91,7 @@ def build_emulator(fc_cfg: Any, grid: Any = None) -> EmulatorNet:
         raise ConfigError(f"forecaster.hidden={hidden} must be >= 1 and forecaster.depth={depth} >= 0")
     net = EmulatorNet(hidden=hidden, depth=depth)
     if grid is not None:
-        H, W = _grid_shape(grid)
+        H, W = grid_shape(grid)
         if H % 2 or W % 2:
             raise ConfigError(f"the emulator needs an even grid, got {H}x{W}")
         net.grid = (H, W)

@@ -135,7 +135,7 @@ def _section(cfg: Any) -> dict[str, Any]:
     return dict(cfg)
 
 
-def _grid_shape(grid: Any) -> tuple[int, int]:
+def grid_shape(grid: Any) -> tuple[int, int]:
     if isinstance(grid, Grid):
         return grid.shape
     if isinstance(grid, str):
@@ -149,7 +149,7 @@ def build_vae(vae_cfg: Any, grid: Any) -> FieldVAE:
     Raises ConfigError when the grid does not divide into patches and windows.
     """
     c = _section(vae_cfg)
-    H, W = _grid_shape(grid)
+    H, W = grid_shape(grid)
     p, win, D, heads = int(c["patch"]), int(c["window"]), int(c["embed_dim"]), int(c["heads"])
     if p < 1 or H % p or W % p:
         raise ConfigError(f"vae.patch={p} does not divide the grid {H}x{W}; use a divisor such as 4")

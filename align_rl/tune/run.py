@@ -19,6 +19,7 @@ import yaml
 
 from align_rl import remote
 from align_rl.config import Config
+from align_rl.devices import actor_gpus
 from align_rl.logs import stage
 from align_rl.training.harness import init_ray
 from align_rl.tune.inputs import prepare_shared
@@ -56,7 +57,7 @@ def trial_resources(spec: SweepSpec, base: dict, params: dict):
     cfg = trial_config(base, params)
     if cfg.dpo.mode == "online":
         a = cfg.actors
-        bundles += [{"CPU": float(a.cpus_per_actor), "GPU": float(a.gpus_per_actor)}] * (a.samplers + a.rewarders)
+        bundles += [{"CPU": float(a.cpus_per_actor), "GPU": actor_gpus(cfg)}] * (a.samplers + a.rewarders)
     return PlacementGroupFactory([{k: v for k, v in b.items() if v} or {"CPU": 0.0} for b in bundles])
 
 
