@@ -1,22 +1,12 @@
-"""The main job: ``python -m align_rl.train [--config FILE] [key=value ...]``.
+"""The main job's stage graph: ``run(cfg)`` (what ``python -m align_rl.train`` calls).
 
-End to end, each step reused from its cache when present:
-
-1. the dataset (``ensure_world``), the pretrained forecaster, VAE and diffusion prior
-   (``ensure_pretrained``) and the 48 h backgrounds of the preference split (``ensure_backgrounds``);
-2. preference candidates of ``pairs.backgrounds`` backgrounds of ``data.pref`` drawn by the
-   reference with ``pairs.guidance``, scored with every reward of ``rewards.names`` by sampler and
-   reward actors (``actors.*``), paired for every mode of ``pairs.variants`` and committed to the
-   preference store (``pairs.store``, default ``<workdir>/pairs.zarr``);
-3. Diffusion-DPO per variant (``dpo.mode``: ``offline`` on the stored pairs, or ``online`` with
-   refreshes by the policy), checkpoints in ``<workdir>/dpo/<variant>-<hash>/``;
-4. the evaluation (``align_rl.evaluation.runner.run_evaluation``) of the reference and the aligned models
-   (``Align-M``, ``Align-P``) × ``guidance.methods`` on held-out ``data.test`` times, never used for
-   pairs, with an "Alignment against the paper" section appended to ``report.md``.
-
-Ray: connects to ``RAY_ADDRESS`` when set (e.g. under ``ray job submit``), otherwise starts a
-local instance. Killing the driver and rerunning the same command resumes from the committed
-pairs and the last DPO checkpoint.
+World → pretraining → the preference split's backgrounds → candidates and pairs (sampler and
+reward actors from :mod:`align_rl.remote`, committed to the preference store) → Diffusion-DPO per
+variant of ``pairs.variants`` → the evaluation and its "Alignment against the paper" section
+(:func:`align_rl.evaluation.stage.evaluate_aligned`). Every stage is reused from its cache when
+its identity (:mod:`align_rl.identity`) is unchanged, so a killed run resumes from the committed
+pairs and the last DPO checkpoint. The command's own docstring (:mod:`align_rl.train`) lists the
+user-facing details.
 """
 
 from __future__ import annotations

@@ -1,32 +1,11 @@
-"""The evaluation that reproduces the paper's tables (docs/method.md §10).
+"""The evaluation runner: ``run_evaluation(cfg, ws, models)`` (what ``python -m align_rl.evaluate``
+calls; the tables it reproduces and the files it writes are listed in :mod:`align_rl.evaluate`).
 
-``python -m align_rl.evaluate [--config FILE] [--models NAME=CHECKPOINT ...] [key=value ...]``;
-Python: :func:`run_evaluation`, which returns an :class:`align_rl.evaluation.results.Evaluation`
-(the scores and changes as an ``xarray.Dataset``).
-
-Every model given (name → score network ``ε_θ``; the pretrained reference, aligned models later)
-× every guidance method of ``guidance.methods`` analyses the same ``eval.times`` held-out times of
-the test split (backgrounds: 48 h forecasts from :mod:`align_rl.world.backgrounds`) from the same
-observations (one seed per observation setting) and the same sampler noise (one generator seed per
-setting and method), so model comparisons are paired. Per analysis time (then averaged, docs/method.md §10):
-
-- Table 1, analysis: MSE and MAE over the 69 normalised channels, WRMSE in physical units of
-  u10, v500, z500, t850, Geo-Score; for one member (the mean over members of each member's score,
-  i.e. the expected score of a single analysis, as the paper's) and for the ensemble mean;
-- Table 2, forecasts of ``rewards.forecast_hours`` (48 h: the forecaster's 8 × 6 h rollout)
-  started from the analyses at ``(x_{t−6h}, x_a)``, with ``x_{t−6h}`` the truth 6 h before (the
-  previous analysis of a cycling system **(choice)**), against the truth at the lead;
-- probabilistic scores: fair CRPS and spread/skill ratio;
-- a background row (the 48 h forecast used as ``x_b``), and its forecast;
-- ablations when ``eval.ablations`` lists ``density`` (Table 3) or ``error`` (Table 4);
-- % change against ``eval.baseline`` with a 95 % paired bootstrap interval over times.
-
-Writes into ``eval.out`` (default ``<workdir>/eval``), atomically (a temporary folder renamed into
-place): ``report.md``, ``metrics.json``, ``metrics.csv``, ``metrics.nc`` (the results Dataset,
-:mod:`align_rl.evaluation.results`), ``maps/*.png`` (z500 error reduction
-``|x_a^ref − x_GT| − |x_a^model − x_GT|`` averaged over ``eval.map_samples`` analyses) and
-``analyses/<model>-<method>.zarr`` (ensemble means, physical units, WeatherBench2 layout; score them
-with ``python -m align_rl.score --analysis … --truth <world store>``).
+Every model × every method of ``guidance.methods`` analyses the same ``eval.times`` test times from
+the same observations and the same sampler noise (paired comparisons, docs/method.md §10); the
+analyses run in the driver or in an analysis actor (:func:`align_rl.devices.sampling_place`), their
+scores go into a :class:`~align_rl.evaluation.results.ScoreTable`, and the results come back as an
+:class:`~align_rl.evaluation.results.Evaluation` (the Dataset written to ``metrics.nc``).
 """
 
 from __future__ import annotations

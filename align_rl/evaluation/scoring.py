@@ -1,38 +1,7 @@
-"""Score an analysis (or forecast) store against a truth store, WeatherBench2 style (docs/method.md §7, §10).
-
-``python -m align_rl.score --analysis A.zarr --truth T.zarr [--out metrics.json] [--csv FILE]
-[--regions global,tropics,extratropics,band:30:60] [--rmse both|per-time|wb2]
-[--variables z500,t850,...] [--regrid none|truth-to-analysis|analysis-to-truth]
-[--normalization STATS] [--chunk 16] [--no-unit-check]``
-
-What is scored: the channels (short names ``z500``, ``t850``, ``u10`` …; variables by their
-WeatherBench2 long names, levels by value) that **both** stores hold, at the time steps both hold,
-on their common grid (any accepted grid of :mod:`align_rl.io.era5`, rows on the poles included). The
-input stores are only read.
-
-- ``wrmse`` per channel and region, in the variables' physical units (no statistics needed),
-  weighted by **cell area** from the actual latitude coordinate (:func:`align_rl.io.grid.
-  cell_area_weights`: edges midway between rows, pole rows half cells, as WeatherBench2; on a
-  cell-centred grid this is ``cos φ / mean cos φ``, the paper's weights). Two conventions, stated
-  in the output's ``conventions``: ``wrmse`` = the mean over time steps of the per-step RMSE (the
-  paper's annual scores, docs/method.md §7) and ``wrmse_wb2`` = the square root of the time-mean MSE
-  (WeatherBench2's headline RMSE); ``--rmse`` chooses one or both (default both).
-- Regions: ``global``, ``tropics`` (|lat| ≤ 20°), ``extratropics`` (|lat| ≥ 20°),
-  ``nh-extratropics`` (20° … 90°), ``sh-extratropics`` (−90° … −20°), ``band:LO:HI`` (LO ≤ lat ≤ HI,
-  degrees); the rows of the region keep their cell areas.
-- ``mse``/``mae``: over the scored channels in normalised units, unweighted, per step then averaged
-  (the paper's Table 1), only when statistics are given (``--normalization`` JSON file or store) or
-  stored in the truth store.
-- ``geo_score``: the Geo-Score of the 500 hPa geostrophic balance (100 when the analysis is as
-  balanced as the truth), when both stores hold z500, u500 and v500.
-
-Values implausible in SI units (temperature in °C, geopotential height in m, …;
-:mod:`align_rl.io.plausibility`) are refused unless ``--no-unit-check`` is given.
-
-Prints the JSON; ``--out`` writes it and a CSV beside it (``--csv`` elsewhere; one row per region,
-metric and channel), both atomically and only after every score is computed. Bad input: one line
-``error: …`` naming the problem and the fix, exit status 2, nothing written.
-Python: :func:`score_stores`.
+"""Scoring an analysis (or forecast) store against a truth store, WeatherBench2 style
+(docs/method.md §7, §10): ``score_stores`` (what ``python -m align_rl.score`` calls; what is scored,
+the regions and the two RMSE conventions are described in :mod:`align_rl.score`), ``csv_rows`` and
+``write_results``.
 """
 
 from __future__ import annotations

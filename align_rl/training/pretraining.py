@@ -1,19 +1,11 @@
-"""Pretraining of the forecaster, the VAE and the latent diffusion model on Ray Train.
+"""Pretraining of the forecaster, the VAE and the latent diffusion model: ``ensure_pretrained``
+(what ``python -m align_rl.pretrain`` calls; the order of the stages and the summary it prints are
+described in :mod:`align_rl.pretrain`).
 
-``python -m align_rl.pretrain {forecaster|vae|diffusion|all} [--config FILE] [--force] [key=value ...]``
-
-Order (``all``): the forecaster emulator (one 6 h step from two frames), the VAE, the per-channel
-latent statistics (:func:`~align_rl.models.vae.fit_latent_stats` over the training split), the 48 h
-backgrounds of the training and validation splits (:func:`align_rl.world.backgrounds.ensure_backgrounds`,
-needed because the diffusion model learns ``p(z | z_b)`` with ``z_b = E(x_b)``), then the diffusion
-model. Each training runs under a Ray Train ``TorchTrainer`` (:mod:`align_rl.training.harness`)
-with checkpoints below ``ws.checkpoints(model)``; the final network is written with
-:func:`~align_rl.io.checkpoints.save_model` to ``ws.final_checkpoint(model)`` with its *identity*
-(:func:`align_rl.identity.pretraining`: config section, dataset by content, seed and, for the
-diffusion model, the content hashes of the VAE and of the forecaster it was trained with) in
-``extra["identity"]``. :func:`ensure_pretrained` reuses a final
-checkpoint whose identity matches and trains what is missing. The summary (validation split,
-normalised units) is printed and written to ``<workdir>/pretrain_summary.json``.
+Each model trains in the one Ray Train loop (:mod:`align_rl.training.loop`, its task in
+:mod:`align_rl.training.tasks`) and is written with its identity
+(:func:`align_rl.identity.pretraining`: config section, dataset by content, grid, seed and, for the
+score model, the VAE and the forecaster by content); a stored model whose identity matches is reused.
 """
 
 from __future__ import annotations
