@@ -391,7 +391,11 @@ def test_sweep_cli_end_to_end_on_a_tiny_world(tmp_path):
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["dpo.beta"] for r in rows) == ["2000", "8000"]
-    assert all(r["status"] == "completed" and r["stages"] == "2" for r in rows)
+    # ASHA (grace period 1, reduction factor 2) may stop the second trial after its first stage when
+    # it validates worse than the first did there; which one depends on the numbers
+    done = [r for r in rows if r["status"] == "completed"]
+    assert done and all(r["stages"] == "2" for r in done)
+    assert all(r["status"] == "stopped early" and r["stages"] == "1" for r in rows if r not in done)
     assert all(float(r["val_mse"]) > 0 and r["val_mse_change_pct"] != "" for r in rows)
     best = load_config(out / "best_config.yaml")
     assert best.dpo.beta in (2000.0, 8000.0) and best.dpo.steps == 4 and best.data.grid == "8x16"
