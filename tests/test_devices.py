@@ -236,12 +236,25 @@ def _tiny_overrides(cfg) -> list[str]:
     return [*OVERRIDES, f"run.workdir={cfg.run.workdir}", "sampler.corrections=1"]
 
 
-def test_evaluation_actor_path_equals_driver_path(tmp_path, ray_session):
-    """run_evaluation with eval.sampling=actor reports the driver path's numbers."""
+def test_evaluation_actor_path_equals_driver_path(tmp_path, ray_session, monkeypatch):
+    """run_evaluation with eval.sampling=actor (analyses in the analysis actor, the members'
+    forecasts on forecast actors) reports the driver path's numbers."""
+    import dataclasses
+
+    from align_rl import remote
     from align_rl.evaluation.runner import EvalData, run_evaluation
     from align_rl.workspace import Workspace
 
     import actors.analysis as aa
+
+    jobs = []
+    real = remote.workers()
+
+    def counted(*a, **k):
+        jobs.append(len(a[2]))
+        return real.forecast(*a, **k)
+
+    monkeypatch.setattr(remote, "_current", dataclasses.replace(real, forecast=counted))
 
     cfg, _, models, truth, bg, _ = tiny_world(tmp_path, n_times=48)
     ov = [*_tiny_overrides(cfg), "guidance.methods=[obsfree, dps]", "guidance.dps_zeta=0.01",
@@ -257,6 +270,7 @@ def test_evaluation_actor_path_equals_driver_path(tmp_path, ray_session):
             out[place] = run_evaluation(c, Workspace.from_config(c), {"reference": models.eps_model},
                                         data=data, out=tmp_path / place, progress=False)
             assert (aa._SESSION is not None) == (place == "actor")
+            assert bool(jobs) == (place == "actor")  # one forecast job per row on the actors
     finally:
         torch.set_num_threads(threads)
         aa.release()

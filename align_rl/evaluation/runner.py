@@ -248,25 +248,50 @@ def _keep_maps(run: _Run, key: tuple[str, str], sl: slice, xa: torch.Tensor) -> 
 
 def _sample_row(run: _Run, s: ObsSetting, obs: Any, meth: str, name: str, eps_model: Any,
                 generator: torch.Generator) -> None:
-    """Analyse and score every batch of times of one row (setting, method, model); a batch that
-    diverges is scored as NaN and listed in the failures."""
+    """Analyse every batch of times of one row (setting, method, model), forecast the members
+    (:func:`_forecast_members`), then score each batch; a batch that diverges is scored as NaN and
+    listed in the failures."""
     data, inp, plan = run.data, run.inp, run.plan
     T, bs = len(inp.times), plan.batch
-    for i in range(0, T, bs):
-        sl = slice(i, min(T, i + bs))
+    batches = [slice(i, min(T, i + bs)) for i in range(0, T, bs)]
+    analyses = []
+    for sl in batches:
         try:
             xa = _analyse_batch(data, eps_model, inp.background[sl], obs[sl], meth, run.cfg, generator,
                                 plan.members)
         except InputError as exc:  # diverged (NaN): score as NaN, report, go on
-            run.prod.failures.append({"setting": s.name, "row": f"{name}/{meth}", "times": [i, sl.stop],
-                                      "error": str(exc)})
-            xa = torch.full((sl.stop - i, plan.members, *inp.background.shape[1:]), float("nan"))
+            run.prod.failures.append({"setting": s.name, "row": f"{name}/{meth}",
+                                      "times": [sl.start, sl.stop], "error": str(exc)})
+            xa = torch.full((sl.stop - sl.start, plan.members, *inp.background.shape[1:]), float("nan"))
+        analyses.append(xa)
+    forecasts = _forecast_members(run, torch.cat(analyses))
+    for sl, xa in zip(batches, analyses):
         scores = score_batch(xa, inp.truth[sl], inp.prev[sl], inp.truth_fc[sl], data.forecaster,
-                             inp.steps, data.normalizer, data.truth.lat, data.truth.lon)
+                             inp.steps, data.normalizer, data.truth.lat, data.truth.lon,
+                             forecasts=forecasts[sl])
         for (kind, stat), metrics in scores.items():
             run.prod.table.add(s.name, name, meth, kind, stat, metrics)
         if s.ablation == "main":
             _keep_maps(run, (name, meth), sl, xa)
+
+
+def _forecast_members(run: _Run, xa: torch.Tensor) -> torch.Tensor:
+    """The ``rewards.forecast_hours`` forecasts (T, N, 69, H, W) normalised of every member of the
+    analyses ``xa`` (T, N, 69, H, W), each from ``(truth at t − 6 h, member)``: in the driver, or,
+    when the evaluation samples in an actor (:func:`align_rl.devices.sampling_place`), on forecast
+    actors with their GPU shares (:data:`align_rl.remote.Workers.forecast`), one job per row."""
+    inp = run.inp
+    if sampling_place(run.cfg) == "driver":
+        return forecast_from(run.data.forecaster, inp.prev, xa, inp.steps)
+    T, N = xa.shape[:2]
+    prev = inp.prev.unsqueeze(1).expand_as(xa).reshape(T * N, *xa.shape[2:])
+    cur = xa.reshape(T * N, *xa.shape[2:])
+    b = max(1, int(run.cfg.pretrain.background_batch))
+    batches = [(prev[i:i + b].numpy(), cur[i:i + b].numpy()) for i in range(0, T * N, b)]
+    out: list[Any] = [None] * len(batches)
+    remote.workers().forecast(run.cfg, run.data.forecaster, batches, inp.steps, run.cfg.run.workdir,
+                              run.data.normalizer, on_result=out.__setitem__)
+    return torch.from_numpy(np.concatenate(out)).float().reshape(xa.shape)
 
 
 def _jobs(plan: _Plan, models: dict[str, Any]) -> list[tuple[int, ObsSetting, int, str, str]]:

@@ -107,18 +107,20 @@ def _module_device(m: Any) -> torch.device:
 
 def score_batch(xa: torch.Tensor, truth: torch.Tensor, prev: torch.Tensor, truth_fc: torch.Tensor,
                 forecaster: Any, steps: int, normalizer: Normalizer, lat: np.ndarray,
-                lon: np.ndarray) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+                lon: np.ndarray, forecasts: torch.Tensor | None = None
+                ) -> dict[tuple[str, str], dict[str, np.ndarray]]:
     """Every score of an analysis ensemble ``xa`` (T, N, 69, H, W) and of its forecasts:
     ``{(kind, stat): {metric: (T,)}}`` with kind ``analysis`` (against ``truth`` (T, 69, H, W))
     or ``forecast`` (``steps`` × 6 h from ``(prev, member)`` against ``truth_fc``), stat
     ``member`` (each member's score, averaged), ``ensmean`` (the members' mean) or ``ensemble``
-    (CRPS, spread/skill)."""
+    (CRPS, spread/skill). ``forecasts``: the members' forecasts when already made elsewhere
+    (e.g. on forecast actors), else made here."""
     out = {
         ("analysis", "member"): deterministic_metrics(xa, truth, normalizer, lat, lon),
         ("analysis", "ensmean"): deterministic_metrics(xa.mean(dim=1), truth, normalizer, lat, lon),
         ("analysis", "ensemble"): probabilistic_metrics(xa, truth, normalizer, lat),
     }
-    fm = forecast_from(forecaster, prev, xa, steps)
+    fm = forecast_from(forecaster, prev, xa, steps) if forecasts is None else forecasts
     out[("forecast", "member")] = deterministic_metrics(fm, truth_fc, normalizer, lat, lon, geo=False)
     out[("forecast", "ensmean")] = deterministic_metrics(fm.mean(dim=1), truth_fc, normalizer, lat, lon,
                                                          geo=False)
