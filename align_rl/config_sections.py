@@ -252,9 +252,6 @@ class ChecksConfig:
     # plausibility of physical inputs read from stores (temperature in K, geopotential in m²/s²,
     # wind in m/s, humidity in kg/kg, pressure in Pa); false for unusual data
     units: bool = True
-    # forecaster.kind=torch may name a pickled module: loading it runs code from the file, so it is
-    # refused unless this is true (TorchScript files and align_rl checkpoints need no trust)
-    trust_pickle: bool = False
 
 
 @dataclass

@@ -166,12 +166,14 @@ def test_load_forecaster_by_kind(setup, tmp_path):
     out = load_forecaster(cfg3, ws, norm).step(p, c).numpy()
     np.testing.assert_allclose(out, _expected(prev.astype(np.float64), curr.astype(np.float64), norm, m_mean, m_std),
                                rtol=1e-4, atol=1e-4)
-    # torch: a pickled module
-    torch.save(LinearStep(), tmp / "m.pt")
-    cfg4 = load_config(overrides={"forecaster": {"kind": "torch", "path": str(tmp / "m.pt"),
+    # torch: an exported program (torch.export; a pickled module is refused, tests/test_security.py)
+    example = torch.zeros(2, 138, H, W)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.export.save(torch.export.export(LinearStep(), (example,), dynamic_shapes=({0: batch},)),
+                      tmp / "m.pt2")
+    cfg4 = load_config(overrides={"forecaster": {"kind": "torch", "path": str(tmp / "m.pt2"),
                                                  "mean_path": str(tmp / "mean.npy"),
-                                                 "std_path": str(tmp / "std.npy")},
-                                  "checks": {"trust_pickle": True}})  # a pickled module runs code
+                                                 "std_path": str(tmp / "std.npy")}})
     np.testing.assert_allclose(load_forecaster(cfg4, ws, norm).step(p, c).numpy(), out, rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="forecaster.path"):
         load_forecaster(load_config(overrides={"forecaster": {"kind": "onnx"}}), ws, norm)

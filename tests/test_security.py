@@ -121,7 +121,7 @@ def test_malicious_state_and_checkpoint_are_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_pickled_forecaster_needs_the_trust_switch(tmp_path):
+def test_pickled_forecaster_is_refused(tmp_path):
     from align_rl.config import load_config
     from align_rl.models.loading import load_forecaster
     from align_rl.workspace import Workspace
@@ -130,7 +130,7 @@ def test_pickled_forecaster_needs_the_trust_switch(tmp_path):
     _plant(tmp_path / "fc.pt", marker)
     cfg = load_config(overrides={"forecaster": {"kind": "torch", "path": str(tmp_path / "fc.pt")},
                                  "run": {"workdir": str(tmp_path / "w")}})
-    with pytest.raises(CheckpointError, match="checks.trust_pickle"):
+    with pytest.raises(CheckpointError, match="pickled module is not loaded"):
         load_forecaster(cfg, Workspace.from_config(cfg), None)
     assert not marker.exists()
 

@@ -21,29 +21,23 @@ from align_rl.models.forecaster import (EmulatorForecaster, Forecaster, OnnxFore
                                         load_stats, on_model_grid)
 
 
-def _load_torch_module(path: Path, trust_pickle: bool = False) -> nn.Module:
-    """A TorchScript file, or (only with ``trust_pickle``) a pickled module: unpickling a module
-    runs code named in the file, so it is refused unless the file is trusted."""
+def _load_torch_module(path: Path) -> nn.Module:
+    """A TorchScript file (``torch.jit.save``) or an exported program (``torch.export.save``):
+    formats that hold a graph and tensors, not code. A pickled module is refused: unpickling runs
+    code named in the file, and a file in a shared workdir can be replaced."""
     try:
         return torch.jit.load(str(path), map_location="cpu")
     except Exception:
         pass
-    if not trust_pickle:
-        raise CheckpointError(
-            f"torch forecaster {path} is neither TorchScript nor an align_rl checkpoint; if it is a "
-            "pickled module, loading it runs code from the file: export it with torch.jit.save, or, "
-            "only for a file you trust, set checks.trust_pickle=true"
-        )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)  # trusted by checks.trust_pickle
-    except Exception as exc:
-        raise CheckpointError(f"cannot read torch forecaster {path}: {exc}") from None
-    if not isinstance(obj, nn.Module):
-        raise CheckpointError(
-            f"{path} holds a {type(obj).__name__}, not a torch module; save the whole module "
-            "(torch.save(module) or torch.jit.save) or an align_rl forecaster checkpoint"
-        )
-    return obj
+        return torch.export.load(str(path)).module()
+    except Exception:
+        pass
+    raise CheckpointError(
+        f"torch forecaster {path} is neither TorchScript, an exported program nor an align_rl "
+        "checkpoint; a pickled module is not loaded (unpickling runs code from the file): save it "
+        "with torch.jit.save(torch.jit.script(module), path) or torch.export.save(torch.export."
+        "export(module, example_inputs), path)")
 
 
 def load_forecaster(cfg, ws, normalizer: Normalizer | None, device: str | torch.device = "cpu") -> Forecaster:
@@ -51,8 +45,8 @@ def load_forecaster(cfg, ws, normalizer: Normalizer | None, device: str | torch.
     ``cfg.forecaster.path`` or ``ws.final_checkpoint("forecaster")`` (checked against the config);
     ``onnx`` opens ``cfg.forecaster.path`` with the mean/std files (a model on a fixed grid other
     than ``cfg.data.grid``, e.g. FengWu's 721 × 1440, behind :func:`on_model_grid`); ``torch``
-    loads an align_rl forecaster checkpoint, a TorchScript file or (with ``checks.trust_pickle``) a
-    pickled module. Modules are put in eval mode."""
+    loads an align_rl forecaster checkpoint, a TorchScript file or an exported program (never a
+    pickled module). Modules are put in eval mode."""
     fc = cfg.forecaster
     if fc.kind == "emulator":
         path = Path(fc.path) if fc.path else ws.final_checkpoint("forecaster")
@@ -69,7 +63,10 @@ def load_forecaster(cfg, ws, normalizer: Normalizer | None, device: str | torch.
     if is_checkpoint(path):
         net, _ = load_model(path, "forecaster", device=device)
         return EmulatorForecaster(net).eval()
-    checks = getattr(cfg, "checks", None)
-    module = _load_torch_module(path, bool(getattr(checks, "trust_pickle", False))).to(device).eval()
+    module = _load_torch_module(path).to(device)
+    try:
+        module = module.eval()
+    except NotImplementedError:  # an exported program's module is already a fixed inference graph
+        pass
     return TorchForecaster(module, normalizer, load_stats(fc.mean_path, "mean"),
                            load_stats(fc.std_path, "std"), fc.lat_north_to_south)
