@@ -26,11 +26,11 @@ import numpy as np
 import ray
 import torch
 
+from actors.sampler import actor_options
 from align_rl.config import config_from_dict
 from align_rl.cpu import configure_worker
 from align_rl.devices import (
     actor_device,
-    actor_gpus,
     compile_module,
     cpu_numpy,
     from_numpy,
@@ -111,11 +111,7 @@ class _Session:
 
     def __init__(self, cfg: Any, codec: Any):
         init_ray()
-        opts = {"num_cpus": float(cfg.actors.cpus_per_actor), "max_restarts": int(cfg.actors.max_restarts),
-                "max_task_retries": int(cfg.actors.max_task_retries)}
-        gpus = actor_gpus(cfg)
-        if gpus > 0:
-            opts["num_gpus"] = gpus
+        opts = actor_options(cfg)
         threads = max(1, int(cfg.actors.cpus_per_actor))
         self.codec_ref = ray.put(codec)  # kept: a restarted actor is built from it again
         self.actor = ray.remote(AnalysisActor).options(**opts).remote(self.codec_ref, cfg.to_dict(), threads)

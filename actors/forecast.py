@@ -71,12 +71,6 @@ class ForecastActor:
                 "model_device": str(module_device(self.forecaster))}
 
 
-def forecast_actor_options(cfg) -> dict:
-    """Ray options from ``cfg.actors``: CPUs, (fractional) GPUs, restarts, task retries
-    (:func:`actors.sampler.actor_options`)."""
-    return actor_options(cfg)
-
-
 def make_forecasters(cfg, forecaster: Any = None, n: int | None = None, loader: dict | None = None) -> list:
     """``n`` (default ``cfg.actors.forecasters``) forecast actors sharing one forecaster.
 
@@ -84,7 +78,7 @@ def make_forecasters(cfg, forecaster: Any = None, n: int | None = None, loader: 
     :class:`ForecastActor`) rebuilds it in each actor. Each actor resolves ``run.device`` itself
     (:func:`align_rl.devices.actor_device`): CUDA when Ray gave it a GPU share.
     """
-    cls = ray.remote(ForecastActor).options(**forecast_actor_options(cfg))
+    cls = ray.remote(ForecastActor).options(**actor_options(cfg))
     threads = max(1, int(cfg.actors.cpus_per_actor))
     return [cls.remote(forecaster, threads, loader, cfg.run.device)
             for _ in range(int(n or cfg.actors.forecasters))]

@@ -176,9 +176,7 @@ def resolve_use_gpu(device: str, requested: bool = False, key: str = "run.device
 
     ``device``: ``cfg.run.device``; ``requested``: the section's ``use_gpu``; ``key``: the name of
     that key, for the error message."""
-    device = str(device).lower()
-    if device not in DEVICES:
-        raise ConfigError(f"run.device={device!r} is not one of {', '.join(DEVICES)}")
+    device = _requested(str(device).lower())
     if device == "cpu":
         return False
     gpus = cluster_gpus()

@@ -89,7 +89,11 @@ def demo_models(cfg):
     return codec, dit.eval(), fc
 
 
-def bench_pairs(cfg, models, truth, bg, n_bg: int) -> dict:
+def timed_pool_builds(cfg, models, truth, bg, n_bg: int, before=None, after=None) -> dict:
+    """For 1 and 2 sampler actors: a CandidatePool, one warm-up background per sampler (imports,
+    first calls, a GPU context; not timed), then ``n_bg`` backgrounds built and timed.
+    ``before(pool) -> state`` runs after the warm-up, ``after(pool, state) -> dict`` right after
+    the timed build (extra fields). Returns ``{n: {"seconds", "result", **extra}}``."""
     import tempfile
 
     from actors.pool import CandidatePool
@@ -104,18 +108,27 @@ def bench_pairs(cfg, models, truth, bg, n_bg: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for n in (1, 2):
             pool = CandidatePool(cfg, models, truth.lat, truth.lon, samplers=n)
-            # warm-up: one background per sampler (imports, first calls), not timed
             warm = make_tasks(order[:n], times, truth, bg, models.normalizer, fh)
             st = PairStore.open(Path(tmp) / f"s{n}.zarr", models.codec.latent_shape, cfg.rewards.names)
             pool.build(warm, st, ["M"], progress=False)
+            state = before(pool) if before else None
             tasks = make_tasks(order[n:n + n_bg], times, truth, bg, models.normalizer, fh)
             t0 = time.perf_counter()
             res = pool.build(tasks, st, ["M"], progress=False)
             dt = time.perf_counter() - t0
+            extra = after(pool, state) if after else {}
             pool.shutdown()
-            out[n] = {"seconds": dt, "pairs": res["pairs"], "backgrounds": res["backgrounds"],
-                      "pairs_per_s": res["pairs"] / dt, "bg_per_s": res["backgrounds"] / dt}
-            print(f"{n} sampler(s): {res['pairs']} pairs from {res['backgrounds']} backgrounds in {dt:.1f} s")
+            out[n] = {"seconds": dt, "result": res, **extra}
+    return out
+
+
+def bench_pairs(cfg, models, truth, bg, n_bg: int) -> dict:
+    out = {}
+    for n, r in timed_pool_builds(cfg, models, truth, bg, n_bg).items():
+        res, dt = r["result"], r["seconds"]
+        out[n] = {"seconds": dt, "pairs": res["pairs"], "backgrounds": res["backgrounds"],
+                  "pairs_per_s": res["pairs"] / dt, "bg_per_s": res["backgrounds"] / dt}
+        print(f"{n} sampler(s): {res['pairs']} pairs from {res['backgrounds']} backgrounds in {dt:.1f} s")
     return out
 
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import replace_section  # noqa: E402
-from bench_align import demo_models, synthetic  # noqa: E402
+from bench_align import demo_models, synthetic, timed_pool_builds  # noqa: E402
 
 SECTION = "## GPU: alignment loop (bench/gpu_align.py)"
 SMOKE_NETS = ["vae.embed_dim=16", "vae.depth=1", "vae.heads=2", "diffusion.embed_dim=16",
@@ -93,42 +93,28 @@ def gpu_processes() -> list[int]:
 
 
 def bench_candidates(cfg, models, truth, bg, n_bg: int) -> dict:
-    """Candidates / s with 1 and 2 sampler actors (one reward actor) on the configured device."""
-    import tempfile
-
+    """Candidates / s with 1 and 2 sampler actors (one reward actor) on the configured device,
+    with the GPU's utilisation during the timed build and the actors holding GPU memory."""
     import ray
 
-    from actors.pool import CandidatePool
+    def before(pool):
+        infos = ray.get([a.info.remote() for a in pool.samplers + pool.rewarders])
+        return infos, GpuSampler()
 
-    from align_rl.alignment.candidates import background_order, make_tasks, valid_times
-    from align_rl.io.pair_store import PairStore
+    def after(pool, state):
+        infos, mon = state
+        return {"gpu": mon.stop(), "actors": infos, "on_gpu": gpu_processes()}
 
-    fh = cfg.rewards.forecast_hours
-    times = valid_times(truth.times, bg.times, "2004-01-01", "2004-12-31", fh)
-    order = background_order(len(times), 0)
     out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in (1, 2):
-            pool = CandidatePool(cfg, models, truth.lat, truth.lon, samplers=n)
-            warm = make_tasks(order[:n], times, truth, bg, models.normalizer, fh)
-            st = PairStore.open(Path(tmp) / f"s{n}.zarr", models.codec.latent_shape, cfg.rewards.names)
-            pool.build(warm, st, ["M"], progress=False)  # actor start, CUDA context, first calls
-            infos = ray.get([a.info.remote() for a in pool.samplers + pool.rewarders])
-            tasks = make_tasks(order[n:n + n_bg], times, truth, bg, models.normalizer, fh)
-            mon = GpuSampler()
-            t0 = time.perf_counter()
-            res = pool.build(tasks, st, ["M"], progress=False)
-            dt = time.perf_counter() - t0
-            util = mon.stop()
-            on_gpu = gpu_processes()
-            pool.shutdown()
-            cands = res["backgrounds"] * int(cfg.pairs.candidates)
-            out[n] = {"seconds": dt, "backgrounds": res["backgrounds"], "candidates": cands,
-                      "candidates_per_s": cands / dt, "bg_per_s": res["backgrounds"] / dt,
-                      "gpu": util, "actors": infos,
-                      "actors_on_gpu": sum(i["pid"] in on_gpu for i in infos)}
-            print(f"{n} sampler(s): {cands} candidates in {dt:.1f} s ({cands / dt:.2f} / s); "
-                  f"actor devices {[i['model_device'] for i in infos]}; GPU {util}", flush=True)
+    for n, r in timed_pool_builds(cfg, models, truth, bg, n_bg, before, after).items():
+        dt, infos, util = r["seconds"], r["actors"], r["gpu"]
+        cands = r["result"]["backgrounds"] * int(cfg.pairs.candidates)
+        out[n] = {"seconds": dt, "backgrounds": r["result"]["backgrounds"], "candidates": cands,
+                  "candidates_per_s": cands / dt, "bg_per_s": r["result"]["backgrounds"] / dt,
+                  "gpu": util, "actors": infos,
+                  "actors_on_gpu": sum(i["pid"] in r["on_gpu"] for i in infos)}
+        print(f"{n} sampler(s): {cands} candidates in {dt:.1f} s ({cands / dt:.2f} / s); "
+              f"actor devices {[i['model_device'] for i in infos]}; GPU {util}", flush=True)
     return out
 
 

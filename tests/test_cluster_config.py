@@ -109,7 +109,7 @@ def requested_bundles(cfg) -> dict[str, list[dict[str, float]]]:
     """The Ray resource bundles the code asks for, per phase, with the code's own option
     builders (actors, pretraining) and the learner's ScalingConfig rule (align_rl.alignment.learner.run_dpo:
     ``{"CPU": actors.cpus_per_actor, "GPU": 1 if dpo.use_gpu}`` per worker)."""
-    from actors.forecast import forecast_actor_options
+    from actors.sampler import actor_options as forecast_actor_options
     from actors.sampler import actor_options
     from align_rl.training.harness import scaling_config
 

@@ -36,7 +36,7 @@ def test_resolution_rules():
 
 
 def test_gpu_reservations_follow_run_device():
-    from actors.forecast import forecast_actor_options
+    from actors.sampler import actor_options as forecast_actor_options
     from actors.sampler import actor_options
 
     auto = load_config(overrides=["actors.gpus_per_actor=0.25"])

@@ -33,6 +33,7 @@ from align_rl.evaluation.skill import (
     forecast_from,
     forecast_steps,
     hours,
+    member_inputs,
     score_batch,
 )
 from align_rl.io import era5
@@ -283,11 +284,9 @@ def _forecast_members(run: _Run, xa: torch.Tensor) -> torch.Tensor:
     inp = run.inp
     if sampling_place(run.cfg) == "driver":
         return forecast_from(run.data.forecaster, inp.prev, xa, inp.steps)
-    T, N = xa.shape[:2]
-    prev = inp.prev.unsqueeze(1).expand_as(xa).reshape(T * N, *xa.shape[2:])
-    cur = xa.reshape(T * N, *xa.shape[2:])
+    prev, cur = member_inputs(inp.prev, xa)
     b = max(1, int(run.cfg.pretrain.background_batch))
-    batches = [(prev[i:i + b].numpy(), cur[i:i + b].numpy()) for i in range(0, T * N, b)]
+    batches = [(prev[i:i + b].numpy(), cur[i:i + b].numpy()) for i in range(0, len(cur), b)]
     out: list[Any] = [None] * len(batches)
     remote.workers().forecast(run.cfg, run.data.forecaster, batches, inp.steps, run.cfg.run.workdir,
                               run.data.normalizer, on_result=out.__setitem__)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from align_rl.devices import module_device
 from align_rl.errors import ConfigError
 from align_rl.evaluation.geostrophic import geo_score
 from align_rl.evaluation.metrics import crps_ensemble, mae, mse, spread_skill, wrmse
@@ -77,32 +78,28 @@ def probabilistic_metrics(ens_norm: torch.Tensor, truth_norm: torch.Tensor, norm
     }
 
 
+def member_inputs(x_prev: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forecaster's two input frames of every member, flattened: ``x_prev`` (T, 69, H, W)
+    repeated over the members of ``x0`` (T, N, 69, H, W); both (T·N, 69, H, W), time-major."""
+    T, N = x0.shape[:2]
+    return (x_prev.unsqueeze(1).expand_as(x0).reshape(T * N, *x0.shape[2:]),
+            x0.reshape(T * N, *x0.shape[2:]))
+
+
 def forecast_from(forecaster: Any, x_prev: torch.Tensor, x0: torch.Tensor, steps: int,
                   batch: int = 64) -> torch.Tensor:
     """The ``steps`` × 6 h forecast (normalised, the shape of ``x0``) from ``(x_prev (T, 69, H, W),
     x0 (T, [N,] 69, H, W))``: the forecaster's rollout, its last frame."""
     has_members = x0.ndim == 5
-    if has_members:
-        T, N = x0.shape[:2]
-        prev = x_prev.unsqueeze(1).expand_as(x0).reshape(T * N, *x0.shape[2:])
-        cur = x0.reshape(T * N, *x0.shape[2:])
-    else:
-        prev, cur = x_prev, x0
+    prev, cur = member_inputs(x_prev, x0) if has_members else (x_prev, x0)
     out = []
-    dev = _module_device(forecaster)
+    dev = module_device(forecaster)
     with torch.no_grad():
         for i in range(0, cur.shape[0], batch):
             r = forecaster.rollout(prev[i:i + batch].to(dev), cur[i:i + batch].to(dev), steps)
             out.append(r[:, -1].float().cpu())
     f = torch.cat(out)
     return f.reshape(x0.shape) if has_members else f
-
-
-def _module_device(m: Any) -> torch.device:
-    try:
-        return next(m.parameters()).device
-    except (AttributeError, StopIteration, TypeError):
-        return torch.device("cpu")
 
 
 def score_batch(xa: torch.Tensor, truth: torch.Tensor, prev: torch.Tensor, truth_fc: torch.Tensor,

@@ -9,7 +9,7 @@ Commands (``python -m align_rl.data …``):
 - ``spinup [--days 200] [--seed 0] [--out FILE]``: recreate the restart from rest.
 - ``stats PATH``: print a store's source, sizes, splits and normalisation statistics.
 
-Python: :func:`ensure_world` (the dataset of a run), :func:`simulate` (states in memory).
+Python: :func:`ensure_world` (the dataset of a run); states in memory: :func:`align_rl.world.simulate.simulate`.
 """
 
 from __future__ import annotations
@@ -94,9 +94,4 @@ def ensure_normalization(cfg: Config, ws: Workspace, store: Path | str, progress
     return norm
 
 
-def simulate(*args, **kwargs):
-    """See :func:`align_rl.world.simulate.simulate`."""
-    return simulation.simulate(*args, **kwargs)
-
-
-__all__ = ["ensure_normalization", "ensure_world", "simulate", "stored_attrs"]
+__all__ = ["ensure_normalization", "ensure_world", "stored_attrs"]
