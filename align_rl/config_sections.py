@@ -47,7 +47,10 @@ class DataConfig:
     days: int = 44  # simulated days per member (the embedded world; 6 × 44 × 4 = 1,056 states)
     members: int = 6  # independent simulated trajectories; member m is stored as year 2000 + m
     seed: int = 0
-    burn_in_days: float = 15.0  # embedded world: discarded days after perturbing the members
+    # embedded world: one long run; days discarded after perturbing the restart, and days skipped
+    # between members (>= 10 keeps the members', hence the splits', weather independent)
+    burn_in_days: float = 1.0
+    gap_days: float = 12.0
     # time ranges [start, end] (inclusive, ISO dates); the embedded world maps members to years
     train: list[str] = field(default_factory=lambda: ["2000-01-01", "2002-12-31"])
     val: list[str] = field(default_factory=lambda: ["2003-01-01", "2003-12-31"])
@@ -216,6 +219,11 @@ class DPOConfig:
     online_backgrounds: int = 8  # online: new backgrounds per refresh
     max_failures: int = 2  # worker-group restarts from the last checkpoint before a run fails
     cpus_per_worker: float = 2.0  # CPUs of each learner worker (and its torch threads)
+    # the alignment seed (docs/method.md §9.5): the learner's batch order, t and ε, and the pair
+    # draw from the stored candidates; 0 is run.seed itself. The main job aligns each variant for
+    # seeds 0 … seeds − 1 and evaluates every one (the report: the mean and the across-seed spread)
+    seed: int = 0
+    seeds: int = 1
 
 
 @dataclass

@@ -310,9 +310,20 @@ def run_store(cfg: Config, ws: Any) -> str | Path:
 # ----------------------------------------------------------------------------- named identities
 
 
+FORECAST_FIRST_FRAME = "background(t-6h)"
+"""The first frame of every 48 h forecast from an analysis (rewards, validation, evaluation):
+docs/method.md §7.3. Part of the keys of what those forecasts feed."""
+
+WORLD_LAYOUT = "one-run-gap/2"
+"""How the embedded world lays its members out (:func:`align_rl.world.simulate.simulate`): a new
+value invalidates worlds simulated by an earlier scheme (version 1 perturbed copies of one state,
+which shared weather between the splits)."""
+
+
 def world(cfg: Config) -> str:
-    """The simulated world's key: it is made from the ``data`` section alone (:func:`data_digest`)."""
-    return data_digest(cfg)
+    """The simulated world's key: the ``data`` section (:func:`data_dict`) and the layout scheme
+    (:data:`WORLD_LAYOUT`)."""
+    return digest({"data": data_dict(cfg), "layout": WORLD_LAYOUT})
 
 
 def dataset(cfg: Config, store: str | Path) -> dict[str, str]:
@@ -371,7 +382,7 @@ def pair_store(cfg: Config, reference_ckpt: str | Path) -> dict[str, str]:
     candidates = {"rewards": {"names": list(r.names), "forecast_hours": r.forecast_hours,
                               "geo_level": r.geo_level, "geo_equator_band": r.geo_equator_band},
                   "pairs": {"candidates": p.candidates, "guidance": p.guidance},
-                  "seed": cfg.run.seed, "pref": cfg.data.pref}
+                  "seed": cfg.run.seed, "pref": cfg.data.pref, "first_frame": FORECAST_FIRST_FRAME}
     return {"data": data_digest(cfg), "obs": section_digest(cfg, "obs"),
             "sampler": section_digest(cfg, "sampler"), "guidance": section_digest(cfg, "guidance"),
             "candidates": digest(candidates), "reference": reference(reference_ckpt)}
@@ -390,6 +401,7 @@ def sweep_reference(cfg: Config, validation: dict, reference_ckpt: str | Path) -
     validation split, the seed, the sampler, observation and guidance sections and the reference
     checkpoint (by content, as in :func:`pair_store`)."""
     return {"validation": dict(validation), "val": list(cfg.data.val), "seed": int(cfg.run.seed),
+            "first_frame": FORECAST_FIRST_FRAME,
             "sampler": section_digest(cfg, "sampler"), "obs": section_digest(cfg, "obs"),
             "guidance": section_digest(cfg, "guidance"), "reference": reference(reference_ckpt)}
 

@@ -21,9 +21,10 @@ from typing import Any
 from align_rl import identity, remote
 from align_rl.alignment.learner import run_dpo
 from align_rl.alignment.online import run_online
+from align_rl.alignment.pairs import alignment_seed
 from align_rl.alignment.rewards import check_names
 from align_rl.alignment.validation import ranking_weights
-from align_rl.config import Config
+from align_rl.config import Config, with_values
 from align_rl.errors import ConfigError
 from align_rl.evaluation.stage import evaluate_aligned
 from align_rl.io.pair_store import COMMIT_FILE, PairStore
@@ -112,12 +113,19 @@ def _dpo_variant(cfg: Config, ws: Workspace, v: str, pool: Any, pstore: Any, pre
     # from the stored per-candidate scores with the current weights: the same pairs
     # as committed when nothing changed, a new selection when the weights did
     ps = pstore.reselect(
-        cfg.rewards.weights, v, cfg.pairs.pairs_per_background, cfg.run.seed,
+        cfg.rewards.weights, v, cfg.pairs.pairs_per_background,
+        alignment_seed(cfg.run.seed, cfg.dpo.seed),
         cfg.pairs.top_k_phys, cfg.pairs.decile, min_version=0,
         normalize=cfg.rewards.normalize)
     res = run_dpo(cfg, ws, (pstore, ps), reference_ckpt, out_dir=out_dir, mode=v,
                   progress=progress, validation=_validation_for(val_ctx, cfg, v))
     return res, len(ps)
+
+
+def seed_list(cfg: Config) -> list[int]:
+    """The alignment seeds the main job runs for each variant: ``0 … dpo.seeds − 1`` offset by
+    ``dpo.seed`` (docs/method.md §9.5)."""
+    return [int(cfg.dpo.seed) + k for k in range(int(cfg.dpo.seeds))]
 
 
 def _check_inputs(cfg: Config) -> None:
@@ -170,30 +178,40 @@ def run(cfg: Config, progress: bool = True, evaluate: bool = True) -> dict:
             with stage("validation backgrounds", LOG):
                 val_ctx = validation_inputs(cfg, ws, store, models, progress)
         for v in variants:
-            with stage(f"DPO-{v}", LOG) as st:
-                res, info["pairs"][v] = _dpo_variant(cfg, ws, v, pool, pstore, pref, meta, models,
-                                                     reference_ckpt, val_ctx, progress)
-            timings[f"dpo_{v}_s"] = st.seconds
-            results[v] = res
-            acc = res.metrics.get("rewards/accuracies", float("nan"))
-            _log(f"DPO-{v}: {res.step} steps, version {res.version}, loss "
-                 f"{res.metrics.get('loss', float('nan')):.4f}, accuracy {acc:.2f} -> {res.checkpoint}")
-            info["dpo"][v] = {"steps": res.step, "beta": cfg.dpo.beta, "lr": cfg.dpo.lr,
+            results[v] = []
+            for s in seed_list(cfg):
+                cfg_s = with_values(cfg, {"dpo.seed": s})
+                label = f"DPO-{v}" + (f" seed {s}" if len(seed_list(cfg)) > 1 else "")
+                with stage(label, LOG) as st:
+                    res, info["pairs"][v] = _dpo_variant(cfg_s, ws, v, pool, pstore, pref, meta,
+                                                         models, reference_ckpt, val_ctx, progress)
+                timings[f"dpo_{v}_s"] = timings.get(f"dpo_{v}_s", 0.0) + st.seconds
+                results[v].append(res)
+                acc = res.metrics.get("rewards/accuracies", float("nan"))
+                _log(f"{label}: {res.step} steps, version {res.version}, loss "
+                     f"{res.metrics.get('loss', float('nan')):.4f}, accuracy {acc:.2f} -> "
+                     f"{res.checkpoint}")
+            info["dpo"][v] = {"steps": results[v][0].step, "beta": cfg.dpo.beta, "lr": cfg.dpo.lr,
                               "anchor": cfg.dpo.anchor, "t": [cfg.dpo.t_min, cfg.dpo.t_max],
-                              "mode": cfg.dpo.mode, "best_step": res.best.get("step")}
+                              "mode": cfg.dpo.mode, "seeds": seed_list(cfg),
+                              "best_step": [r.best.get("step") for r in results[v]]}
     finally:
         pool.shutdown()
 
-    summary: dict[str, Any] = {"variants": {v: {"checkpoint": str(r.checkpoint), "version": r.version,
-                                                "step": r.step, "metrics": r.metrics,
-                                                "best": r.best}
-                                            for v, r in results.items()},
+    def entry(s, r):
+        return {"seed": s, "checkpoint": str(r.checkpoint), "version": r.version, "step": r.step,
+                "metrics": r.metrics, "best": r.best}
+
+    # per variant: the first seed's result, and every seed's under "seeds"
+    summary: dict[str, Any] = {"variants": {v: {**entry(seed_list(cfg)[0], rs[0]),
+                                                "seeds": [entry(s, r) for s, r in zip(seed_list(cfg), rs)]}
+                                            for v, rs in results.items()},
                                "pairs_store": str(pstore.path), "pairs_total": pstore.num_pairs}
     if evaluate:
         with stage("evaluation", LOG) as st:
             summary.update(evaluate_aligned(cfg, ws, models.eps_model,
-                                            {v: r.checkpoint for v, r in results.items()}, variants,
-                                            info, progress=progress))
+                                            {v: [r.checkpoint for r in rs] for v, rs in results.items()},
+                                            variants, info, progress=progress))
         timings["eval_s"] = st.seconds
     timings["total_s"] = time.perf_counter() - t_start
     summary["timings"] = timings

@@ -162,7 +162,7 @@ def test_isothermal_column_geopotential_is_hydrostatic(dycore):
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world") / "w.zarr"
     r = _run("simulate", "--out", str(out), "--days", "2", "--grid", "32x64", "--members", "2",
-             "--burn-in", "1", "--quiet")
+             "--burn-in", "1", "--gap", "1", "--quiet")
     assert r.returncode == 0, r.stderr
     return out
 
@@ -198,13 +198,24 @@ def test_store_layout(world):
     np.testing.assert_allclose(norm["mean"][4 + 7], z500.astype(np.float64).mean(), rtol=1e-6)
     assert set(json.loads(ds.attrs["splits"])) == {"train", "val", "pref", "test"}
     assert len(ds.attrs["config_hash"]) == identity.DIGEST_CHARS
-    # member 1 is member 0 turned by 180° and perturbed: turned back, the two differ a little
-    # and the difference grows (chaotic dynamics)
-    assert json.loads(ds.attrs["member_rotation_deg"]) == [0.0, 180.0]
+    # the members are stretches of one run, gap_days apart: different weather, same climate
+    assert ds.attrs["layout"].startswith("one run") and float(ds.attrs["gap_days"]) == 1.0
     a = ds["geopotential"].sel(level=500).values.astype(np.float64)
-    diff = np.abs(a[0:8] - np.roll(a[8:16], -32, axis=-1)).mean(axis=(1, 2))  # m²/s², per time
-    assert diff[0] > 0.1 and diff[-1] > 1.2 * diff[0], diff
-    assert np.abs(a[0:8] - a[8:16]).mean() > 10 * diff[-1]
+    assert np.abs(a[0:8] - a[8:16]).mean() > 100.0  # m²/s²: not a copy
+
+
+def test_members_are_consecutive_stretches_of_one_run():
+    """With no gap, two members of one day are exactly one member of two days: member 1 begins
+    6 h after member 0's last state (the same run, not a perturbed copy)."""
+    from align_rl.world.simulate import simulate
+
+    two = simulate("8x16", days=1, members=2, seed=4, burn_in_days=0.0, gap_days=0.0, progress=False)
+    one = simulate("8x16", days=2, members=1, seed=4, burn_in_days=0.0, gap_days=0.0, progress=False)
+    np.testing.assert_allclose(two.values, one.values, rtol=1e-5, atol=1e-3)
+    # a gap moves member 1 later in the run: its first state is no longer day 1 of the run
+    gap = simulate("8x16", days=1, members=2, seed=4, burn_in_days=0.0, gap_days=0.25, progress=False)
+    np.testing.assert_allclose(gap.values[:4], one.values[:4], rtol=1e-5, atol=1e-3)
+    assert np.abs(gap.values[4] - one.values[4]).max() > 1.0
 
 
 def test_held_suarez_climate(world):

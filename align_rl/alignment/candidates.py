@@ -10,8 +10,9 @@ turns the result into a :class:`~align_rl.io.pair_store.CandidateGroup` on the d
 Fields are normalised ``(69, H, W)``; latents standardised ``(C, h, w)``.
 
 48 h forecasts from an analysis (the ``forecast`` reward): the forecaster's two-frame step needs the
-state 6 h before the analysis; we use the truth at ``t − 6 h`` as that first frame **(choice)**, the
-same for every candidate, so only the analysis differs between candidates.
+state 6 h before the analysis. A data-assimilation system has no truth there, so the first frame
+is the 48 h background valid at ``t − 6 h`` (docs/method.md §7.3), the same for every candidate, so
+only the analysis differs between candidates.
 """
 
 from __future__ import annotations
@@ -34,14 +35,15 @@ from align_rl.world.observations import make_observations
 @dataclass
 class BackgroundTask:
     """One preference background: ``x_b``, ``truth`` (69, H, W) normalised at ``time`` (ns);
-    ``truth_prev`` at ``t − 6 h`` and ``truth_fc`` at ``t + forecast_hours`` (normalised, None when
-    the forecast reward is not computed)."""
+    ``x_prev``, the forecasts' first frame at ``t − 6 h`` (the background valid then, never the
+    truth), and ``truth_fc`` at ``t + forecast_hours`` (normalised, None when the forecast reward
+    is not computed)."""
 
     bg_id: int
     time: int
     x_b: np.ndarray
     truth: np.ndarray
-    truth_prev: np.ndarray | None = None
+    x_prev: np.ndarray | None = None
     truth_fc: np.ndarray | None = None
 
 
@@ -60,7 +62,8 @@ class Drawn:
 def valid_times(truth_times: np.ndarray, bg_times: np.ndarray, start: str, end: str,
                 forecast_hours: int | None) -> np.ndarray:
     """Analysis times in ``[start, end]`` with a background, the truth, and (when
-    ``forecast_hours``) the truth at ``t − 6 h`` and ``t + forecast_hours``; datetime64[ns] sorted."""
+    ``forecast_hours``) the background at ``t − 6 h`` (the forecasts' first frame) and the truth at
+    ``t + forecast_hours``; datetime64[ns] sorted."""
     tt = np.asarray(truth_times, dtype="datetime64[ns]")
     bt = np.asarray(bg_times, dtype="datetime64[ns]")
     e = np.datetime64(end)
@@ -69,7 +72,7 @@ def valid_times(truth_times: np.ndarray, bg_times: np.ndarray, start: str, end: 
     cand = bt[(bt >= np.datetime64(start, "ns")) & (bt <= np.datetime64(e, "ns"))]
     ok = np.isin(cand, tt)
     if forecast_hours:
-        ok &= np.isin(cand - np.timedelta64(6, "h"), tt)
+        ok &= np.isin(cand - np.timedelta64(6, "h"), bt)
         ok &= np.isin(cand + np.timedelta64(int(forecast_hours), "h"), tt)
     return np.sort(cand[ok])
 
@@ -91,15 +94,18 @@ def make_tasks(ids: Sequence[int], times: np.ndarray, truth: Any, backgrounds: A
         if it is None or ib is None:
             raise InputError(f"no truth or background at {t}")
 
-        def norm(k):
-            return np.asarray(normalizer.normalize(truth.values[k].astype(np.float64)), np.float32)
+        def norm(states, k):
+            return np.asarray(normalizer.normalize(states.values[k].astype(np.float64)), np.float32)
 
         prev = fc = None
         if forecast_hours:
-            prev = norm(truth.time_index(t - np.timedelta64(6, "h")))
-            fc = norm(truth.time_index(t + np.timedelta64(int(forecast_hours), "h")))
-        xb = np.asarray(normalizer.normalize(backgrounds.values[ib].astype(np.float64)), np.float32)
-        out.append(BackgroundTask(int(i), int(t.astype(np.int64)), xb, norm(it), prev, fc))
+            ip = backgrounds.time_index(t - np.timedelta64(6, "h"))
+            if ip is None:
+                raise InputError(f"no background at {t} − 6 h, the forecasts' first frame")
+            prev = norm(backgrounds, ip)
+            fc = norm(truth, truth.time_index(t + np.timedelta64(int(forecast_hours), "h")))
+        xb = norm(backgrounds, ib)
+        out.append(BackgroundTask(int(i), int(t.astype(np.int64)), xb, norm(truth, it), prev, fc))
     return out
 
 
@@ -150,9 +156,10 @@ def score_candidates(forecaster: Any, normalizer: Any, lat: np.ndarray, lon: np.
         fields = torch.from_numpy(d.fields)
         fc = tfc = None
         if "forecast" in reward_cfg.names:
-            if task.truth_prev is None or task.truth_fc is None:
-                raise InputError(f"background {task.bg_id} has no truth for the forecast reward")
-            prev = torch.from_numpy(task.truth_prev)[None].expand_as(fields).contiguous()
+            if task.x_prev is None or task.truth_fc is None:
+                raise InputError(f"background {task.bg_id} has no first frame or truth for the "
+                                 "forecast reward")
+            prev = torch.from_numpy(task.x_prev)[None].expand_as(fields).contiguous()
             fc = forecast_from(forecaster, prev, fields, int(reward_cfg.forecast_hours))
             tfc = torch.from_numpy(task.truth_fc)
         ctx = RewardContext(fields, torch.from_numpy(task.truth), normalizer, lat, lon, fc, tfc,

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from align_rl.alignment.dpo_task import BEST_FILE, POLICY_FILE, dpo_task
+from align_rl.alignment.pairs import alignment_seed
 from align_rl.config import Config
 from align_rl.errors import CheckpointError, ConfigError, InputError
 from align_rl.io.checkpoints import read_checkpoint
@@ -124,7 +125,7 @@ def _loop_config(cfg: Config, store_path: Path, ps: PairSet, reference_ckpt: Pat
         "winner": ps.winner.tolist(), "loser": ps.loser.tolist(), "background": ps.background.tolist(),
         "reference_ckpt": str(reference_ckpt), "init_ckpt": str(init_ckpt),
         "diffusion_cfg": _diffusion_section(reference_ckpt), "version": version,
-        "steps": steps, "seed": int(cfg.run.seed), "lr": float(d.lr), "warmup": int(d.warmup_steps),
+        "steps": steps, "seed": alignment_seed(cfg.run.seed, cfg.dpo.seed), "lr": float(d.lr), "warmup": int(d.warmup_steps),
         "decay": "constant", "batch_size": int(d.batch_size), "grad_clip": float(d.grad_clip),
         "checkpoint_every": max(1, int(d.checkpoint_every)), "val_every": val_every, "log_every": 1,
         "threads": max(1, int(d.cpus_per_worker)), "out_dir": str(out_dir), "resume": resume,

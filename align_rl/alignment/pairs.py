@@ -91,6 +91,15 @@ def seed_of(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
+def alignment_seed(run_seed: int, dpo_seed: int) -> int:
+    """The seed of one alignment run (docs/method.md §9.5): the learner's batch order, ``t`` and
+    ``ε``, and the pair draw from the stored candidates. ``dpo_seed = 0`` is ``run_seed`` itself
+    (the pairs as first committed); another value derives a seed from both (< 2³¹)."""
+    if int(dpo_seed) == 0:
+        return int(run_seed)
+    return seed_of(run_seed, 0x5EED, dpo_seed) % 2**31
+
+
 def pair_rng(seed: int, bg_id: int, version: int, mode: str) -> np.random.Generator:
     """The generator of one background's pair subsample (the same when pairs are first built and
     when :meth:`~align_rl.io.pair_store.PairStore.reselect` rebuilds them with the same weights)."""

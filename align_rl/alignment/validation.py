@@ -69,7 +69,7 @@ class Validator:
         fc = None
         if "forecast" in c.rewards.names:
             x = torch.from_numpy(d.fields)
-            prev = torch.from_numpy(task.truth_prev)[None].expand_as(x).contiguous()
+            prev = torch.from_numpy(task.x_prev)[None].expand_as(x).contiguous()
             fc = forecast_from(self.forecaster, prev, x, int(c.rewards.forecast_hours))
         return _Ref(d, fc)
 

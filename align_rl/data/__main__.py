@@ -1,4 +1,4 @@
-"""``python -m align_rl.data {simulate,spinup,stats}`` — see :mod:`align_rl.data`."""
+"""``python -m align_rl.data {simulate,spinup,stats,independence}`` — see :mod:`align_rl.data`."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--members", type=int, help="members, run as one batch (default: config)")
     s.add_argument("--seed", type=int, help="seed of the member perturbations (default: config)")
     s.add_argument("--burn-in", type=float, dest="burn_in",
-                   help="days discarded after perturbing the members (default: config)")
+                   help="days discarded after perturbing the restart (default: config)")
+    s.add_argument("--gap", type=float, dest="gap",
+                   help="days skipped between members of the one run (default: config)")
     s.add_argument("--overwrite", action="store_true",
                    help="replace an existing store written by align_rl (never another folder)")
     s.add_argument("--config", help="YAML config file (its data section is used)")
@@ -49,6 +51,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="store them in the store's attributes (your own local store only)")
     t.add_argument("--recompute", action="store_true", help="with --write-store: replace them")
     t.add_argument("--config")
+    i = sub.add_parser("independence", help="check that the val, pref and test splits of a store "
+                       "hold weather no training state holds (z500 eddy correlations)")
+    i.add_argument("path")
+    for name in ("train", "val", "pref", "test"):
+        i.add_argument(f"--{name}", nargs=2, metavar=("START", "END"),
+                       help=f"the {name} time range (default: the store's splits attribute)")
+    i.add_argument("--min-days", type=float, default=10.0, dest="min_days",
+                   help="states at least this many days apart share no weather (default 10)")
+    i.add_argument("--margin", type=float, default=0.1)
+    i.add_argument("--json", help="also write the result as JSON to this file")
     return ap
 
 
@@ -67,12 +79,13 @@ def main(argv: list[str] | None = None) -> int:
 
         ov = list(args.overrides)
         for key, val in (("grid", args.grid), ("days", args.days), ("members", args.members),
-                         ("seed", args.seed), ("burn_in_days", args.burn_in)):
+                         ("seed", args.seed), ("burn_in_days", args.burn_in),
+                         ("gap_days", args.gap)):
             if val is not None:
                 ov.append(f"data.{key}={val}")
         cfg = load_config(args.config, ov)
         d = cfg.data
-        check_request(d.grid, d.days, d.members, d.burn_in_days)
+        check_request(d.grid, d.days, d.members, d.burn_in_days, d.gap_days)
         t0 = time.perf_counter()
         out = build_world(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
         n = d.members * d.days * 4
@@ -89,6 +102,22 @@ def main(argv: list[str] | None = None) -> int:
         out = run_spinup(args.out or DEFAULT_RESTART, days, args.seed, progress=not args.quiet)
         print(f"wrote restart {out} ({days} days from rest, seed {args.seed})")
         return 0
+    if args.command == "independence":
+        from pathlib import Path
+
+        from align_rl.evaluation.scoring import write_json_atomic
+        from align_rl.world.independence import check_store
+
+        if "://" not in args.path and not Path(args.path).exists():
+            raise InputError(f"store {args.path} does not exist")
+        given = {k: getattr(args, k) for k in ("train", "val", "pref", "test") if getattr(args, k)}
+        if given and "train" not in given:
+            raise InputError("give --train with the other ranges (or none: the store's own splits)")
+        rep = check_store(args.path, given or None, args.min_days, args.margin)
+        print(rep.table())
+        if args.json:
+            write_json_atomic(args.json, rep.to_dict())
+        return 0 if rep.passed else 1
     if args.command == "stats":
         from pathlib import Path
 

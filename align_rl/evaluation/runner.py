@@ -51,9 +51,9 @@ from align_rl.world.splits import open_split
 
 @dataclass
 class EvalData:
-    """Everything the evaluation reads, in physical units (``truth`` must hold ``t − 6 h`` and
-    ``t + rewards.forecast_hours`` of every analysis time ``t``; ``backgrounds`` the 48 h forecast
-    valid at ``t``)."""
+    """Everything the evaluation reads, in physical units (``truth`` must hold ``t`` and
+    ``t + rewards.forecast_hours`` of every analysis time ``t``; ``backgrounds`` the 48 h forecasts
+    valid at ``t`` and at ``t − 6 h``, the latter the first frame of the forecasts)."""
 
     truth: States
     backgrounds: States
@@ -73,8 +73,9 @@ class ObsSetting:
 
 @dataclass
 class Inputs:
-    """The normalised fields ``(T, 69, H, W)`` at the analysis times ``times``: the truth at ``t``,
-    ``t − 6 h`` and ``t + steps · 6 h``, and the backgrounds at ``t``."""
+    """The normalised fields ``(T, 69, H, W)`` at the analysis times ``times``: the truth at ``t``
+    and ``t + steps · 6 h``, the forecasts' first frame ``prev`` (the background at ``t − 6 h``) and
+    the backgrounds at ``t``."""
 
     times: np.ndarray
     truth: torch.Tensor
@@ -123,18 +124,20 @@ class _Run:
 # ----------------------------------------------------------------------------- set-up
 def select_times(truth: States, backgrounds: States, test_range: list[str] | None, n: int,
                  forecast_hours: int = STEP_HOURS * BACKGROUND_STEPS) -> np.ndarray:
-    """``n`` analysis times, evenly spread over the test range, whose background, ``t − 6 h`` and
-    ``t + forecast_hours`` truth exist (datetime64[ns])."""
+    """``n`` analysis times, evenly spread over the test range, with a background at ``t`` and at
+    ``t − 6 h`` (the forecasts' first frame) and the truth at ``t`` and ``t + forecast_hours``
+    (datetime64[ns])."""
     cand = backgrounds.times
     if test_range:
         cand = backgrounds.select(test_range[0], test_range[-1]).times
     have = truth.times.astype("datetime64[ns]")
     cand = np.asarray(cand, dtype="datetime64[ns]")
-    ok = cand[np.isin(cand, have) & np.isin(cand - hours(STEP_HOURS), have)
+    bgs = np.asarray(backgrounds.times, dtype="datetime64[ns]")
+    ok = cand[np.isin(cand, have) & np.isin(cand - hours(STEP_HOURS), bgs)
               & np.isin(cand + hours(forecast_hours), have)]
     if len(ok) == 0:
         raise InputError(
-            f"no test time in {test_range} has a background and the truth 6 h before and "
+            f"no test time in {test_range} has a background, the background 6 h before and the truth "
             f"{forecast_hours} h after; check data.test, rewards.forecast_hours and the backgrounds "
             "(python -m align_rl.pretrain all)"
         )
@@ -178,10 +181,12 @@ def _norm_t(normalizer: Normalizer, states: States, times: np.ndarray) -> torch.
 
 
 def prepare_inputs(data: EvalData, times: np.ndarray, steps: int) -> Inputs:
-    """The normalised truth and backgrounds at ``times`` (forecast lead ``steps`` × 6 h)."""
+    """The normalised truth and backgrounds at ``times`` (forecast lead ``steps`` × 6 h); the
+    forecasts' first frame ``prev`` is the background valid at ``t − 6 h``, which a data-assimilation
+    system has at analysis time, never the truth (docs/method.md §7.3)."""
     norm = data.normalizer
     return Inputs(times, _norm_t(norm, data.truth, times),
-                  _norm_t(norm, data.truth, times - hours(STEP_HOURS)),
+                  _norm_t(norm, data.backgrounds, times - hours(STEP_HOURS)),
                   _norm_t(norm, data.truth, times + hours(STEP_HOURS * steps)),
                   _norm_t(norm, data.backgrounds, times), steps)
 
@@ -278,7 +283,7 @@ def _sample_row(run: _Run, s: ObsSetting, obs: Any, meth: str, name: str, eps_mo
 
 def _forecast_members(run: _Run, xa: torch.Tensor) -> torch.Tensor:
     """The ``rewards.forecast_hours`` forecasts (T, N, 69, H, W) normalised of every member of the
-    analyses ``xa`` (T, N, 69, H, W), each from ``(truth at t − 6 h, member)``: in the driver, or,
+    analyses ``xa`` (T, N, 69, H, W), each from ``(background at t − 6 h, member)``: in the driver, or,
     when the evaluation samples in an actor (:func:`align_rl.devices.sampling_place`), on forecast
     actors with their GPU shares (:data:`align_rl.remote.Workers.forecast`), one job per row."""
     inp = run.inp
@@ -385,7 +390,7 @@ def _summarise(run: _Run, models: list[str]) -> Evaluation:
     meta = {
         "sampler": {k: getattr(cfg.sampler, k) for k in ("steps", "corrections", "tau")},
         "guidance": cfg.to_dict()["guidance"],
-        "forecast_start": f"(truth at t-6h, analysis at t), {steps} x {STEP_HOURS} h",
+        "forecast_start": f"(background valid at t-6h, analysis at t), {steps} x {STEP_HOURS} h",
         "failures": run.prod.failures,
     }
     meta["checks"] = paper_checks(ds, plan.baseline)

@@ -3,9 +3,12 @@
 Commands (``python -m align_rl.data …``):
 
 - ``simulate --out PATH [--grid 32x64|64x128|128x256] [--days N] [--members M] [--seed S]
-  [--burn-in DAYS] [--overwrite]``: run ``M`` perturbed members as one batch from the committed
-  spun-up restart and write a WeatherBench2-layout zarr (69 channels, 6-hourly, member ``m`` as
-  the year ``2000 + m``) with normalisation statistics of the training split.
+  [--burn-in DAYS] [--gap DAYS] [--overwrite]``: run one long run from the committed spun-up
+  restart, cut into ``M`` members ``--gap`` days apart (independent weather), and write a
+  WeatherBench2-layout zarr (69 channels, 6-hourly, member ``m`` as the year ``2000 + m``) with
+  normalisation statistics of the training split.
+- ``independence PATH``: check that the held-out splits share no weather with the training split
+  (:mod:`align_rl.world.independence`); exit status 1 when one does.
 - ``spinup [--days 200] [--seed 0] [--out FILE]``: recreate the restart from rest.
 - ``stats PATH``: print a store's source, sizes, splits and normalisation statistics.
 

@@ -1,15 +1,10 @@
 """Simulate the embedded Held–Suarez world and write it as a WeatherBench2-layout store.
 
-``M`` members run as one batch from the committed spun-up restart. Member ``m`` is turned in
-longitude by ``m/M`` of the circle (Held–Suarez is zonally symmetric, so this is an equally valid
-state and the members' fields differ from the first state on: z500 eddy correlation ≈ 0), gets
-independent random temperature noise (std ``PERTURBATION_K``, spectrally truncated), and the
-first ``burn_in_days`` are discarded (skipped for a single member). The noise grows slowly at
-T21: with the rotations undone the members' z500 eddies still correlate ≈ 0.9 after 15 days and
-≈ 0.3 on average over the default 44 stored days (BENCHMARKS.md), so early in a run members
-are partly shifted copies of one another. Output every 6 h: member ``m`` is stored as the year
-``2000 + m`` (``2000+m-01-01T00`` onwards), so the data splits are time ranges; ``4 · days``
-states per member.
+The ``M`` members are consecutive stretches of one long run from the committed spun-up restart
+(:func:`simulate`), ``data.gap_days`` apart, so that no member holds weather of another: the data
+splits (members) are independent (docs/method.md §2; :mod:`align_rl.world.independence` checks a
+store). Output every 6 h: member ``m`` is stored as the year ``2000 + m``
+(``2000+m-01-01T00`` onwards), so the data splits are time ranges; ``4 · days`` states per member.
 """
 
 from __future__ import annotations
@@ -33,7 +28,7 @@ from align_rl.io.schema import N_CHANNELS, channel_index
 from align_rl.io.states import States
 from align_rl.io.store import write_states
 from align_rl.world.diagnostics import DERIVED, Diagnoser
-from align_rl.world.dycore import broadcast_members, get_dycore, model_threads
+from align_rl.world.dycore import get_dycore, model_threads
 from align_rl.world.spinup import DEFAULT_RESTART, load_restart
 
 BASE_YEAR = 2000
@@ -98,7 +93,8 @@ class ThreadGovernor:
         self._last = now
 
 
-def check_request(grid: str | Grid, days: int, members: int, burn_in_days: float = 0.0) -> Grid:
+def check_request(grid: str | Grid, days: int, members: int, burn_in_days: float = 0.0,
+                  gap_days: float = 12.0) -> Grid:
     """Validate a simulation request; InputError naming the bad value and the fix."""
     g = grid if isinstance(grid, Grid) else Grid.parse(grid)
     if isinstance(days, bool) or int(days) != days or days <= 0:
@@ -110,6 +106,9 @@ def check_request(grid: str | Grid, days: int, members: int, burn_in_days: float
         raise InputError(f"members={members!r} must be a positive whole number")
     if burn_in_days < 0:
         raise InputError(f"burn_in_days={burn_in_days!r} must be >= 0")
+    if gap_days < 0:
+        raise InputError(f"gap_days={gap_days!r} must be >= 0 (days skipped between members; "
+                         "at least 10 keeps the members' weather independent)")
     nbytes = members * days * (24 // OUTPUT_HOURS) * N_CHANNELS * g.nlat * g.nlon * 4
     if nbytes > MAX_BYTES:
         raise InputError(f"{members} members × {days} days on {g} need {nbytes / 2**30:.1f} GiB in "
@@ -119,29 +118,35 @@ def check_request(grid: str | Grid, days: int, members: int, burn_in_days: float
 
 
 def simulate(grid: str | Grid = "32x64", days: int = 44, members: int = 6, seed: int = 0,
-             burn_in_days: float = 15.0, restart: str | Path = DEFAULT_RESTART,
-             progress: bool = True) -> States:
+             burn_in_days: float = 1.0, restart: str | Path = DEFAULT_RESTART,
+             progress: bool = True, gap_days: float = 12.0) -> States:
     """Run the world; returns the states (``members · 4 · days``, 69, H, W), physical units.
 
-    Members are ordered member-major (all times of member 0, then member 1, …)."""
-    g = check_request(grid, days, members, burn_in_days)
+    The members are consecutive stretches of **one long run** (docs/method.md §2): the committed
+    spun-up restart, perturbed by ``seed`` (std ``PERTURBATION_K`` K temperature noise), runs
+    ``burn_in_days``; member 0 is the next ``days`` days, then ``gap_days`` are skipped after the
+    6 h that follow its last state, member 1 is the next ``days`` days, and so on (with
+    ``gap_days = 0`` the members are one continuous run). Member ``m`` of this run is stored as the year
+    ``2000 + m``. States of one run more than ~10 days apart share no weather (their z500 eddy
+    correlation is at the level of chance), so with ``gap_days`` ≥ 10 no member's weather appears
+    in another member: the data splits, which are members, are independent
+    (:mod:`align_rl.world.independence` checks a store). The cost is that of one member run for
+    ``members · days + (members − 1) · gap_days + burn_in_days`` days; at T21 a batch of members
+    costs as much per member-day as a single one on a CPU, so nothing is lost by running them in
+    sequence. Members are ordered member-major (all times of member 0, then member 1, …)."""
+    g = check_request(grid, days, members, burn_in_days, gap_days)
     d = get_dycore()
     state0, info = load_restart(restart, d.spec)
-    state = broadcast_members(state0, members)
     gen = torch.Generator().manual_seed(int(seed))
-    # member m is turned by m/M of the circle (a multiple of 5.625°) so that members' weather
-    # differs from the first state on; the noise then makes their dynamics diverge
-    rotation = member_rotations(members)
-    state = d.perturb(d.rotate(state, rotation), PERTURBATION_K, gen)
+    state = d.perturb(state0, PERTURBATION_K, gen)
     diag = Diagnoser(d, g)
     n_out = days * (24 // OUTPUT_HOURS)
     per_out = d.steps_per(OUTPUT_HOURS)
-    # the burn-in decorrelates members; a single member starts from the spun-up restart directly
-    burn_in_days = float(burn_in_days) if members > 1 else 0.0
-    n_burn = int(round(burn_in_days * d.steps_per(24)))
+    n_burn = int(round(float(burn_in_days) * d.steps_per(24)))
+    n_gap = int(round(float(gap_days) * d.steps_per(24)))
     values = np.empty((members, n_out, N_CHANNELS, g.nlat, g.nlon), dtype=np.float32)
     t0 = time.perf_counter()
-    total = n_burn + (n_out - 1) * per_out
+    total = n_burn + (members * n_out - 1) * per_out + (members - 1) * n_gap
     threads = model_thread_count()
     governor = ThreadGovernor(threads)
 
@@ -152,20 +157,24 @@ def simulate(grid: str | Grid = "32x64", days: int = 44, members: int = 6, seed:
     with model_threads(threads), tqdm(total=total, desc=f"simulate {members}×{days} d on {g}",
                                unit="step", disable=not progress) as bar:
         state = d.advance(state, n_burn, callback=step_done)
-        for k in range(n_out):
-            if k:
-                state = d.advance(state, per_out, callback=step_done)
-            values[:, k] = diag(state)
+        for m in range(members):
+            if m:  # one output step, then the gap, after the previous member's last state
+                state = d.advance(state, per_out + n_gap, callback=step_done)
+            for k in range(n_out):
+                if k:
+                    state = d.advance(state, per_out, callback=step_done)
+                values[m, k] = diag(state)[0]
     if not np.all(np.isfinite(values)):
         raise InputError("the simulation produced NaN/inf values (model blow-up); nothing written")
     corr = member_correlation(values)
-    corr_aligned = member_correlation(values, shifts_deg=rotation)
     times = np.concatenate([member_times(m, n_out) for m in range(members)])
     attrs = {
         "source": SOURCE,
         "members": members,
         "days": days,
-        "burn_in_days": burn_in_days,
+        "burn_in_days": float(burn_in_days),
+        "gap_days": float(gap_days),
+        "layout": "one run: member m holds its days m·(days + gap_days) days after the burn-in",
         "seed": int(seed),
         "perturbation_k": PERTURBATION_K,
         "model": d.spec.to_dict(),
@@ -176,23 +185,13 @@ def simulate(grid: str | Grid = "32x64", days: int = 44, members: int = 6, seed:
         "threads": threads,
         "threads_dropped_to_1_at_step": governor.switched_at,
         # mean correlation between members of the z500 eddy field (departure from zonal mean)
+        # at the same index: ≈ 0 when the members hold independent weather
         "member_correlation_z500": {
             "first_state": None if members < 2 else round(float(corr[0]), 4),
             "mean": None if members < 2 else round(float(np.mean(corr)), 4),
         },
-        # the same after undoing each member's rotation: how far the dynamics have diverged
-        "member_correlation_z500_aligned": {
-            "first_state": None if members < 2 else round(float(corr_aligned[0]), 4),
-            "mean": None if members < 2 else round(float(np.mean(corr_aligned)), 4),
-        },
-        "member_rotation_deg": [float(r) for r in rotation],
     }
     return States(values.reshape((members * n_out,) + values.shape[2:]), times, g.lat, g.lon, attrs)
-
-
-def member_rotations(members: int) -> np.ndarray:
-    """Longitude turn of each member in degrees: ``m/M`` of the circle, rounded to 5.625°."""
-    return np.array([360.0 * round(64 * m / members) / 64 for m in range(members)])
 
 
 def member_correlation(values: np.ndarray, channel: str = "z500",
@@ -233,14 +232,15 @@ def build_world(cfg: Config, out: str | Path, overwrite: bool = False, progress:
     """Simulate the world that ``cfg.data`` describes and write it to ``out`` (atomic)."""
     data: DataConfig = cfg.data
     out = Path(out)
-    g = check_request(data.grid, data.days, data.members, data.burn_in_days)
+    g = check_request(data.grid, data.days, data.members, data.burn_in_days, data.gap_days)
     if out.exists() and not overwrite:
         raise InputError(f"{out} exists; remove it or pass --overwrite")
     if out.exists():
         from align_rl.owned import require_owned
 
         require_owned(out, "world store")  # --overwrite replaces only a store align_rl wrote
-    states = simulate(g, data.days, data.members, data.seed, data.burn_in_days, progress=progress)
+    states = simulate(g, data.days, data.members, data.seed, data.burn_in_days, progress=progress,
+                      gap_days=data.gap_days)
     norm, how = fit_normalizer(states, data.train)
     states.attrs.update({
         "normalization": norm.to_dict(),
