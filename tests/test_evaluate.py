@@ -427,3 +427,33 @@ def test_seeds_baselines_and_observation_tables_end_to_end(setup, tmp_path):
         ("Align-M", "analysis", "MSE"), ("Align-M", "forecast", "MSE"), ("Align-P", "analysis", "Geo-Score")}
     back = open_results(tmp_path / "ev" / "metrics.nc")
     assert list(back.seed_of.values)[3:5] == ["Align-M", "Align-M"]
+
+
+def test_evaluate_aligned_takes_one_checkpoint_per_seed(setup, tmp_path, monkeypatch):
+    """The main job's contract: ``{variant: [checkpoint per seed]}`` (or one path, one seed); the
+    seeds become seed rows and their mean the ``Align-<variant>`` row of the report's verdict."""
+    from pathlib import Path
+
+    from align_rl.evaluation import runner, stage
+
+    _, data, _, _ = setup
+    nets = {"m0.pt": Prior(a=0.9, s=0.45), "m1.pt": Prior(a=0.95, s=0.4), "p.pt": Prior(a=1.0, s=0.6)}
+    monkeypatch.setattr(runner, "load_eval_data", lambda cfg, ws: (data, Prior()))
+    monkeypatch.setattr(stage, "load_model", lambda path, kind, expect=None: (nets[Path(path).name], {}))
+    cfg = load_config(None, [f"run.workdir={tmp_path}", "run.wandb_mode=disabled", "data.grid=16x32",
+                             "data.test=[2005-01-01, 2005-12-31]", "sampler.steps=2", "guidance.methods=[dps]",
+                             "eval.times=2", "eval.members=2", "eval.map_samples=1", f"eval.out={tmp_path / 'ev'}"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = stage.evaluate_aligned(cfg, Workspace.from_config(cfg), Prior(),
+                                     {"M": [Path("m0.pt"), Path("m1.pt")], "P": Path("p.pt")}, ["M", "P"],
+                                     {"pairs": {}, "dpo": {}}, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert {"Align-M/dps", "Align-M@seed0/dps", "Align-M@seed1/dps", "Align-P/dps"} <= set(out["changes"])
+    assert {(v["model"], v["kind"]) for v in out["verdict"]} >= {("Align-M", "analysis"), ("Align-M", "forecast"),
+                                                                 ("Align-P", "analysis")}
+    assert all(isinstance(v["gain"], bool) and 0 <= v["p_holm"] <= 1 for v in out["verdict"])
+    report = Path(out["report"]).read_text()
+    assert "## Alignment against the paper" in report and "### Verdict" in report and "Align-DPS-M | 2 |" in report

@@ -252,3 +252,23 @@ def test_quick_gain_verdict_needs_intervals_below_zero():
     assert "ensemble-mean" in gain_verdict({"analysis": {**ok["analysis"], "ensmean": {"mse": ch(-1, -2, 0.5)}}})["why"]
     assert "CRPS" in gain_verdict({"analysis": {**ok["analysis"], "ensemble": {"crps": ch(-0.04, -1, 2)}}})["why"]
     assert "NaN" in gain_verdict({"analysis": {**ok["analysis"], "ensmean": {"mse": ch(-1, -2, -1, 2)}}})["why"]
+
+
+def test_load_models_groups_seed_checkpoints(tmp_path, monkeypatch):
+    """``--models Align-M@seed0=a.pt Align-M@seed1=b.pt`` -> one model with two seeds."""
+    from align_rl.config import load_config
+    from align_rl.evaluation import runner
+
+    for f in ("a.pt", "b.pt", "c.pt"):
+        (tmp_path / f).write_bytes(b"")
+    monkeypatch.setattr(runner, "load_model", lambda path, kind, expect=None, shapes=None: (str(path), {}))
+    cfg = load_config(None, [])
+    a, b, c = (str(tmp_path / f) for f in ("a.pt", "b.pt", "c.pt"))
+    out = runner.load_models([f"Align-M@seed1={b}", f"Align-M@seed0={a}", f"Align-P={c}"], cfg)
+    assert out == {"Align-M": [a, b], "Align-P": c}
+    with pytest.raises(ConfigError, match="0 … 1"):
+        runner.load_models([f"Align-M@seed0={a}", f"Align-M@seed2={b}"], cfg)
+    with pytest.raises(ConfigError, match="both alone"):
+        runner.load_models([f"Align-M={a}", f"Align-M@seed0={b}"], cfg)
+    with pytest.raises(ConfigError, match="NAME@seed<k>"):
+        runner.load_models([f"Align-M@seedx={a}"], cfg)
