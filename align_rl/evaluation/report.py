@@ -259,8 +259,8 @@ def plot_maps(path: Path, maps: dict[str, np.ndarray], lat: np.ndarray, lon: np.
         bg - _nanmean(maps[f"{baseline}/{m}"], axis=0) if f"{baseline}/{m}" in maps else None
         for m in methods]))
     for mo in models:
-        if mo == baseline:
-            continue
+        if mo == baseline or not any(f"{mo}/{m}" in maps for m in methods):
+            continue  # the baseline, and rows without maps (seed means, trivial baselines)
         rows.append((f"{baseline} → {mo}", [
             _nanmean(maps[f"{baseline}/{m}"], axis=0) - _nanmean(maps[f"{mo}/{m}"], axis=0)
             if f"{mo}/{m}" in maps and f"{baseline}/{m}" in maps else None for m in methods]))
