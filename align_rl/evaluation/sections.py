@@ -11,13 +11,12 @@ import math
 import numpy as np
 import xarray as xr
 
-from align_rl.evaluation.bootstrap import difference, paired_stat
-from align_rl.evaluation.results import BACKGROUND
+from align_rl.evaluation.bootstrap import closer_to_one, difference, paired_stat
+from align_rl.evaluation.results import BACKGROUND, change
 from align_rl.evaluation.seeds import across_seeds
-from align_rl.evaluation.verdict import ALPHA, decide, geo_line, mse_line
+from align_rl.evaluation.verdict import ALPHA, cell_series, decide, geo_line, mse_line
 
 METHOD_LABELS = {"obsfree": "ObsFree", "repaint": "Repaint", "dps": "DPS"}
-KIND_LABEL = {"analysis": "analysis", "forecast": "forecast"}
 
 
 def _coord(ds: xr.Dataset, name: str, default):
@@ -141,8 +140,6 @@ def spread_skill_section(ds: xr.Dataset) -> list[str]:
     reference and the excess distance to 1, ``|SS − 1| − |SS_ref − 1|``, with 95 % intervals."""
     base = str(ds.attrs.get("baseline", "reference"))
     seed = int(ds.attrs.get("seed", 0))
-    from align_rl.evaluation.bootstrap import closer_to_one
-    from align_rl.evaluation.verdict import _series
 
     L = ["## Spread/skill", "",
          "Spread/skill ratio (1 = a reliable ensemble), its % change against the reference and how much "
@@ -152,8 +149,8 @@ def spread_skill_section(ds: xr.Dataset) -> list[str]:
     for meth in _methods(ds):
         for row in rows:
             for kind in ("analysis", "forecast"):
-                a = _series(ds, "main", row, meth, kind, "ensemble", "spread_skill")
-                b = _series(ds, "main", base, meth, kind, "ensemble", "spread_skill")
+                a = cell_series(ds, "main", row, meth, kind, "ensemble", "spread_skill")
+                b = cell_series(ds, "main", base, meth, kind, "ensemble", "spread_skill")
                 if a is None or b is None:
                     continue
                 if row == base:
@@ -171,7 +168,6 @@ def decomposition_section(ds: xr.Dataset) -> list[str]:
     absolute (normalised MSE units) with 95 % intervals."""
     base = str(ds.attrs.get("baseline", "reference"))
     seed = int(ds.attrs.get("seed", 0))
-    from align_rl.evaluation.verdict import _series
 
     L = ["## Decomposition of the single-member MSE change", "",
          "Single-member MSE = ensemble-mean MSE + spread term (mean over members of |x_n − mean|²). "
@@ -185,8 +181,8 @@ def decomposition_section(ds: xr.Dataset) -> list[str]:
             for kind in ("analysis", "forecast"):
                 parts = {}
                 for who in (row, base):
-                    m = _series(ds, "main", who, meth, kind, "member", "mse")
-                    e = _series(ds, "main", who, meth, kind, "ensmean", "mse")
+                    m = cell_series(ds, "main", who, meth, kind, "member", "mse")
+                    e = cell_series(ds, "main", who, meth, kind, "ensmean", "mse")
                     parts[who] = None if m is None or e is None else (m, e, m - e)
                 if parts[row] is None or parts[base] is None:
                     continue
@@ -205,7 +201,6 @@ def baselines_section(ds: xr.Dataset, blend_weights: dict | None = None) -> list
     """The trivial baselines against the reference and the aligned rows against them."""
     if not trivial_rows(ds):
         return []
-    from align_rl.evaluation.verdict import _series
 
     seed = int(ds.attrs.get("seed", 0))
     base = str(ds.attrs.get("baseline", "reference"))
@@ -224,7 +219,7 @@ def baselines_section(ds: xr.Dataset, blend_weights: dict | None = None) -> list
                 continue
             for kind in ("analysis", "forecast"):
                 def s(who, stat, metric):
-                    return _series(ds, "main", who, meth, kind, stat, metric)
+                    return cell_series(ds, "main", who, meth, kind, stat, metric)
                 cells = []
                 for stat, metric in (("member", "mse"), ("ensemble", "crps")):
                     a, b = s(f, stat, metric), s(t, stat, metric)
@@ -251,7 +246,6 @@ def seeds_section(ds: xr.Dataset) -> list[str]:
         rows = verdict_rows(ds)
         return ["## Seeds", "", f"Every aligned row rests on one seed ({', '.join(rows) or 'none'}); "
                 "no across-seed spread to show.", ""]
-    from align_rl.evaluation.results import change
 
     L = ["## Seeds", "",
          "Aligned models trained with several seeds (DPO initialisation, batch order, pair draw): each "
@@ -282,7 +276,6 @@ def observation_tables(ds: xr.Dataset) -> list[str]:
     its row is the main setting's."""
     L: list[str] = []
     base = str(ds.attrs.get("baseline", "reference"))
-    from align_rl.evaluation.results import change
 
     for ablation, title in (("density", "Table 3 — Align vs reference over observation density"),
                             ("error", "Table 4 — Align vs reference over observation error")):

@@ -35,7 +35,7 @@ ALPHA = 0.025
 """One-sided family level of the Holm correction (= a two-sided 95 % interval below 0)."""
 
 
-def _series(ds: xr.Dataset, setting: str, model: str, method: str, kind: str, stat: str,
+def cell_series(ds: xr.Dataset, setting: str, model: str, method: str, kind: str, stat: str,
             metric: str) -> np.ndarray | None:
     """Per-time scores (T,) of one cell, or None when it was not scored (or is not in ``ds``)."""
     sel = {"setting": setting, "model": model, "method": method, "kind": kind, "stat": stat, "metric": metric}
@@ -78,7 +78,7 @@ def mse_line(ds: xr.Dataset, model: str, method: str, kind: str, reference: str 
     args = (setting, method, kind)
 
     def s(m, stat, metric):
-        return _series(ds, setting, m, method, kind, stat, metric)
+        return cell_series(ds, setting, m, method, kind, stat, metric)
 
     mm, rm = s(model, "ensmean", "mse"), s(reference, "ensmean", "mse")
     if mm is None or rm is None:
@@ -126,7 +126,7 @@ def geo_line(ds: xr.Dataset, model: str, method: str, reference: str = "referenc
              seed: int = 0) -> dict | None:
     """One Geo-Score verdict line (module doc) before the Holm correction, or None."""
     def s(m):
-        return _series(ds, setting, m, method, "analysis", "member", "geo_score")
+        return cell_series(ds, setting, m, method, "analysis", "member", "geo_score")
 
     gm, gr = s(model), s(reference)
     if gm is None or gr is None:
@@ -160,8 +160,8 @@ def _seed_points(ds, model, reference, setting, method, kind, cells, seed) -> li
     for row in seed_rows(ds, model):
         pts = {}
         for stat, metric in cells:
-            a = _series(ds, setting, row, method, kind, stat, metric)
-            b = _series(ds, setting, reference, method, kind, stat, metric)
+            a = cell_series(ds, setting, row, method, kind, stat, metric)
+            b = cell_series(ds, setting, reference, method, kind, stat, metric)
             if a is not None and b is not None:
                 ok = np.isfinite(a) & np.isfinite(b)
                 pts[f"{stat}/{metric}"] = float(pct_change(a[ok].mean(), b[ok].mean())) if ok.any() else float("nan")
@@ -216,4 +216,4 @@ def gain_verdict(changes: dict, table: str = "analysis") -> dict:
     return {"gain": True, "why": "ensemble-mean MSE and CRPS lower (intervals below 0)"}
 
 
-__all__ += ["N_BOOT", "seed_rows", "trivial_row"]
+__all__ += ["N_BOOT", "cell_series", "seed_rows", "trivial_row"]
