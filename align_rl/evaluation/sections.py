@@ -114,18 +114,20 @@ def verdict_section(lines: list[dict], title: str = "## Verdict", family: str = 
         L += [f"Holm family: {family} ({len(lines)} lines).", ""]
     if not lines:
         return L + ["- no aligned model was evaluated.", ""]
-    L += ["| line | tests: change % [95 % CI] (ESS, block) | p | p (Holm) | spread/skill (ref) | seeds | gain? |",
+    L += ["| line | tests: change % [95 % CI] (ESS, block) | p | p (Holm) | spread/skill (ref) | seeds: % change | gain? |",
           "|---|---|---|---|---|---|---|"]
     for ln in lines:
         tests = "; ".join(f"{t['name']} {_ci(t)} ({_num(t.get('ess'), '.0f')}, {t.get('block', '–')})"
                           for t in ln["tests"])
         ss = ln.get("spread_skill")
         sst = f"{ss['model']:.2f} ({ss['reference']:.2f})" if ss else "–"
-        seeds = "; ".join(",".join(_num(v) for v in p.values()) for p in ln["seeds"]) if ln["seeds"] else "1 seed"
+        short = {"ensmean/mse": "ens", "ensemble/crps": "CRPS", "member/geo_score": "Geo"}
+        seeds = ("; ".join(f"s{k}: " + ", ".join(f"{short.get(n, n)} {_num(v)}" for n, v in p.items())
+                           for k, p in enumerate(ln["seeds"])) if ln["seeds"] else "1 seed")
         what = ln["kind"] if ln["what"] == "MSE" else "Geo-Score"
         setting = "" if ln["setting"] == "main" else f" {ln['setting']}"
-        L.append(f"| {_label(ln['model'], ln['method'])} {what}{setting} | {tests} | {ln['p']:.3f} | "
-                 f"{ln['p_holm']:.3f} | {sst} | {seeds} | {'**yes**' if ln['gain'] else 'no'} |")
+        L.append(f"| {_label(ln['model'], ln['method'])} {what}{setting} | {tests} | {ln['p']:.4f} | "
+                 f"{ln['p_holm']:.4f} | {sst} | {seeds} | {'**yes**' if ln['gain'] else 'no'} |")
     L.append("")
     for ln in lines:
         what = f"{ln['kind']} MSE" if ln["what"] == "MSE" else "Geo-Score"
