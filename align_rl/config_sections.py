@@ -240,7 +240,7 @@ class ActorsConfig:
 
 @dataclass
 class EvalConfig:
-    times: int = 12  # held-out analysis times from the test split (intervals are over these)
+    times: int = 48  # held-out analysis times spread over the test split (intervals are over these)
     members: int = 4  # ensemble members per analysis (≥ 2: ensemble mean, CRPS, spread/skill)
     models: list[str] = field(default_factory=lambda: ["reference"])
     baseline: str = "reference"

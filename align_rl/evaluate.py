@@ -16,8 +16,14 @@ setting and method), so model comparisons are paired. Per analysis time (then av
   system **(choice)**) against the truth 48 h later;
 - probabilistic scores: fair CRPS and spread/skill ratio;
 - a background row (the 48 h forecast used as ``x_b``), and its forecast;
-- ablations when ``eval.ablations`` lists ``density`` (Table 3) or ``error`` (Table 4);
-- % change against ``eval.baseline`` with a 95 % paired bootstrap interval over times.
+- ablations when ``eval.ablations`` lists ``density`` (Table 3) or ``error`` (Table 4): the
+  paper's observation tables, ``--models Align-M=best.pt eval.ablations=[density,error]``;
+- % change against ``eval.baseline`` with a 95 % paired circular-block bootstrap interval over
+  times (block from the autocorrelation, effective sample size beside it);
+- the verdict of docs/method.md §10: spread/skill, the single-member MSE change split into its
+  ensemble-mean and spread parts, the trivial baselines ``Shrink-<V>`` / ``Blend-P``, the
+  across-seed spread, Holm-corrected verdict lines. Several seeds of one model:
+  ``--models Align-M@seed0=a.pt Align-M@seed1=b.pt …`` (rows per seed and their mean ``Align-M``).
 
 Writes into ``eval.out`` (default ``<workdir>/eval``), atomically (a temporary folder renamed into
 place): ``report.md``, ``metrics.json``, ``metrics.csv``, ``metrics.nc`` (the scores and changes

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from align_rl.evaluation import sections
 from align_rl.evaluation.results import (BACKGROUND, Evaluation, cell_change, cell_score, changes_doc,
                                          scores_doc, select_row, was_scored, write_netcdf)
 from align_rl.io.states import States
@@ -108,12 +109,31 @@ def _intro(doc: dict) -> list[str]:
         f"{main['density']:g} (observed fraction {main['observed_fraction']:.4f}), σ_o = {main['sigma_o']:g}; "
         f"DPS ζ = {s['guidance']['dps_zeta']}, likelihood {s['guidance']['dps_likelihood']}. "
         f"Models: {', '.join(s['models'])}; % changes against **{s['baseline']}** (same observations and "
-        "sampler noise), with 95 % paired bootstrap intervals over times. Every score is computed "
+        "sampler noise), with 95 % paired circular-block bootstrap intervals over times (block length "
+        "from the autocorrelation of the paired differences, Politis-White; "
+        f"{_ess_text(s)}). Every score is computed "
         "per analysis time, then averaged. MSE/MAE over the 69 normalised channels; WRMSE in "
         "physical units. *Single member*: each member's score averaged over members (the expected "
         "score of one analysis, as in the paper); *ensemble mean*: the score of the members' mean.",
         "",
     ]
+
+
+def _ess_text(doc: dict) -> str:
+    """The range of block lengths and effective sample sizes of the main setting's changes."""
+    ess, blk = [], []
+    for tabs in doc.get("changes", {}).get("main", {}).values():
+        for stats in tabs.values():
+            for mets in stats.values():
+                for c in mets.values():
+                    if c.get("ess") is not None:
+                        ess.append(c["ess"])
+                    if c.get("block") is not None:
+                        blk.append(c["block"])
+    if not ess:
+        return "no change computed"
+    return (f"blocks {min(blk)}–{max(blk)} times, effective sample size of the paired differences "
+            f"{min(ess):.0f}–{max(ess):.0f} of {doc['n_times']} times (per change in the verdict and metrics.csv)")
 
 
 def _main_tables(ds: xr.Dataset, doc: dict) -> list[str]:
@@ -156,7 +176,7 @@ def _ablation_tables(ds: xr.Dataset, doc: dict) -> list[str]:
     L: list[str] = []
     abl = [x for x in doc["settings"] if x["ablation"] != "main"]
     methods = [m for m in doc["methods"] if m != "obsfree"]
-    for kind, title in (("density", "Table 3 — observation density"), ("error", "Table 4 — observation error")):
+    for kind, title in (("density", "Scores per observation density"), ("error", "Scores per observation error")):
         sets = [x for x in abl if x["ablation"] == kind]
         if not sets:
             continue
@@ -185,10 +205,18 @@ def _checks_and_failures(doc: dict) -> list[str]:
     return L
 
 
-def write_report_md(path: Path, ds: xr.Dataset, doc: dict, files: list[str]) -> None:
+def write_report_md(path: Path, ds: xr.Dataset, doc: dict, files: list[str], lines: list[dict] | None = None) -> None:
     """``report.md``: the tables from the results ``ds``, the run's facts from ``doc`` (the
-    ``metrics.json`` document), the list of ``files``."""
-    L = _intro(doc) + _main_tables(ds, doc) + _ablation_tables(ds, doc) + _checks_and_failures(doc)
+    ``metrics.json`` document), the list of ``files``; ``lines``: the main verdict lines
+    (:func:`align_rl.evaluation.sections.main_lines`, computed when None)."""
+    lines = sections.main_lines(ds) if lines is None else lines
+    evidence = (sections.verdict_section(lines, family="every verdict line of the main setting: each aligned "
+                                                        "row × method × kind (analysis, forecast), and the "
+                                                        "Geo-Score lines of -P rows")
+                + sections.spread_skill_section(ds) + sections.decomposition_section(ds)
+                + sections.baselines_section(ds, doc.get("blend_weights")) + sections.seeds_section(ds))
+    L = (_intro(doc) + evidence + _main_tables(ds, doc) + sections.observation_tables(ds)
+         + _ablation_tables(ds, doc) + _checks_and_failures(doc))
     L += ["", "## Files", ""] + [f"- `{f}`" for f in files]
     L += ["", f"Evaluation time: {doc.get('seconds', 0):.0f} s.", ""]
     path.write_text("\n".join(L))
@@ -200,7 +228,7 @@ def write_csv(path: Path, ds: xr.Dataset) -> None:
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["setting", "table", "row", "model", "method", "stat", "metric", "value",
-                    "pct_vs_baseline", "ci_lo", "ci_hi"])
+                    "pct_vs_baseline", "ci_lo", "ci_hi", "p_lower", "p_higher", "ess", "block"])
         for setting in (str(x) for x in ds["setting"].values):
             chs = changes_doc(ds, setting)
             for row, tabs in scores_doc(ds, setting).items():
@@ -209,8 +237,10 @@ def write_csv(path: Path, ds: xr.Dataset) -> None:
                     for st, mets in stats.items():
                         for m, v in mets.items():
                             c = chs.get(row, {}).get(tab, {}).get(st, {}).get(m)
+                            extra = ([c.get(k, "") for k in ("p_lo", "p_hi", "ess", "block")] if c
+                                     else ["", "", "", ""])
                             pct, lo, hi = (c["pct"], c["ci"][0], c["ci"][1]) if c else ("", "", "")
-                            w.writerow([setting, tab, row, model, meth, st, m, v, pct, lo, hi])
+                            w.writerow([setting, tab, row, model, meth, st, m, v, pct, lo, hi, *extra])
 
 
 def plot_maps(path: Path, maps: dict[str, np.ndarray], lat: np.ndarray, lon: np.ndarray,
@@ -229,8 +259,8 @@ def plot_maps(path: Path, maps: dict[str, np.ndarray], lat: np.ndarray, lon: np.
         bg - _nanmean(maps[f"{baseline}/{m}"], axis=0) if f"{baseline}/{m}" in maps else None
         for m in methods]))
     for mo in models:
-        if mo == baseline:
-            continue
+        if mo == baseline or not any(f"{mo}/{m}" in maps for m in methods):
+            continue  # the baseline, and rows without maps (seed means, trivial baselines)
         rows.append((f"{baseline} → {mo}", [
             _nanmean(maps[f"{baseline}/{m}"], axis=0) - _nanmean(maps[f"{mo}/{m}"], axis=0)
             if f"{mo}/{m}" in maps and f"{baseline}/{m}" in maps else None for m in methods]))
@@ -276,12 +306,21 @@ def write_outputs(out_dir: Path, ev: Evaluation, maps: dict[str, np.ndarray],
         ev.meta["files"] = {"analyses": stores, "maps": ["maps/z500_error_reduction.png"]}
         if data.truth_store is not None:
             ev.meta["files"]["truth"] = str(data.truth_store)
+        lines = sections.main_lines(ev.ds)
+        ev.meta["verdict"] = compact_lines(lines)
         doc = ev.document(per_time=("main",))
         (tmp / "metrics.json").write_text(json.dumps(doc, indent=1) + "\n")
         write_csv(tmp / "metrics.csv", ev.ds)
         write_netcdf(ev.ds, tmp / "metrics.nc")
-        write_report_md(tmp / "report.md", ev.ds, doc, files)
+        write_report_md(tmp / "report.md", ev.ds, doc, files, lines)
     return out_dir
+
+
+def compact_lines(lines: list[dict]) -> list[dict]:
+    """The verdict lines as ``metrics.json`` keeps them."""
+    keys = ("model", "method", "kind", "setting", "what", "gain", "p", "p_holm", "why", "tests", "seeds",
+            "spread_skill")
+    return [{k: ln[k] for k in keys if k in ln} for ln in lines]
 
 
 def _write_analyses(tmp: Path, ens_means: dict[tuple[str, str], np.ndarray], times: np.ndarray,

@@ -15,9 +15,18 @@ members' mean; ``ensemble``: CRPS and spread/skill), ``metric`` (coordinate ``un
 - ``time_mean``: the mean over the finite times (NaN where nothing was scored or every time
   diverged);
 - the paired change against the baseline model (:func:`align_rl.evaluation.verdict.paired_change`):
-  ``pct``, ``ci_lo``, ``ci_hi`` (95 % moving-block bootstrap interval, %), ``n`` (times used),
-  ``n_nan`` (times left out), ``block`` (block length), where ``compared`` (every scored row of a
+  ``pct``, ``ci_lo``, ``ci_hi`` (95 % circular-block bootstrap interval, %), ``p_lo`` / ``p_hi``
+  (one-sided bootstrap p-values that the change is below / above 0), ``n`` (times used),
+  ``n_nan`` (times left out), ``block`` (block length from the autocorrelation of the paired
+  differences), ``ess`` (their effective sample size), where ``compared`` (every scored row of a
   model other than the baseline whose baseline row was scored too).
+
+Coordinates of ``model`` (:mod:`align_rl.evaluation.seeds`, absent in results of older versions):
+``seed_of`` (for one seed's row of an aligned model run with several seeds, the row of their
+mean, else ``""``), ``seed`` (that seed's index, else −1), ``n_seeds`` (the seeds a row rests on:
+several for the mean row, else 1), ``trivial_for`` / ``trivial_kind`` (for a trivial baseline,
+:mod:`align_rl.evaluation.baselines`: the aligned row it is built for and ``shrink`` | ``blend``,
+else ``""``).
 
 Attributes: ``baseline``, ``members``, ``grid``, ``forecast_hours``, ``seed``.
 Select with ``.sel`` and a dict (``method`` is also the name of ``.sel``'s own keyword), e.g.
@@ -37,13 +46,13 @@ import numpy as np
 import xarray as xr
 
 from align_rl.errors import InputError
-from align_rl.evaluation.verdict import paired_change
+from align_rl.evaluation.bootstrap import paired_change
 
 BACKGROUND = "background"
 KINDS: tuple[str, ...] = ("analysis", "forecast")
 STATS: tuple[str, ...] = ("member", "ensmean", "ensemble")
 CELL_DIMS: tuple[str, ...] = ("setting", "model", "method", "kind", "stat", "metric")
-CHANGE_VARS: tuple[str, ...] = ("pct", "ci_lo", "ci_hi", "n", "n_nan", "block")
+CHANGE_VARS: tuple[str, ...] = ("pct", "ci_lo", "ci_hi", "p_lo", "p_hi", "n", "n_nan", "block", "ess")
 UNITS: dict[str, str] = {
     "mse": "normalised", "mae": "normalised", "wrmse_u10": "m/s", "wrmse_v500": "m/s",
     "wrmse_z500": "m2/s2", "wrmse_t850": "K", "geo_score": "score (0-100)", "crps": "normalised",
@@ -70,6 +79,20 @@ class ScoreTable:
             if k not in self.metrics:
                 self.metrics.append(k)
             cell.setdefault(k, []).append(np.asarray(v, dtype=np.float64).reshape(-1))
+
+    def series(self, setting: str, model: str, method: str, kind: str, stat: str) -> dict[str, np.ndarray]:
+        """``{metric: (T,)}`` collected so far in one cell (empty when none)."""
+        cell = self.cells.get((setting, model, method, kind, stat), {})
+        return {m: np.concatenate(parts) for m, parts in cell.items()}
+
+    def add_mean(self, setting: str, target: str, sources: list[str], method: str) -> None:
+        """The per-time mean over the rows ``sources`` (one per seed) of every cell they share in
+        ``(setting, method)``, added as the row ``target`` (a time NaN in any seed stays NaN)."""
+        keys = {(k, st) for (s, mo, me, k, st) in self.cells if s == setting and me == method and mo in sources}
+        for kind, stat in sorted(keys):
+            per = [self.series(setting, mo, method, kind, stat) for mo in sources]
+            common = [m for m in per[0] if all(m in p for p in per)]
+            self.add(setting, target, method, kind, stat, {m: np.mean([p[m] for p in per], axis=0) for m in common})
 
     def to_dataset(self, settings: list[dict], models: list[str], methods: list[str],
                    times: np.ndarray, attrs: dict | None = None) -> xr.Dataset:
@@ -124,7 +147,7 @@ def _changes(ds: xr.Dataset, baseline: str, seed: int) -> dict[str, tuple]:
     models = list(ds["model"].values)
     values, scored = ds["score"].values, ds["scored"].values
     shape = scored.shape
-    out = {k: np.full(shape, np.nan) for k in ("pct", "ci_lo", "ci_hi")}
+    out = {k: np.full(shape, np.nan) for k in ("pct", "ci_lo", "ci_hi", "p_lo", "p_hi", "ess")}
     out.update({k: np.zeros(shape, dtype=np.int32) for k in ("n", "n_nan", "block")})
     compared = np.zeros(shape, dtype=bool)
     if baseline in models:
@@ -137,12 +160,17 @@ def _changes(ds: xr.Dataset, baseline: str, seed: int) -> dict[str, tuple]:
                 continue
             c = paired_change(values[idx], values[base_idx], seed=seed)
             out["pct"][idx], (out["ci_lo"][idx], out["ci_hi"][idx]) = c["pct"], c["ci"]
-            out["n"][idx], out["n_nan"][idx], out["block"][idx] = c["n"], c["n_nan"], c["block"]
+            for k in ("p_lo", "p_hi", "ess", "n", "n_nan", "block"):
+                out[k][idx] = c[k]
             compared[idx] = True
     about = {"pct": f"% change of the time mean against {baseline}",
-             "ci_lo": "95 % moving-block bootstrap interval of pct, lower end",
-             "ci_hi": "95 % moving-block bootstrap interval of pct, upper end",
-             "n": "times used", "n_nan": "times left out (not finite)", "block": "bootstrap block length"}
+             "ci_lo": "95 % circular-block bootstrap interval of pct, lower end",
+             "ci_hi": "95 % circular-block bootstrap interval of pct, upper end",
+             "p_lo": "one-sided bootstrap p-value that pct is below 0",
+             "p_hi": "one-sided bootstrap p-value that pct is above 0",
+             "n": "times used", "n_nan": "times left out (not finite)",
+             "block": "bootstrap block length (Politis-White, from the paired differences)",
+             "ess": "effective sample size of the paired differences"}
     res: dict[str, tuple] = {k: (CELL_DIMS, v, {"long_name": about[k]}) for k, v in out.items()}
     res["compared"] = (CELL_DIMS, compared, {"long_name": f"changed against {baseline}"})
     return res
@@ -179,9 +207,11 @@ def cell_change(r: xr.Dataset | None, kind: str, metric: str, stat: str = "membe
 
 
 def _change_at(r: xr.Dataset, i: tuple[int, int, int]) -> dict:
-    v = {k: r[k].values[i] for k in CHANGE_VARS}
-    return {"pct": float(v["pct"]), "ci": [float(v["ci_lo"]), float(v["ci_hi"])], "n": int(v["n"]),
-            "n_nan": int(v["n_nan"]), "block": int(v["block"])}
+    """One change; results of older versions without ``p_lo``/``p_hi``/``ess`` read as NaN."""
+    v = {k: (r[k].values[i] if k in r else np.nan) for k in CHANGE_VARS}
+    return {"pct": float(v["pct"]), "ci": [float(v["ci_lo"]), float(v["ci_hi"])], "p_lo": float(v["p_lo"]),
+            "p_hi": float(v["p_hi"]), "n": int(v["n"]), "n_nan": int(v["n_nan"]), "block": int(v["block"]),
+            "ess": float(v["ess"])}
 
 
 def was_scored(ds: xr.Dataset, model: str, method: str, kind: str | None = None,
@@ -339,8 +369,8 @@ class Evaluation:
             "sampler": self.meta.get("sampler"),
             "guidance": self.meta.get("guidance"),
             "grid": str(ds.attrs["grid"]),
-            **{k: self.meta[k] for k in ("forecast_start", "failures", "checks", "seconds", "files")
-               if k in self.meta},
+            **{k: self.meta[k] for k in ("forecast_start", "failures", "checks", "seconds", "files",
+                                         "verdict", "blend_weights") if k in self.meta},
         }
         if per_time:
             doc["per_time"] = {s: per_time_doc(ds, s) for s in per_time}

@@ -26,11 +26,14 @@ from align_rl.diffusion.analysis import analyse
 from align_rl.errors import CheckpointError, ConfigError, InputError
 from align_rl.evaluation.paper import paper_checks
 from align_rl.evaluation.report import write_outputs
+from align_rl.evaluation import baselines
 from align_rl.evaluation.results import BACKGROUND, Evaluation, ScoreTable, scores_doc, summarise
+from align_rl.evaluation.seeds import SEED_SEP, RowPlan, plan_rows
 from align_rl.evaluation.skill import (
     STEP_HOURS,
     deterministic_metrics,
     forecast_from,
+    probabilistic_metrics,
     forecast_steps,
     hours,
     member_inputs,
@@ -95,6 +98,7 @@ class _Plan:
     members: int
     batch: int
     map_n: int
+    rows: RowPlan = field(default_factory=RowPlan)
 
 
 @dataclass
@@ -106,6 +110,7 @@ class _Products:
     table: ScoreTable = field(default_factory=ScoreTable)
     ens_means: dict = field(default_factory=dict)
     z500_err: dict = field(default_factory=dict)
+    blend_weights: dict = field(default_factory=dict)
     obs_fraction: dict = field(default_factory=dict)
     failures: list = field(default_factory=list)
 
@@ -195,9 +200,12 @@ def _plan(cfg: Config, models: dict[str, Any], n_times: int) -> _Plan:
     members = int(cfg.eval.members)
     if members < 2:
         raise ConfigError("eval.members must be >= 2 (ensemble mean, CRPS and spread/skill need it)")
-    return _Plan(observation_settings(cfg), list(cfg.guidance.methods),
-                 cfg.eval.baseline if cfg.eval.baseline in models else next(iter(models)),
-                 members, max(1, int(cfg.eval.batch_size)), min(int(cfg.eval.map_samples), n_times))
+    baseline = cfg.eval.baseline if cfg.eval.baseline in models else next(iter(models))
+    if isinstance(models[baseline], (list, tuple)):
+        raise ConfigError(f"the baseline {baseline!r} must be one score network, not one per seed")
+    return _Plan(observation_settings(cfg), list(cfg.guidance.methods), baseline,
+                 members, max(1, int(cfg.eval.batch_size)), min(int(cfg.eval.map_samples), n_times),
+                 plan_rows(models, baseline))
 
 
 def _check_models(cfg: Config, models: dict[str, Any]) -> None:
@@ -253,10 +261,10 @@ def _keep_maps(run: _Run, key: tuple[str, str], sl: slice, xa: torch.Tensor) -> 
 
 
 def _sample_row(run: _Run, s: ObsSetting, obs: Any, meth: str, name: str, eps_model: Any,
-                generator: torch.Generator) -> None:
+                generator: torch.Generator) -> torch.Tensor:
     """Analyse every batch of times of one row (setting, method, model), forecast the members
     (:func:`_forecast_members`), then score each batch; a batch that diverges is scored as NaN and
-    listed in the failures."""
+    listed in the failures. Returns the analyses (T, N, 69, H, W), normalised."""
     data, inp, plan = run.data, run.inp, run.plan
     T, bs = len(inp.times), plan.batch
     batches = [slice(i, min(T, i + bs)) for i in range(0, T, bs)]
@@ -270,15 +278,58 @@ def _sample_row(run: _Run, s: ObsSetting, obs: Any, meth: str, name: str, eps_mo
                                       "times": [sl.start, sl.stop], "error": str(exc)})
             xa = torch.full((sl.stop - sl.start, plan.members, *inp.background.shape[1:]), float("nan"))
         analyses.append(xa)
-    forecasts = _forecast_members(run, torch.cat(analyses))
-    for sl, xa in zip(batches, analyses):
-        scores = score_batch(xa, inp.truth[sl], inp.prev[sl], inp.truth_fc[sl], data.forecaster,
-                             inp.steps, data.normalizer, data.truth.lat, data.truth.lon,
-                             forecasts=forecasts[sl])
+    members = torch.cat(analyses)
+    _score_members(run, s, meth, name, members, maps=s.ablation == "main")
+    return members
+
+
+def _batches(run: _Run) -> list[slice]:
+    T, bs = len(run.inp.times), run.plan.batch
+    return [slice(i, min(T, i + bs)) for i in range(0, T, bs)]
+
+
+def _score_members(run: _Run, s: ObsSetting, meth: str, name: str, members: torch.Tensor,
+                   maps: bool = False, forecast: bool = True) -> None:
+    """Score an analysis ensemble (T, N, 69, H, W) of one row and (``forecast``) the forecasts of
+    its members, batch by batch, into the table; ``maps``: keep its ensemble means and z500 maps."""
+    data, inp = run.data, run.inp
+    forecasts = _forecast_members(run, members) if forecast else None
+    for sl in _batches(run):
+        xa = members[sl]
+        if forecast:
+            scores = score_batch(xa, inp.truth[sl], inp.prev[sl], inp.truth_fc[sl], data.forecaster,
+                                 inp.steps, data.normalizer, data.truth.lat, data.truth.lon,
+                                 forecasts=forecasts[sl])
+        else:
+            lat, lon = data.truth.lat, data.truth.lon
+            scores = {("analysis", "member"): deterministic_metrics(xa, inp.truth[sl], data.normalizer, lat, lon),
+                      ("analysis", "ensmean"): deterministic_metrics(xa.mean(dim=1), inp.truth[sl],
+                                                                     data.normalizer, lat, lon),
+                      ("analysis", "ensemble"): probabilistic_metrics(xa, inp.truth[sl], data.normalizer, lat)}
         for (kind, stat), metrics in scores.items():
             run.prod.table.add(s.name, name, meth, kind, stat, metrics)
-        if s.ablation == "main":
+        if maps:
             _keep_maps(run, (name, meth), sl, xa)
+
+
+def _trivial_rows(run: _Run, s: ObsSetting, meth: str, reference: torch.Tensor) -> None:
+    """The trivial baselines of one (setting, method) from the reference members ``reference``
+    (T, N, 69, H, W) (:mod:`align_rl.evaluation.baselines`): *shrink* to the aligned row's spread
+    term per time (scored with forecasts), *towards the background* to its time-mean
+    single-member MSE (analyses only)."""
+    table = run.prod.table
+    for row, (kind, target) in run.plan.rows.trivial.items():
+        mem = table.series(s.name, target, meth, "analysis", "member")
+        ens = table.series(s.name, target, meth, "analysis", "ensmean")
+        if "mse" not in mem or "mse" not in ens:
+            continue  # the aligned row was not run here
+        if kind == "shrink":
+            _score_members(run, s, meth, row, baselines.shrink(reference, mem["mse"] - ens["mse"]))
+        else:
+            target_mse = float(np.nanmean(mem["mse"])) if np.isfinite(mem["mse"]).any() else float("nan")
+            w = baselines.blend_weight(reference, run.inp.background, run.inp.truth, target_mse)
+            run.prod.blend_weights[f"{s.name} {row}/{meth}"] = w
+            _score_members(run, s, meth, row, baselines.blend(reference, run.inp.background, w), forecast=False)
 
 
 def _forecast_members(run: _Run, xa: torch.Tensor) -> torch.Tensor:
@@ -307,18 +358,29 @@ def _jobs(plan: _Plan, models: dict[str, Any]) -> list[tuple[int, ObsSetting, in
 
 
 def _sample_all(run: _Run, models: dict[str, Any], progress: bool) -> None:
-    """Every row of :func:`_jobs`: observations drawn once per setting (seeded by the setting),
-    sampler noise seeded by setting and method, so the models' rows are paired."""
-    cfg, jobs = run.cfg, _jobs(run.plan, models)
+    """Every row of :func:`_jobs` (``models``: row name → network, one per seed row):
+    observations drawn once per setting (seeded by the setting), sampler noise seeded by setting
+    and method, so the models' rows (and seeds) are paired. After the last row of a (setting,
+    method): the seed-mean rows, then the trivial baselines from the baseline's members."""
+    cfg, jobs, rows = run.cfg, _jobs(run.plan, models), run.plan.rows
     bar = _progress_bar(len(jobs)) if progress else None
     obs: dict[int, Any] = {}
     for si, s in enumerate(run.plan.settings):
         obs[si] = make_observations(run.inp.truth, s.density, s.sigma_o, cfg.obs.mode, cfg.obs.r_floor,
                                     generator=torch.Generator().manual_seed(cfg.run.seed * 1000 + 17 + si))
         run.prod.obs_fraction[s.name] = obs[si].fraction
-    for si, s, mi, meth, name in jobs:
+    reference = None
+    for j, (si, s, mi, meth, name) in enumerate(jobs):
         gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + 100 * si + mi)
-        _sample_row(run, s, obs[si], meth, name, models[name], gen)
+        members = _sample_row(run, s, obs[si], meth, name, models[name], gen)
+        if name == run.plan.baseline:
+            reference = members
+        if j + 1 == len(jobs) or jobs[j + 1][:3] != (si, s, mi):  # the (setting, method) is done
+            for group, seed_rows in rows.groups.items():
+                run.prod.table.add_mean(s.name, group, seed_rows, meth)
+            if reference is not None:
+                _trivial_rows(run, s, meth, reference)
+            reference = None
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"{s.name} {name}/{meth}")
@@ -341,7 +403,9 @@ def run_evaluation(
     out: str | Path | None = None,
     progress: bool = True,
 ) -> Evaluation:
-    """Evaluate ``models`` (name → ε_θ) × ``cfg.guidance.methods``; write the report files.
+    """Evaluate ``models`` (name → ε_θ, or name → [ε_θ per seed], :mod:`align_rl.evaluation.seeds`)
+    × ``cfg.guidance.methods``, with the trivial baselines of the aligned models; write the
+    report files.
 
     ``data``: the truth, backgrounds, normaliser, codec and forecaster (loaded from the workspace
     caches when None; then ``models`` defaults to ``{"reference": pretrained ε_θ}``). Returns the
@@ -357,12 +421,13 @@ def run_evaluation(
     steps = forecast_steps(cfg.rewards.forecast_hours)
     times = select_times(data.truth, data.backgrounds, cfg.data.test, cfg.eval.times, STEP_HOURS * steps)
     run = _Run(cfg, data, prepare_inputs(data, times, steps), _plan(cfg, models, len(times)))
-    for m in [*models.values(), data.codec]:
+    sampled = run.plan.rows.sampled
+    for m in [*sampled.values(), data.codec]:
         if hasattr(m, "eval"):
             m.eval()
     bg_err = _score_background(run)
-    _sample_all(run, models, progress)
-    ev = _summarise(run, list(models))
+    _sample_all(run, sampled, progress)
+    ev = _summarise(run, run.plan.rows.names())
     ev.meta["seconds"] = round(time.time() - t_start, 1)
     write_outputs(Path(out or cfg.eval.out or ws.eval), ev, *_maps_and_means(run.prod, bg_err), data)
     _log_wandb(cfg, ev)
@@ -386,12 +451,14 @@ def _summarise(run: _Run, models: list[str]) -> Evaluation:
              "forecast_hours": STEP_HOURS * steps, "forecast_steps": steps,
              "title": "Align-DA evaluation: scores per analysis time and paired changes"}
     ds = run.prod.table.to_dataset(settings, models, plan.methods, run.inp.times, attrs)
+    ds = ds.assign_coords(plan.rows.coords([str(m) for m in ds["model"].values]))
     ds = summarise(ds, plan.baseline, seed=cfg.run.seed)
     meta = {
         "sampler": {k: getattr(cfg.sampler, k) for k in ("steps", "corrections", "tau")},
         "guidance": cfg.to_dict()["guidance"],
         "forecast_start": f"(background valid at t-6h, analysis at t), {steps} x {STEP_HOURS} h",
         "failures": run.prod.failures,
+        "blend_weights": run.prod.blend_weights,
     }
     meta["checks"] = paper_checks(ds, plan.baseline)
     return Evaluation(ds, meta)
@@ -421,16 +488,40 @@ def _log_wandb(cfg: Config, ev: Evaluation) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 def load_models(specs: list[str], cfg: Config, latent_shape: tuple[int, int, int] | None = None) -> dict[str, Any]:
-    """``["Align-M=path.pt", ...]`` -> ``{name: LatentDiT}`` from ``align_rl.io.checkpoints`` files."""
+    """``["Align-M=path.pt", ...]`` -> ``{name: LatentDiT}`` from ``align_rl.io.checkpoints`` files.
+    Several seeds of one model: ``Align-M@seed0=a.pt Align-M@seed1=b.pt …`` -> ``{"Align-M":
+    [LatentDiT per seed]}`` (:mod:`align_rl.evaluation.seeds`; seeds 0 … k−1, each once)."""
 
-    out = {}
+    out: dict[str, Any] = {}
+    seeded: dict[str, dict[int, Any]] = {}
     for spec in specs:
         if "=" not in spec:
             raise ConfigError(f"--models entry {spec!r} must be NAME=CHECKPOINT")
         name, path = spec.split("=", 1)
         if not Path(path).exists():
             raise CheckpointError(f"checkpoint {path} of model {name!r} does not exist")
+        group, k = _seed_spec(name)
         shapes = {"latent_shape": latent_shape} if latent_shape else None
         model, _ = load_model(path, "diffusion", expect=cfg.diffusion, shapes=shapes)
-        out[name] = model
+        if k is None:
+            out[name] = model
+        else:
+            seeded.setdefault(group, {})[k] = model
+            out.setdefault(group, None)
+    for group, by_seed in seeded.items():
+        if group in out and out[group] is not None:
+            raise ConfigError(f"--models names {group!r} both alone and with {SEED_SEP}<k>; use one form")
+        if sorted(by_seed) != list(range(len(by_seed))):
+            raise ConfigError(f"--models {group}{SEED_SEP}<k>: seeds {sorted(by_seed)} must be 0 … {len(by_seed) - 1}")
+        out[group] = [by_seed[k] for k in range(len(by_seed))]
     return out
+
+
+def _seed_spec(name: str) -> tuple[str, int | None]:
+    """``"Align-M@seed2"`` -> ``("Align-M", 2)``; a name without a seed -> ``(name, None)``."""
+    if SEED_SEP not in name:
+        return name, None
+    group, k = name.rsplit(SEED_SEP, 1)
+    if not group or not k.isdigit():
+        raise ConfigError(f"--models name {name!r}: a seed is written NAME{SEED_SEP}<k>, e.g. Align-M{SEED_SEP}0")
+    return group, int(k)

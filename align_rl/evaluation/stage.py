@@ -15,18 +15,26 @@ from align_rl.io.checkpoints import load_model
 from align_rl.workspace import Workspace
 
 
-def evaluate_aligned(cfg: Config, ws: Workspace, reference: Any, checkpoints: dict[str, Path],
-                     variants: list[str], info: dict, progress: bool = True) -> dict:
-    """Evaluate ``reference`` (ε_θ) and the DPO ``checkpoints`` (variant → file, evaluated as
-    ``Align-<variant>``); append the alignment section (``info``: the pairs and DPO settings) to
-    the report and print it. Returns the main job's summary entries: ``report`` (path) and
-    ``changes`` (``{"<model>/<method>": {kind: {stat: {metric: change}}}}`` of the main setting)."""
-    models = {"reference": reference}
-    for v, ckpt in checkpoints.items():
-        models[f"Align-{v}"], _ = load_model(ckpt, "diffusion", expect=cfg.diffusion)
+def evaluate_aligned(cfg: Config, ws: Workspace, reference: Any,
+                     checkpoints: dict[str, Path | list[Path]], variants: list[str], info: dict,
+                     progress: bool = True) -> dict:
+    """Evaluate ``reference`` (ε_θ) and the DPO ``checkpoints`` (variant → one file per seed, index
+    = seed, or one file for one seed; evaluated as ``Align-<variant>``, several seeds as
+    ``Align-<variant>@seed<k>`` and their mean ``Align-<variant>``, :mod:`align_rl.evaluation.seeds`);
+    append the alignment section (``info``: the pairs and DPO settings) to the report and print it.
+    Returns the main job's summary entries: ``report`` (path), ``changes``
+    (``{"<model>/<method>": {kind: {stat: {metric: change}}}}`` of the main setting) and
+    ``verdict`` (the Holm-corrected lines of :mod:`align_rl.evaluation.verdict`)."""
+    models: dict[str, Any] = {"reference": reference}
+    for v, ckpts in checkpoints.items():
+        paths = [ckpts] if isinstance(ckpts, (str, Path)) else list(ckpts)
+        nets = [load_model(p, "diffusion", expect=cfg.diffusion)[0] for p in paths]
+        models[f"Align-{v}"] = nets[0] if len(nets) == 1 else nets
     ev = run_evaluation(cfg, ws, models, progress=progress)
     out = Path(cfg.eval.out or ws.eval)
-    section = alignment_section(ev, variants, list(cfg.guidance.methods), info)
+    section, lines = alignment_section(ev, variants, list(cfg.guidance.methods), info, with_lines=True)
     append_report(out / "report.md", section)
     print(section)
-    return {"report": str(out / "report.md"), "changes": changes_doc(ev.ds, "main")}
+    return {"report": str(out / "report.md"), "changes": changes_doc(ev.ds, "main"),
+            "verdict": [{k: ln[k] for k in ("model", "method", "kind", "what", "gain", "p", "p_holm", "why")}
+                        for ln in lines]}

@@ -1,0 +1,274 @@
+"""The verdict's statistics on hand-made arrays with known answers (docs/method.md §10): block
+length and effective sample size of correlated test times, paired changes and their p-values,
+the Holm correction, the trivial baselines, the across-seed spread and verdict lines that a
+narrower ensemble cannot pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from align_rl.errors import ConfigError
+from align_rl.evaluation import baselines
+from align_rl.evaluation.bootstrap import (block_length, closer_to_one, effective_sample_size, holm,
+                                           paired_change, paired_stat)
+from align_rl.evaluation.metrics import mse
+from align_rl.evaluation.results import ScoreTable, open_results, row_changes, summarise, write_netcdf
+from align_rl.evaluation.seeds import across_seeds, plan_rows
+from align_rl.evaluation.sections import main_lines, observation_tables, verdict_section
+from align_rl.evaluation.verdict import decide, gain_verdict, mse_line
+
+
+def ar1(n: int, rho: float, rng: np.random.Generator) -> np.ndarray:
+    """A stationary AR(1) series of unit innovation variance."""
+    e = rng.standard_normal(n)
+    x = np.empty(n)
+    x[0] = e[0] / np.sqrt(1 - rho ** 2)
+    for t in range(1, n):
+        x[t] = rho * x[t - 1] + e[t]
+    return x
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.5, 0.8])
+def test_effective_sample_size_of_ar1(rho):
+    """ESS = n (1 − ρ) / (1 + ρ) for AR(1), within 8 % on a long series."""
+    n = 20000
+    x = ar1(n, rho, np.random.default_rng(1))
+    assert effective_sample_size(x) == pytest.approx(n * (1 - rho) / (1 + rho), rel=0.08)
+
+
+def test_block_length_and_intervals_widen_for_correlated_series():
+    """Paired differences of the same marginal variance: AR(1) ρ = 0.8 gets a longer block, a
+    smaller ESS and a wider interval than independent ones (ratio ≈ √((1+ρ)/(1−ρ)) = 3)."""
+    rng = np.random.default_rng(3)
+    T = 200
+    widths, blocks, ess = {}, {}, {}
+    for name, d in (("iid", rng.standard_normal(T)), ("ar", ar1(T, 0.8, rng) * np.sqrt(1 - 0.64))):
+        base = np.full(T, 10.0)
+        c = paired_change(base + 0.1 * d, base)
+        widths[name], blocks[name], ess[name] = c["ci"][1] - c["ci"][0], c["block"], c["ess"]
+        assert c["ci"][0] <= c["pct"] <= c["ci"][1]
+    assert blocks["iid"] <= 2 < blocks["ar"]
+    assert ess["ar"] < 0.4 * ess["iid"]
+    assert widths["ar"] > 1.8 * widths["iid"]
+    assert block_length(np.zeros(48)) == 1 and block_length(np.arange(5.0)) == 1
+
+
+def test_paired_change_known_answers_and_p_values():
+    base = np.array([1.0, 2.0, 3.0, 4.0] * 12)
+    c = paired_change(base * 0.9, base)
+    assert c["pct"] == pytest.approx(-10.0) and c["ci"] == pytest.approx([-10.0, -10.0])
+    assert c["p_lo"] == pytest.approx(1 / 2001) and c["p_hi"] == 1.0  # every draw below 0
+    rng = np.random.default_rng(0)
+    noise = paired_change(base + 0.5 * rng.standard_normal(48), base)
+    assert 0.01 < noise["p_lo"] < 0.99 and noise["p_lo"] + noise["p_hi"] == pytest.approx(1 + 1 / 2001, abs=0.01)
+    c = paired_change(np.array([0.9, np.nan, 2.7, 3.6]), base[:4])
+    assert c["n_nan"] == 1 and c["n"] == 3
+    # |a − 1| − |b − 1|: spread/skill 0.8 is closer to 1 than 0.5, 1.6 is further
+    assert paired_stat(np.full(10, 0.8), np.full(10, 0.5), closer_to_one)["value"] == pytest.approx(-0.3)
+    assert paired_stat(np.full(10, 1.6), np.full(10, 0.5), closer_to_one)["value"] == pytest.approx(0.1)
+
+
+def test_holm_adjusted_p_values():
+    # sorted 0.005, 0.01, 0.03, 0.04 -> 4·0.005, 3·0.01, max(.., 2·0.03), max(.., 0.04)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.2, float("nan")]) == pytest.approx([0.4, 1.0])
+
+
+def test_shrink_keeps_the_mean_and_sets_the_spread_term():
+    """single-member MSE = ensemble-mean MSE + spread term; shrink leaves the first alone."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, 2, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(3, 5, 2, 3, generator=g, dtype=torch.float64)
+    single = mse(x, y.unsqueeze(1)).mean(dim=1)
+    ens = mse(x.mean(dim=1), y)
+    torch.testing.assert_close(single, ens + baselines.spread_term(x))
+    target = baselines.spread_term(x).numpy() * np.array([0.25, 1.0, 0.0])
+    s = baselines.shrink(x, target)
+    torch.testing.assert_close(s.mean(dim=1), x.mean(dim=1))
+    np.testing.assert_allclose(baselines.spread_term(s).numpy(), target, atol=1e-12)
+    torch.testing.assert_close(s[:, 0] - s.mean(dim=1), 0.5 * (x[:, 0] - x.mean(dim=1))[:] * torch.tensor(
+        [1.0, 2.0, 0.0], dtype=torch.float64).reshape(3, 1, 1, 1))
+
+
+def test_blend_weight_reaches_the_target_cost():
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(4, 3, 2, 5, generator=g, dtype=torch.float64)
+    x = y.unsqueeze(1) + 0.3 * torch.randn(4, 2, 3, 2, 5, generator=g, dtype=torch.float64)
+    xb = y + 1.0 * torch.randn(4, 3, 2, 5, generator=g, dtype=torch.float64)
+
+    def cost(w):
+        return float(mse(baselines.blend(x, xb, w), y.unsqueeze(1)).mean())
+
+    a, c = cost(0.0), cost(1.0)
+    target = a + 0.4 * (c - a)
+    w = baselines.blend_weight(x, xb, y, target)
+    assert 0 < w < 1 and cost(w) == pytest.approx(target, rel=1e-9)
+    assert baselines.blend_weight(x, xb, y, a * 0.5) == 0.0
+    assert baselines.blend_weight(x, xb, y, c * 10) == 1.0
+
+
+# ----------------------------------------------------------------------------- verdict lines
+T = 48
+
+
+def _dataset(models: dict[str, dict], trivial=True) -> xr.Dataset:
+    """A results Dataset from hand-made per-time series ``{row: {(kind, stat, metric): (T,)}}``
+    (rows named as the runner names them), summarised against ``reference``."""
+    groups: dict[str, list] = {}
+    for row in models:
+        if "@seed" in row:
+            groups.setdefault(row.split("@seed")[0], []).append(None)
+    nets = {"reference": None}
+    for row in models:
+        name = row.split("@seed")[0]
+        if name not in nets and not row.startswith(("Shrink-", "Blend-")) and row != "reference":
+            nets[name] = groups.get(name, None)
+    plan = plan_rows({k: (v if v else object()) for k, v in nets.items()}, trivial=trivial)
+    table = ScoreTable()
+    for row, cells in models.items():
+        for (kind, stat, metric), v in cells.items():
+            table.add("main", row, "dps", kind, stat, {metric: v})
+    for g, rows in plan.groups.items():
+        table.add_mean("main", g, rows, "dps")
+    names = plan.names()
+    settings = [{"name": "main", "density": 0.01, "sigma_o": 0.0, "ablation": "main", "observed_fraction": 0.01}]
+    times = np.datetime64("2005-01-01T00", "ns") + np.arange(T) * np.timedelta64(6, "h")
+    ds = table.to_dataset(settings, names, ["dps"], times, {"members": 4, "grid": "4x8", "forecast_hours": 48})
+    ds = ds.assign_coords(plan.coords([str(m) for m in ds["model"].values]))
+    return summarise(ds, "reference")
+
+
+def _row(ens, member, crps, ss):
+    return {("analysis", "ensmean", "mse"): ens, ("analysis", "member", "mse"): member,
+            ("analysis", "ensemble", "crps"): crps, ("analysis", "ensemble", "spread_skill"): ss}
+
+
+def _ref(rng):
+    ens = 0.05 + 0.005 * rng.standard_normal(T)
+    spread = 0.02 + 0.001 * rng.standard_normal(T)
+    return ens, spread
+
+
+def test_a_narrower_ensemble_is_not_a_gain():
+    """Align-M = the reference with a narrower spread only: its single-member MSE falls (as
+    much as the shrink baseline's), its ensemble-mean MSE does not, and it is not a gain; a
+    model whose ensemble mean and CRPS are really lower, and beats shrink, is a gain."""
+    rng = np.random.default_rng(0)
+    ens, spread = _ref(rng)
+    crps = 0.1 + 0.005 * rng.standard_normal(T)
+    ref = _row(ens, ens + spread, crps, np.full(T, 0.5))
+    narrow = _row(ens, ens + 0.8 * spread, crps * 1.01, np.full(T, 0.45))
+    shrink = _row(ens, ens + 0.8 * spread, crps * 1.005, np.full(T, 0.45))
+    ds = _dataset({"reference": ref, "Align-M": narrow, "Shrink-M": shrink})
+    assert row_changes(ds, "Align-M", "dps")["analysis"]["member"]["mse"]["ci"][1] < 0  # single-member "gain"
+    ln = decide([mse_line(ds, "Align-M", "dps", "analysis")])[0]
+    assert not ln["gain"] and "not significant" in ln["why"][0]
+    assert not ln["conditions"]["spread/skill no further from 1"]
+
+    good = _row(ens * 0.95, ens * 0.95 + 0.8 * spread, crps * 0.97, np.full(T, 0.52))
+    ds = _dataset({"reference": ref, "Align-M": good, "Shrink-M": shrink})
+    ln = decide([mse_line(ds, "Align-M", "dps", "analysis")])[0]
+    assert ln["gain"], ln["why"]
+    assert {t["name"] for t in ln["tests"]} == {"ensemble-mean MSE vs reference", "CRPS vs reference",
+                                                "single-member MSE vs shrink", "CRPS vs shrink"}
+
+
+def test_holm_turns_a_borderline_line_into_no_gain():
+    """A line with p just below 0.025 is a gain alone, not in a family of 10 such lines."""
+    line = {"p": 0.02, "tests": [{"name": "x", "p": 0.02, "value": -1.0, "ci": [-2.0, -0.1]}],
+            "conditions": {"tests": True}, "why": []}
+    assert decide([dict(line, conditions=dict(line["conditions"]), why=[])])[0]["gain"]
+    fam = decide([dict(line, conditions=dict(line["conditions"]), why=[]) for _ in range(10)])
+    assert not any(ln["gain"] for ln in fam) and fam[0]["p_holm"] == pytest.approx(0.2)
+
+
+def test_seeds_mean_row_spread_and_every_seed_rule():
+    """Three seeds: the model's row is their per-time mean, the report's spread is the seeds'
+    changes (mean, std, min, max), and one seed with a higher ensemble-mean MSE blocks the gain
+    although the mean's interval is below 0."""
+    rng = np.random.default_rng(2)
+    ens, spread = _ref(rng)
+    crps = 0.1 + 0.002 * rng.standard_normal(T)
+    ref = _row(ens, ens + spread, crps, np.full(T, 0.5))
+    factors = [0.90, 0.92, 1.01]
+    rows = {"reference": ref}
+    for k, f in enumerate(factors):
+        rows[f"Align-M@seed{k}"] = _row(ens * f, ens * f + spread, crps * 0.97, np.full(T, 0.5))
+    rows["Shrink-M"] = _row(ens, ens + spread, crps, np.full(T, 0.5))
+    ds = _dataset(rows)
+    assert list(ds.model.values) == ["background", "reference", "Align-M", "Align-M@seed0", "Align-M@seed1",
+                                     "Align-M@seed2", "Shrink-M"]
+    assert list(ds.seed.values) == [-1, -1, -1, 0, 1, 2, -1] and int(ds.n_seeds.sel(model="Align-M")) == 3
+    cell = {"setting": "main", "method": "dps", "kind": "analysis", "stat": "ensmean", "metric": "mse"}
+    np.testing.assert_allclose(ds.score.sel({**cell, "model": "Align-M"}).values, ens * np.mean(factors))
+    a = across_seeds(ds, "Align-M", "dps", "analysis", "ensmean", "mse")
+    pct = [100 * (f - 1) for f in factors]
+    assert a["seeds"] == pytest.approx(pct) and a["std"] == pytest.approx(np.std(pct, ddof=1))
+    assert a["min"] == pytest.approx(-10) and a["max"] == pytest.approx(1)
+    ln = decide([mse_line(ds, "Align-M", "dps", "analysis")])[0]
+    assert ln["tests"][0]["ci"][1] < 0  # the seed mean's interval is below 0 …
+    assert not ln["conditions"]["every seed lower"] and not ln["gain"]  # … but one seed is not lower
+    text = "\n".join(verdict_section([ln], family="test"))
+    assert "NOT a gain" in text and "not every seed" in text and "Holm family: test (1 lines)" in text
+
+
+def test_plan_rows_names_and_refusals():
+    p = plan_rows({"reference": 1, "Align-M": [1, 2], "Align-P": 3, "other": 4})
+    assert p.groups == {"Align-M": ["Align-M@seed0", "Align-M@seed1"]}
+    assert p.trivial == {"Shrink-M": ("shrink", "Align-M"), "Blend-P": ("blend", "Align-P")}
+    assert p.names() == ["reference", "Align-M", "Align-M@seed0", "Align-M@seed1", "Align-P", "other",
+                         "Shrink-M", "Blend-P"]
+    with pytest.raises(ConfigError, match="@seed"):
+        plan_rows({"reference": 1, "A@seed0": 2})
+    with pytest.raises(ConfigError, match="empty list"):
+        plan_rows({"reference": 1, "Align-M": []})
+
+
+def test_old_results_without_new_variables_still_read(tmp_path):
+    """metrics.nc of an older version (no p-values, ESS, seed coordinates) is read as before."""
+    rng = np.random.default_rng(4)
+    ens, spread = _ref(rng)
+    ds = _dataset({"reference": _row(ens, ens + spread, ens, np.full(T, 0.5)),
+                   "other": _row(ens * 0.9, ens * 0.9 + spread, ens, np.full(T, 0.5))}, trivial=False)
+    old = ds.drop_vars(["p_lo", "p_hi", "ess", "seed_of", "seed", "n_seeds", "trivial_for", "trivial_kind"])
+    write_netcdf(old, tmp_path / "m.nc")
+    back = open_results(tmp_path / "m.nc")
+    c = row_changes(back, "other", "dps")["analysis"]["ensmean"]["mse"]
+    assert c["pct"] == pytest.approx(-10) and np.isnan(c["p_lo"])
+    assert main_lines(back)[0]["model"] == "other"
+    assert observation_tables(back) == []
+
+
+def test_quick_gain_verdict_needs_intervals_below_zero():
+    def ch(p, lo, hi, n_nan=0):
+        return {"pct": p, "ci": [lo, hi], "n": 12, "n_nan": n_nan}
+
+    ok = {"analysis": {"member": {"mse": ch(-3, -5, -1)}, "ensmean": {"mse": ch(-1, -2, -0.5)},
+                       "ensemble": {"crps": ch(-2, -3, -1)}}}
+    assert gain_verdict(ok)["gain"]
+    assert "ensemble-mean" in gain_verdict({"analysis": {**ok["analysis"], "ensmean": {"mse": ch(-1, -2, 0.5)}}})["why"]
+    assert "CRPS" in gain_verdict({"analysis": {**ok["analysis"], "ensemble": {"crps": ch(-0.04, -1, 2)}}})["why"]
+    assert "NaN" in gain_verdict({"analysis": {**ok["analysis"], "ensmean": {"mse": ch(-1, -2, -1, 2)}}})["why"]
+
+
+def test_load_models_groups_seed_checkpoints(tmp_path, monkeypatch):
+    """``--models Align-M@seed0=a.pt Align-M@seed1=b.pt`` -> one model with two seeds."""
+    from align_rl.config import load_config
+    from align_rl.evaluation import runner
+
+    for f in ("a.pt", "b.pt", "c.pt"):
+        (tmp_path / f).write_bytes(b"")
+    monkeypatch.setattr(runner, "load_model", lambda path, kind, expect=None, shapes=None: (str(path), {}))
+    cfg = load_config(None, [])
+    a, b, c = (str(tmp_path / f) for f in ("a.pt", "b.pt", "c.pt"))
+    out = runner.load_models([f"Align-M@seed1={b}", f"Align-M@seed0={a}", f"Align-P={c}"], cfg)
+    assert out == {"Align-M": [a, b], "Align-P": c}
+    with pytest.raises(ConfigError, match="0 … 1"):
+        runner.load_models([f"Align-M@seed0={a}", f"Align-M@seed2={b}"], cfg)
+    with pytest.raises(ConfigError, match="both alone"):
+        runner.load_models([f"Align-M={a}", f"Align-M@seed0={b}"], cfg)
+    with pytest.raises(ConfigError, match="NAME@seed<k>"):
+        runner.load_models([f"Align-M@seedx={a}"], cfg)
