@@ -206,13 +206,19 @@ def test_ray_job_submit_main_job_succeeds(tmp_path):
     try:
         head.wait_ready()
         status, logs = submit_and_wait(
-            head, ["python", "-m", "align_rl.train", "--config", str(cfg_path)], "align-rl-test-train",
+            head, ["python", "-m", "align_rl.train", "--config", str(cfg_path), "dpo.seeds=2",
+                   "pairs.variants=[M]"], "align-rl-test-train",
             {"RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}, timeout=1500)
         assert status == "SUCCEEDED", f"job ended {status}; logs:\n{logs[-6000:]}"
         summary = json.loads((run / "train_summary.json").read_text())
         assert summary["variants"]["M"]["step"] == 4
         assert Path(summary["variants"]["M"]["checkpoint"]).exists()
-        assert (run / "eval" / "report.md").exists()
+        # two alignment seeds: two learner folders, each evaluated, the report gives their spread
+        seeds = summary["variants"]["M"]["seeds"]
+        assert [s["seed"] for s in seeds] == [0, 1]
+        assert len({s["checkpoint"] for s in seeds}) == 2 and all(Path(s["checkpoint"]).exists() for s in seeds)
+        report = (run / "eval" / "report.md").read_text()
+        assert "Align-M@seed0" in report and "Align-M@seed1" in report
         # the driver ran from the uploaded working dir (not the checkout) and used our head
         assert "[align_rl.train]" in logs
         jobs = [j for j in _list_jobs(head) if j.submission_id == "align-rl-test-train"]

@@ -59,3 +59,18 @@ def test_pair_hash_content_not_identity():
     zw2 = zw.copy()
     zw2[0, 0, 0] += 1e-6
     assert h != pair_hash(zb, zw2, zl)
+
+
+def test_alignment_seeds():
+    """dpo.seed 0 is the run seed itself (the pairs as committed); other seeds differ from it and
+    from each other, fit a 31-bit generator seed, and the main job runs dpo.seed … + dpo.seeds − 1."""
+    from align_rl.alignment.pairs import alignment_seed
+    from align_rl.config import load_config
+    from align_rl.pipeline import seed_list
+
+    assert alignment_seed(7, 0) == 7
+    got = {alignment_seed(7, s) for s in range(1, 6)} | {alignment_seed(8, 1)}
+    assert len(got) == 6 and 7 not in got and all(0 <= g < 2**31 for g in got)
+    assert alignment_seed(7, 3) == alignment_seed(7, 3)  # stable
+    assert seed_list(load_config(overrides=["dpo.seeds=3"])) == [0, 1, 2]
+    assert seed_list(load_config(overrides=["dpo.seeds=2", "dpo.seed=4"])) == [4, 5]

@@ -27,7 +27,7 @@ OVERRIDES = [
     "pairs.candidates=6", "pairs.backgrounds=4", "pairs.pairs_per_background=3", "pairs.decile=0.2",
     "pairs.top_k_phys=2", "pairs.guidance=repaint",
     "dpo.batch_size=4", "dpo.steps=4", "dpo.checkpoint_every=2", "dpo.beta=500", "dpo.lr=0.001",
-    "dpo.warmup_steps=0", "dpo.val_every=0", "dpo.cpus_per_worker=1",
+    "dpo.warmup_steps=0", "dpo.val_every=0", "dpo.cpus_per_worker=1", "dpo.seeds=1",
     "actors.batch_size=1", "run.wandb_mode=disabled",
 ]
 
