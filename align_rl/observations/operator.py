@@ -36,6 +36,8 @@ STATE_VARS: tuple[str, ...] = SURFACE_VARS + LEVEL_VARS
 """Codes of :attr:`PointObservations.var_code`: the observed state variable."""
 WIND_VARS = ("u10", "v10", "u", "v")
 NODES = 8
+_CHUNK = 1 << 24
+"""Most gathered entries per ``index_select`` (members are gathered in chunks of this size)."""
 
 
 def _grid_axes(lat: np.ndarray, lon: np.ndarray) -> tuple[float, float, float, float]:
@@ -228,11 +230,13 @@ class PointObservations:
             g = flat.index_select(0, base.reshape(-1)).view(base.shape)
             return (g * w).sum(-1)
         off = torch.arange(N, device=x.device, dtype=base.dtype) * D
+        step = max(1, _CHUNK // max(1, base.numel()))  # members per gather: index memory bounded
         out = []
-        for k in range(N):  # one member at a time: index memory stays (n, 8)
-            g = flat.index_select(0, (base + off[k]).reshape(-1)).view(base.shape)
+        for k in range(0, N, step):
+            pos = base[None] + off[k:k + step, None, None]
+            g = flat.index_select(0, pos.reshape(-1)).view(pos.shape)
             out.append((g * w).sum(-1))
-        return torch.stack(out)
+        return torch.cat(out)
 
     def adjoint(self, r: torch.Tensor) -> torch.Tensor:
         """``H̃ᵀ r``: r (n,) -> (B, 69, H, W); r (N, n) -> (B, N, 69, H, W)."""
@@ -242,8 +246,10 @@ class PointObservations:
         out = torch.zeros(self.batch * N * D, dtype=r.dtype, device=r.device)
         base = self.row[:, None] * (N * D) + self.index
         w = self.weight.to(r.dtype)
-        for k in range(N):
-            out.index_add_(0, (base + k * D).reshape(-1), (w * rr[k][:, None]).reshape(-1))
+        step = max(1, _CHUNK // max(1, base.numel()))
+        for k in range(0, N, step):
+            pos = base[None] + (torch.arange(k, min(N, k + step), device=r.device) * D)[:, None, None]
+            out.index_add_(0, pos.reshape(-1), (w[None] * rr[k:k + step, :, None]).reshape(-1))
         shape = (self.batch, *self.field_shape) if r.ndim == 1 else (self.batch, N, *self.field_shape)
         return out.view(shape)
 

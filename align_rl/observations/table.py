@@ -35,8 +35,7 @@ def _read_frame(path: Path) -> pd.DataFrame:
             raise InputError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow), or "
                              "give the table as CSV") from None
     if suffix == ".csv":
-        return pd.read_csv(path, dtype={"variable": str, "units": str, "station": str},
-                           keep_default_na=False, na_values=[""])
+        return pd.read_csv(path, dtype={"variable": str, "units": str, "station": str})
     raise InputError(f"{path}: observation tables are .csv or .parquet files")
 
 
