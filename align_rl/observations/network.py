@@ -88,7 +88,7 @@ def synthesize(truth: np.ndarray, times: np.ndarray, grid_lat: np.ndarray, grid_
             lon = np.broadcast_to(st.lon[None, :, None], shape).reshape(-1)
             ids = np.broadcast_to(st.ids[None, :, None], shape).reshape(-1)
             p = np.broadcast_to(np.asarray(press, np.float64)[None, None, :], shape).reshape(-1)
-            err = np.array([names[v] for v in var])
+            err = np.broadcast_to(np.array(list(names.values()))[:, None, None], shape).reshape(-1)
             rec = ObsRecords(np.full(len(var), t), lat, lon, p, var, np.zeros(len(var)), err, ids)
             rec.value = _interpolate(x, rec, grid_lat, grid_lon) + err * rng.standard_normal(len(var))
             if kind == "up":

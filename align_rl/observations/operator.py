@@ -347,7 +347,8 @@ def point_observations(rec: ObsRecords, times: Any, window: Any, grid_lat: np.nd
     scale = (np.abs(w) * std).sum(1)
     wn = w * std / scale[:, None]
     svar = r.state_var
-    code = np.array([STATE_VARS.index(v) for v in svar], np.int64)
+    names, inv = np.unique(svar, return_inverse=True)
+    code = np.array([STATE_VARS.index(v) for v in names], np.int64)[inv] if len(svar) else np.zeros(0, np.int64)
     stats = (torch.as_tensor(np.asarray(normalizer.mean, np.float64)),
              torch.as_tensor(np.asarray(normalizer.std, np.float64)))
     return PointObservations(

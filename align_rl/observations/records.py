@@ -108,9 +108,10 @@ class ObsRecords:
     @property
     def state_var(self) -> np.ndarray:
         """(n,) the state variable observed (``t``, ``t2m``, ``z`` …)."""
-        up = self.is_upper_air
-        return np.array([VARIABLES[v].upper if u else VARIABLES[v].surface
-                         for v, u in zip(self.variable, up)], dtype=object).astype(str)
+        names, inv = np.unique(self.variable, return_inverse=True)
+        upper = np.array([VARIABLES[n].upper or "" for n in names] or [""])
+        surface = np.array([VARIABLES[n].surface or "" for n in names] or [""])
+        return np.where(self.is_upper_air, upper[inv], surface[inv]).astype(str)
 
     def subset(self, keep: np.ndarray) -> "ObsRecords":
         """The observations where ``keep`` (bool (n,) or indices)."""
