@@ -439,3 +439,25 @@ def test_surface_humidity_and_upper_air_msl_are_refused():
         ObsRecords(t, [0.0], [0.0], [np.nan], ["specificHumidity"], [1e-3], [1e-4]).check()
     with pytest.raises(InputError, match="surface variable"):
         ObsRecords(t, [0.0], [0.0], [50000.0], ["pressureReducedToMeanSeaLevel"], [1e5], [100.0]).check()
+
+
+def test_assim_obs_reward_ranks_candidates_by_their_fit_to_the_observations(files):
+    """Candidates x_n = truth + n·δ: the misfit grows with n, so the reward falls with n; it is the
+    pairwise sigmoid of the hand-computed per-variable normalised RMS."""
+    from align_rl.alignment.rewards import REWARDS, RewardContext, pairwise_sigmoid
+
+    norm, truth, nc, csv, _ = files
+    obs = point_observations(_read_all(nc, csv), TIMES, WINDOW, GRID.lat, GRID.lon, norm)[0]
+    xt = torch.as_tensor(norm.normalize(truth[0]), dtype=torch.float32)
+    delta = 0.2 * torch.randn(xt.shape, generator=torch.Generator().manual_seed(2))
+    cands = torch.stack([xt + n * delta for n in range(3)])
+    ctx = RewardContext(cands, xt, norm, GRID.lat, GRID.lon, observations=obs)
+    r = REWARDS["assim_obs"](ctx)
+    assert r[0] > r[1] > r[2]
+    codes = sorted(set(obs.var_code.tolist()))
+    err = np.zeros((3, len(codes)))
+    for n in range(3):
+        d = (obs.values - obs.apply(cands[n][None])).double() ** 2 / obs.variance.double()
+        for k, c in enumerate(codes):
+            err[n, k] = math.sqrt(d[obs.var_code == c].mean().item())
+    np.testing.assert_allclose(r, pairwise_sigmoid(err), rtol=1e-6)
