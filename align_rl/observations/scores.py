@@ -1,4 +1,4 @@
-"""Observation-space statistics: O−B and O−A (docs/method.md §10).
+"""Observation-space statistics: O−B and O−A (docs/method.md §3.1).
 
 ``d = y − H(x)`` at every observation, with ``x`` the background (O−B, the innovations) or an
 analysis (O−A, the residuals), per state variable: count, mean (bias), RMS in physical units, and

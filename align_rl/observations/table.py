@@ -7,7 +7,7 @@ One row per observation, columns::
     [, station]
 
 Values are converted to the state's units (:mod:`.variables`); a bad table raises InputError
-naming the column, row and variable, before anything is returned (docs/method.md §3.1).
+naming the column and variable, before anything is returned (docs/method.md §3.1).
 """
 
 from __future__ import annotations
