@@ -53,15 +53,16 @@ def _records(n: int, seed: int = 0) -> ObsRecords:
     return ObsRecords(t, lat, lon, p, var, rng.normal(size=n), np.ones(n))
 
 
-def _time(fn, repeats: int) -> tuple[float, float]:
-    """Median seconds of ``fn()`` and the peak-RSS growth (MB) of its first call."""
+def _time(fn, repeats: int) -> tuple[float, float, float]:
+    """Median wall and CPU (process, all threads) seconds of ``fn()``, and the peak-RSS growth (MB)."""
     before = _peak_mb()
-    ts = []
+    ts, cs = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), _peak_mb() - before
+        cs.append(time.process_time() - c0)
+    return statistics.median(ts), statistics.median(cs), _peak_mb() - before
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,15 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     lon = 360 / W * np.arange(W)
     norm = Normalizer(np.zeros(N_CHANNELS), np.ones(N_CHANNELS))
     rec = _records(a.obs)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     obs = point_observations(rec, rec.time[:1], np.timedelta64(3, "h"), lat, lon, norm)
-    t_build = time.perf_counter() - t0
+    t_build, c_build = time.perf_counter() - t0, time.process_time() - c0
     op_mb = sum(t.numel() * t.element_size() for t in (obs.values, obs.variance, obs.row, obs.index,
                                                         obs.weight, obs.var_code)) / 2**20
     x = torch.randn(1, N_CHANNELS, H, W, generator=torch.Generator().manual_seed(0))
     r = torch.randn(obs.n_obs, generator=torch.Generator().manual_seed(1))
-    t_apply, m_apply = _time(lambda: obs.apply(x), a.repeats)
-    t_adj, m_adj = _time(lambda: obs.adjoint(r), a.repeats)
+    t_apply = _time(lambda: obs.apply(x), a.repeats)
+    t_adj = _time(lambda: obs.adjoint(r), a.repeats)
 
     def grad():
         xg = x.detach().requires_grad_(True)
@@ -92,20 +93,22 @@ def main(argv: list[str] | None = None) -> int:
         (g,) = torch.autograd.grad(loss, xg)
         return g
 
-    t_grad, m_grad = _time(grad, a.repeats)
-    rows = [("build the operator (once per analysis time)", t_build, float("nan")),
-            ("apply H x", t_apply, m_apply), ("adjoint Hᵀ r", t_adj, m_adj),
-            ("DPS-like gradient ∇ √(Σ r²/σ²) (autograd)", t_grad, m_grad)]
+    t_grad = _time(grad, a.repeats)
+    rows = [("build the operator (once per analysis time)", (t_build, c_build, float("nan"))),
+            ("apply H x", t_apply), ("adjoint Hᵀ r", t_adj),
+            ("DPS-like gradient ∇ √(Σ r²/σ²) (autograd)", t_grad)]
     lines = [SECTION, "",
              f"{obs.n_obs:,} observations (70 % upper-air, interpolated in log-pressure; 30 % "
              f"surface) on the {H} × {W} grid, 69 channels, one analysis time; CPU: {cpu_name()}, "
              f"{torch.get_num_threads()} threads, float32; median of {a.repeats}. The operator "
              f"holds {op_mb:.0f} MB (indices and weights, 8 nodes per observation); the field x is "
              f"{x.numel() * 4 / 2**20:.0f} MB. Peak-memory growth is the process's peak resident "
-             "memory over the step (0 when the step fits in memory already reached).", "",
-             "| step | time (s) | peak-memory growth (MB) |", "|---|---|---|"]
-    for name, t, m in rows:
-        lines.append(f"| {name} | {t:.3f} | {'—' if m != m else f'{m:.0f}'} |")
+             "memory over the step (0 when the step fits in memory already reached). Wall-clock "
+             "time depends on what else runs on the machine; CPU time is the process's own (all "
+             "threads).", "",
+             "| step | wall (s) | CPU (s) | peak-memory growth (MB) |", "|---|---|---|---|"]
+    for name, (t, c, m) in rows:
+        lines.append(f"| {name} | {t:.3f} | {c:.3f} | {'—' if m != m else f'{m:.0f}'} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if not a.no_write:

@@ -461,3 +461,28 @@ def test_assim_obs_reward_ranks_candidates_by_their_fit_to_the_observations(file
         for k, c in enumerate(codes):
             err[n, k] = math.sqrt(d[obs.var_code == c].mean().item())
     np.testing.assert_allclose(r, pairwise_sigmoid(err), rtol=1e-6)
+
+
+def test_grids_with_pole_rows_interpolate_inside():
+    """ERA5-style grid with rows on the poles (lat −90 … 90 in 45° steps, lon 45° steps): a point at
+    89°N lies between rows 3 (45°) and 4 (90°), a = 44/45, no across-pole nodes."""
+    lat, lon = np.linspace(-90, 90, 5), np.arange(8) * 45.0
+    norm = Normalizer(np.zeros(N_CHANNELS), np.ones(N_CHANNELS))
+    rec = ObsRecords(np.full(1, T0), [89.0], [100.0], [np.nan], ["windEastward"], [0.0], [1.0])
+    obs = point_observations(rec, T0, WINDOW, lat, lon, norm)
+    x = torch.randn(1, N_CHANNELS, 5, 8, dtype=torch.float64)
+    iu, a, b = channel_index("u10"), 44 / 45, 10 / 45
+    hand = ((1 - a) * ((1 - b) * x[0, iu, 3, 2] + b * x[0, iu, 3, 3])
+            + a * ((1 - b) * x[0, iu, 4, 2] + b * x[0, iu, 4, 3]))
+    assert obs.apply(x).item() == pytest.approx(hand.item())
+    assert (obs.weight >= 0).all()
+
+
+def test_repaint_guidance_refuses_unprojected_point_observations(files):
+    from align_rl.diffusion.guidance import make_guidance
+    from align_rl.errors import ConfigError
+
+    norm, truth, nc, csv, _ = files
+    obs = point_observations(_read_all(nc, csv), TIMES, WINDOW, GRID.lat, GRID.lon, norm)
+    with pytest.raises(ConfigError, match="to_grid"):
+        make_guidance("repaint", Identity(), obs)
