@@ -104,8 +104,12 @@ def test_command_runs_and_refuses_a_bad_file_first(world, tmp_path, monkeypatch,
     bad.write_text("time,latitude,longitude,pressure,variable,value,error,units\n"
                    "2005-01-03T00:00:00Z,95.0,0.0,,airTemperature,280.0,1.0,K\n")
     monkeypatch.setattr(runner, "load_eval_data", lambda cfg, ws: pytest.fail("world loaded"))
+    work = tmp_path / "fresh"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    bad_args = [a if not a.startswith("run.workdir=") else f"run.workdir={work}" for a in args]
     with pytest.raises(SystemExit) as exc:
-        cmd.main(["--obs", str(bad), *args])
-    assert exc.value.code != 0
+        cmd.main(["--obs", str(bad), *bad_args])
+    assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "bad.csv" in err and "latitude" in err and "±90" in err
+    assert "bad.csv" in err and "latitude" in err and "±90" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and not work.exists()  # nothing written
