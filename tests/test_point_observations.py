@@ -486,3 +486,36 @@ def test_repaint_guidance_refuses_unprojected_point_observations(files):
     obs = point_observations(_read_all(nc, csv), TIMES, WINDOW, GRID.lat, GRID.lon, norm)
     with pytest.raises(ConfigError, match="to_grid"):
         make_guidance("repaint", Identity(), obs)
+
+
+def test_units_are_converted_and_parquet_reads_like_csv(tmp_path):
+    """°C, hPa and g/kg in a table become K, Pa and kg/kg; the same table as Parquet reads the same."""
+    import pandas as pd
+
+    df = pd.DataFrame({
+        "time": ["2005-01-01T00:00:00Z"] * 3, "latitude": [10.0, 10.0, -30.0],
+        "longitude": [20.0, 20.0, 200.0], "pressure": [85000.0, 70000.0, np.nan],
+        "variable": ["airTemperature", "specificHumidity", "pressureReducedToMeanSeaLevel"],
+        "value": [15.0, 6.0, 1012.5], "error": [1.0, 0.5, 1.2], "units": ["degC", "g kg-1", "hPa"]})
+    df.to_csv(tmp_path / "t.csv", index=False)
+    df.to_parquet(tmp_path / "t.parquet", index=False)
+    for f in ("t.csv", "t.parquet"):
+        rec = read_observations(tmp_path / f)
+        np.testing.assert_allclose(rec.value, [288.15, 6e-3, 101250.0])
+        np.testing.assert_allclose(rec.error, [1.0, 5e-4, 120.0])  # an error has no offset
+        assert list(rec.state_var) == ["t", "q", "msl"]
+
+
+def test_preqc_flags_drop_observations(tmp_path):
+    path = _good_ioda(tmp_path)
+    n = len(read_ioda(path))
+
+    def flag(f):
+        q = f["PreQC/airTemperature"][...]
+        k = int(np.flatnonzero(q == 0)[0])
+        q[k] = 12
+        f["PreQC/airTemperature"][...] = q
+
+    rec = read_ioda(_edit(path, flag))
+    assert len(rec) == n - 1 and rec.preqc_dropped == 1
+    assert rec.counts()["airTemperature"] == 1
