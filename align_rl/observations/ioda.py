@@ -136,7 +136,7 @@ def read_ioda(path: str | Path) -> ObsRecords:
             f"{path}: {g}" + (f" ({var})" if var else ""))
 
     rec.check(where)
-    rec.preqc_dropped = dropped  # type: ignore[attr-defined]
+    rec.preqc_dropped = dropped
     return rec
 
 

@@ -40,6 +40,8 @@ class ObsRecords:
     value: np.ndarray
     error: np.ndarray
     station: np.ndarray | None = field(default=None)
+    preqc_dropped: int = 0
+    """Observations the reader dropped for a non-zero PreQC flag (not held here)."""
 
     def __post_init__(self) -> None:
         n = len(self.value)
