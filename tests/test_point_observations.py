@@ -492,6 +492,7 @@ def test_units_are_converted_and_parquet_reads_like_csv(tmp_path):
     """°C, hPa and g/kg in a table become K, Pa and kg/kg; the same table as Parquet reads the same."""
     import pandas as pd
 
+    pytest.importorskip("pyarrow")
     df = pd.DataFrame({
         "time": ["2005-01-01T00:00:00Z"] * 3, "latitude": [10.0, 10.0, -30.0],
         "longitude": [20.0, 20.0, 200.0], "pressure": [85000.0, 70000.0, np.nan],
