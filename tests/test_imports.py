@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "align_rl"
 COMMANDS = {"align_rl.train", "align_rl.pretrain", "align_rl.evaluate", "align_rl.sweep",
-            "align_rl.score", "align_rl.data.__main__"}
+            "align_rl.score", "align_rl.data.__main__", "align_rl.network"}
 """The thin commands (``python -m align_rl.<command>``): they compose a job, so they alone may
 import ``actors`` (to supply its Ray actors, :func:`actors.install`)."""
 

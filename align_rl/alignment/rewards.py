@@ -7,6 +7,8 @@ A reward is ``fn(ctx: RewardContext) -> (N,)`` float64 numpy array, registered b
 - ``assim``: pairwise-sigmoid accuracy of the analyses against the truth,
   ``R(n) = 1/(N−1) Σ_{j≠n} 1/69 Σ_m σ(−wrmse[n][m] + wrmse[j][m])`` with the per-channel
   latitude-weighted RMSE in normalised units (:func:`pairwise_sigmoid`);
+- ``assim_obs``: the same with the observation-space misfit of point observations
+  (:mod:`align_rl.observations`) in place of the truth, per state variable;
 - ``forecast``: the same on the forecaster's 48 h forecasts from each analysis against the truth
   48 h later;
 - ``phys``: ``R_phys = 2 σ(−|D − D_GT| / D_GT)`` with the geostrophic imbalance ``D`` at 500 hPa in
@@ -40,6 +42,7 @@ import torch
 from align_rl.errors import ConfigError, InputError
 from align_rl.evaluation.geostrophic import geo_imbalance, geo_reward
 from align_rl.evaluation.metrics import wrmse
+from align_rl.observations.scores import normalised_rms
 
 RewardFn = Callable[["RewardContext"], np.ndarray]
 
@@ -76,6 +79,7 @@ class RewardContext:
     truth_forecast: torch.Tensor | None = None
     geo_level: int = 500
     geo_band: float = 15.0
+    observations: Any = None  # point observations of this background (batch 1) for ``assim_obs``
 
     def __post_init__(self) -> None:
         a = self.analyses
@@ -115,6 +119,16 @@ def _wrmse_norm(a: torch.Tensor, b: torch.Tensor, lat: np.ndarray) -> np.ndarray
 def assim_reward(ctx: RewardContext) -> np.ndarray:
     """Pairwise-sigmoid accuracy of the analyses (normalised per-channel WRMSE vs the truth)."""
     return pairwise_sigmoid(_wrmse_norm(ctx.analyses, ctx.truth, ctx.lat))
+
+
+@register_reward("assim_obs")
+def assim_obs_reward(ctx: RewardContext) -> np.ndarray:
+    """Pairwise-sigmoid fit to point observations (no truth needed): per state variable
+    ``sqrt(mean((y − H(x_a))² / σ_o²))`` of each candidate (docs/method.md §7.2)."""
+    if ctx.observations is None:
+        raise InputError("the assim_obs reward needs the background's point observations "
+                         "(RewardContext.observations); use 'assim' to score against the truth")
+    return pairwise_sigmoid(normalised_rms(ctx.observations, ctx.analyses[None]))
 
 
 @register_reward("forecast")

@@ -65,7 +65,8 @@ def analyse(
     autocast_guidance: bool | None = None,
 ) -> Analysis:
     """Analyses of the backgrounds ``x_b`` (B, 69, H, W) normalised given ``obs`` (Observations
-    with ``values``/``mask`` (B, 69, H, W) normalised; may be None for ``method="obsfree"``).
+    with ``values``/``mask`` (B, 69, H, W) normalised, or PointObservations of B times
+    (docs/method.md §3.1); may be None for ``method="obsfree"``).
 
     ``method``: obsfree | repaint | dps. ``sampler_cfg``: ``steps``, ``corrections``, ``tau``,
     ``members`` (``members`` argument overrides), ``decode`` (anchored | plain; plain when the
@@ -84,9 +85,13 @@ def analyse(
         raise InputError(f"x_b must be (B, 69, H, W) normalised, got {tuple(x_b.shape)}")
     if not torch.isfinite(x_b).all():
         raise InputError("the background holds NaN or inf values; check the background store")
-    if obs is not None and obs.values.shape != x_b.shape:
+    point = getattr(obs, "is_point", False)
+    if obs is not None and not point and obs.values.shape != x_b.shape:
         raise InputError(f"observations {tuple(obs.values.shape)} do not match the backgrounds "
                          f"{tuple(x_b.shape)}")
+    if point and (len(obs) != x_b.shape[0] or tuple(obs.field_shape) != tuple(x_b.shape[1:])):
+        raise InputError(f"point observations of {len(obs)} times on a {obs.field_shape} grid do "
+                         f"not match the backgrounds {tuple(x_b.shape)}")
     n = int(members if members is not None else _get(sampler_cfg, "members", 8))
     steps = int(_get(sampler_cfg, "steps", 32))
     corr = int(_get(sampler_cfg, "corrections", 1))
@@ -111,6 +116,8 @@ def analyse(
         with torch.no_grad():
             dec = decoder_for(codec, xb, decoding)
             z_b = dec.z_b if isinstance(dec, AnchoredCodec) else codec.encode(xb)  # encoded once
+        if point and method == "repaint":  # Repaint mixes on grid points only (§6.2)
+            o = o.to_grid(xb)
         guidance = make_guidance(method, dec, o, guidance_cfg, **extra)
         z = sample(eps_fn, z_b, n, steps, corr, tau, guidance=guidance, generator=generator,
                    progress=progress)

@@ -19,7 +19,10 @@ background ``b``); the observations hold one row per background and are repeated
 
 Fields are normalised ``(…, 69, H, W)``; ``R = obs.variance`` (σ_o² with a floor) in normalised
 units. The observation operator is any callable ``H(x (B·N, 69, H, W)) -> y-shaped``; the default
-masks with ``obs.mask`` (``y = m ⊙ (x + e)``).
+masks with ``obs.mask`` (``y = m ⊙ (x + e)``). Point observations
+(:class:`align_rl.observations.operator.PointObservations`, ``obs.is_point``) bring their own
+interpolating operator and per-observation variances (docs/method.md §3.1); Repaint takes them
+projected to grid nodes (``obs.to_grid(x_b)``, done by :func:`align_rl.diffusion.analysis.analyse`).
 """
 
 from __future__ import annotations
@@ -73,8 +76,8 @@ class LatentRepaint:
 
     def __init__(self, codec: Any, obs: Any) -> None:
         if getattr(obs, "mask", None) is None:
-            raise ConfigError("Repaint needs masked observations (obs.mask); use DPS for other "
-                              "observation operators")
+            raise ConfigError("Repaint needs observations on grid points (obs.mask); project point "
+                              "observations with obs.to_grid(x_b) (docs/method.md §6.2) or use DPS")
         self.codec = codec
         self.obs = obs
 
@@ -139,6 +142,10 @@ class LatentDPS:
             x0 = self.codec.decode((z - sig_s * eps) / mu_s)
         if x0.dtype in (torch.float16, torch.bfloat16):
             x0 = x0.float()
+        if getattr(self.obs, "is_point", False):  # interpolating H and per-observation R (§3.1)
+            extra = 0.0 if self.likelihood == "norm" else self.gamma * (sig_s / mu_s) ** 2
+            q = self.obs.misfit(x0, ctx.members, extra)
+            return torch.sqrt(q + 1e-12) if self.likelihood == "norm" else 0.5 * q
         y = _rows(self.obs.values, ctx, x0)
         if self.operator is None:
             hx = _rows(self.obs.mask, ctx, x0) * x0
