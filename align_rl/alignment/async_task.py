@@ -172,8 +172,8 @@ class AsyncDPOTask(DPOTask):
         self.ref_version = want
 
     def batch(self, step: int, rank: int, size: int) -> tuple[torch.Tensor, ...]:
-        v = version_at(step, self.k)
-        self.version = v
+        v = version_at(step, self.k)  # the version the learner is at when it draws the batch
+        self.version = version_at(step + 1, self.k)  # that of the policy after this step
         if self.r:
             self._refresh_reference(v)
         if rank == 0 and step > 0 and step % self.k == 0 and self.stream.published < v:
