@@ -4,7 +4,7 @@ sampler loses and duplicates nothing."""
 
 from __future__ import annotations
 
-import threading
+import json
 import time
 from collections import Counter
 
@@ -173,3 +173,36 @@ def test_sides_separate_when_the_cluster_holds_both(tmp_path):
     gpu = plan_sides({"CPU": 64.0, "GPU": 1.0, "sampler": 10.0, "learner": 10.0}, cfg, use_gpu=True,
                      validator=False)
     assert gpu["separate"] and gpu["groups"]
+
+
+def test_cluster_configs_have_a_sampler_and_a_learner_group(tmp_path):
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    launcher = yaml.safe_load((repo / "cluster" / "a100.yaml").read_text())
+    res = {}
+    for t in launcher["available_node_types"].values():
+        for k, v in t["resources"].items():
+            res[k] = res.get(k, 0) + v * int(t.get("max_workers", 1))
+    assert res["sampler"] > 0 and res["learner"] > 0
+    job = [d for d in yaml.safe_load_all((repo / "cluster" / "rayjob.yaml").read_text()) if d and d.get("kind") == "RayJob"][0]
+    groups = {g["groupName"]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    for name in ("sampler", "learner"):
+        custom = json.loads(json.loads(groups[name]["rayStartParams"]["resources"]))
+        assert custom == {name: 1000}
+    cfg = load_config(overrides=[f"run.workdir={tmp_path}"])
+    assert plan_sides(res, cfg, use_gpu=True, validator=True)["groups"]
+
+
+def test_tune_config_compares_offline_sync_and_async(tmp_path):
+    from pathlib import Path
+
+    from align_rl.tune.sweep import load_spec, trial_config
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "tune_configs" / "offline_sync_async.yaml")
+    assert spec.search["dpo.mode"].values == ["offline", "sync", "async"]
+    base = load_config(overrides=[f"run.workdir={tmp_path}"])
+    assert [trial_config(base.to_dict(), {"dpo.mode": m}).dpo.mode for m in ("offline", "sync", "async")] \
+        == ["offline", "sync", "async"]

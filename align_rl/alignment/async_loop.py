@@ -244,8 +244,11 @@ def run_async(cfg: Config, workers: Any, make_pool: Callable[[Config], Any], sto
         validator = st.validator(validation, cfg, reference_ckpt, out_dir, plan["actor_cpus"])
         vals = Validations(validator, wstore, max(1, round(int(d.val_every) / int(d.sync_every))))
     scaling = worker_scaling(int(d.num_workers), d.cpus_per_worker, use_gpu)
-    if plan["groups"]:
-        scaling.resources_per_worker = {**scaling.resources_per_worker, "learner": 1.0}
+    if plan["groups"]:  # the learner group of cluster/
+        from ray.train import ScalingConfig
+
+        scaling = ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                resources_per_worker={**scaling.resources_per_worker, "learner": 1.0})
     conf = learner_config(cfg, reference_ckpt, reference_ckpt, out_dir, buffer, wstore, mode, progress, crash)
     t0 = time.time()
     feed.start()
