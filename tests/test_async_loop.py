@@ -9,13 +9,11 @@ import time
 from collections import Counter
 
 import numpy as np
-import pytest
 import torch
 
 from align_rl.alignment.async_feed import SamplerFeed, background_stream
 from align_rl.alignment.async_loop import plan_sides
 from align_rl.alignment.async_task import StreamClient, reference_version, version_at
-from align_rl.alignment.buffer import read_takes
 from align_rl.alignment.candidates import BackgroundTask, Drawn
 from align_rl.alignment.loop_metrics import loop_metrics
 from align_rl.config import load_config
