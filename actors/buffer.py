@@ -22,8 +22,8 @@ class BufferActor:
     def take(self, step: int, rank: int, size: int, current: int):
         return self.buf.take(step, rank, size, current)
 
-    def background_counts(self):
-        return self.buf.background_counts()
+    def drawn(self):
+        return self.buf.drawn()
 
     def stats(self):
         return self.buf.stats()

@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from align_rl.alignment.async_feed import SamplerFeed, background_stream
+from align_rl.alignment.async_feed import SamplerFeed, pick_backgrounds
 from align_rl.alignment.async_loop import plan_sides
 from align_rl.alignment.async_task import StreamClient, reference_version, version_at
 from align_rl.alignment.candidates import BackgroundTask, Drawn
@@ -151,9 +151,12 @@ def test_killed_sampler_loses_and_duplicates_nothing(ray_session, tmp_path):
     assert {r["slot"] for r in feed.records if r["version"] == 1} == {0, 1}
 
 
-def test_background_stream_skips_committed_groups_per_pass():
-    it = background_stream([3, 1, 2], {1: 1, 2: 2})
-    assert [next(it) for _ in range(5)] == [3, 3, 1, 3, 1]
+def test_backgrounds_least_drawn_first_never_twice_per_version():
+    order = [3, 1, 2, 0]
+    assert pick_backgrounds(order, {}, set(), 2) == [3, 1]
+    assert pick_backgrounds(order, {3: 1, 1: 1}, set(), 3) == [2, 0, 3]  # the pass goes on
+    assert pick_backgrounds(order, {3: 2, 1: 1, 2: 1, 0: 1}, {1, 2}, 3) == [0, 3]  # 1, 2 drawn at v
+    assert pick_backgrounds(order, {}, {0, 1, 2, 3}, 2) == []  # wait for a new version
 
 
 def test_reference_refresh_versions():

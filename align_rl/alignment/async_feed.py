@@ -9,8 +9,9 @@ actor (chained refs), paired on the driver (:func:`~align_rl.alignment.candidate
 committed through the buffer actor (``add``).
 
 Backgrounds follow the seeded order (:func:`~align_rl.alignment.candidates.background_order`),
-pass after pass; a background already committed in this pass (a rerun, the warm start) is
-skipped. A task lost with its actor (a killed sampler: Ray restarts it with the reference weights)
+the least drawn first (:func:`pick_backgrounds`: pass after pass, counting what a rerun or the warm
+start committed), never one already drawn by the same policy version; when every background has
+been drawn by the newest version the free samplers wait for the next one. A task lost with its actor (a killed sampler: Ray restarts it with the reference weights)
 or answered with stale weights is submitted again with the same chunk (and the newest weights: the
 failed task committed nothing), so nothing is lost, and the store's dedup (group key, pair hash)
 keeps anything committed twice once.
@@ -25,7 +26,7 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 from align_rl.alignment.candidates import make_group
 
@@ -39,18 +40,13 @@ def _retryable() -> tuple:
             ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError)
 
 
-def background_stream(order: Sequence[int], done: dict[int, int]) -> Iterator[int]:
-    """Background ids in ``order``, pass after pass, skipping a background in pass ``p`` when
-    ``done[bg] > p`` (its group of that pass is already committed)."""
-    order = [int(i) for i in order]
-    if not order:
-        return
-    p = 0
-    while True:
-        for b in order:
-            if done.get(b, 0) <= p:
-                yield b
-        p += 1
+def pick_backgrounds(order: Sequence[int], counts: dict[int, int], taken: set[int], n: int) -> list[int]:
+    """Up to ``n`` background ids for the next task: those drawn fewest times so far (``counts``,
+    committed or in flight), the seeded ``order`` breaking ties, leaving out ``taken`` (those
+    already drawn by the current policy version: the same key would add nothing)."""
+    free = [int(b) for b in order if int(b) not in taken]
+    free.sort(key=lambda b: counts.get(b, 0))  # stable: the order within equal counts
+    return free[:n]
 
 
 class SamplerFeed(threading.Thread):
@@ -70,6 +66,7 @@ class SamplerFeed(threading.Thread):
         self._halt = threading.Event()
         self.records: list[dict] = []
         self.resubmitted = 0
+        self.drawn: set[tuple[int, int]] = set()  # (bg_id, version) committed or in flight
         self.error: BaseException | None = None
 
     def stop(self, timeout: float = 60.0) -> None:
@@ -97,7 +94,11 @@ class SamplerFeed(threading.Thread):
     def _run(self, ray) -> None:
         cfg = self.cfg
         bs = max(1, int(cfg.actors.batch_size))
-        ids = background_stream(self.order, ray.get(self.buffer.background_counts.remote()))
+        keys = ray.get(self.buffer.drawn.remote())  # (bg_id, version) committed
+        counts: dict[int, int] = {}
+        for b, _ in keys:
+            counts[b] = counts.get(b, 0) + 1
+        self.drawn = {(int(b), int(v)) for b, v in keys}
         weights = {k: float(v) for k, v in cfg.rewards.weights.items()}
         held: dict[int, int] = {}
         inflight: dict = {}
@@ -105,9 +106,17 @@ class SamplerFeed(threading.Thread):
         while not self._halt.is_set():
             while free:
                 version, _, (wref,) = ray.get(self.weights.latest.remote())
-                chunk = self.tasks_for([next(ids) for _ in range(bs)])
-                job = self._submit(free.pop(0), chunk, version, wref, held)
+                ids = pick_backgrounds(self.order, counts, {b for b, v in self.drawn if v == version}, bs)
+                if not ids:  # all drawn by this version: wait for the next one
+                    break
+                for b in ids:
+                    counts[b] = counts.get(b, 0) + 1
+                    self.drawn.add((b, version))
+                job = self._submit(free.pop(0), self.tasks_for(ids), version, wref, held)
                 inflight[job["sref"]] = job
+            if not inflight:
+                self._halt.wait(0.1)
+                continue
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.1)
             if not ready:
                 continue
@@ -143,6 +152,8 @@ class SamplerFeed(threading.Thread):
         import ray
 
         version, _, (wref,) = ray.get(self.weights.latest.remote())  # the failed one committed nothing
+        for t in job["chunk"]:
+            self.drawn.add((int(t.bg_id), version))
         new = self._submit(job["slot"], job["chunk"], version, wref, held)
         new["tries"], new["t0"] = job["tries"] + 1, job["t0"]
         inflight[new["sref"]] = new

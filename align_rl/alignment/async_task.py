@@ -179,7 +179,7 @@ class AsyncDPOTask(DPOTask):
         if rank == 0 and step > 0 and step % self.k == 0 and self.stream.published < v:
             self.stream.publish(step, self.model)
         out = self.stream.take(step, rank, size)
-        return tuple(torch.from_numpy(out[k]) for k in ("z_w", "z_l", "z_b"))
+        return tuple(torch.tensor(out[k]) for k in ("z_w", "z_l", "z_b"))  # own copies: writable
 
     def finalize(self, metrics: dict[str, float]) -> dict[str, float]:
         return {**super().finalize(metrics), **self.stream.window(), "ref_version": self.ref_version}

@@ -104,9 +104,10 @@ class PairBuffer:
             self._index()
         return {**out, "total_pairs": len(self.ps)}
 
-    def background_counts(self) -> dict[int, int]:
-        """``{bg_id: committed groups}`` (to skip backgrounds already drawn in a pass)."""
-        return dict(Counter(int(b) for b in self.store.backgrounds()["bg_id"]))
+    def drawn(self) -> list[tuple[int, int]]:
+        """``(bg_id, version)`` of every committed group (what the samplers need not draw again)."""
+        b = self.store.backgrounds()
+        return [(int(i), int(v)) for i, v in zip(b["bg_id"], b["version"])]
 
     # ------------------------------------------------------------------ learner side
     def _rollback(self, step: int, rank: int) -> None:
