@@ -151,6 +151,7 @@ class SamplerFeed(threading.Thread):
         self.log(f"sampler task of backgrounds {[t.bg_id for t in job['chunk']]} again: {why}")
         import ray
 
+        self._halt.wait(0.2 * (job["tries"] + 1))  # e.g. a restarted learner republishes its weights
         version, _, (wref,) = ray.get(self.weights.latest.remote())  # the failed one committed nothing
         for t in job["chunk"]:
             self.drawn.add((int(t.bg_id), version))

@@ -8,7 +8,9 @@
   ``⌊s / k⌋`` and asks the buffer for pairs no more than ``dpo.staleness`` versions behind it;
 - **publishing**: before the batch of step ``s = v · k`` (``v`` ≥ 1), rank 0 puts the policy's
   state dict (CPU tensors) in the object store and hands the reference to the weight-store actor
-  (one ``ray.put`` and one actor call it does not wait for);
+  (one ``ray.put`` and one actor call it does not wait for); a learner attempt that starts at a
+  step of version ≥ 1 (after a worker failure) publishes its weights first, since the objects of
+  the failed worker are gone;
 - **waiting**: a step with no batch polls the buffer every ``poll_s`` seconds; the time is logged;
 - **timeline**: ``start``, ``take`` (with its wait), ``publish`` and ``end`` events
   (:mod:`align_rl.alignment.loop_metrics`), appended to ``out_dir/timeline-learner.jsonl`` at
@@ -176,8 +178,8 @@ class AsyncDPOTask(DPOTask):
         self.version = version_at(step + 1, self.k)  # that of the policy after this step
         if self.r:
             self._refresh_reference(v)
-        if rank == 0 and step > 0 and step % self.k == 0 and self.stream.published < v:
-            self.stream.publish(step, self.model)
+        if rank == 0 and v > 0 and self.stream.published < v:  # at k-step boundaries, and at the
+            self.stream.publish(step, self.model)  # start of an attempt (a restarted worker's refs are gone)
         out = self.stream.take(step, rank, size)
         return tuple(torch.tensor(out[k]) for k in ("z_w", "z_l", "z_b"))  # own copies: writable
 
