@@ -1,5 +1,6 @@
-"""The streaming pair buffer (staleness, reuse, consumption log, resume, warm start) and the loop's
-measures, against hand-built groups and hand-computed intervals (docs/method.md §9.4)."""
+"""The streaming pair buffer (staleness, reuse, consumption log, resume, warm start), the loop's
+measures and the learner's reference refresh, against hand-built groups, hand-computed intervals
+and the tiny models (docs/method.md §9.4)."""
 
 from __future__ import annotations
 
@@ -127,3 +128,39 @@ def test_loop_measures_from_hand_made_timelines():
     # a cut attempt and a resumed one: two spans, the gap between them is not learner time
     two = learner[:3] + [{"kind": "start", "t0": 20.0, "t1": 20.0}, {"kind": "end", "t0": 24.0, "t1": 24.0}]
     assert learner_spans(two) == [(0.0, 2.1), (20.0, 24.0)]
+
+
+def test_reference_refresh_takes_the_policy_and_survives_a_restart(tmp_path):
+    import torch
+
+    from align_rl.alignment.async_task import AsyncDPOTask
+    from align_rl.io.checkpoints import read_checkpoint
+    from align_rl.training.loop import Worker
+
+    from .tiny_align import tiny_world
+
+    cfg, ws, models, truth, bg, ref = tiny_world(tmp_path)
+    conf = {"cfg": cfg.to_dict(), "seed": 0, "k": 2, "refresh_reference": 2, "reference_ckpt": str(ref),
+            "init_ckpt": str(ref), "diffusion_cfg": dict(read_checkpoint(ref)["config"]),
+            "out_dir": str(tmp_path / "out"), "buffer": None, "weights": None, "steps": 10}
+    (tmp_path / "out").mkdir()
+
+    def params(m):
+        return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    task = AsyncDPOTask(conf, Worker())
+    model = task.build(torch.device("cpu"))
+    ref0 = params(task.reference).clone()
+    task._refresh_reference(1)  # version 1 < r: still the pretrained reference
+    assert torch.equal(params(task.reference), ref0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    task._refresh_reference(2)  # version 2: the reference becomes the policy of version 2
+    assert task.ref_version == 2 and torch.equal(params(task.reference), params(model))
+    assert not torch.equal(params(task.reference), ref0)
+    # a restarted learner (fresh task, other weights) takes the saved reference of version 2
+    again = AsyncDPOTask(conf, Worker())
+    again.build(torch.device("cpu"))
+    again._refresh_reference(3)
+    assert again.ref_version == 2 and torch.equal(params(again.reference), params(model))
