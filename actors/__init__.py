@@ -11,12 +11,13 @@ from align_rl import remote
 from .analysis import analyse_batch
 from .forecast import run_forecasts
 from .pool import CandidatePool
+from .stream import StreamActors
 
 
 def install() -> remote.Workers:
     """Supply this package's actors to align_rl in this process; returns them (to pass on to other
     Ray processes that run library stages, e.g. Tune trials)."""
     workers = remote.Workers(candidate_pool=CandidatePool, forecast=run_forecasts,
-                             analyse=analyse_batch)
+                             analyse=analyse_batch, stream=StreamActors())
     remote.provide(workers)
     return workers

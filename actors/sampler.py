@@ -57,13 +57,16 @@ class SamplerActor:
 
 def actor_options(cfg, gpu: bool = True) -> dict:
     """Ray options of an actor from ``cfg.actors``: CPUs, fractional GPUs (none with
-    ``run.device=cpu``, :func:`align_rl.devices.actor_gpus`), restarts, task retries."""
+    ``run.device=cpu``, :func:`align_rl.devices.actor_gpus`), restarts, task retries; one unit of
+    the custom resource ``sampler`` when the cluster's nodes advertise it (its sampler group)."""
     a = cfg.actors
     opts = {"num_cpus": float(a.cpus_per_actor), "max_restarts": int(a.max_restarts),
             "max_task_retries": int(a.max_task_retries)}
     gpus = actor_gpus(cfg) if gpu else 0.0
     if gpus > 0:
         opts["num_gpus"] = gpus
+    if ray.is_initialized() and "sampler" in ray.cluster_resources():
+        opts["resources"] = {"sampler": 1.0}  # the sampler node group of cluster/ (docs/method.md §9.4)
     return opts
 
 

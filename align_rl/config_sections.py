@@ -213,10 +213,15 @@ class DPOConfig:
     num_workers: int = 1
     use_gpu: bool = False
     checkpoint_every: int = 100
-    mode: str = "offline"  # offline | online
-    sync_every: int = 50  # online: learner steps between weight syncs / pair refreshes
-    staleness: int = 2  # online: pairs older than this many policy versions leave the buffer
-    online_backgrounds: int = 8  # online: new backgrounds per refresh
+    # offline | sync (rounds: sample, then train; "online" is its alias) | async (samplers and the
+    # learner run at once: docs/method.md §9.4)
+    mode: str = "offline"
+    sync_every: int = 50  # sync/async: learner steps between weight publications (async: k)
+    staleness: int = 2  # sync/async: pairs more than this many policy versions behind leave (s)
+    online_backgrounds: int = 8  # sync: new backgrounds per refresh
+    reuse: int = 4  # async: times each pair may be trained on (u)
+    refresh_reference: int = 0  # async: the reference becomes the policy every r versions (0: off)
+    warm_start: bool = True  # async: start the buffer with the offline store's pairs (version 0)
     max_failures: int = 2  # worker-group restarts from the last checkpoint before a run fails
     cpus_per_worker: float = 2.0  # CPUs of each learner worker (and its torch threads)
     # the alignment seed (docs/method.md §9.5): the learner's batch order, t and ε, and the pair

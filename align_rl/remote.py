@@ -14,7 +14,9 @@ align_rl never imports ``actors``. The stages that need actors look them up here
 - ``analyse(cfg, codec, eps_model, x_b, obs, method, sampler_cfg, guidance_cfg, generator,
   members)``: :func:`align_rl.diffusion.analysis.analyse` in an analysis actor on a GPU share
   (``actors.analysis.analyse_batch``), used by :mod:`align_rl.evaluation.runner` when
-  :func:`align_rl.devices.sampling_place` says ``actor``.
+  :func:`align_rl.devices.sampling_place` says ``actor``;
+- ``stream``: the weight-store, pair-buffer and validator actors of asynchronous online DPO
+  (``actors.stream.StreamActors``), used by :func:`align_rl.alignment.async_loop.run_async`.
 
 Whoever composes a job supplies them once per process with :func:`provide` (``actors.install()``
 does; the commands call it first). A Ray process that runs library code needing them (a Tune trial)
@@ -34,6 +36,7 @@ class Workers:
     candidate_pool: Callable[..., Any]
     forecast: Callable[..., Any]
     analyse: Callable[..., Any]
+    stream: Any = None
 
 
 _current: Workers | None = None

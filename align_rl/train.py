@@ -8,8 +8,9 @@ End to end, each step reused from its cache when present:
    reference with ``pairs.guidance``, scored with every reward of ``rewards.names`` by sampler and
    reward actors (``actors.*``), paired for every mode of ``pairs.variants`` and committed to the
    preference store (``pairs.store``, default ``<workdir>/pairs.zarr``);
-3. Diffusion-DPO per variant (``dpo.mode``: ``offline`` on the stored pairs, or ``online`` with
-   refreshes by the policy), checkpoints in ``<workdir>/dpo/<variant>-<hash>/``;
+3. Diffusion-DPO per variant (``dpo.mode``: ``offline`` on the stored pairs, ``sync`` / ``online``
+   with refreshes by the policy in rounds, or ``async`` with samplers and learner at once),
+   checkpoints in ``<workdir>/dpo/<variant>-<hash>/``;
 4. the evaluation (``align_rl.evaluate.run_evaluation``) of the reference and the aligned models
    (``Align-M``, ``Align-P``) × ``guidance.methods`` on held-out ``data.test`` times, never used for
    pairs, with an "Alignment against the paper" section appended to ``report.md``.

@@ -177,6 +177,6 @@ def make_group(task: BackgroundTask, drawn: Drawn, scores: dict[str, np.ndarray]
     for m in modes:
         rng = pair_rng(seed, task.bg_id, drawn.version, m)
         pairs[m] = background_pairs(scores, m, weights, int(pairs_cfg.pairs_per_background), rng,
-                                    int(pairs_cfg.top_k_phys), float(pairs_cfg.decile))
+                                    int(pairs_cfg.top_k_phys), float(pairs_cfg.decile), normalize)
     return CandidateGroup(task.bg_id, task.time, drawn.version, guidance, drawn.z_b, drawn.latents,
                           scores, pairs)

@@ -25,7 +25,7 @@ from align_rl.training.harness import init_ray
 from align_rl.tune.inputs import prepare_shared
 from align_rl.tune.results import SweepResult, collect_results, log_wandb, write_atomic, write_results
 from align_rl.tune.spec import SweepSpec
-from align_rl.tune.trial import dpo_trial, trial_config
+from align_rl.tune.trial import ONLINE_MODES, dpo_trial, trial_config
 
 LOG = logging.getLogger("align_rl.sweep")
 
@@ -55,7 +55,7 @@ def trial_resources(spec: SweepSpec, base: dict, params: dict):
     if r.memory:
         bundles[0]["memory"] = float(r.memory)
     cfg = trial_config(base, params)
-    if cfg.dpo.mode == "online":
+    if cfg.dpo.mode in ONLINE_MODES:
         a = cfg.actors
         bundles += [{"CPU": float(a.cpus_per_actor), "GPU": actor_gpus(cfg)}] * (a.samplers + a.rewarders)
     return PlacementGroupFactory([{k: v for k, v in b.items() if v} or {"CPU": 0.0} for b in bundles])
@@ -64,8 +64,8 @@ def trial_resources(spec: SweepSpec, base: dict, params: dict):
 def local_cpus(spec: SweepSpec, cfg: Config) -> int:
     """CPUs of a local Ray instance (when no cluster is given) that hold one trial at a time:
     its reservation plus the learner's workers (logical CPUs; a laptop may have fewer cores)."""
-    online = cfg.dpo.mode == "online" or "online" in (spec.search.get("dpo.mode").values or []
-                                                    if "dpo.mode" in spec.search else [])
+    modes = set(spec.search.get("dpo.mode").values or [] if "dpo.mode" in spec.search else [])
+    online = cfg.dpo.mode in ONLINE_MODES or bool(modes & set(ONLINE_MODES))
     need = float(spec.resources_per_trial.cpu)
     need += cfg.dpo.num_workers * float(cfg.actors.cpus_per_actor)
     if online:

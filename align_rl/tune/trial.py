@@ -10,7 +10,8 @@ from the SHARED pair store's stored per-candidate scores
 (:func:`align_rl.evaluation.runner.run_evaluation` on ``validation.times`` times of the VAL split
 with one guidance method, :func:`validation_config`), and ``tune.report`` of the metrics
 (:func:`eval_metrics`, :func:`with_changes`), so ASHA can stop weak trials early. Online trials
-(``dpo.mode=online``) run the online loop instead, which draws fresh candidates by design.
+(``dpo.mode=online`` / ``sync``: the rounds; ``async``: the asynchronous loop, one run resumed per
+stage) draw fresh candidates by design.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 
 from align_rl import remote
 from align_rl.alignment.learner import run_dpo
+from align_rl.alignment.async_loop import run_async
 from align_rl.alignment.online import run_online
 from align_rl.config import Config, config_from_dict, with_values
 from align_rl.errors import InputError
@@ -48,6 +50,7 @@ _EVAL_METRICS: dict[str, tuple[str, str, str]] = {
     "val_fc_mse": ("forecast", "member", "mse"),
     "val_fc_mse_ensmean": ("forecast", "ensmean", "mse"),
 }
+ONLINE_MODES = ("online", "sync", "async")  # trials that draw their own candidates (own store)
 _DPO_METRICS = {"dpo_loss": "loss", "dpo_accuracy": "rewards/accuracies", "dpo_margin": "rewards/margins"}
 VALIDATION_METRICS: tuple[str, ...] = (
     tuple(_EVAL_METRICS) + tuple(f"{k}_change_pct" for k in _EVAL_METRICS) + tuple(_DPO_METRICS)
@@ -151,7 +154,7 @@ def dpo_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     store = PairStore.open(ctx["pairs"], mode="r")
     pairs = _policy_pairs(store, cfg)
     online: dict[str, Any] = {}
-    if cfg.dpo.mode == "online":
+    if cfg.dpo.mode in ONLINE_MODES:
         store = seed_trial_store(store, tdir / "pairs.zarr", pairs)
     ckpt = None
     try:
@@ -216,13 +219,20 @@ def _online_stage(cfg: Config, ws: Workspace, ctx: dict, store: PairStore, steps
                   state: dict):
     """Online trials: :func:`align_rl.alignment.online.run_online` up to ``steps`` learner steps (it
     resumes in ``out_dir``), with the trial's own sampler / reward actors and pair store."""
-    if "pool" not in state:
+    if "pref" not in state:
         base = config_from_dict(ctx["base"])  # the caches' identity is the base config's
-        models = ensure_pretrained(base, ws, progress=False)
+        state["models"] = models = ensure_pretrained(base, ws, progress=False)
         state["pref"] = PrefData(base, ws, Path(ctx["world"]), models, progress=False)
-        state["pool"] = candidate_pool(cfg, models, state["pref"].lat, state["pref"].lon)
+        if cfg.dpo.mode != "async":  # the asynchronous loop starts its own actors
+            state["pool"] = candidate_pool(cfg, models, state["pref"].lat, state["pref"].lon)
     c = config_from_dict(cfg.to_dict())
     c.dpo.steps = int(steps)
     pref = state["pref"]
+    if cfg.dpo.mode == "async":  # the trial's store warm-starts the buffer (docs/method.md §9.4)
+        m = state["models"]
+        return run_async(c, remote.workers(), lambda cc: candidate_pool(cc, m, pref.lat, pref.lon),
+                         out_dir.parent / "pairs-async.zarr", m.codec.latent_shape, pref.tasks,
+                         pref.order, Path(ctx["reference_ckpt"]), cfg.pairs.mode, out_dir,
+                         progress=False, log=lambda msg: None, warm_store=store)
     return run_online(c, ws, state["pool"], store, pref.tasks, pref.order, Path(ctx["reference_ckpt"]),
                       cfg.pairs.mode, out_dir, progress=False, log=lambda m: None)
