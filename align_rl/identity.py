@@ -388,11 +388,21 @@ def pair_store(cfg: Config, reference_ckpt: str | Path) -> dict[str, str]:
             "candidates": digest(candidates), "reference": reference(reference_ckpt)}
 
 
+DPO_NOT_A_RUN = ("seeds",)
+"""``dpo`` fields that no single learner run depends on (how many seeds the main job runs)."""
+DPO_WITH_SAMPLERS = ("sync_every", "staleness", "online_backgrounds", "reuse", "refresh_reference",
+                     "warm_start")
+"""``dpo`` fields that only the schedules with samplers read (sync rounds, async): left out of an
+offline run's key, so adding one does not retrain offline results."""
+
+
 def dpo_run(cfg: Config, meta: dict) -> str:
     """The key of a DPO learner folder: the preference store's ``meta`` (:func:`pair_store`), the
-    ``dpo`` section, the reward weights and normalisation and the pair settings."""
+    ``dpo`` section (without :data:`DPO_NOT_A_RUN`, and offline without
+    :data:`DPO_WITH_SAMPLERS`), the reward weights and normalisation and the pair settings."""
     pairs = {k: v for k, v in section_dict(cfg, "pairs").items() if k not in ("variants", "mode", "store")}
-    return digest({"meta": meta, "dpo": section_dict(cfg, "dpo"), "weights": cfg.rewards.weights,
+    drop = DPO_NOT_A_RUN + (DPO_WITH_SAMPLERS if cfg.dpo.mode == "offline" else ())
+    return digest({"meta": meta, "dpo": section_dict(cfg, "dpo", drop=drop), "weights": cfg.rewards.weights,
                    "normalize": cfg.rewards.normalize, "pairs": pairs})
 
 

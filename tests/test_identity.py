@@ -133,6 +133,9 @@ def _all_keys(cfg, store, ref_dir):
     ("sampler.steps=11", {"pairs", "dpo", "sweep"}),
     ("data.seed=5", {"world", "normalization", "forecaster", "vae", "diffusion", "pairs", "dpo", "sweep"}),
     ("diffusion.num_workers=3", set()),  # how it trains, not what it is
+    ("dpo.seed=2", {"dpo"}),  # another alignment seed: another learner run
+    ("dpo.seeds=5", set()),  # how many seeds the main job runs: no single run changes
+    ("dpo.staleness=7", set()),  # read only by the schedules with samplers, not offline
 ])
 def test_a_changed_input_changes_exactly_the_caches_that_depend_on_it(tmp_path, store, change, changed):
     base = _cfg(tmp_path)
@@ -140,6 +143,13 @@ def test_a_changed_input_changes_exactly_the_caches_that_depend_on_it(tmp_path, 
     a = _all_keys(base, store, tmp_path / "a")
     b = _all_keys(other, store, tmp_path / "b")
     assert {k for k in a if a[k] != b[k]} == changed
+
+
+def test_sampler_schedules_key_their_own_fields(tmp_path, store):
+    """The fields that only the sync and async schedules read enter their learner's key."""
+    a = _all_keys(_cfg(tmp_path, "dpo.mode=async"), store, tmp_path / "a")
+    b = _all_keys(_cfg(tmp_path, "dpo.mode=async", "dpo.staleness=7"), store, tmp_path / "b")
+    assert {k for k in a if a[k] != b[k]} == {"dpo"}
 
 
 def test_data_section_enters_by_content_not_paths(tmp_path):
