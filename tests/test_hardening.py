@@ -602,33 +602,35 @@ def test_stale_staging_of_a_dead_process_is_cleaned_or_restored(tmp_path):
     np.testing.assert_allclose(open_states(target, check_units=False).values, s.values + 1)
 
 
-def test_legacy_store_without_marker_is_adopted(tmp_path):
+def test_a_store_without_marker_is_never_adopted_or_replaced(tmp_path):
+    """No adoption by content: a store written by write_states whose marker is gone (a copy, a
+    user's own store in the same layout) is refused, and left as it was."""
     from align_rl.owned import MARKER, is_owned
     from align_rl.io.store import write_states
     from tests.test_era5 import make_states
 
     s = make_states(T=2)
     p = write_states(tmp_path / "w.zarr", s)
-    (p / MARKER).unlink()  # as written before markers existed
-    write_states(p, s, overwrite=True)
-    assert is_owned(p)
+    (p / MARKER).unlink()
+    before = _tree(p)
+    with pytest.raises(OwnershipError, match="not created by align_rl"):
+        write_states(p, s, overwrite=True)
+    assert not is_owned(p) and _tree(p) == before
 
 
-def test_legacy_eval_folder_is_adopted_but_a_lookalike_is_not(tmp_path):
+def test_a_folder_that_looks_like_an_evaluation_is_not_adopted(tmp_path):
+    """The folder of the report (report.md, metrics.json with checks) and a user's file beside
+    them: refused, nothing marked, the user's file kept."""
     from align_rl.owned import is_owned, require_owned
 
     ev = tmp_path / "eval"
     ev.mkdir()
     (ev / "report.md").write_text("# Evaluation\n")
     (ev / "metrics.json").write_text(json.dumps({"checks": [], "scores": {}}))
-    require_owned(ev)
-    assert is_owned(ev)
-    fake = tmp_path / "notes"
-    fake.mkdir()
-    (fake / "report.md").write_text("mine\n")
-    (fake / "metrics.json").write_text("{}")
-    with pytest.raises(OwnershipError):
-        require_owned(fake)
+    (ev / "thesis.tex").write_text("\\section{mine}\n")
+    with pytest.raises(OwnershipError, match="not created by align_rl"):
+        require_owned(ev)
+    assert not is_owned(ev) and (ev / "thesis.tex").exists()
 
 
 def test_opening_the_workdir_cleans_temporaries_of_dead_processes(tmp_path):
@@ -638,8 +640,10 @@ def test_opening_the_workdir_cleans_temporaries_of_dead_processes(tmp_path):
 
     ck = tmp_path / "checkpoints" / "vae"
     ck.mkdir(parents=True)
-    tmp_file = ck / f".final.pt.tmp-{_HOST}-{_dead_pid()}"
-    tmp_file.write_bytes(b"half a checkpoint")
+    half = ck / f".final.pt.tmp-{_HOST}-{_dead_pid()}"  # a checkpoint writer's staging folder
+    half.mkdir()
+    mark(half, "staging")
+    (half / "new").write_bytes(b"half a checkpoint")
     stage = tmp_path / f".world.zarr.tmp-{_HOST}-{_dead_pid()}"
     stage.mkdir()
     mark(stage, "staging")
@@ -648,5 +652,5 @@ def test_opening_the_workdir_cleans_temporaries_of_dead_processes(tmp_path):
     keep.mkdir()
     (keep / f".x.tmp-{_HOST}-{_dead_pid()}").write_text("inside a store: not ours to sweep")
     Workspace.from_config(load_config(overrides=[f"run.workdir={tmp_path}"]))
-    assert not tmp_file.exists() and not stage.exists()
+    assert not half.exists() and not stage.exists()
     assert len(list(keep.iterdir())) == 1
