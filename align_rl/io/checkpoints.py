@@ -117,6 +117,12 @@ def content_digest(obj: dict) -> str:
     return h.hexdigest()
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type when it has none."""
+    lines = str(exc).splitlines()
+    return lines[0] if lines and lines[0].strip() else type(exc).__name__
+
+
 def _torch_load(p: Path) -> Any:
     """``torch.load`` of tensors and plain data only (never a pickled object that runs code)."""
     return torch.load(p, map_location="cpu", weights_only=True)
@@ -157,7 +163,7 @@ def load_state(path: str | Path, fix: str = "delete it to start that run again")
     try:
         obj = _torch_load(p)
     except Exception as exc:  # noqa: BLE001 - unpickling refused, truncated file, ...
-        raise CheckpointError(f"{p} is not a readable training state ({str(exc).splitlines()[0]}); "
+        raise CheckpointError(f"{p} is not a readable training state ({_first_line(exc)}); "
                               f"{fix}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p} holds a {type(obj).__name__}, not a training state; {fix}")
@@ -217,7 +223,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         obj = _torch_load(p)
     except Exception as exc:
-        raise CheckpointError(f"{p} is not a readable checkpoint ({str(exc).splitlines()[0]}); "
+        raise CheckpointError(f"{p} is not a readable checkpoint ({_first_line(exc)}); "
                               "retrain or fix the path") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{p} is not an align_rl checkpoint (written by save_model)")
@@ -298,7 +304,7 @@ def load_model(path: str | Path, kind: str, expect: Any = None, device: str | to
         model.load_state_dict(obj["state_dict"])
     except RuntimeError as exc:
         raise CheckpointError(
-            f"{p} does not match the {kind} network of this code version ({str(exc).splitlines()[0]}); "
+            f"{p} does not match the {kind} network of this code version ({_first_line(exc)}); "
             "retrain it"
         ) from None
     model.to(device).eval()
