@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 from align_rl.config import Config
@@ -25,21 +26,25 @@ from align_rl.io.checkpoints import read_checkpoint, verify_checkpoint
 from align_rl.owned import require_owned
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]]*=")
+
+
 def _is_override(token: str) -> bool:
-    return "=" in token and not token.startswith("-") and "." in token.split("=", 1)[0]
+    """``section.key=value`` or a sweep key ``num_samples=2`` (never a path or an option)."""
+    return bool(_OVERRIDE.match(token))
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """``parser.parse_intermixed_args``: positionals may come before, between or after options.
 
-    For a command with a positional of fixed choices (``pretrain STAGE``) the ``key=value``
+    For a command with a required positional (``pretrain STAGE``, ``sweep SPEC``) the ``key=value``
     overrides may also come before it (``pretrain --force vae.steps=2 all``): they are moved after
-    every other item, in their order, before parsing. A missing choice is named alone (the
+    every other item, in their order, before parsing. A missing positional is named alone (the
     overrides are optional)."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    chosen = [a for a in parser._actions if not a.option_strings and a.choices]
+    chosen = [a for a in parser._actions if not a.option_strings and a.nargs is None]
     if chosen:
         takes_value = {o for a in parser._actions if a.option_strings and a.nargs != 0
                        for o in a.option_strings}
@@ -59,8 +64,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
                        and not (i and rest[i - 1] in takes_value)]
         if not positionals and not any(t in ("-h", "--help") for t in rest):
             a = chosen[0]
-            parser.error(f"the following argument is required: {a.dest} (one of "
-                         f"{', '.join(map(str, a.choices))})")
+            what = f" (one of {', '.join(map(str, a.choices))})" if a.choices else f" ({a.help})"
+            parser.error(f"the following argument is required: {a.dest}{what}")
         argv = rest + overrides
     return parser.parse_intermixed_args(argv)
 
