@@ -1,6 +1,6 @@
 """Model checkpoints that know how to rebuild their model and refuse a mismatched one.
 
-A checkpoint (``torch.save`` of a dict, written atomically: temporary file + ``os.replace``) holds
+A checkpoint (``torch.save`` of a dict, written atomically: :func:`align_rl.owned.staged`) holds
 ``format``, ``version``, ``kind`` (``vae`` | ``diffusion`` | ``forecaster``), ``config`` (the
 model's config section as a dict), ``shapes`` (``grid`` ``(H, W)`` and/or ``latent_shape``
 ``(C, h, w)``), ``state_dict`` and ``extra`` (e.g. the VAE's latent statistics, training step).
@@ -12,9 +12,9 @@ Integrity: every file is read with ``torch.load(weights_only=True)`` (tensors an
 a pickled object that would run code is refused), and a checkpoint carries ``checksum``, the
 SHA-256 of its content (:func:`content_digest`), which :func:`read_checkpoint` verifies, so flipped
 bytes in the weights raise :class:`CheckpointError` instead of loading silently; a checkpoint or
-state without its checksum is refused too (its content cannot be verified). Training states (``state.pt`` of the
-pretraining loops and the DPO learner) are written and read the same way by :func:`save_state` and
-:func:`load_state`.
+state without its checksum is refused too (its content cannot be verified). Training states
+(``state.pt`` of the pretraining loops and the DPO learner) are written and read the same way by
+:func:`save_state` and :func:`load_state`.
 """
 
 from __future__ import annotations

@@ -339,7 +339,7 @@ class Store:
                         if len(tidx) else "no times")
                 raise InputError(
                     f"variable {name} of the store {self.path} cannot be read for the times {span}: "
-                    f"a chunk is damaged ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                    f"a chunk is damaged ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}); "
                     "restore the store from its source or copy it again"
                 ) from None
             if not self.lat_ascending:
