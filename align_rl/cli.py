@@ -6,9 +6,10 @@
   override ``run.workdir=W`` (an item whose name starts with a config section is an override);
 - :func:`check_model_specs`: every ``NAME=CHECKPOINT`` parses and names an existing diffusion
   checkpoint;
-- :func:`preflight`: the inputs the configuration names exist and the outputs it would replace
-  belong to align_rl, before a world is simulated or a model trained. It reads, never writes
-  (except adopting an output folder written before ownership markers, see :mod:`align_rl.owned`).
+- :func:`preflight`: the inputs the configuration names exist, the outputs it would replace
+  belong to align_rl (:mod:`align_rl.owned`) and the cached pretrained models of the work
+  directory are sound (a damaged one is refused, never trained over), before a world is simulated
+  or a model trained. It reads, never writes.
 """
 
 from __future__ import annotations
@@ -16,16 +17,56 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 from align_rl.config import Config
 from align_rl.errors import CheckpointError, ConfigError, InputError
-from align_rl.io.checkpoints import read_checkpoint
+from align_rl.io.checkpoints import read_checkpoint, verify_checkpoint
 from align_rl.owned import require_owned
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]]*=")
+
+
+def _is_override(token: str) -> bool:
+    """``section.key=value`` or a sweep key ``num_samples=2`` (never a path or an option)."""
+    return bool(_OVERRIDE.match(token))
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """``parser.parse_intermixed_args``: positionals may come before, between or after options."""
+    """``parser.parse_intermixed_args``: positionals may come before, between or after options.
+
+    For a command with a required positional (``pretrain STAGE``, ``sweep SPEC``) the ``key=value``
+    overrides may also come before it (``pretrain --force vae.steps=2 all``): they are moved after
+    every other item, in their order, before parsing. A missing positional is named alone (the
+    overrides are optional)."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = [a for a in parser._actions if not a.option_strings and a.nargs is None]
+    if chosen:
+        takes_value = {o for a in parser._actions if a.option_strings and a.nargs != 0
+                       for o in a.option_strings}
+        rest, overrides, skip = [], [], False
+        for tok in argv:
+            if skip:
+                rest.append(tok)
+                skip = False
+            elif tok in takes_value:
+                rest.append(tok)
+                skip = True
+            elif _is_override(tok):
+                overrides.append(tok)
+            else:
+                rest.append(tok)
+        positionals = [t for i, t in enumerate(rest) if not t.startswith("-")
+                       and not (i and rest[i - 1] in takes_value)]
+        if not positionals and not any(t in ("-h", "--help") for t in rest):
+            a = chosen[0]
+            what = f" (one of {', '.join(map(str, a.choices))})" if a.choices else f" ({a.help})"
+            parser.error(f"the following argument is required: {a.dest}{what}")
+        argv = rest + overrides
     return parser.parse_intermixed_args(argv)
 
 
@@ -69,6 +110,18 @@ def check_model_specs(specs: list[str]) -> dict[str, Path]:
     return out
 
 
+def check_eval_models(cfg: Config, available: list[str]) -> None:
+    """Every name of ``eval.models`` (and so ``eval.baseline``) is a model this command evaluates
+    (``available``); else ConfigError naming the key and the models there are."""
+    unknown = [m for m in cfg.eval.models if m not in available]
+    if unknown:
+        raise ConfigError(
+            f"eval.models names {', '.join(map(repr, unknown))}, which this command does not evaluate; "
+            f"the models are {', '.join(available)}"
+            + (" (give another with --models NAME=CHECKPOINT)" if "reference" in available
+               and len(available) == 1 else ""))
+
+
 def _is_pair_store_or_empty(p: Path) -> bool:
     if not p.exists():
         return True
@@ -83,10 +136,29 @@ def _is_pair_store_or_empty(p: Path) -> bool:
     return str(meta.get("attributes", {}).get("format", "")).startswith("align_rl.pairs/")
 
 
-def preflight(cfg: Config, outputs: tuple[str, ...] = (), eval_out: str | None = None) -> None:
-    """Fail before any work when an input the config names is missing or an output folder it
-    would replace is not align_rl's. ``outputs``: ``eval`` (the evaluation folder: ``eval_out``,
-    else ``eval.out``, else ``<workdir>/eval``), ``pairs`` (``pairs.store``)."""
+CACHED_MODELS = ("forecaster", "vae", "diffusion")
+"""The pretrained models cached as ``<workdir>/checkpoints/<model>/final.pt``."""
+
+
+def check_cached_models(workdir: str | Path, force: tuple[str, ...] = ()) -> None:
+    """Every cached final checkpoint of ``workdir`` (except the models in ``force``, which are
+    retrained) reads, passes its checksum and is of its model; else :class:`CheckpointError` naming
+    the file and the way out (``--force`` or delete it)."""
+    for model in CACHED_MODELS:
+        p = Path(workdir) / "checkpoints" / model / "final.pt"
+        if model in force or not (p.exists() or p.is_symlink()):
+            continue
+        verify_checkpoint(p, model, f"retrain it with python -m align_rl.pretrain {model} --force, "
+                          f"or delete {p} (or restore it from a copy)")
+
+
+def preflight(cfg: Config, outputs: tuple[str, ...] = (), eval_out: str | None = None,
+              force: tuple[str, ...] = ()) -> None:
+    """Fail before any work when an input the config names is missing, an output folder it
+    would replace is not align_rl's or a cached pretrained model is damaged
+    (:func:`check_cached_models`; ``force``: the models about to be retrained). ``outputs``:
+    ``eval`` (the evaluation folder: ``eval_out``, else ``eval.out``, else ``<workdir>/eval``),
+    ``pairs`` (``pairs.store``)."""
 
     d = cfg.data
     if d.source == "zarr" and "://" not in str(d.path) and not Path(str(d.path)).expanduser().exists():
@@ -106,3 +178,4 @@ def preflight(cfg: Config, outputs: tuple[str, ...] = (), eval_out: str | None =
     if "eval" in outputs:
         out = Path(eval_out or cfg.eval.out or Path(cfg.run.workdir) / "eval").expanduser()
         require_owned(out, "evaluation output (eval.out)")
+    check_cached_models(cfg.run.workdir, force)

@@ -33,6 +33,7 @@ from align_rl.config_sections import (  # noqa: F401 - the sections are part of 
 )
 from align_rl.errors import ConfigError, InputError
 from align_rl.io.grid import Grid
+from align_rl.models.shapes import dit_problems, vae_latent_shape, vae_problems
 from align_rl.loader import (  # noqa: F401 - Rule and its makers, yaml_load: part of this module's API
     Rule, apply, check_rules, choice, in_range, integer, is_num, merge, nest, parse_overrides,
     raise_problems, read_yaml_file, registry, set_dotted, yaml_load,
@@ -84,7 +85,19 @@ def load_config(
     apply(cfg, file_data)
     apply(cfg, ov)
     validate(cfg)
+    expand_paths(cfg)
     resolve_workdir(cfg)
+    return cfg
+
+
+def expand_paths(cfg: Config) -> Config:
+    """``~`` and ``~user`` at the start of every path key (:data:`PATH_KEYS`) expanded to the home
+    folder (a URL such as ``gs://…`` is left as it is). Returns ``cfg`` (changed in place)."""
+    for key in PATH_KEYS:
+        v = _key(cfg, key)
+        if isinstance(v, str) and v.startswith("~"):
+            sec, name = key.split(".")
+            setattr(getattr(cfg, sec), name, str(Path(v).expanduser()))
     return cfg
 
 
@@ -259,13 +272,66 @@ RANGES: dict[str, Rule] = {
 """The range or choices of every config key that has one (full dotted key)."""
 
 
+PATH_KEYS = ("run.workdir", "run.root", "data.path", "data.normalization", "forecaster.path",
+             "forecaster.mean_path", "forecaster.std_path", "pairs.store", "eval.out")
+"""Config keys that hold a file or folder path (``~`` is expanded by :func:`expand_paths`)."""
+
+
+def _key(cfg: Config, key: str) -> Any:
+    sec, name = key.split(".")
+    return getattr(getattr(cfg, sec), name)
+
+
+def _path_rules(cfg: Config) -> list[str]:
+    out = []
+    for key in PATH_KEYS:
+        v = _key(cfg, key)
+        if v is not None and not str(v).strip():
+            out.append(f"{key} is an empty path; give a file or folder path"
+                       + ("" if key == "run.workdir" else " or leave it unset (the default)"))
+    return out
+
+
+def _shape_rules(cfg: Config, grid: tuple[int, int]) -> list[str]:
+    """The networks' sizes against the grid and each other (:mod:`align_rl.models.shapes`)."""
+    v, d = cfg.vae, cfg.diffusion
+    keys = ("patch", "window", "embed_dim", "heads", "latent_channels")
+    if not all(isinstance(getattr(v, k), int) and getattr(v, k) >= 1 for k in keys):
+        return []  # a range rule names it
+    out = vae_problems(v, grid)
+    if out or not all(isinstance(getattr(d, k), int) and getattr(d, k) >= 1
+                      for k in ("patch", "embed_dim", "heads")):
+        return out
+    return dit_problems(d, vae_latent_shape(v, grid))
+
+
+EVAL_MODEL_NAMES = ("reference", "Align-M", "Align-P")
+"""The model names the main job evaluates (``python -m align_rl.evaluate`` adds the names of
+its ``--models``)."""
+
+
 def _cross_rules(cfg: Config) -> list[str]:
     """Rules that tie keys together or need more than a range."""
-    out: list[str] = []
+    out: list[str] = _path_rules(cfg)
     try:
-        Grid.parse(cfg.data.grid)
+        grid = Grid.parse(cfg.data.grid).shape
     except InputError as exc:
         out.append(f"data.grid: {exc}")
+        grid = None
+    if grid is not None:
+        out += _shape_rules(cfg, grid)
+    pc = cfg.pairs
+    if is_num(pc.top_k_phys) and is_num(pc.candidates) and 2 * pc.top_k_phys > pc.candidates:
+        out.append(f"pairs.top_k_phys={pc.top_k_phys} needs 2 × {pc.top_k_phys} = {2 * pc.top_k_phys} "
+                   f"candidates (k winners and k losers, disjoint), but pairs.candidates={pc.candidates}; "
+                   f"use pairs.top_k_phys <= {max(1, pc.candidates // 2)}")
+    if cfg.eval.baseline not in cfg.eval.models:
+        out.append(f"eval.baseline={cfg.eval.baseline!r} must be one of eval.models "
+                   f"({', '.join(map(str, cfg.eval.models)) or 'none'}): % changes are against it")
+    if not cfg.eval.models:
+        out.append("eval.models must name at least one model (reference)")
+    if len(set(cfg.eval.models)) != len(cfg.eval.models):
+        out.append(f"eval.models={cfg.eval.models} names a model twice")
     if cfg.data.source == "zarr" and not cfg.data.path:
         out.append("data.source=zarr needs data.path=PATH_OR_URL of a WeatherBench2 store")
     if cfg.forecaster.kind in ("onnx", "torch") and not cfg.forecaster.path:

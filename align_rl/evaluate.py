@@ -36,12 +36,13 @@ with ``python -m align_rl.score --analysis … --truth <world store>``).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import actors
 from align_rl import logs
-from align_rl.cli import check_model_specs, parse_args, preflight, split_model_specs
+from align_rl.cli import check_eval_models, check_model_specs, parse_args, preflight, split_model_specs
 from align_rl.config import load_config
 from align_rl.errors import cli_errors
 from align_rl.evaluation import runner
@@ -62,8 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     specs, more = split_model_specs(args.models)  # `--models A=x.pt run.workdir=W`
-    cfg = load_config(args.config, list(args.overrides) + more)
+    names = list(dict.fromkeys(["reference"] + [s.partition("=")[0].strip() for s in specs]))
+    evaluated = [f"eval.models={json.dumps(names)}"] if specs else []  # eval.baseline may name one
+    cfg = load_config(args.config, evaluated + list(args.overrides) + more)
     check_model_specs(specs)  # before the world, the models and the backgrounds are built
+    check_eval_models(cfg, names)
     preflight(cfg, outputs=("eval",), eval_out=args.out)
     actors.install()
     logs.setup(cfg.run.workdir)

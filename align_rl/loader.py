@@ -52,19 +52,63 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+def _duplicate_keys(node: Any, prefix: str = "") -> list[str]:
+    """Full dotted keys given twice in a mapping of the composed YAML ``node`` (and below)."""
+    out: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for k, v in node.value:
+            name = str(k.value) if isinstance(k, yaml.ScalarNode) else "?"
+            key = f"{prefix}{name}"
+            if name in seen:
+                out.append(f"{key} (line {k.start_mark.line + 1})")
+            seen.add(name)
+            out += _duplicate_keys(v, key + ".")
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            out += _duplicate_keys(v, f"{prefix[:-1]}[{i}]." if prefix else f"[{i}].")
+    return out
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping names a key twice (YAML would silently keep the last value)."""
+
+
 def yaml_load(text: str) -> Any:
-    """Parse YAML text as config values are parsed (see :class:`_Loader`)."""
+    """Parse YAML text as config values are parsed (see :class:`_Loader`); a key given twice in
+    one mapping raises :class:`DuplicateKeyError` naming its full dotted key."""
+    dups = _duplicate_keys(yaml.compose(text, Loader=_Loader))  # noqa: S506 - a SafeLoader subclass
+    if dups:
+        raise DuplicateKeyError(f"duplicate key(s) {', '.join(dups)}: each key may be given once "
+                                "(YAML would keep only the last); merge them")
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def read_yaml_file(path: str | Path, what: str, hint: str = "") -> dict[str, Any]:
     """The mapping in a YAML file (empty file: ``{}``); ConfigError names ``what`` (``config
     file``, ``sweep file``) when it is missing (``hint`` appended), not YAML or not a mapping."""
-    p = Path(path)
+    text = str(path).strip()
+    if not text:
+        raise ConfigError(f"{what} path is empty; give the path of a YAML file")
+    p = Path(text).expanduser()
     if not p.exists():
         raise ConfigError(f"{what} {p} does not exist{hint}")
+    if p.is_dir():
+        raise ConfigError(f"{what} {p} is a folder, not a YAML file; give the path of the file inside it")
     try:
-        data = yaml_load(p.read_text()) or {}
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{what} {p} cannot be read ({exc.strerror}); check its permissions") from None
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {p} is not a text file (not UTF-8: a binary file?); give the "
+                          "path of a YAML file") from None
+    if "\x00" in content:
+        raise ConfigError(f"{what} {p} is not a text file (it holds NUL bytes); give the path of a "
+                          "YAML file")
+    try:
+        data = yaml_load(content) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} {p} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -189,6 +233,9 @@ def _scalar(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)
     if tp is str:
+        if value is None:
+            raise ConfigError(f"{key} is null (YAML reads ~, null and an empty value as null); give a "
+                              f"value, quoted if it starts with ~ ({key}='~/runs/x' for a home path)")
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return str(value)

@@ -11,14 +11,18 @@ Rules (docs/design.md, "Hardening"):
   moment), then the old target is renamed aside into the staging folder, the new one renamed into
   place, and only then the staging folder, holding the old content, is removed. A crash at any
   point leaves the old target, or the new one, in place.
-- Staging folders and temporary files (``.<name>.tmp-<host>-<pid>``, :func:`temp_file`) of a process
-  that no longer runs on this host are cleaned by the next write of the same target
-  (:func:`clean_stale`) and when a command opens the work directory (:func:`clean_tree`); when the target itself is missing because the crash came between the two
-  renames, the old content is moved back first. Staging names of other hosts (a shared workdir)
-  are left alone.
-- Folders written before markers existed are recognised once by their content (a zarr store of
-  :func:`~align_rl.io.store.write_states`, an evaluation folder, a preference store) and adopted: the
-  marker is written and the rule above applies from then on.
+- A single file (a checkpoint) is replaced the same way: written as ``new`` inside the marked
+  staging folder, then renamed onto the target. So every temporary the project creates lives in a
+  folder that holds the marker; nothing else is ever a temporary of ours.
+- Staging folders (``.<name>.tmp-<host>-<pid>`` holding the marker) of a process that no longer
+  runs on this host are cleaned by the next write of the same target (:func:`clean_stale`) and
+  when a command opens the work directory (:func:`clean_tree`, which looks only into the work
+  directory itself and folders that are the project's); when the target itself is missing because
+  the crash came between the two renames, the old content is moved back first. A file, or an
+  unmarked folder, that merely carries such a name is a user's and is never touched; staging names
+  of other hosts (a shared workdir) are left alone.
+- There is no adoption by content: a folder without the marker (one that looks like a store or an
+  evaluation folder included) is never replaced or deleted.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -57,49 +60,9 @@ def is_owned(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def _zarr_meta(p: Path) -> dict:
-    for name in ("zarr.json", ".zmetadata", ".zattrs"):
-        f = p / name
-        if f.is_file():
-            try:
-                return json.loads(f.read_text())
-            except (OSError, ValueError):
-                return {}
-    return {}
-
-
-def legacy_kind(path: str | Path) -> str | None:
-    """The kind of a folder written by the project before markers existed, from its content:
-    ``states`` (a zarr of ``write_states``: variables with ``short_name`` and ``derived``
-    attributes), ``pairs`` (a preference store: format ``align_rl.pairs/…``), ``eval`` (an
-    evaluation folder: ``report.md`` and a ``metrics.json`` with checks); None otherwise."""
-    p = Path(path)
-    if not p.is_dir():
-        return None
-    meta = _zarr_meta(p)
-    attrs = meta.get("attributes", meta) if isinstance(meta, dict) else {}
-    if isinstance(attrs, dict) and str(attrs.get("format", "")).startswith("align_rl.pairs/"):
-        return "pairs"
-    cm = meta.get("consolidated_metadata", {}) if isinstance(meta, dict) else {}
-    entries = (cm or {}).get("metadata", {}) if isinstance(cm, dict) else {}
-    if not entries and isinstance(meta, dict) and "metadata" in meta:  # zarr v2 .zmetadata
-        entries = meta["metadata"]
-    for v in (entries or {}).values():
-        a = v.get("attributes", v) if isinstance(v, dict) else {}
-        if isinstance(a, dict) and "short_name" in a and "derived" in a:
-            return "states"
-    if (p / "report.md").is_file() and (p / "metrics.json").is_file():
-        try:
-            if "checks" in json.loads((p / "metrics.json").read_text()):
-                return "eval"
-        except (OSError, ValueError):
-            pass
-    return None
-
-
 def require_owned(path: str | Path, what: str = "folder") -> None:
     """Raise :class:`OwnershipError` unless the existing folder ``path`` was created by the project
-    (marker, or a recognised folder from before markers, which is adopted)."""
+    (its marker). A folder without the marker is refused however much it looks like the project's."""
     p = Path(path)
     if not p.exists() and not p.is_symlink():
         return
@@ -109,12 +72,6 @@ def require_owned(path: str | Path, what: str = "folder") -> None:
             f"it is not replaced: choose another path for the {what} or move it aside yourself"
         )
     if is_owned(p):
-        return
-    kind = legacy_kind(p)
-    if kind is not None:
-        mark(p, kind)
-        print(f"align_rl: {p} is a {kind} folder written before ownership markers; marked as ours",
-              file=sys.stderr)
         return
     raise OwnershipError(
         f"{p} exists but was not created by align_rl (no {MARKER} marker inside), so it is not "
@@ -153,16 +110,10 @@ def staging_path(target: str | Path) -> Path:
     return t.with_name(f".{t.name}.tmp-{_HOST}-{os.getpid()}")
 
 
-def temp_file(target: str | Path) -> Path:
-    """A temporary file name beside ``target`` (write it, then ``os.replace`` it onto ``target``);
-    :func:`clean_stale` removes it if this process dies before."""
-    clean_stale(target)
-    return staging_path(target)
-
-
 def clean_stale(target: str | Path) -> list[Path]:
-    """Remove staging folders and temporary files of ``target`` left by dead processes of this
-    host; restore the old content first when the target is missing. Returns what was removed."""
+    """Remove the staging folders of ``target`` left by dead processes of this host (folders with
+    the staging name and the marker; a file or an unmarked folder of that name is left alone);
+    restore the old content first when the target is missing. Returns what was removed."""
     t = Path(target)
     parent = t.parent
     removed: list[Path] = []
@@ -179,25 +130,21 @@ def clean_stale(target: str | Path) -> list[Path]:
         pid = int(m["pid"])
         if pid == os.getpid() or pid_alive(pid):
             continue
-        if e.is_dir() and not e.is_symlink():
-            if not is_owned(e):
-                continue  # not a staging folder of ours
-            old = e / "old"
-            if old.exists() and not t.exists() and not t.is_symlink():
-                os.replace(old, t)  # the crash came between the two renames: put the old back
-            shutil.rmtree(e, ignore_errors=True)
-        else:
-            try:
-                e.unlink()
-            except OSError:
-                continue
+        if e.is_symlink() or not e.is_dir() or not is_owned(e):
+            continue  # a user's file or folder that carries a staging name
+        old = e / "old"
+        if old.exists() and not t.exists() and not t.is_symlink():
+            os.replace(old, t)  # the crash came between the two renames: put the old back
+        shutil.rmtree(e, ignore_errors=True)
         removed.append(e)
     return removed
 
 
 def clean_tree(root: str | Path, depth: int = 3) -> list[Path]:
     """:func:`clean_stale` for every staging name found in ``root`` and its subfolders down to
-    ``depth`` levels (zarr stores and Ray's, Tune's and wandb's folders are not entered)."""
+    ``depth`` levels (zarr stores and Ray's, Tune's and wandb's folders are not entered). Only
+    marked staging folders are removed: a user's file or folder is never touched, whatever its
+    name."""
     removed: list[Path] = []
     r = Path(root)
     if depth < 0 or not r.is_dir():
@@ -236,8 +183,11 @@ def staged(target: str | Path, kind: str, overwrite: bool = True) -> Iterator[Pa
             require_owned(t, kind)
     t.parent.mkdir(parents=True, exist_ok=True)
     work = staging_path(t)
-    if work.exists():
-        shutil.rmtree(work)
+    if work.exists() or work.is_symlink():
+        if work.is_symlink() or not work.is_dir() or not is_owned(work):
+            raise OwnershipError(f"{work} exists and is not a staging folder of align_rl; it is not "
+                                 f"replaced: move it aside to write {t}")
+        shutil.rmtree(work)  # ours, of an earlier process that had this pid
     work.mkdir()
     mark(work, "staging")
     new = work / "new"

@@ -182,6 +182,7 @@ def run(cfg: Config, progress: bool = True, evaluate: bool = True) -> dict:
             _log(f"pairs: {built['pairs']} new ({built['backgrounds']} backgrounds in "
                  f"{built['seconds']:.1f} s); store holds {pstore.num_pairs} pairs")
         pool.release()  # free the actors' resources for the learner
+        pstore.verify()  # a cached DPO result is trusted only on a sound store (chunks, COMMIT)
         val_ctx = None
         if cfg.dpo.val_every:
             with stage("validation backgrounds", LOG):

@@ -44,11 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     cfg = load_config(args.config, args.overrides)
-    preflight(cfg)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    preflight(cfg, force=stages if args.force else ())
     actors.install()
     logs.setup(cfg.run.workdir)
     ws = Workspace.from_config(cfg)
-    stages = STAGES if args.stage == "all" else (args.stage,)
     force = stages if args.force else ()
     with logs.stage(f"pretrain {args.stage}") as st:
         models = pretraining.ensure_pretrained(cfg, ws, stages, force=force,

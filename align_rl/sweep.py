@@ -62,7 +62,7 @@ import sys
 
 import actors
 from align_rl import logs
-from align_rl.cli import preflight
+from align_rl.cli import parse_args, preflight
 from align_rl.errors import cli_errors
 from align_rl.tune import sweep
 
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
+    args = parse_args(build_parser(), argv)
     cfg_items, spec_ov = sweep.split_overrides(args.overrides)
     spec = sweep.load_spec(args.spec, spec_ov)
     cfg = sweep.build_base_config(spec, args.config, cfg_items)

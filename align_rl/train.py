@@ -27,7 +27,7 @@ import sys
 
 import actors
 from align_rl import logs, pipeline
-from align_rl.cli import parse_args, preflight
+from align_rl.cli import check_eval_models, parse_args, preflight
 from align_rl.config import load_config
 from align_rl.errors import cli_errors
 
@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     cfg = load_config(args.config, args.overrides)
     preflight(cfg, outputs=("pairs",) + (() if args.no_eval else ("eval",)))
+    if not args.no_eval:
+        check_eval_models(cfg, ["reference"] + [f"Align-{v}" for v in dict.fromkeys(cfg.pairs.variants)])
     actors.install()
     logs.setup(cfg.run.workdir)
     s = pipeline.run(cfg, evaluate=not args.no_eval)

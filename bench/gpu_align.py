@@ -43,8 +43,9 @@ from _common import replace_section  # noqa: E402
 from bench_align import demo_models, synthetic, timed_pool_builds  # noqa: E402
 
 SECTION = "## GPU: alignment loop (bench/gpu_align.py)"
-SMOKE_NETS = ["vae.embed_dim=16", "vae.depth=1", "vae.heads=2", "diffusion.embed_dim=16",
-              "diffusion.depth=1", "diffusion.heads=2", "forecaster.hidden=8", "forecaster.depth=1"]
+SMOKE_NETS = ["vae.embed_dim=16", "vae.depth=1", "vae.heads=2", "vae.latent_channels=4",
+              "diffusion.embed_dim=16", "diffusion.depth=1", "diffusion.heads=2", "forecaster.hidden=8",
+              "forecaster.depth=1"]
 
 
 class GpuSampler:

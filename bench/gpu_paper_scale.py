@@ -46,8 +46,8 @@ from align_rl.world.observations import make_observations  # noqa: E402
 SECTION_HEAD = "## Paper-scale analysis on a GPU (bench/gpu_paper_scale.py)"
 TABLE_HEAD = ("| date (UTC) | device | guidance | autocast | compiled | members | K | C | seconds "
               "| seconds per member | peak GPU memory (GiB) |")
-SMOKE_NETS = ["vae.embed_dim=16", "vae.depth=1", "vae.heads=2", "diffusion.embed_dim=16",
-              "diffusion.depth=1", "diffusion.heads=2"]
+SMOKE_NETS = ["vae.embed_dim=16", "vae.depth=1", "vae.heads=2", "vae.latent_channels=4",
+              "diffusion.embed_dim=16", "diffusion.depth=1", "diffusion.heads=2"]
 
 
 def append_rows(rows: list[str], path: Path) -> None:

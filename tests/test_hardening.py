@@ -76,6 +76,33 @@ def inputs(tmp_path_factory):
     spec["search"] = {"dpo.beta": {"grid": [1000, -1]}}
     (d / "bad_sweep.yaml").write_text(yaml.safe_dump(spec))
     (d / "bad.yaml").write_text("dpo: {beta: [unclosed\n")
+    (d / "dup.yaml").write_text("dpo:\n  beta: 1000\n  lr: 1.0e-5\n  beta: 2000\n")
+    (d / "dup_section.yaml").write_text("dpo: {beta: 1000}\nvae: {steps: 2}\ndpo: {lr: 1.0e-5}\n")
+    (d / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    (d / "nul.yaml").write_bytes(b"dpo:\x00 {beta: 1}\n")
+    (d / "confdir").mkdir()
+    (d / "list.yaml").write_text("- dpo.beta=1\n")
+    import xarray as xr
+
+    ds = xr.open_zarr(d / "truth.zarr")
+    pa = ds.assign_coords(level=ds["level"].values * 100)
+    pa["level"].attrs["units"] = "Pa"
+    pa.to_zarr(d / "pa.zarr", mode="w")
+    atm = ds.assign_coords(level=ds["level"].values / 1013.25)
+    atm["level"].attrs["units"] = "atm"
+    atm.to_zarr(d / "atm.zarr", mode="w")
+    shutil.copytree(d / "truth.zarr", d / "damaged.zarr")
+    chunk = next(p for p in sorted((d / "damaged.zarr" / "temperature").rglob("*")) if p.is_file()
+                 and p.name != "zarr.json")
+    chunk.write_bytes(b"\x13" * chunk.stat().st_size)  # not a zstd frame: does not decode
+    lookalike = d / "lookalike_eval"  # a user's folder holding what an evaluation folder holds
+    lookalike.mkdir()
+    (lookalike / "report.md").write_text("# my notes\n")
+    (lookalike / "metrics.json").write_text(json.dumps({"checks": [], "scores": {}}))
+    (lookalike / "thesis.tex").write_text("\\section{mine}\n")
+    unmarked = d / "unmarked.zarr"  # a store of write_states layout without the marker
+    shutil.copytree(d / "truth.zarr", unmarked)
+    (unmarked / ".align_rl").unlink()
     return d
 
 
@@ -243,9 +270,213 @@ class Case:
     argv: Callable[[SimpleNamespace], list[str]] | None
     match: str  # regex the message must contain
     workdir: bool = False  # the case names t.work as run.workdir: it must not be created
+    prep: Callable[[SimpleNamespace], object] | None = None  # files the case needs (made first)
 
 
 W = lambda t: f"run.workdir={t.work}"  # noqa: E731
+
+
+def _damage(dst: Path, kind: str, t: SimpleNamespace, src: Path) -> None:
+    """Write at ``dst`` a copy of the checkpoint ``src`` damaged as ``kind``."""
+    import torch
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    raw = src.read_bytes()
+    if kind == "truncated":
+        dst.write_bytes(raw[: len(raw) // 2])
+    elif kind == "flipped":
+        dst.write_bytes(raw)
+        from tests.test_security import _flip_in_largest_tensor
+
+        _flip_in_largest_tensor(dst)
+    elif kind == "no_checksum":  # a tensor edited and the checksum key removed
+        obj = torch.load(src, weights_only=True)
+        obj.pop("checksum")
+        k = max(obj["state_dict"], key=lambda k: obj["state_dict"][k].numel())
+        obj["state_dict"][k] = obj["state_dict"][k] + 1.0
+        torch.save(obj, dst)
+    elif kind == "other_kind":
+        other = t.inputs / ("dit.pt" if src.name == "vae.pt" else "vae.pt")
+        dst.write_bytes(other.read_bytes())
+    elif kind == "pickle":
+        from tests.test_security import _plant
+
+        _plant(dst, t.tmp / "pwned", {"format": "align_rl.checkpoint"})
+    elif kind == "garbage":
+        dst.write_bytes(b"not a checkpoint at all")
+    elif kind == "empty":
+        dst.write_bytes(b"")
+    else:
+        raise ValueError(kind)
+
+
+DAMAGES = {"truncated": r"not a readable checkpoint", "flipped": r"damaged: its content does not match",
+           "no_checksum": r"has no checksum", "other_kind": r"is a \w+ checkpoint, not a",
+           "pickle": r"not a readable checkpoint", "garbage": r"not a readable checkpoint",
+           "empty": r"not a readable checkpoint"}
+"""How a cached final checkpoint is damaged -> what the message says about it."""
+
+
+def _damaged_final(model: str, kind: str):
+    """Prepare ``t.work`` whose cached ``checkpoints/<model>/final.pt`` is damaged as ``kind``."""
+
+    def prep(t):
+        src = t.inputs / ("vae.pt" if model == "vae" else "dit.pt")
+        _damage(t.work / "checkpoints" / model / "final.pt", kind, t, src)
+
+    return prep
+
+
+def _ck_lib(kind: str):
+    def prep(t):
+        dst = t.tmp / "ck.pt"
+        _damage(dst, kind, t, t.inputs / "dit.pt")
+        return dst
+
+    def call(t):
+        from align_rl.io.checkpoints import load_model
+
+        load_model(t.prepared, "diffusion")
+
+    return prep, call
+
+
+def _dpo_cached(kind: str):
+    """A finished DPO folder (state.pt at 5 of 5 steps, validated) whose best.pt is damaged: the
+    cached result is refused, never reported."""
+
+    def prep(t):
+        from align_rl.io.checkpoints import save_state
+
+        out = t.tmp / "dpo" / "M-offline-x"
+        out.mkdir(parents=True)
+        save_state({"step": 5, "version": 1, "history": [{"loss": 0.5}], "best": {"step": 5}},
+                   out / "state.pt")
+        _damage(out / "best.pt", kind, t, t.inputs / "dit.pt")
+        return out
+
+    def call(t):
+        from align_rl.alignment.learner import run_dpo
+        from align_rl.config import load_config
+
+        cfg = load_config(overrides=["dpo.steps=5"])
+        run_dpo(cfg, None, None, t.inputs / "dit.pt", out_dir=t.prepared)
+
+    return prep, call
+
+
+def _ps_verify(kind: str):
+    """A damaged pair store checked as the main job checks it before trusting a cached DPO run."""
+
+    def prep(t):
+        p = t.tmp / "pairs.zarr"
+        _pair_store(p)
+        if kind == "lower_commit":
+            c = json.loads((p / "COMMIT").read_text())
+            c["pairs"] -= 1
+            (p / "COMMIT").write_text(json.dumps(c))
+        elif kind == "winner_chunk":
+            os.remove(p / "pairs/winner/c/0")
+        elif kind == "latent_chunk":
+            os.remove(p / "candidates/latent/c/0/0/0/0")
+        return p
+
+    def call(t):
+        from align_rl.io.pair_store import PairStore
+
+        PairStore.open(t.prepared, mode="r").verify()
+
+    return prep, call
+
+
+def _eval_lookalike(t):
+    """``t.work/eval``: a user's folder with what an evaluation folder holds, and a thesis."""
+    ev = t.work / "eval"
+    ev.mkdir(parents=True)
+    (ev / "report.md").write_text("# my notes\n")
+    (ev / "metrics.json").write_text(json.dumps({"checks": [], "scores": {}}))
+    (ev / "thesis.tex").write_text("\\section{mine}\n")
+
+
+SMOKE = str(REPO / "tune_configs" / "smoke.yaml")
+
+CONFIG_BAD = [
+    ("top-k", ["pairs.top_k_phys=20"], r"pairs\.top_k_phys=20 needs .*pairs\.candidates=16"),
+    ("top-k-9", ["pairs.top_k_phys=9"], r"pairs\.top_k_phys=9 .*use pairs\.top_k_phys <= 8"),
+    ("vae-heads", ["vae.heads=5"], r"vae\.embed_dim=128 is not divisible by vae\.heads=5"),
+    ("vae-window", ["vae.window=3"], r"vae\.window=3 does not divide the 8x16 token grid"),
+    ("vae-patch", ["vae.patch=5"], r"vae\.patch=5 does not divide the grid 32x64"),
+    ("grid-window", ["data.grid=64x128", "vae.window=12"], r"vae\.window=12 does not divide the 16x32"),
+    ("diffusion-embed", ["diffusion.embed_dim=100"], r"diffusion\.embed_dim=100 is smaller .*>= 276"),
+    ("diffusion-heads", ["diffusion.heads=7"], r"diffusion\.embed_dim=288 is not divisible by diffusion\.heads=7"),
+    ("diffusion-patch", ["diffusion.patch=3"], r"diffusion\.patch=3 does not divide the latent 8x16"),
+    ("baseline", ["eval.baseline=bogus"], r"eval\.baseline='bogus' must be one of eval\.models"),
+    ("models-empty", ["eval.models=[]"], r"eval\.models must name at least one"),
+    ("models-twice", ["eval.models=[reference, reference]"], r"eval\.models=.* names a model twice"),
+    ("workdir-tilde", ["run.workdir=~"], r"run\.workdir is null .*quoted"),
+    ("workdir-empty", ["run.workdir=''"], r"run\.workdir is an empty path"),
+    ("pairs-store-empty", ["pairs.store=''"], r"pairs\.store is an empty path"),
+    ("eval-out-empty", ["eval.out=''"], r"eval\.out is an empty path"),
+    ("data-path-empty", ["data.source=zarr", "data.path=' '"], r"data\.path is an empty path"),
+    ("forecaster-path-empty", ["forecaster.path=''"], r"forecaster\.path is an empty path"),
+    ("normalization-empty", ["data.normalization=''"], r"data\.normalization is an empty path"),
+    ("duplicate-override-key", ["rewards.weights={assim: 1, assim: 2, forecast: 1, phys: 1}"],
+     r"duplicate key\(s\) assim"),
+    ("name-null", ["run.name=null"], r"run\.name is null"),
+]
+"""Config values refused before any work (cross-field rules, paths, YAML): (id, overrides, message)."""
+
+CONFIG_FILES_BAD = [
+    ("folder", "confdir", r"confdir is a folder, not a YAML file"),
+    ("binary", "binary.yaml", r"binary\.yaml is not a text file"),
+    ("nul", "nul.yaml", r"nul\.yaml is not a text file \(it holds NUL bytes\)"),
+    ("duplicate-key", "dup.yaml", r"duplicate key\(s\) dpo\.beta \(line 4\)"),
+    ("duplicate-section", "dup_section.yaml", r"duplicate key\(s\) dpo \(line 3\)"),
+    ("not-mapping", "list.yaml", r"must hold a mapping"),
+]
+"""``--config FILE`` inputs that are refused: (id, file in the inputs, message)."""
+
+_ARGV0 = {TRAIN: lambda t: [], PRETRAIN: lambda t: ["all"], EVALUATE: lambda t: [],
+          SWEEP: lambda t: [SMOKE]}
+_NAME = {TRAIN: "train", PRETRAIN: "pretrain", EVALUATE: "evaluate", SWEEP: "sweep"}
+
+
+def _generated_cases() -> list["Case"]:
+    out = []
+    for mod in (TRAIN, PRETRAIN, EVALUATE, SWEEP):
+        for cid, ov, match in CONFIG_BAD:
+            out.append(Case(f"{_NAME[mod]}-cfg-{cid}", mod,
+                            lambda t, mod=mod, ov=ov: [*_ARGV0[mod](t), W(t), *ov], match, True))
+        for cid, name, match in CONFIG_FILES_BAD:
+            out.append(Case(f"{_NAME[mod]}-config-file-{cid}", mod,
+                            lambda t, mod=mod, name=name: [*_ARGV0[mod](t), "--config", str(t.inputs / name), W(t)],
+                            match, True))
+        out.append(Case(f"{_NAME[mod]}-config-file-empty-path", mod,
+                        lambda t, mod=mod: [*_ARGV0[mod](t), "--config", "", W(t)],
+                        r"config file path is empty", True))
+    for cid, name, match in CONFIG_FILES_BAD:
+        out.append(Case(f"data-config-file-{cid}", DATA,
+                        lambda t, name=name: ["simulate", "--out", str(t.tmp / "w.zarr"), "--config",
+                                              str(t.inputs / name)], match))
+    for mod, argv0 in ((EVALUATE, []), (TRAIN, []), (PRETRAIN, ["all"])):
+        for model in ("vae", "diffusion"):
+            for kind, what in DAMAGES.items():
+                out.append(Case(
+                    f"{_NAME[mod]}-cached-{model}-{kind}", mod, lambda t, a=argv0: [*a, W(t)],
+                    rf"checkpoints/{model}/final\.pt .*{what}.*it is not used or trained over: retrain "
+                    rf"it with python -m align_rl\.pretrain {model} --force, or delete",
+                    prep=_damaged_final(model, kind)))
+    for kind in ("no_checksum", "truncated", "empty", "garbage"):
+        out.append(Case(f"ckpt-{kind.replace('_', '-')}", _ck_lib(kind), None, DAMAGES[kind]))
+    for kind in ("truncated", "no_checksum", "flipped", "other_kind"):
+        out.append(Case(f"dpo-cached-best-{kind.replace('_', '-')}", _dpo_cached(kind), None,
+                        rf"best\.pt .*{DAMAGES[kind]}.*delete the folder .*M-offline-x"))
+    for kind, match in (("lower_commit", r"pairs/\w+ of the preference store .*does not match its checksum"),
+                        ("winner_chunk", r"pairs/winner .*(checksum|missing)"),
+                        ("latent_chunk", r"chunk file\(s\) candidates/latent/c/0/0/0/0 .*missing")):
+        out.append(Case(f"pairs-verify-{kind.replace('_', '-')}", _ps_verify(kind), None, match))
+    return out
+
 
 CASES: list[Case] = [
     # --- train: config values, files, outputs
@@ -363,6 +594,52 @@ CASES: list[Case] = [
     Case("ckpt-malicious", _ck("malicious"), None, r"not a readable checkpoint"),
     Case("ckpt-wrong-kind", _ck("wrong_kind"), None, r"is a vae checkpoint, not a diffusion one"),
     Case("ckpt-missing", _ck("missing"), None, r"no checkpoint at"),
+    # --- command lines as the README writes them
+    Case("pretrain-overrides-before-stage", PRETRAIN, lambda t: ["--force", "vae.steps=-1", "all", W(t)],
+         r"vae\.steps=-1", True),
+    Case("pretrain-override-first", PRETRAIN, lambda t: ["vae.steps=0", "--force", "vae", W(t)], r"vae\.steps=0", True),
+    Case("pretrain-no-stage", PRETRAIN, lambda t: ["--force", "vae.steps=2", W(t)],
+         r"required: stage \(one of forecaster, vae, diffusion, all\)", True),
+    Case("pretrain-no-stage-no-overrides", PRETRAIN, lambda t: [], r"required: stage \(one of"),
+    Case("sweep-no-spec", SWEEP, lambda t: ["dpo.steps=2", W(t)], r"required: spec \(sweep file", True),
+    Case("sweep-overrides-before-spec", SWEEP, lambda t: ["num_samples=0", W(t), SMOKE], r"num_samples", True),
+    Case("pretrain-force-other-damaged", PRETRAIN, lambda t: ["diffusion", "--force", W(t)],
+         r"checkpoints/vae/final\.pt .*not a readable checkpoint.*pretrain vae --force",
+         prep=_damaged_final("vae", "truncated")),
+    # --- stores: damaged chunks, level units
+    Case("score-damaged-chunk", SCORE, lambda t: ["--analysis", str(t.inputs / "damaged.zarr"), "--truth",
+                                                  str(t.inputs / "truth.zarr"), "--out", str(t.tmp / "m.json")],
+         r"variable temperature of the store .*damaged\.zarr cannot be read for the times .*chunk is damaged"),
+    Case("score-damaged-chunk-truth", SCORE, lambda t: ["--analysis", str(t.inputs / "analysis.zarr"), "--truth",
+                                                        str(t.inputs / "damaged.zarr")],
+         r"variable temperature of the store .*damaged\.zarr cannot be read"),
+    Case("score-level-units-atm", SCORE, lambda t: ["--analysis", str(t.inputs / "atm.zarr"), "--truth",
+                                                    str(t.inputs / "truth.zarr"), "--out", str(t.tmp / "m.json")],
+         r"level coordinate of .*atm\.zarr has units 'atm'; pressure levels must be in hPa"),
+    # --- outputs that are not the project's: refused, the user's files kept
+    Case("evaluate-eval-lookalike", EVALUATE, lambda t: [W(t)], r"eval exists but was not created by align_rl",
+         prep=_eval_lookalike),
+    Case("evaluate-out-lookalike", EVALUATE, lambda t: ["--out", str(t.inputs / "lookalike_eval"), W(t)],
+         r"lookalike_eval exists but was not created by align_rl", True),
+    Case("train-eval-lookalike", TRAIN, lambda t: [W(t)], r"eval exists but was not created by align_rl",
+         prep=_eval_lookalike),
+    Case("train-eval-out-lookalike", TRAIN, lambda t: [f"eval.out={t.inputs / 'lookalike_eval'}", W(t)],
+         r"lookalike_eval exists but was not created by align_rl", True),
+    Case("data-overwrite-unmarked-store", DATA,
+         lambda t: ["simulate", "--out", str(t.inputs / "unmarked.zarr"), "--overwrite", "data.days=1"],
+         r"unmarked\.zarr exists but was not created by align_rl"),
+    # --- model names
+    Case("evaluate-models-unknown", EVALUATE, lambda t: ["eval.models=[reference, bogus]", W(t)],
+         r"eval\.models names 'bogus', which this command does not evaluate; the models are reference", True),
+    Case("evaluate-baseline-not-evaluated", EVALUATE,
+         lambda t: ["--models", f"A={t.inputs / 'dit.pt'}", "eval.baseline=B", W(t)],
+         r"eval\.baseline='B' must be one of eval\.models \(reference, A\)", True),
+    Case("train-models-unknown", TRAIN, lambda t: ["eval.models=[reference, Align-Q]", W(t)],
+         r"eval\.models names 'Align-Q'.*the models are reference, Align-M, Align-P", True),
+    Case("train-models-variant-not-trained", TRAIN,
+         lambda t: ["pairs.variants=[M]", "eval.models=[reference, Align-P]", "eval.baseline=Align-P", W(t)],
+         r"eval\.models names 'Align-P'.*the models are reference, Align-M", True),
+    *_generated_cases(),
 ]
 
 
@@ -375,6 +652,8 @@ def test_bad_input_fails_cleanly(case: Case, inputs, tmp_path, trap, capsys):
         run = cli_errors(lambda: call(t))
         argv = None
     else:
+        if case.prep is not None:
+            case.prep(t)
         argv = case.argv(t)
         main = _cmd(case.target)
         run = lambda: main(argv)  # noqa: E731
@@ -397,7 +676,7 @@ def test_bad_input_fails_cleanly(case: Case, inputs, tmp_path, trap, capsys):
 
 def test_the_table_covers_every_command_and_store():
     ids = [c.id.split("-")[0] for c in CASES]
-    assert len(CASES) >= 40
+    assert len(CASES) >= 150
     assert {"train", "pretrain", "evaluate", "score", "data", "sweep", "pairs", "ckpt"} <= set(ids)
 
 
@@ -440,6 +719,12 @@ def test_commands_exit_2_within_seconds(argv, match, inputs, tmp_path):
     ("align_rl.pretrain", ["all", "--config", "c.yaml", "--force", "--no-progress", "vae.steps=2"],
      lambda a: a.stage == "all" and a.no_progress and a.overrides == ["vae.steps=2"]),
     ("align_rl.pretrain", ["--force", "vae", "vae.steps=2"], lambda a: a.stage == "vae" and a.force),
+    ("align_rl.pretrain", ["--force", "vae.steps=-1", "all"],
+     lambda a: a.stage == "all" and a.force and a.overrides == ["vae.steps=-1"]),
+    ("align_rl.pretrain", ["vae.steps=2", "--config", "c.yaml", "diffusion.steps=3", "vae"],
+     lambda a: a.stage == "vae" and a.config == "c.yaml" and a.overrides == ["vae.steps=2", "diffusion.steps=3"]),
+    ("align_rl.sweep", ["num_samples=2", "tune_configs/beta_lr.yaml", "dpo.steps=4"],
+     lambda a: a.spec == "tune_configs/beta_lr.yaml" and a.overrides == ["num_samples=2", "dpo.steps=4"]),
     ("align_rl.evaluate", ["--config", "c.yaml", "--models", "Align-M=a.pt", "Align-P=b.pt", "eval.times=2"],
      lambda a: a.models == ["Align-M=a.pt", "Align-P=b.pt", "eval.times=2"]),
     ("align_rl.evaluate", ["eval.times=2", "--models", "Align-M=a.pt"], lambda a: a.overrides == ["eval.times=2"]),
@@ -602,33 +887,35 @@ def test_stale_staging_of_a_dead_process_is_cleaned_or_restored(tmp_path):
     np.testing.assert_allclose(open_states(target, check_units=False).values, s.values + 1)
 
 
-def test_legacy_store_without_marker_is_adopted(tmp_path):
+def test_a_store_without_marker_is_never_adopted_or_replaced(tmp_path):
+    """No adoption by content: a store written by write_states whose marker is gone (a copy, a
+    user's own store in the same layout) is refused, and left as it was."""
     from align_rl.owned import MARKER, is_owned
     from align_rl.io.store import write_states
     from tests.test_era5 import make_states
 
     s = make_states(T=2)
     p = write_states(tmp_path / "w.zarr", s)
-    (p / MARKER).unlink()  # as written before markers existed
-    write_states(p, s, overwrite=True)
-    assert is_owned(p)
+    (p / MARKER).unlink()
+    before = _tree(p)
+    with pytest.raises(OwnershipError, match="not created by align_rl"):
+        write_states(p, s, overwrite=True)
+    assert not is_owned(p) and _tree(p) == before
 
 
-def test_legacy_eval_folder_is_adopted_but_a_lookalike_is_not(tmp_path):
+def test_a_folder_that_looks_like_an_evaluation_is_not_adopted(tmp_path):
+    """The folder of the report (report.md, metrics.json with checks) and a user's file beside
+    them: refused, nothing marked, the user's file kept."""
     from align_rl.owned import is_owned, require_owned
 
     ev = tmp_path / "eval"
     ev.mkdir()
     (ev / "report.md").write_text("# Evaluation\n")
     (ev / "metrics.json").write_text(json.dumps({"checks": [], "scores": {}}))
-    require_owned(ev)
-    assert is_owned(ev)
-    fake = tmp_path / "notes"
-    fake.mkdir()
-    (fake / "report.md").write_text("mine\n")
-    (fake / "metrics.json").write_text("{}")
-    with pytest.raises(OwnershipError):
-        require_owned(fake)
+    (ev / "thesis.tex").write_text("\\section{mine}\n")
+    with pytest.raises(OwnershipError, match="not created by align_rl"):
+        require_owned(ev)
+    assert not is_owned(ev) and (ev / "thesis.tex").exists()
 
 
 def test_opening_the_workdir_cleans_temporaries_of_dead_processes(tmp_path):
@@ -638,8 +925,10 @@ def test_opening_the_workdir_cleans_temporaries_of_dead_processes(tmp_path):
 
     ck = tmp_path / "checkpoints" / "vae"
     ck.mkdir(parents=True)
-    tmp_file = ck / f".final.pt.tmp-{_HOST}-{_dead_pid()}"
-    tmp_file.write_bytes(b"half a checkpoint")
+    half = ck / f".final.pt.tmp-{_HOST}-{_dead_pid()}"  # a checkpoint writer's staging folder
+    half.mkdir()
+    mark(half, "staging")
+    (half / "new").write_bytes(b"half a checkpoint")
     stage = tmp_path / f".world.zarr.tmp-{_HOST}-{_dead_pid()}"
     stage.mkdir()
     mark(stage, "staging")
@@ -648,5 +937,5 @@ def test_opening_the_workdir_cleans_temporaries_of_dead_processes(tmp_path):
     keep.mkdir()
     (keep / f".x.tmp-{_HOST}-{_dead_pid()}").write_text("inside a store: not ours to sweep")
     Workspace.from_config(load_config(overrides=[f"run.workdir={tmp_path}"]))
-    assert not tmp_file.exists() and not stage.exists()
+    assert not half.exists() and not stage.exists()
     assert len(list(keep.iterdir())) == 1

@@ -39,7 +39,7 @@ from align_rl.alignment.dpo_task import BEST_FILE, POLICY_FILE, dpo_task
 from align_rl.alignment.pairs import alignment_seed
 from align_rl.config import Config
 from align_rl.errors import CheckpointError, ConfigError, InputError
-from align_rl.io.checkpoints import read_checkpoint
+from align_rl.io.checkpoints import read_checkpoint, verify_checkpoint
 from align_rl.io.pair_store import PairDataset, PairSet, PairStore
 from align_rl.devices import resolve_use_gpu
 from align_rl.training.harness import fit_loop, init_ray, worker_scaling
@@ -63,9 +63,13 @@ class DPOResult:
 
 
 def _result(out_dir: Path, state: dict) -> DPOResult:
+    """The result recorded in ``out_dir``; its checkpoint (``best.pt`` when validated, else the
+    policy) is verified first (readable, checksum, a diffusion model): a damaged one raises
+    CheckpointError naming it and the way out, never reported as the result."""
     m = dict(state["history"][-1]) if state["history"] else {}
     best = dict(state.get("best") or {})
     ck = out_dir / (BEST_FILE if best and (out_dir / BEST_FILE).exists() else POLICY_FILE)
+    verify_checkpoint(ck, "diffusion", f"delete the folder {out_dir} to run this DPO again")
     return DPOResult(ck, m, int(state["version"]), int(state["step"]), list(state["history"]), best)
 
 

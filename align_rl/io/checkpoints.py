@@ -1,6 +1,6 @@
 """Model checkpoints that know how to rebuild their model and refuse a mismatched one.
 
-A checkpoint (``torch.save`` of a dict, written atomically: temporary file + ``os.replace``) holds
+A checkpoint (``torch.save`` of a dict, written atomically: :func:`align_rl.owned.staged`) holds
 ``format``, ``version``, ``kind`` (``vae`` | ``diffusion`` | ``forecaster``), ``config`` (the
 model's config section as a dict), ``shapes`` (``grid`` ``(H, W)`` and/or ``latent_shape``
 ``(C, h, w)``), ``state_dict`` and ``extra`` (e.g. the VAE's latent statistics, training step).
@@ -11,16 +11,15 @@ differ from what the caller expects.
 Integrity: every file is read with ``torch.load(weights_only=True)`` (tensors and plain data only;
 a pickled object that would run code is refused), and a checkpoint carries ``checksum``, the
 SHA-256 of its content (:func:`content_digest`), which :func:`read_checkpoint` verifies, so flipped
-bytes in the weights raise :class:`CheckpointError` instead of loading silently (checkpoints
-written before checksums existed load without the check). Training states (``state.pt`` of the
-pretraining loops and the DPO learner) are written and read the same way by :func:`save_state` and
-:func:`load_state`.
+bytes in the weights raise :class:`CheckpointError` instead of loading silently; a checkpoint or
+state without its checksum is refused too (its content cannot be verified). Training states
+(``state.pt`` of the pretraining loops and the DPO learner) are written and read the same way by
+:func:`save_state` and :func:`load_state`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from align_rl.errors import CheckpointError, ConfigError
 from align_rl.models.dit import build_dit
 from align_rl.models.forecaster import build_emulator
 from align_rl.models.vae import LatentCodec, build_vae
-from align_rl.owned import temp_file
+from align_rl.owned import staged
 
 FORMAT = "align_rl.checkpoint"
 VERSION = "1"
@@ -118,13 +117,22 @@ def content_digest(obj: dict) -> str:
     return h.hexdigest()
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type when it has none."""
+    lines = str(exc).splitlines()
+    return lines[0] if lines and lines[0].strip() else type(exc).__name__
+
+
 def _torch_load(p: Path) -> Any:
     """``torch.load`` of tensors and plain data only (never a pickled object that runs code)."""
     return torch.load(p, map_location="cpu", weights_only=True)
 
 
 def _verify(obj: Any, p: Path, fix: str) -> None:
-    if isinstance(obj, dict) and "checksum" in obj and obj["checksum"] != content_digest(obj):
+    if isinstance(obj, dict) and "checksum" not in obj:
+        raise CheckpointError(f"{p} has no checksum, so its content cannot be verified (edited, or "
+                              f"written by another program); {fix}")
+    if isinstance(obj, dict) and obj["checksum"] != content_digest(obj):
         raise CheckpointError(
             f"{p} is damaged: its content does not match its stored checksum (flipped or "
             f"truncated bytes); {fix}"
@@ -140,27 +148,22 @@ def save_state(obj: dict, path: str | Path) -> Path:
 
 
 def _save_atomic(obj: dict, path: str | Path) -> Path:
-    """``torch.save`` into a temporary file beside ``path``, then rename it into place."""
+    """``torch.save`` into a marked staging folder beside ``path``, then rename it into place
+    (:func:`align_rl.owned.staged`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_file(path)
-    try:
+    with staged(path, "checkpoint") as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
 def load_state(path: str | Path, fix: str = "delete it to start that run again") -> dict:
-    """A state dict written by :func:`save_state` (or an older one without checksum), read with
-    ``weights_only=True`` and verified; :class:`CheckpointError` naming the file and ``fix``."""
+    """A state dict written by :func:`save_state`, read with ``weights_only=True`` and verified
+    (checksum present and matching); :class:`CheckpointError` naming the file and ``fix``."""
     p = Path(path)
     try:
         obj = _torch_load(p)
     except Exception as exc:  # noqa: BLE001 - unpickling refused, truncated file, ...
-        raise CheckpointError(f"{p} is not a readable training state ({str(exc).splitlines()[0]}); "
+        raise CheckpointError(f"{p} is not a readable training state ({_first_line(exc)}); "
                               f"{fix}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p} holds a {type(obj).__name__}, not a training state; {fix}")
@@ -220,7 +223,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         obj = _torch_load(p)
     except Exception as exc:
-        raise CheckpointError(f"{p} is not a readable checkpoint ({str(exc).splitlines()[0]}); "
+        raise CheckpointError(f"{p} is not a readable checkpoint ({_first_line(exc)}); "
                               "retrain or fix the path") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{p} is not an align_rl checkpoint (written by save_model)")
@@ -230,6 +233,21 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{p} has checkpoint format version {obj.get('version')}, this code reads {VERSION}; "
             "retrain the model with this version"
         )
+    return obj
+
+
+def verify_checkpoint(path: str | Path, kind: str, fix: str) -> dict[str, Any]:
+    """The checkpoint at ``path`` (which exists) read and verified as a ``kind`` checkpoint:
+    readable with ``weights_only``, its checksum present and matching, of the ``kind`` asked for;
+    else :class:`CheckpointError` naming the file, what is wrong and ``fix`` (the way out)."""
+    p = Path(path)
+    try:
+        obj = read_checkpoint(p)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{str(exc).split('; ')[0]}; it is not used or trained over: {fix}") from None
+    if obj.get("kind") != kind:
+        raise CheckpointError(f"{p} is a {obj.get('kind')} checkpoint, not a {kind} one; it is not "
+                              f"used or trained over: {fix}")
     return obj
 
 
@@ -286,7 +304,7 @@ def load_model(path: str | Path, kind: str, expect: Any = None, device: str | to
         model.load_state_dict(obj["state_dict"])
     except RuntimeError as exc:
         raise CheckpointError(
-            f"{p} does not match the {kind} network of this code version ({str(exc).splitlines()[0]}); "
+            f"{p} does not match the {kind} network of this code version ({_first_line(exc)}); "
             "retrain it"
         ) from None
     model.to(device).eval()

@@ -286,6 +286,17 @@ class StoreIntegrity:
         self._verified[table] = text
         return c
 
+    def verify(self) -> dict:
+        """Check every table (backgrounds, candidates, pairs) against ``COMMIT``: arrays, chunk
+        files of committed latent rows, column checksums, indices; the committed counts, or
+        :class:`~align_rl.errors.IntegrityError` naming the damaged part and the way out. Run
+        before a result built from the store (a cached DPO run) is trusted."""
+        text = self._commit_text()
+        c = self._parse_commit(text)
+        for table in TABLES:
+            self._verify(table, c, text)
+        return c
+
     def _with_columns(self, c: dict) -> dict:
         """``c`` with the SHA-256 of every column's first ``c[table]`` rows (read back from disk)."""
         cols = {}

@@ -111,6 +111,30 @@ def _monotonic(values: np.ndarray, name: str, path: str, allow_descending: bool)
     )
 
 
+LEVEL_UNITS_HPA = {"hpa": 1.0, "millibar": 1.0, "millibars": 1.0, "mbar": 1.0, "mb": 1.0,
+                   "pa": 0.01, "pascal": 0.01, "pascals": 0.01, "kpa": 10.0}
+"""Factors from the ``units`` attribute of a store's ``level`` coordinate to hPa."""
+
+
+def _levels_hpa(ds: xr.Dataset, values: np.ndarray, path: str) -> np.ndarray:
+    """The ``level`` coordinate in whole hPa: converted from Pa or kPa when its ``units`` say so,
+    or from Pa when it has no ``units`` and values above 1100 (no pressure level in hPa is);
+    InputError for another unit, naming it."""
+    units = str(ds["level"].attrs.get("units", "")).strip()
+    v = values.astype(np.float64)
+    if units:
+        f = LEVEL_UNITS_HPA.get(units.lower())
+        if f is None:
+            raise InputError(
+                f"the level coordinate of {path} has units {units!r}; pressure levels must be in hPa "
+                f"(or {', '.join(sorted(set(LEVEL_UNITS_HPA) - {'hpa'}))}, which are converted): convert it"
+            )
+        v = v * f
+    elif v.size and np.nanmax(v) > 1100:
+        v = v / 100.0  # levels of up to 100000 without units: Pa (no pressure level exceeds 1100 hPa)
+    return np.round(v).astype(np.int64)
+
+
 def parse_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
     """Store attributes; JSON strings of dicts or lists (``normalization``, ``splits``) decoded."""
     out: dict[str, Any] = {}
@@ -231,7 +255,7 @@ class Store:
         self.grid = LatLonGrid.from_coords(self.lat, self.lon, where=f"store {self.path}")
         self.levels: np.ndarray | None = None
         if "level" in ds.coords:
-            self.levels = _check_coord(ds, "level", self.path).round().astype(np.int64)
+            self.levels = _levels_hpa(ds, _check_coord(ds, "level", self.path), self.path)
         self.ds = ds
         self.attrs = parse_attrs(dict(ds.attrs))
         key = store_key(self.path)
@@ -301,13 +325,23 @@ class Store:
                 continue
             name = LONG_NAMES[var]
             da = self.ds[name]
-            if var in LEVEL_VARS:
-                lidx = [self.available[c][1] for c in want]
-                da = da.isel(time=tidx, level=lidx).transpose("time", "level", "latitude", "longitude")
-                arr = np.asarray(da.values, dtype=np.float32)
-            else:
-                da = da.isel(time=tidx).transpose("time", "latitude", "longitude")
-                arr = np.asarray(da.values, dtype=np.float32)[:, None]
+            try:
+                if var in LEVEL_VARS:
+                    lidx = [self.available[c][1] for c in want]
+                    da = da.isel(time=tidx, level=lidx).transpose("time", "level", "latitude", "longitude")
+                    arr = np.asarray(da.values, dtype=np.float32)
+                else:
+                    da = da.isel(time=tidx).transpose("time", "latitude", "longitude")
+                    arr = np.asarray(da.values, dtype=np.float32)[:, None]
+            except Exception as exc:  # noqa: BLE001 - a chunk that does not decode or is cut
+                span = (f"{np.datetime_as_string(self.times[int(np.min(tidx))], unit='h')} to "
+                        f"{np.datetime_as_string(self.times[int(np.max(tidx))], unit='h')}"
+                        if len(tidx) else "no times")
+                raise InputError(
+                    f"variable {name} of the store {self.path} cannot be read for the times {span}: "
+                    f"a chunk is damaged ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}); "
+                    "restore the store from its source or copy it again"
+                ) from None
             if not self.lat_ascending:
                 arr = arr[..., ::-1, :]
             if self.lon_shift:

@@ -89,11 +89,18 @@ Ray Train's print patch a worker's output, its progress-bar states included, rea
 twice)."""
 
 
+DASHBOARD_ENV = "ALIGN_RL_RAY_DASHBOARD"
+"""Set to 1 to start Ray's dashboard with the local instance (on 127.0.0.1 only; off by default)."""
+
+
 def init_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
-    """Connect to Ray: the cluster in ``RAY_ADDRESS`` if set, else a small local instance.
+    """Connect to Ray: the cluster in ``RAY_ADDRESS`` if set, else a small local instance. The one
+    way every command starts Ray: an implicit start (``ray.put``, ``ray.get`` or ``.remote()``
+    before any ``ray.init``) comes here too (:func:`route_auto_init`).
 
     The local instance listens on the loopback interface only (every gRPC server, the dashboard
-    agent and the runtime-env agent; no dashboard) and keeps Ray's token authentication on: Ray
+    agent and the runtime-env agent; no dashboard unless ``ALIGN_RL_RAY_DASHBOARD=1``, then on
+    127.0.0.1) and keeps Ray's token authentication on: Ray
     generates the token once into ``~/.ray/auth_token`` (mode 0600) unless ``RAY_AUTH_TOKEN`` or
     ``RAY_AUTH_TOKEN_PATH`` name one, and every client of the instance sends it. An explicit
     ``RAY_AUTH_MODE=disabled`` is respected with a warning. No-op when Ray is already up.
@@ -122,12 +129,42 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
         # the driver read its copy of the variable when ray was imported: loopback as node address
         if was is not None:
             ray_constants.ENABLE_RAY_CLUSTER = False
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 log_to_driver=log_to_driver)
+        dashboard = os.environ.get(DASHBOARD_ENV, "") == "1"
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
+                 dashboard_host="127.0.0.1", log_to_driver=log_to_driver)
     finally:
         if was is not None:
             ray_constants.ENABLE_RAY_CLUSTER = was
     logs.route_ray()
+
+
+def route_auto_init() -> None:
+    """Make Ray's implicit start (the first ``ray.put``, ``ray.get`` or ``.remote()`` in a process
+    that never called ``ray.init``) go through :func:`init_ray`, instead of Ray's default
+    ``ray.init()`` (every interface, a dashboard). Run when this module is imported, so by every
+    command that can start Ray."""
+    from ray._private import auto_init_hook
+
+    if getattr(auto_init_hook.auto_init_ray, "_align_rl", False):
+        return
+
+    def auto_init_ray() -> None:
+        if auto_init_hook.enable_auto_connect and not ray.is_initialized():
+            with auto_init_hook.auto_init_lock:
+                if not ray.is_initialized():
+                    init_ray()
+
+    auto_init_ray._align_rl = True  # type: ignore[attr-defined]
+    import importlib
+
+    for name in ("ray._private.auto_init_hook", "ray._private.client_mode_hook",
+                 "ray.util.placement_group"):  # every module that calls it by its own name
+        mod = importlib.import_module(name)
+        if hasattr(mod, "auto_init_ray"):
+            mod.auto_init_ray = auto_init_ray
+
+
+route_auto_init()
 
 
 def _train_env_defaults() -> None:

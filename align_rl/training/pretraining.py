@@ -23,8 +23,8 @@ import torch
 from align_rl import identity
 from align_rl.config import Config, PretrainConfig
 from align_rl.devices import resolve_use_gpu
-from align_rl.errors import CheckpointError, InputError
-from align_rl.io.checkpoints import load_codec, load_model, read_checkpoint, save_model
+from align_rl.errors import InputError
+from align_rl.io.checkpoints import load_codec, load_model, save_model, verify_checkpoint
 from align_rl.io.era5 import load_normalizer, open_states
 from align_rl.io.grid import Grid
 from align_rl.io.normalization import Normalizer
@@ -108,6 +108,7 @@ class PretrainData:
     def ref(self, name: str, value_fn) -> Any:
         """An object ref of ``value_fn()``, put in the object store once."""
         if name not in self.refs:
+            init_ray()  # the project's loopback-only instance, not Ray's implicit default
             self.refs[name] = ray.put(value_fn())
         return self.refs[name]
 
@@ -124,11 +125,16 @@ def _identity(cfg: Config, stage: str, data: PretrainData, deps: dict[str, str] 
     return identity.pretraining(cfg, stage, data.store, data.grid, deps)
 
 
-def _stored_identity(path: Path) -> dict | None:
-    try:
-        return read_checkpoint(path)["extra"].get("identity")
-    except CheckpointError:
-        return None
+def cached_fix(path: Path, stage: str) -> str:
+    """The way out named when a cached checkpoint of ``stage`` is damaged."""
+    return (f"retrain it with python -m align_rl.pretrain {stage} --force, or delete {path} "
+            "(or restore it from a copy)")
+
+
+def _stored_identity(path: Path, stage: str) -> dict | None:
+    """The identity stored in the final checkpoint of ``stage``; a damaged one (unreadable, checksum
+    failing or missing, another kind of model) raises CheckpointError: it is never trained over."""
+    return verify_checkpoint(path, stage, cached_fix(path, stage))["extra"].get("identity")
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -196,7 +202,7 @@ def pretrain_forecaster(cfg: Config, ws: Workspace, data: PretrainData, force: b
         return load_forecaster(cfg, ws, data.normalizer), info
     path = ws.final_checkpoint("forecaster")
     ident = _identity(cfg, "forecaster", data)
-    if not force and path.exists() and _same(_stored_identity(path), ident):
+    if not force and path.exists() and _same(_stored_identity(path, "forecaster"), ident):
         _log(f"forecaster: reusing {path}")
         return load_forecaster(cfg, ws, data.normalizer), info
     ref = data.ref("train_seq", lambda: {"values": data.train_norm, "times": data.train.times})
@@ -219,7 +225,7 @@ def pretrain_vae(cfg: Config, ws: Workspace, data: PretrainData, force: bool = F
     info: dict[str, Any] = {"trained": False}
     path = ws.final_checkpoint("vae")
     ident = _identity(cfg, "vae", data)
-    if not force and path.exists() and _same(_stored_identity(path), ident):
+    if not force and path.exists() and _same(_stored_identity(path, "vae"), ident):
         _log(f"vae: reusing {path}")
         codec, _ = load_codec(path, expect=cfg.vae)
         return codec, info
@@ -251,7 +257,7 @@ def pretrain_diffusion(cfg: Config, ws: Workspace, data: PretrainData, codec, fo
     deps = identity.diffusion_deps(codec, forecaster, cfg)
     ident = _identity(cfg, "diffusion", data, deps)
     latent_shape = tuple(codec.latent_shape)
-    if not force and path.exists() and _same(_stored_identity(path), ident):
+    if not force and path.exists() and _same(_stored_identity(path, "diffusion"), ident):
         _log(f"diffusion: reusing {path}")
         model, _ = load_model(path, "diffusion", expect=cfg.diffusion, shapes={"latent_shape": latent_shape})
         return model, info
