@@ -25,7 +25,7 @@ HEX = re.compile(rf"^[0-9a-f]{{{identity.DIGEST_CHARS}}}$")
 
 
 def _cfg(tmp_path, *extra):
-    return load_config(overrides=[f"run.workdir={tmp_path / 'run'}", "data.grid=8x16", *extra])
+    return load_config(overrides=[f"run.workdir={tmp_path / 'run'}", "data.grid=8x16", "vae.window=2", *extra])
 
 
 @pytest.fixture
@@ -129,7 +129,7 @@ def _all_keys(cfg, store, ref_dir):
     ("forecaster.steps=9", {"forecaster", "diffusion", "pairs", "dpo", "sweep"}),
     ("dpo.beta=123", {"dpo"}),
     ("rewards.weights={assim: 1.0, forecast: 2.0, phys: 1.0}", {"dpo"}),
-    ("pairs.candidates=5", {"pairs", "dpo"}),
+    ("pairs.candidates=9", {"pairs", "dpo"}),
     ("sampler.steps=11", {"pairs", "dpo", "sweep"}),
     ("data.seed=5", {"world", "normalization", "forecaster", "vae", "diffusion", "pairs", "dpo", "sweep"}),
     ("diffusion.num_workers=3", set()),  # how it trains, not what it is
