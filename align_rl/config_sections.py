@@ -216,6 +216,9 @@ class DPOConfig:
     online_backgrounds: int = 8  # online: new backgrounds per refresh
     max_failures: int = 2  # worker-group restarts from the last checkpoint before a run fails
     cpus_per_worker: float = 2.0  # CPUs of each learner worker (and its torch threads)
+    # GPU share of each learner worker when it uses GPUs (< 1: shares a GPU, e.g. with a sweep trial's
+    # validation actors: one trial per GPU)
+    gpus_per_worker: float = field(default=1.0, metadata=HASH_UNLESS_SET)
 
 
 @dataclass

@@ -22,8 +22,8 @@ A sweep file (YAML) holds::
     stages: 3                      # DPO stages per trial, each followed by a validation and a report
     steps_per_stage: 20            # default: ceil(dpo.steps / stages)
     validation: {times: 4, members: 4, method: obsfree}   # a short evaluation on the val split
-    resources_per_trial: {cpu: 1, gpu: 0}   # the trial driver; the learner asks for its own workers
-    max_concurrent_trials: 1
+    resources_per_trial: {cpu: 0, gpu: 0}   # the trial driver; the learner asks for its own workers
+    max_concurrent_trials: 1       # unset / 0: as many as the Ray cluster holds at once
 
 Overrides on the command line whose first part is a section of the align_rl config
 (``dpo.steps=10``) go to ``base``; the others change the sweep file (``num_samples=2``,
@@ -40,6 +40,12 @@ the trial equals one run of ``stages × steps_per_stage`` steps), a short valida
 with one guidance method), and ``tune.report`` of the metrics, so ASHA can stop weak trials early.
 Online trials (``dpo.mode=online``) run the online loop instead, which draws fresh candidates by
 design.
+
+Before anything runs the driver checks every trial's whole resource request against the connected
+Ray cluster (:func:`align_rl.tune.run.check_trials`: the trial's own reservation, its learner's
+``dpo.num_workers × (dpo.cpus_per_worker, dpo.gpus_per_worker)``, its validation's actors, an
+online trial's sampler and reward actors) and refuses, naming the keys, a trial that could never
+start (Ray would wait for it forever).
 
 Before the trials the driver makes sure that the shared inputs exist (dataset, pretrained
 models, backgrounds, the reference's scored candidates in the pair store: each reused from its

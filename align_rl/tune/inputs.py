@@ -22,7 +22,7 @@ from align_rl.pipeline import PrefData, store_meta
 from align_rl.training.pretraining import ensure_pretrained
 from align_rl.tune.results import write_atomic
 from align_rl.tune.spec import SweepSpec, steps_per_stage
-from align_rl.tune.trial import candidate_pool, eval_metrics, validation_config
+from align_rl.tune.trial import candidate_pool, eval_metrics, eval_per_time, validation_config
 from align_rl.workspace import Workspace
 from align_rl.world.dataset import ensure_world
 from align_rl.world.splits import open_split
@@ -39,20 +39,21 @@ def prepare_shared(cfg: Config, spec: SweepSpec, out: Path, progress: bool = Tru
     data, ref_model = validation_data(cfg, ws, progress)
     ref_file = out / "reference_val.json"
     key = identity.sweep_reference(cfg, val, ws.final_checkpoint("diffusion"))
-    ref = None
+    ref = ref_times = None
     if ref_file.exists():
         stored = json.loads(ref_file.read_text())
-        if stored.get("key") == json.loads(json.dumps(key)):
-            ref = stored["metrics"]
+        if stored.get("key") == json.loads(json.dumps(key)) and "per_time" in stored:
+            ref, ref_times = stored["metrics"], stored["per_time"]
     if ref is None:
         summary = run_evaluation(vcfg, ws, {"reference": ref_model}, data=data, out=out / "reference_val",
                                  progress=progress)
-        ref = eval_metrics(summary, f"reference/{spec.validation.method}")
-        write_atomic(ref_file, json.dumps({"key": key, "metrics": ref}, indent=1))
+        row = f"reference/{spec.validation.method}"
+        ref, ref_times = eval_metrics(summary, row), eval_per_time(summary, row)
+        write_atomic(ref_file, json.dumps({"key": key, "metrics": ref, "per_time": ref_times}, indent=1))
     return {"base": cfg.to_dict(), "name": spec.name, "workdir": str(ws.root), "sweep_dir": str(out),
             "world": str(world),
             "pairs": str(pairs_path), "reference_ckpt": str(ws.final_checkpoint("diffusion")),
-            "validation": val, "reference_metrics": ref, "eval_data": data,
+            "validation": val, "reference_metrics": ref, "reference_per_time": ref_times, "eval_data": data,
             "stages": spec.stages, "steps_per_stage": steps_per_stage(spec, cfg)}
 
 

@@ -9,7 +9,7 @@ from align_rl.tune.inputs import prepare_shared, validation_data
 from align_rl.tune.results import (
     SweepResult, TrialRow, collect_results, fmt, log_wandb, results_columns, write_results,
 )
-from align_rl.tune.run import local_cpus, run_sweep, sweep_dir, trial_resources
+from align_rl.tune.run import check_trials, run_sweep, sweep_dir, trial_phases, trial_points, trial_resources
 from align_rl.tune.spec import (
     DIMENSION_KINDS, SPEC_RANGES, SWEEP_KEYS, Asha, Dimension, Resources, Simplex, SweepSpec,
     Validation, build_base_config, check_spec_against_config, load_spec, parse_spec, simplex_grid,
@@ -24,7 +24,7 @@ __all__ = [
     "DIMENSION_KINDS", "SPEC_RANGES", "SWEEP_KEYS", "VALIDATION_METRICS", "Asha", "Dimension",
     "Resources", "Simplex", "SweepResult", "SweepSpec", "TrialRow", "Validation",
     "build_base_config", "check_spec_against_config", "collect_results", "dpo_trial",
-    "eval_metrics", "fmt", "load_spec", "local_cpus", "log_wandb", "parse_spec", "prepare_shared",
+    "eval_metrics", "fmt", "load_spec", "check_trials", "trial_phases", "trial_points", "log_wandb", "parse_spec", "prepare_shared",
     "results_columns", "run_sweep", "seed_trial_store", "simplex_grid", "split_overrides",
     "steps_per_stage", "sweep_dir", "trial_config", "trial_resources", "validation_config",
     "validation_data", "with_changes", "write_results",

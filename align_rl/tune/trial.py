@@ -28,8 +28,9 @@ from align_rl.alignment.learner import run_dpo
 from align_rl.alignment.online import run_online
 from align_rl.config import Config, config_from_dict, with_values
 from align_rl.errors import InputError
-from align_rl.evaluation.results import as_dataset, score, split_row, was_scored
+from align_rl.evaluation.results import as_dataset, per_time_doc, score, split_row, was_scored
 from align_rl.evaluation.runner import run_evaluation
+from align_rl.evaluation.verdict import paired_change
 from align_rl.io.checkpoints import load_model
 from align_rl.io.pair_store import CandidateGroup, PairSet, PairStore
 from align_rl.owned import remove_owned
@@ -47,13 +48,24 @@ _EVAL_METRICS: dict[str, tuple[str, str, str]] = {
     "val_crps": ("analysis", "ensemble", "crps"),
     "val_fc_mse": ("forecast", "member", "mse"),
     "val_fc_mse_ensmean": ("forecast", "ensmean", "mse"),
+    "val_spread_skill": ("analysis", "ensemble", "spread_skill"),
+    "val_fc_crps": ("forecast", "ensemble", "crps"),
+    "val_fc_spread_skill": ("forecast", "ensemble", "spread_skill"),
 }
+_DERIVED = {"val_spread_skill_gap": "val_spread_skill", "val_fc_spread_skill_gap": "val_fc_spread_skill"}
+"""|spread/skill − 1| of the time-mean ratio (0 = a reliable ensemble; lower is better), so that
+the ensemble's reliability can be an objective with mode min."""
 _DPO_METRICS = {"dpo_loss": "loss", "dpo_accuracy": "rewards/accuracies", "dpo_margin": "rewards/margins"}
+_SCORES = tuple(_EVAL_METRICS) + tuple(_DERIVED)
 VALIDATION_METRICS: tuple[str, ...] = (
-    tuple(_EVAL_METRICS) + tuple(f"{k}_change_pct" for k in _EVAL_METRICS) + tuple(_DPO_METRICS)
+    _SCORES + tuple(f"{k}_change_pct" for k in _SCORES)
+    + tuple(f"{k}_change_{end}" for k in _EVAL_METRICS for end in ("lo", "hi")) + tuple(_DPO_METRICS)
 )
-"""Metrics every DPO trial reports after each stage (``*_change_pct``: % change against the
-reference on the same validation times; negative = better for errors)."""
+"""Metrics every DPO trial reports after each stage (``val_fc_*``: of the members' forecasts at
+``rewards.forecast_hours``, 48 h by default; ``*_change_pct``: % change against the reference on
+the same validation times, negative = lower; ``*_change_lo`` / ``*_change_hi``: its 95 %
+moving-block bootstrap interval over the validation times,
+:func:`align_rl.evaluation.verdict.paired_change`)."""
 
 
 # ----------------------------------------------------------------------------- how a trial reads the evaluation
@@ -73,6 +85,35 @@ def eval_metrics(summary, row: str) -> dict[str, float]:
         v = score(ds, model, method, tab, m, stat)
         if v is not None:
             out[name] = float(v)
+    for name, src in _DERIVED.items():
+        if src in out:
+            out[name] = abs(out[src] - 1.0)
+    return out
+
+
+def eval_per_time(summary, row: str) -> dict[str, list[float]]:
+    """The per-time values (over the validation times, in time order) of the metrics of
+    :func:`eval_metrics` that are scored per time (not the derived ones)."""
+    ds = as_dataset(summary)
+    cells = per_time_doc(ds, "main").get(row) or {}
+    out = {}
+    for name, (tab, stat, m) in _EVAL_METRICS.items():
+        v = cells.get(tab, {}).get(stat, {}).get(m)
+        if v is not None:
+            out[name] = [float(x) for x in np.asarray(v, np.float64)]
+    return out
+
+
+def change_intervals(per_time: dict[str, list[float]], reference: dict[str, list[float]],
+                     seed: int = 0) -> dict[str, float]:
+    """``<metric>_change_lo`` / ``_hi``: the 95 % interval of the paired % change of each metric
+    against the reference on the same times (:func:`align_rl.evaluation.verdict.paired_change`)."""
+    out = {}
+    for k, v in per_time.items():
+        if k in reference and len(reference[k]) == len(v):
+            c = paired_change(np.asarray(v), np.asarray(reference[k]), seed=seed)
+            if all(math.isfinite(x) for x in c["ci"]):
+                out[f"{k}_change_lo"], out[f"{k}_change_hi"] = c["ci"]
     return out
 
 
@@ -176,8 +217,10 @@ def _validate_stage(vcfg: Config, ws: Workspace, res: Any, ctx: dict, out: Path,
     """The stage's short validation of the policy ``res.checkpoint``: the metrics to report."""
     model, _ = load_model(res.checkpoint, "diffusion")
     summary = run_evaluation(vcfg, ws, {"policy": model}, data=ctx["eval_data"], out=out, progress=False)
-    m = with_changes(eval_metrics(summary, f"policy/{ctx['validation']['method']}"),
-                     ctx["reference_metrics"])
+    row = f"policy/{ctx['validation']['method']}"
+    m = with_changes(eval_metrics(summary, row), ctx["reference_metrics"])
+    m.update(change_intervals(eval_per_time(summary, row), ctx.get("reference_per_time") or {},
+                              seed=int(ctx["base"]["run"]["seed"])))
     for k, src in _DPO_METRICS.items():
         if src in res.metrics:
             m[k] = float(res.metrics[src])
