@@ -39,6 +39,16 @@ class Need:
         return f"{self.what}: {t['CPU']:g} CPU{gpu} ({', '.join(self.keys)})"
 
 
+def learner_uses_gpu(cfg: Any, cluster_gpus: float) -> bool:
+    """Whether the learner's workers ask for GPUs on a cluster with ``cluster_gpus`` GPUs, by
+    the rule of :func:`align_rl.devices.resolve_use_gpu` (``run.device=cuda`` or
+    ``dpo.use_gpu``: yes, so that a cluster without GPUs is refused; ``auto``: when it has some)."""
+    device = str(cfg.run.device)
+    if device == "cpu":
+        return False
+    return device == "cuda" or bool(cfg.dpo.use_gpu) or cluster_gpus > 0
+
+
 def learner_need(cfg: Any, use_gpu: bool) -> Need:
     """The DPO learner: ``dpo.num_workers`` workers × (``dpo.cpus_per_worker`` CPUs and, when
     ``use_gpu``, ``dpo.gpus_per_worker`` GPUs; :func:`align_rl.training.harness.worker_scaling`)."""

@@ -73,7 +73,7 @@ def change_cell(metrics: dict[str, float], k: str) -> str:
 
 def plot_front(rows: Sequence[Any], front: Sequence[Any], path: Path, reference: dict[str, float] | None,
                x: str = "val_mse_change_pct", y: str = "val_fc_mse_change_pct",
-               color: str = "val_geo_score", label: Any = None) -> Path | None:
+               color: str = "val_geo_score", label: Any = None, title: str = "") -> Path | None:
     """``x`` against ``y`` of every completed trial (the front ringed and joined, the reference at
     the origin), coloured by ``color``; written to ``path`` (PNG). None when no trial has
     ``x`` and ``y``."""
@@ -82,7 +82,7 @@ def plot_front(rows: Sequence[Any], front: Sequence[Any], path: Path, reference:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [r for r in rows if x in r.metrics and y in r.metrics]
+    pts = [r for r in rows if r.status == "completed" and x in r.metrics and y in r.metrics]
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
@@ -104,6 +104,8 @@ def plot_front(rows: Sequence[Any], front: Sequence[Any], path: Path, reference:
         for r in fr:
             ax.annotate(label(r), (r.metrics[x], r.metrics[y]), fontsize=7, xytext=(4, 4),
                         textcoords="offset points")
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.axhline(0, color="0.8", lw=0.8, zorder=1)
     ax.axvline(0, color="0.8", lw=0.8, zorder=1)
     ax.set_xlabel(f"{x} (% vs reference; < 0 better)")

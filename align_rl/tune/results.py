@@ -207,7 +207,10 @@ def write_report(result: SweepResult, spec: SweepSpec, cfg: Config, out: Path) -
     trial and how to train with it, the cost; and ``front.png`` (:func:`~align_rl.tune.pareto.plot_front`)."""
     goals = spec.goals()
     front = result.front
-    png = plot_front(result.rows, front, out / "front.png", result.reference, label=_weights_label)
+    keys = next((list(t.params["rewards.weights"]) for t in result.rows
+                 if isinstance(t.params.get("rewards.weights"), dict)), None)
+    png = plot_front(result.rows, front, out / "front.png", result.reference, label=_weights_label,
+                     title=f"sweep {spec.name}" + (f"; labels: weights {'/'.join(keys)}" if keys else ""))
     done = sum(t.status == "completed" for t in result.rows)
     lines = [f"# Sweep `{spec.name}`: report", ""]
     if spec.question:

@@ -19,12 +19,12 @@ import yaml
 
 from align_rl import remote
 from align_rl.config import Config
-from align_rl.devices import actor_gpus, resolve_use_gpu
+from align_rl.devices import actor_gpus
 from align_rl.errors import ConfigError
 from align_rl.logs import stage
 from align_rl.training.harness import init_ray
 from align_rl.training.resources import (
-    Need, check_fits, cluster_capacity, evaluation_needs, learner_need, pool_need,
+    Need, check_fits, cluster_capacity, evaluation_needs, learner_need, learner_uses_gpu, pool_need,
 )
 from align_rl.tune.inputs import prepare_shared
 from align_rl.tune.results import (
@@ -102,7 +102,7 @@ def check_trials(spec: SweepSpec, cfg: Config, capacity=None) -> int | None:
     peak = {"CPU": 0.0, "GPU": 0.0}
     for point in trial_points(spec):
         tcfg = trial_config(base, point)
-        use_gpu = resolve_use_gpu(tcfg.run.device, bool(tcfg.dpo.use_gpu), "dpo.use_gpu")
+        use_gpu = learner_uses_gpu(tcfg, total.get("GPU", 0.0))
         where = f"a trial of sweep {spec.name}" + (f" ({fmt(point)})" if len(spec.search) else "")
         for phase, parts in trial_phases(spec, tcfg, use_gpu):
             check_fits(parts, f"{where}, {phase},", capacity=(total, nodes),
