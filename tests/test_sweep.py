@@ -642,6 +642,11 @@ def test_sweep_report_has_the_front_its_intervals_the_chosen_trial_and_a_picture
             self.metrics = dict(r.metrics, training_iteration=2 if r.status == "completed" else 1,
                                 trial_id=r.trial_id)
             self.config, self.error, self.path = r.params, None, f"/x/{r.trial_id}"
+            import pandas as pd  # every stage's report: the change halves from stage 1 to 2
+
+            first = {k: v / 2 for k, v in r.metrics.items() if k.endswith("_change_pct")}
+            self.metrics_dataframe = pd.DataFrame([dict(first, dpo_steps=10, stage=1),
+                                                   dict(r.metrics, dpo_steps=20, stage=2)])
 
     res = collect_results([_R(r) for r in rows], spec, cfg)
     assert sorted(t.trial_id for t in res.front) == ["t0", "t1", "t2"]
@@ -667,6 +672,14 @@ def test_sweep_report_has_the_front_its_intervals_the_chosen_trial_and_a_picture
         head = next(csv.reader(f))
     assert head[head.index("status") + 2: head.index("status") + 5] == ["val_mse", "val_fc_mse", "val_geo_score"]
     assert "val_mse_change_lo" in head
+    # the learning curves: every stage of every trial
+    with open(out / "curves.csv") as f:
+        curves = list(csv.DictReader(f))
+    assert len(curves) == 2 * len(rows)
+    t0 = [c for c in curves if c["trial"] == "t0"]
+    assert [float(c["dpo_steps"]) for c in t0] == [10, 20]
+    assert [float(c["val_mse_change_pct"]) for c in t0] == [-2.0, -4.0]
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_change_intervals_are_the_paired_bootstrap_of_the_validation_times():
@@ -684,3 +697,28 @@ def test_change_intervals_are_the_paired_bootstrap_of_the_validation_times():
     noisy = list(np.array(ref) * (1 + 0.1 * rng.standard_normal(8)))
     c = change_intervals({"val_mse": noisy}, {"val_mse": ref}, seed=3)
     assert [c["val_mse_change_lo"], c["val_mse_change_hi"]] == paired_change(np.array(noisy), np.array(ref), seed=3)["ci"]
+
+
+def test_a_trial_with_fewer_backgrounds_reselects_from_the_first_of_the_seeded_order(tmp_path):
+    """The shared store holds the most backgrounds any trial uses; a trial with
+    ``pairs.backgrounds = n`` takes the pairs of the first n of the seeded order only."""
+    import numpy as np
+
+    from align_rl.io.pair_store import PairStore
+    from align_rl.tune.trial import _policy_pairs
+
+    from .test_pair_store import NAMES, SHAPE, group
+
+    order = [5, 2, 7, 0, 3, 6]  # the seeded order of the pref split's backgrounds
+    st = PairStore.open(tmp_path / "s.zarr", SHAPE, NAMES)
+    st.append([group(i) for i in order])
+    cfg = load_config(overrides=["rewards.names=[assim, phys]", "rewards.weights={assim: 1, phys: 0}",
+                                 "pairs.backgrounds=3", "pairs.decile=0.34", "pairs.pairs_per_background=4"])
+    ps = _policy_pairs(st, cfg, order)
+    bg_ids = st.backgrounds()["bg_id"][ps.background]
+    assert set(bg_ids.tolist()) == {5, 2, 7}
+    everything = _policy_pairs(st, cfg)  # no order: every stored background
+    assert set(st.backgrounds()["bg_id"][everything.background].tolist()) == set(order)
+    # the kept pairs are exactly those of the full reselection on those backgrounds
+    keep = np.isin(st.backgrounds()["bg_id"][everything.background], [5, 2, 7])
+    np.testing.assert_array_equal(np.sort(ps.hash), np.sort(everything.hash[keep]))

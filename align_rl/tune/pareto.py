@@ -7,7 +7,7 @@ pretrained model, no alignment) sits at the origin of the change axes.
 
 Outputs in ``<run.workdir>/sweeps/<name>/``: ``report.md`` (the question, the front with each
 objective's % change against the reference and its 95 % interval over the validation times, the
-chosen trial and every trial) and ``front.png``.
+chosen trial), ``front.png`` and the learning curves ``curves.png``.
 """
 
 from __future__ import annotations
@@ -113,6 +113,36 @@ def plot_front(rows: Sequence[Any], front: Sequence[Any], path: Path, reference:
     if norm is not None:
         fig.colorbar(sc, ax=ax, label=color)
     ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_curves(rows: Sequence[Any], path: Path, y: str = "val_mse_change_pct", label: Any = None) -> Path | None:
+    """Each trial's ``y`` after every stage against its DPO steps (``row.history``), the
+    reference as the zero line; written to ``path`` (PNG). None when no trial reported ``y``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(r, [h for h in r.history if y in h and "dpo_steps" in h]) for r in rows]
+    runs = [(r, h) for r, h in runs if h]
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for r, h in runs:
+        ax.plot([p["dpo_steps"] for p in h], [p[y] for p in h], "o-", ms=3, lw=1,
+                label=label(r) if label is not None else str(r.trial_id))
+    ax.axhline(0, color="0.6", lw=0.8)
+    ax.set_xlabel("DPO steps")
+    ax.set_ylabel(f"{y} (% vs reference)")
+    if len(runs) <= 12:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp.png")

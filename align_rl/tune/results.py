@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 import yaml
 
 from align_rl.config import Config
-from align_rl.tune.pareto import change_cell, choose, front_of, improves, plot_front
+from align_rl.tune.pareto import change_cell, choose, front_of, improves, plot_curves, plot_front
 from align_rl.tune.spec import SweepSpec, steps_per_stage
 from align_rl.tune.trial import VALIDATION_METRICS, trial_config
 
@@ -33,6 +34,7 @@ class TrialRow:
     stages: int
     metrics: dict[str, float]
     error: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)  # one report per stage
 
 
 @dataclass
@@ -64,6 +66,16 @@ def _error_text(err: BaseException | None) -> str:
     return f"{type(cause).__name__}: {text}"[:300]
 
 
+def _history(r) -> list[dict[str, float]]:
+    """Every report of a trial (Tune's ``metrics_dataframe``), numeric columns only."""
+    df = getattr(r, "metrics_dataframe", None)
+    if df is None or len(df) == 0:
+        return []
+    keep = [c for c in df.columns if c in VALIDATION_METRICS or c in ("dpo_steps", "stage", "stage_seconds")]
+    return [{k: float(v) for k, v in rec.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+            for rec in df[keep].to_dict("records")]
+
+
 def collect_results(grid, spec: SweepSpec, cfg: Config) -> SweepResult:
     rows = []
     for r in grid:
@@ -81,7 +93,7 @@ def collect_results(grid, spec: SweepSpec, cfg: Config) -> SweepResult:
         rows.append(TrialRow(str(tid), params, status, it,
                              {k: v for k, v in m.items() if k in VALIDATION_METRICS or k in
                               ("dpo_steps", "pairs", "stage_seconds", "policy_version")},
-                             _error_text(r.error)))
+                             _error_text(r.error), _history(r)))
     rows.sort(key=lambda t: t.trial_id)
     sign = 1.0 if spec.mode == "min" else -1.0
     goals = spec.goals()
@@ -158,6 +170,7 @@ def write_results(result: SweepResult, spec: SweepSpec, cfg: Config, out: Path) 
     else:
         lines += ["", "No trial reported the metric; see the errors above and `tune/`."]
     write_atomic(out / "results.md", "\n".join(lines) + "\n")
+    write_curves(result, spec, out)
     write_report(result, spec, cfg, out)
     if result.best_config is not None:
         head = (f"# Best configuration of sweep {spec.name} ({spec.metric} {spec.mode}: "
@@ -191,6 +204,24 @@ def log_wandb(result: SweepResult, spec: SweepSpec, cfg: Config, out: Path) -> N
                                 "best_config": result.best_config.to_dict()})
     finally:
         run.finish()
+
+
+def write_curves(result: SweepResult, spec: SweepSpec, out: Path) -> None:
+    """``curves.csv`` (one row per trial and stage: its parameters, DPO steps and metrics) and
+    ``curves.png`` (each trial's validation analysis-MSE change against its DPO steps): the
+    learning curves behind the last values of ``results.csv`` (e.g. an early peak)."""
+    recs = [(t, h) for t in result.rows for h in t.history]
+    if not recs:
+        return
+    cols = ["dpo_steps", "stage"] + [k for k in VALIDATION_METRICS if any(k in h for _, h in recs)]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["trial", *spec.search, *cols])
+    for t, h in recs:
+        w.writerow([t.trial_id, *(fmt(t.params.get(k, "")) for k in spec.search),
+                    *(f"{h[c]:.6g}" if c in h else "" for c in cols)])
+    write_atomic(out / "curves.csv", buf.getvalue())
+    plot_curves(result.rows, out / "curves.png", label=lambda t: f"{t.trial_id} {fmt(t.params)}")
 
 
 def _weights_label(t: TrialRow) -> str:
@@ -246,7 +277,8 @@ def write_report(result: SweepResult, spec: SweepSpec, cfg: Config, out: Path) -
         lines += [f"**Chosen.** Trial {result.best.trial_id} ({fmt(result.best.params)}): {why}"
                   f"`{spec.metric}` ({spec.mode}) = {result.best.metrics[spec.metric]:.5g}. "
                   f"Train with it: `python -m align_rl.train --config {out / 'best_config.yaml'}`."]
-    lines += ["", "Every trial: `results.md` / `results.csv`."]
+    lines += ["", "Every trial: `results.md` / `results.csv`; every stage of every trial (learning "
+              "curves): `curves.csv` / `curves.png`."]
     write_atomic(out / "report.md", "\n".join(lines) + "\n")
 
 

@@ -8,7 +8,6 @@ Tune's own records (``tune/``).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from dataclasses import asdict
@@ -31,7 +30,7 @@ from align_rl.tune.results import (
     SweepResult, collect_results, fmt, log_wandb, write_atomic, write_results,
 )
 from align_rl.tune.spec import SweepSpec
-from align_rl.tune.trial import dpo_trial, trial_config, validation_config
+from align_rl.tune.trial import dpo_trial, trial_config, trial_points, validation_config
 
 LOG = logging.getLogger("align_rl.sweep")
 
@@ -65,14 +64,6 @@ def trial_resources(spec: SweepSpec, base: dict, params: dict):
         a = cfg.actors
         bundles += [{"CPU": float(a.cpus_per_actor), "GPU": actor_gpus(cfg)}] * (a.samplers + a.rewarders)
     return PlacementGroupFactory([{k: v for k, v in b.items() if v} or {"CPU": 0.0} for b in bundles])
-
-
-def trial_points(spec: SweepSpec) -> list[dict[str, Any]]:
-    """Every listed point of the search space (grid, choice and simplex values; a range's two
-    bounds), the configurations whose resources :func:`check_trials` checks."""
-    keys = list(spec.search)
-    return [dict(zip(keys, combo)) for combo in
-            itertools.product(*(spec.search[k].probe_values() for k in keys))]
 
 
 def trial_phases(spec: SweepSpec, cfg: Config, use_gpu: bool) -> list[tuple[str, list[Need]]]:

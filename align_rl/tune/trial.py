@@ -15,6 +15,7 @@ with one guidance method, :func:`validation_config`), and ``tune.report`` of the
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -136,6 +137,14 @@ def trial_config(base: Config | dict, params: dict[str, Any]) -> Config:
     return with_values(base, params)
 
 
+def trial_points(spec: Any) -> list[dict[str, Any]]:
+    """Every listed point of the search space (grid, choice and simplex values; a range's two
+    bounds), the configurations whose resources :func:`check_trials` checks."""
+    keys = list(spec.search)
+    return [dict(zip(keys, combo)) for combo in
+            itertools.product(*(spec.search[k].probe_values() for k in keys))]
+
+
 def validation_config(cfg: Config, val: dict[str, Any], seed: int | None = None) -> Config:
     """The short validation evaluation: VAL split times, one guidance method, no ablations,
     no wandb run of its own. ``seed`` (default ``cfg.run.seed``) fixes the observations and the
@@ -160,13 +169,19 @@ def candidate_pool(cfg: Config, models: Any, lat: Any, lon: Any) -> Any:
 # ----------------------------------------------------------------------------- the trial
 
 
-def _policy_pairs(store: PairStore, cfg: Config) -> PairSet:
+def _policy_pairs(store: PairStore, cfg: Config, order: list[int] | None = None) -> PairSet:
     """The trial's pairs: reselected from the stored scores of the REFERENCE's candidates
-    (policy version 0) with the trial's reward weights and pair mode."""
+    (policy version 0) with the trial's reward weights and pair mode; with the seeded background
+    ``order``, only those of its first ``pairs.backgrounds`` backgrounds (the shared store holds
+    the most any trial uses)."""
     ps = store.reselect(cfg.rewards.weights, cfg.pairs.mode, per_background=cfg.pairs.pairs_per_background,
                         seed=cfg.run.seed, top_k=cfg.pairs.top_k_phys, decile=cfg.pairs.decile,
                         min_version=0, normalize=cfg.rewards.normalize)
-    keep = np.flatnonzero(ps.version == 0)
+    ok = ps.version == 0
+    if order is not None:
+        mine = np.asarray(order[:int(cfg.pairs.backgrounds)], dtype=np.int64)
+        ok &= np.isin(store.backgrounds()["bg_id"][ps.background].astype(np.int64), mine)
+    keep = np.flatnonzero(ok)
     ps = PairSet(ps.winner[keep], ps.loser[keep], ps.background[keep], ps.version[keep], ps.hash[keep],
                  ps.mode)
     if len(ps) == 0:
@@ -190,7 +205,7 @@ def dpo_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     sps, stages = int(ctx["steps_per_stage"]), int(ctx["stages"])
     ref_ckpt = Path(ctx["reference_ckpt"])
     store = PairStore.open(ctx["pairs"], mode="r")
-    pairs = _policy_pairs(store, cfg)
+    pairs = _policy_pairs(store, cfg, ctx.get("pref_order"))
     online: dict[str, Any] = {}
     if cfg.dpo.mode == "online":
         store = seed_trial_store(store, tdir / "pairs.zarr", pairs)
