@@ -722,3 +722,19 @@ def test_a_trial_with_fewer_backgrounds_reselects_from_the_first_of_the_seeded_o
     # the kept pairs are exactly those of the full reselection on those backgrounds
     keep = np.isin(st.backgrounds()["bg_id"][everything.background], [5, 2, 7])
     np.testing.assert_array_equal(np.sort(ps.hash), np.sort(everything.hash[keep]))
+
+
+def test_a_trial_that_reserves_nothing_is_placed_by_a_placeholder_bundle():
+    """Ray Tune needs a non-empty first bundle; a trial asking no CPU and no GPU gets 1 MiB of
+    memory, and an online trial's actor bundles follow it."""
+    from align_rl.tune.run import PLACEHOLDER_MEMORY, trial_resources
+
+    spec = load_spec(REPO / "tune_configs" / "smoke.yaml")
+    base = build_base_config(spec).to_dict()
+    pgf = trial_resources(spec, base, {"dpo.beta": 2000})
+    assert pgf.bundles == [{"memory": PLACEHOLDER_MEMORY}]
+    online = trial_resources(spec, base, {"dpo.beta": 2000, "dpo.mode": "online"})
+    assert online.bundles[0] == {"memory": PLACEHOLDER_MEMORY} and len(online.bundles) == 3
+    assert all(b == {"CPU": 1.0} for b in online.bundles[1:])
+    spec1 = load_spec(REPO / "tune_configs" / "smoke.yaml", {"resources_per_trial": {"cpu": 1}})
+    assert trial_resources(spec1, base, {"dpo.beta": 2000}).bundles == [{"CPU": 1.0}]

@@ -50,7 +50,8 @@ def _tune_scheduler(spec: SweepSpec):
 
 
 def trial_resources(spec: SweepSpec, base: dict, params: dict):
-    """What Tune reserves for a trial: its driver (``resources_per_trial``) and, for an online
+    """What Tune reserves for a trial: its driver (``resources_per_trial``; nothing asked:
+    :data:`PLACEHOLDER_MEMORY`) and, for an online
     trial, one bundle per sampler / reward actor (``actors.*``), which Tune schedules inside the
     trial's placement group. The learner's workers are not in it (Ray Train V2 places them)."""
     from ray.tune import PlacementGroupFactory
@@ -63,7 +64,16 @@ def trial_resources(spec: SweepSpec, base: dict, params: dict):
     if cfg.dpo.mode == "online":
         a = cfg.actors
         bundles += [{"CPU": float(a.cpus_per_actor), "GPU": actor_gpus(cfg)}] * (a.samplers + a.rewarders)
-    return PlacementGroupFactory([{k: v for k, v in b.items() if v} or {"CPU": 0.0} for b in bundles])
+    bundles = [{k: v for k, v in b.items() if v} for b in bundles]
+    if not bundles[0]:  # Tune places a trial by its first bundle, which must hold something
+        bundles[0] = {"memory": PLACEHOLDER_MEMORY}
+    return PlacementGroupFactory(bundles)
+
+
+PLACEHOLDER_MEMORY = float(1 << 20)
+"""Bytes a trial's driver reserves when ``resources_per_trial`` asks for nothing (no CPU, no GPU,
+no memory): Ray Tune needs a non-empty bundle to place the trial, and 1 MiB of memory holds no
+CPU that the trial's learner needs."""
 
 
 def trial_phases(spec: SweepSpec, cfg: Config, use_gpu: bool) -> list[tuple[str, list[Need]]]:
