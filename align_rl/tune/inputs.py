@@ -16,9 +16,8 @@ from typing import Any
 from align_rl import identity
 from align_rl.config import Config
 from align_rl.evaluation.runner import EvalData, run_evaluation
-from align_rl.io import era5
-from align_rl.io.pair_store import PairStore
 from align_rl.errors import ConfigError
+from align_rl.io import era5
 from align_rl.pipeline import PrefData, open_pair_store
 from align_rl.training.pretraining import ensure_pretrained
 from align_rl.tune.results import write_atomic
