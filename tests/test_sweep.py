@@ -738,3 +738,22 @@ def test_a_trial_that_reserves_nothing_is_placed_by_a_placeholder_bundle():
     assert all(b == {"CPU": 1.0} for b in online.bundles[1:])
     spec1 = load_spec(REPO / "tune_configs" / "smoke.yaml", {"resources_per_trial": {"cpu": 1}})
     assert trial_resources(spec1, base, {"dpo.beta": 2000}).bundles == [{"CPU": 1.0}]
+
+
+def test_a_request_larger_than_a_growing_cluster_is_reported_not_refused(monkeypatch, capsys):
+    """Through RAY_ADDRESS (a launcher or KubeRay cluster, which an autoscaler may grow) the check
+    warns; on the fixed local instance it refuses."""
+    import ray
+
+    from align_rl.training import resources
+    from align_rl.training.resources import Need, check_fits
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(resources, "cluster_capacity", lambda: TWO_CPUS)
+    big = [Need("DPO learner", ({"CPU": 4.0, "GPU": 0.0},), ("dpo.cpus_per_worker",))]
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError, match="dpo.cpus_per_worker"):
+        check_fits(big, "the job")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    check_fits(big, "the job")
+    assert "warning" in capsys.readouterr().err

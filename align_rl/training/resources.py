@@ -6,7 +6,8 @@ request larger than the cluster shows as a job that hangs. The main job, the onl
 sweep trial describe what they hold at once as :class:`Need` s, one per part (the learner's
 workers, the actors, a trial's own reservation); :func:`check_fits` compares their sum with the
 connected Ray cluster and raises :class:`~align_rl.errors.ConfigError` naming the keys that set the
-request and how to make it fit.
+request and how to make it fit (on a cluster reached through ``RAY_ADDRESS``, which an autoscaler
+may grow, it warns instead, :func:`growing_cluster`).
 
 A bundle is ``{"CPU": n, "GPU": g}`` (what one worker or actor asks Ray for); each bundle must fit
 on one node, and the sum of every part held at once must fit in the cluster.
@@ -14,6 +15,8 @@ on one node, and the sum of every part held at once must fit in the cluster.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -119,10 +122,22 @@ def check_fits(parts: Sequence[Need], what: str, fix: str = "",
     if not problems:
         return
     keys = sorted({k for p in parts if any(p.total().values()) for k in p.keys})
-    raise ConfigError(
-        f"{what} can never start: it asks {'; '.join(problems)}. It holds at once: "
-        f"{'; '.join(p.describe() for p in parts)}. Lower {', '.join(keys)}, "
-        f"or connect to a larger cluster (RAY_ADDRESS){'; ' + fix if fix else ''}.")
+    msg = (f"{what} can never start: it asks {'; '.join(problems)}. It holds at once: "
+           f"{'; '.join(p.describe() for p in parts)}. Lower {', '.join(keys)}, "
+           f"or connect to a larger cluster (RAY_ADDRESS){'; ' + fix if fix else ''}.")
+    if capacity is None and growing_cluster():
+        print(f"align_rl: warning: on the cluster as it is now, {msg} (an autoscaling cluster may "
+              "still add the nodes; if it cannot, the job waits)", file=sys.stderr, flush=True)
+        return
+    raise ConfigError(msg)
+
+
+def growing_cluster() -> bool:
+    """Whether the connected Ray cluster may grow: a cluster reached through ``RAY_ADDRESS`` (the
+    cluster launcher's or KubeRay's autoscaler may add nodes), not the fixed local instance that
+    :func:`align_rl.training.harness.init_ray` starts. There a request larger than the cluster
+    as it is now is reported, not refused."""
+    return bool(os.environ.get("RAY_ADDRESS"))
 
 
 def job_phases(cfg: Any, use_gpu: bool, release_pool: bool = True) -> list[tuple[str, list[Need]]]:

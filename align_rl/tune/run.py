@@ -23,7 +23,8 @@ from align_rl.errors import ConfigError
 from align_rl.logs import stage
 from align_rl.training.harness import init_ray
 from align_rl.training.resources import (
-    Need, check_fits, cluster_capacity, evaluation_needs, learner_need, learner_uses_gpu, pool_need,
+    Need, check_fits, cluster_capacity, evaluation_needs, growing_cluster, learner_need, learner_uses_gpu,
+    pool_need,
 )
 from align_rl.tune.inputs import prepare_shared
 from align_rl.tune.results import (
@@ -98,6 +99,7 @@ def check_trials(spec: SweepSpec, cfg: Config, capacity=None) -> int | None:
     the search space), or whose ``max_concurrent_trials`` trials cannot run at once. Returns the
     number of trials to run at once: ``max_concurrent_trials``, or when unset as many as the
     cluster holds (Tune would start them all, and their learners would wait for each other)."""
+    given = capacity
     total, nodes = capacity if capacity is not None else cluster_capacity()
     base = cfg.to_dict()
     peak = {"CPU": 0.0, "GPU": 0.0}
@@ -106,14 +108,14 @@ def check_trials(spec: SweepSpec, cfg: Config, capacity=None) -> int | None:
         use_gpu = learner_uses_gpu(tcfg, total.get("GPU", 0.0))
         where = f"a trial of sweep {spec.name}" + (f" ({fmt(point)})" if len(spec.search) else "")
         for phase, parts in trial_phases(spec, tcfg, use_gpu):
-            check_fits(parts, f"{where}, {phase},", capacity=(total, nodes),
+            check_fits(parts, f"{where}, {phase},", capacity=given,
                        fix="resources_per_trial.cpu: 0 (the default) lets the trial's driver, "
                            "which validates only while its learner waits, reserve nothing")
             for k in peak:
                 peak[k] = max(peak[k], sum(p.total()[k] for p in parts))
     fit = min(int(total[k] // peak[k] + 1e-9) for k in peak if peak[k] > 0)
     asked = spec.max_concurrent_trials
-    if asked is not None and asked > fit:
+    if asked is not None and asked > fit and (given is not None or not growing_cluster()):
         raise ConfigError(
             f"{spec.source}: max_concurrent_trials={asked} trials at once need "
             f"{asked * peak['CPU']:g} CPU and {asked * peak['GPU']:g} GPU (one: {peak['CPU']:g} CPU, "
