@@ -757,3 +757,21 @@ def test_a_request_larger_than_a_growing_cluster_is_reported_not_refused(monkeyp
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     check_fits(big, "the job")
     assert "warning" in capsys.readouterr().err
+
+
+def test_the_main_job_and_the_online_loop_are_checked_phase_by_phase():
+    """The main job's defaults fit 2 CPUs (the pool is released before the learner); an online
+    loop that keeps its pool beside the learner needs both at once."""
+    from align_rl.training.resources import check_job, check_online, job_phases
+
+    cfg = load_config(None, [])
+    phases = dict(job_phases(cfg, use_gpu=False))
+    assert [p.what for p in phases["DPO"]] == ["DPO learner"]
+    check_job(cfg, capacity=TWO_CPUS)
+    check_online(cfg, capacity=TWO_CPUS)
+    with pytest.raises(ConfigError, match=r"DPO of the online loop.*4 CPU but the Ray cluster has 2"):
+        check_online(cfg, release_pool=False, capacity=TWO_CPUS)
+    with pytest.raises(ConfigError, match=r"DPO of the job.*dpo\.cpus_per_worker"):
+        check_job(load_config(overrides=["dpo.cpus_per_worker=3"]), capacity=TWO_CPUS)
+    with pytest.raises(ConfigError, match=r"candidate pool of the job.*actors\.samplers"):
+        check_job(load_config(overrides=["actors.samplers=2"]), capacity=TWO_CPUS)
