@@ -158,13 +158,13 @@ def run_sweep(spec: SweepSpec, cfg: Config, trainable: Callable[[dict, dict], No
     replaces :func:`~align_rl.tune.trial.dpo_trial` (and the shared preparation) when given, with
     ``ctx`` as its context."""
     out = sweep_dir(cfg, spec)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "spec.yaml", yaml.safe_dump(spec.to_dict(), sort_keys=False))
     t0 = time.time()
     init_ray()
-    concurrent = check_trials(spec, cfg)
+    concurrent = check_trials(spec, cfg)  # before anything is written
     if concurrent != spec.max_concurrent_trials:
         LOG.info("max_concurrent_trials unset: %d trial(s) at once fit the Ray cluster", concurrent)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "spec.yaml", yaml.safe_dump(spec.to_dict(), sort_keys=False))
     if trainable is None:
         trainable = dpo_trial
         with stage("shared inputs of the trials", LOG):
