@@ -245,6 +245,7 @@ RANGES: dict[str, Rule] = {
     "dpo.online_backgrounds": integer(1),
     "dpo.max_failures": integer(0),
     "dpo.cpus_per_worker": POSITIVE,
+    "dpo.gpus_per_worker": in_range(0, 1, lo_open=True),
     "dpo.anchor": NON_NEGATIVE,
     "dpo.t_min": in_range(0, 1, hi_open=True),
     "dpo.t_max": in_range(0, 1, lo_open=True),

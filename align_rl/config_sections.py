@@ -230,6 +230,9 @@ class DPOConfig:
     # across-seed spread; a gain must hold for every seed). dpo.seeds=1 for a quicker first look
     seed: int = 0
     seeds: int = 3
+    # GPU share of each learner worker when it uses GPUs (< 1: shares a GPU, e.g. with a sweep trial's
+    # validation actors: one trial per GPU)
+    gpus_per_worker: float = field(default=1.0, metadata=HASH_UNLESS_SET)
 
 
 @dataclass

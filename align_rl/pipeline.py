@@ -31,6 +31,7 @@ from align_rl.evaluation.stage import evaluate_aligned
 from align_rl.io.pair_store import COMMIT_FILE, PairStore
 from align_rl.logs import stage
 from align_rl.training.harness import init_ray
+from align_rl.training.resources import check_job
 from align_rl.training.pretraining import ensure_pretrained
 from align_rl.workspace import Workspace
 from align_rl.world.dataset import ensure_world
@@ -154,6 +155,7 @@ def run(cfg: Config, progress: bool = True, evaluate: bool = True) -> dict:
     timings: dict[str, float] = {}
     ws = Workspace.from_config(cfg)
     init_ray()
+    check_job(cfg)  # every stage's Ray resources fit the cluster (else it would wait forever)
     with stage("world", LOG) as st:
         store = ensure_world(cfg, ws, progress=progress)
     timings["world_s"] = st.seconds

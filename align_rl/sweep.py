@@ -16,14 +16,16 @@ A sweep file (YAML) holds::
       rewards.weights: {simplex: {keys: [assim, forecast, phys], step: 0.25}}
     metric: val_mse                # one of VALIDATION_METRICS (reported after every stage)
     mode: min                      # min | max
+    objectives: {val_mse: min, val_fc_mse: min, val_geo_score: max}   # several: a Pareto front
+                                   # (metric then defaults to the first; scheduler must be fifo)
     scheduler: asha                # asha | fifo; or a mapping {type: asha, grace_period: 1, ...}
     asha: {grace_period: 1, reduction_factor: 2}   # ASHA parameters (max_t defaults to stages)
     num_samples: 1                 # repeats of the grid (random dimensions drawn anew each time)
     stages: 3                      # DPO stages per trial, each followed by a validation and a report
     steps_per_stage: 20            # default: ceil(dpo.steps / stages)
     validation: {times: 4, members: 4, method: obsfree}   # a short evaluation on the val split
-    resources_per_trial: {cpu: 1, gpu: 0}   # the trial driver; the learner asks for its own workers
-    max_concurrent_trials: 1
+    resources_per_trial: {cpu: 0, gpu: 0}   # the trial driver; the learner asks for its own workers
+    max_concurrent_trials: 1       # unset / 0: as many as the Ray cluster holds at once
 
 Overrides on the command line whose first part is a section of the align_rl config
 (``dpo.steps=10``) go to ``base``; the others change the sweep file (``num_samples=2``,
@@ -41,12 +43,28 @@ with one guidance method), and ``tune.report`` of the metrics, so ASHA can stop 
 Online trials (``dpo.mode=online``) run the online loop instead, which draws fresh candidates by
 design.
 
+Before anything runs the driver checks every trial's whole resource request against the connected
+Ray cluster (:func:`align_rl.tune.run.check_trials`: the trial's own reservation, its learner's
+``dpo.num_workers × (dpo.cpus_per_worker, dpo.gpus_per_worker)``, its validation's actors, an
+online trial's sampler and reward actors) and refuses, naming the keys, a trial that could never
+start (Ray would wait for it forever).
+
 Before the trials the driver makes sure that the shared inputs exist (dataset, pretrained
 models, backgrounds, the reference's scored candidates in the pair store: each reused from its
 cache) and evaluates the reference once on the same validation times, observations and sampler
 seeds, so that every trial also reports its paired % change against the reference.
 
-Outputs in ``<run.workdir>/sweeps/<name>/``: ``results.csv`` and ``results.md`` (one row per trial:
+Several objectives: the answer is their Pareto front over the completed trials (no other trial
+at least as good on every objective and better on one), in ``report.md`` with each objective's %
+change against the reference and its 95 % interval over the validation times, and ``front.png``.
+The chosen trial (``best_config.yaml``) is the best on ``metric`` among the front's trials that
+beat the reference on every objective (else the whole front's). ASHA is refused with several
+objectives: it stops trials on one metric and would drop trials of the front. Grids (the reward
+simplex) run every point; ``loguniform`` / ``uniform`` dimensions are drawn at random by Tune's
+default searcher (no multi-objective searcher is used) and the front is taken over what ran.
+
+Outputs in ``<run.workdir>/sweeps/<name>/``: ``report.md`` and ``front.png`` (the answer, above),
+``curves.csv`` and ``curves.png`` (every stage of every trial), ``results.csv`` and ``results.md`` (one row per trial:
 its parameters, stages done, whether ASHA stopped it, its last metrics), ``best_config.yaml`` (the
 full align_rl config of the best trial, ``dpo.steps`` = the steps it trained; usable as
 ``python -m align_rl.train --config …``), ``best.json``, ``reference_val.json``, ``spec.yaml``, the
@@ -91,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sweep {spec.name}: {len(result.rows)} trials in {result.seconds / 60:.1f} min; "
           f"results in {out / 'results.md'}")
     if result.best is None:
-        print("error: no trial reported the metric", file=sys.stderr)
+        print(f"error: no trial reported the metric; see {out / 'report.md'}", file=sys.stderr)
         return 1
+    if len(spec.goals()) > 1:
+        print(f"Pareto front: {len(result.front)} trials; report: {out / 'report.md'}")
     print(f"best: {result.best.trial_id} {spec.metric}={result.best.metrics[spec.metric]:.5g} "
           f"{sweep.fmt(result.best.params)} -> {out / 'best_config.yaml'}")
     return 0

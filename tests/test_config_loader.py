@@ -137,7 +137,7 @@ def test_sweep_spec_is_typed_and_its_shorthands_are_read():
     assert s.scheduler == "asha" and s.asha.given() == {"grace_period": 2}
     assert s.max_concurrent_trials is None and s.question == "why?"
     assert s.base == {"dpo": {"steps": 30, "lr": 2e-5}}
-    assert s.resources_per_trial.cpu == 1.0 and s.resources_per_trial.given() == {"cpu": 1.0, "gpu": 0.0}
+    assert s.resources_per_trial.cpu == 0.0 and s.resources_per_trial.given() == {"cpu": 0.0, "gpu": 0.0}
     assert parse_spec(_spec(scheduler=None), "x.yaml").scheduler == "fifo"
     assert parse_spec(_spec(scheduler="FIFO"), "x.yaml").scheduler == "fifo"
 

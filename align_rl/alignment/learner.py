@@ -183,7 +183,8 @@ def run_dpo(
     conf = _loop_config(cfg, store_path, ps, reference_ckpt, init_ckpt, steps, version, out_dir,
                         resume, mode, progress, crash, validation)
     out_dir.mkdir(parents=True, exist_ok=True)
-    scaling = worker_scaling(int(cfg.dpo.num_workers), cfg.dpo.cpus_per_worker, use_gpu)
+    scaling = worker_scaling(int(cfg.dpo.num_workers), cfg.dpo.cpus_per_worker, use_gpu,
+                             cfg.dpo.gpus_per_worker)
     try:
         fit_loop(conf, scaling, out_dir / "ray", f"dpo-v{version}", int(cfg.dpo.max_failures))
     except Exception as exc:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from align_rl.alignment.learner import DPOResult, POLICY_FILE, read_state, run_dpo
+from align_rl.training.resources import check_online
 
 
 def round_backgrounds(r: int, order: Sequence[int], first: int, per_round: int) -> list[int]:
@@ -49,6 +50,7 @@ def run_online(cfg: Any, ws: Any, pool: Any, store: Any, tasks_for: Callable[[li
     refresh with the current weights), so both fit on a small machine."""
     import json
 
+    check_online(cfg, release_pool)  # a learner or pool larger than the cluster: refused now
     k, total = int(cfg.dpo.sync_every), int(cfg.dpo.steps)
     rounds = math.ceil(total / k)
     state = read_state(out_dir)

@@ -199,14 +199,14 @@ def auto_workers(pre: PretrainConfig, cap: int = 2) -> int:
     return int(max(1, min(cap, total // max(1, int(pre.cpus_per_worker)))))
 
 
-def worker_scaling(num_workers: int, cpus_per_worker: float, use_gpu: bool):
+def worker_scaling(num_workers: int, cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float = 1.0):
     """``ScalingConfig`` of ``num_workers`` workers with ``cpus_per_worker`` CPUs and, when
-    ``use_gpu``, one GPU each."""
+    ``use_gpu``, ``gpus_per_worker`` GPUs each (a fraction shares a GPU)."""
     from ray.train import ScalingConfig
 
     res: dict[str, float] = {"CPU": float(cpus_per_worker)}
     if use_gpu:
-        res["GPU"] = 1.0
+        res["GPU"] = float(gpus_per_worker)
     return ScalingConfig(num_workers=int(num_workers), use_gpu=bool(use_gpu), resources_per_worker=res)
 
 

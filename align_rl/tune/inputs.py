@@ -16,13 +16,15 @@ from typing import Any
 from align_rl import identity
 from align_rl.config import Config
 from align_rl.evaluation.runner import EvalData, run_evaluation
+from align_rl.errors import ConfigError
 from align_rl.io import era5
-from align_rl.io.pair_store import PairStore
-from align_rl.pipeline import PrefData, store_meta
+from align_rl.pipeline import PrefData, open_pair_store
 from align_rl.training.pretraining import ensure_pretrained
 from align_rl.tune.results import write_atomic
 from align_rl.tune.spec import SweepSpec, steps_per_stage
-from align_rl.tune.trial import candidate_pool, eval_metrics, validation_config
+from align_rl.tune.trial import (
+    candidate_pool, eval_metrics, eval_per_time, trial_config, trial_points, validation_config,
+)
 from align_rl.workspace import Workspace
 from align_rl.world.dataset import ensure_world
 from align_rl.world.splits import open_split
@@ -34,25 +36,27 @@ def prepare_shared(cfg: Config, spec: SweepSpec, out: Path, progress: bool = Tru
     ``reference_val.json``). Returns the trials' shared context."""
     ws = Workspace.from_config(cfg)
     val = asdict(spec.validation)
-    pairs_path, world = _ensure_pairs(cfg, ws, progress)
+    n_bg = max(int(trial_config(cfg, p).pairs.backgrounds) for p in trial_points(spec))
+    pairs_path, world, order = _ensure_pairs(cfg, ws, progress, n_bg)
     vcfg = validation_config(cfg, val)
     data, ref_model = validation_data(cfg, ws, progress)
     ref_file = out / "reference_val.json"
     key = identity.sweep_reference(cfg, val, ws.final_checkpoint("diffusion"))
-    ref = None
+    ref = ref_times = None
     if ref_file.exists():
         stored = json.loads(ref_file.read_text())
-        if stored.get("key") == json.loads(json.dumps(key)):
-            ref = stored["metrics"]
+        if stored.get("key") == json.loads(json.dumps(key)) and "per_time" in stored:
+            ref, ref_times = stored["metrics"], stored["per_time"]
     if ref is None:
         summary = run_evaluation(vcfg, ws, {"reference": ref_model}, data=data, out=out / "reference_val",
                                  progress=progress)
-        ref = eval_metrics(summary, f"reference/{spec.validation.method}")
-        write_atomic(ref_file, json.dumps({"key": key, "metrics": ref}, indent=1))
+        row = f"reference/{spec.validation.method}"
+        ref, ref_times = eval_metrics(summary, row), eval_per_time(summary, row)
+        write_atomic(ref_file, json.dumps({"key": key, "metrics": ref, "per_time": ref_times}, indent=1))
     return {"base": cfg.to_dict(), "name": spec.name, "workdir": str(ws.root), "sweep_dir": str(out),
-            "world": str(world),
+            "world": str(world), "pref_order": [int(i) for i in order],
             "pairs": str(pairs_path), "reference_ckpt": str(ws.final_checkpoint("diffusion")),
-            "validation": val, "reference_metrics": ref, "eval_data": data,
+            "validation": val, "reference_metrics": ref, "reference_per_time": ref_times, "eval_data": data,
             "stages": spec.stages, "steps_per_stage": steps_per_stage(spec, cfg)}
 
 
@@ -69,19 +73,22 @@ def validation_data(cfg: Config, ws: Any, progress: bool = False):
     return EvalData(truth, bgs, normalizer, pre.codec, pre.forecaster, truth_store=Path(store)), pre.eps_model
 
 
-def _ensure_pairs(cfg: Config, ws: Any, progress: bool) -> tuple[Path, Path]:
+def _ensure_pairs(cfg: Config, ws: Any, progress: bool, backgrounds: int) -> tuple[Path, Path, list[int]]:
     """The shared pair store with the reference's scored candidates, exactly as the main job
-    builds it (same store identity ``align_rl.pipeline.store_meta``, the same first
-    ``pairs.backgrounds`` backgrounds of the seeded order): reused when the main job (or an
-    earlier sweep) has built it, completed otherwise. Returns ``(store path, dataset path)``."""
+    builds it (:func:`align_rl.pipeline.open_pair_store`: the same store identity, a store of
+    other inputs moved aside; the first ``backgrounds`` of the seeded background order, the
+    largest ``pairs.backgrounds`` of the trials): reused when the main job (or an earlier sweep)
+    has built it, completed otherwise. Returns ``(store path, dataset path, seeded order)``."""
     world = ensure_world(cfg, ws, progress=progress)
     models = ensure_pretrained(cfg, ws, progress=progress)
     reference_ckpt = Path(models.paths.get("diffusion", ws.final_checkpoint("diffusion")))
     pref = PrefData(cfg, ws, world, models, progress)
-    path = Path(cfg.pairs.store or ws.pairs)
-    store = PairStore.open(path, tuple(models.codec.latent_shape), list(cfg.rewards.names),
-                           meta=store_meta(cfg, reference_ckpt))
-    first = [int(i) for i in pref.order[:int(cfg.pairs.backgrounds)]]
+    store = open_pair_store(cfg, ws, tuple(models.codec.latent_shape), reference_ckpt)
+    path = Path(store.path)
+    if backgrounds > len(pref.order):
+        raise ConfigError(f"pairs.backgrounds={backgrounds} but the preference split (data.pref) has "
+                          f"{len(pref.order)} usable times; lower it or widen data.pref")
+    first = [int(i) for i in pref.order[:int(backgrounds)]]
     todo = [i for i in first if (i, 0, cfg.pairs.guidance) not in store.done_keys()]
     if todo:
         pool = candidate_pool(cfg, models, pref.lat, pref.lon)
@@ -89,4 +96,4 @@ def _ensure_pairs(cfg: Config, ws: Any, progress: bool) -> tuple[Path, Path]:
             pool.build(pref.tasks(todo), store, list(dict.fromkeys(cfg.pairs.variants)), progress=progress)
         finally:
             pool.shutdown()
-    return path, Path(world)
+    return path, Path(world), [int(i) for i in pref.order]

@@ -117,9 +117,12 @@ class Validation:
 
 @dataclass
 class Resources:
-    """What Tune reserves for a trial's driver (``memory`` in bytes; unset: none)."""
+    """What Tune reserves for a trial's driver (``memory`` in bytes; unset: none). No CPU by
+    default: the driver waits while its learner trains (the learner's workers reserve their own,
+    ``dpo.num_workers × dpo.cpus_per_worker``) and validates between stages, when the learner's
+    CPUs are free; so one trial fits a machine that fits the learner."""
 
-    cpu: float = 1.0
+    cpu: float = 0.0
     gpu: float = 0.0
     memory: float | None = None
 
@@ -137,6 +140,7 @@ class SweepSpec:
     search: dict[str, Dimension] = field(default_factory=dict)
     metric: str = "val_mse"
     mode: str = "min"
+    objectives: dict[str, str] = field(default_factory=dict)  # metric -> min | max (a Pareto front)
     scheduler: str = "asha"
     asha: Asha = field(default_factory=Asha)
     num_samples: int = 1
@@ -154,6 +158,10 @@ class SweepSpec:
                  resources_per_trial=self.resources_per_trial.given())
         d["search"] = {k: v.to_yaml() for k, v in self.search.items()}
         return d
+
+    def goals(self) -> dict[str, str]:
+        """The objectives (``metric -> mode``): ``objectives``, else the one ``metric``."""
+        return dict(self.objectives) or {self.metric: self.mode}
 
     def grid_size(self) -> int:
         n = 1
@@ -266,6 +274,13 @@ def _cross_rules(spec: SweepSpec) -> None:
                           "e.g. search: {dpo.beta: {grid: [1000, 8000]}}")
     for key, dim in spec.search.items():
         check_dimension(key, dim)
+    if spec.objectives and spec.objectives.get(spec.metric) != spec.mode:
+        raise ConfigError(f"metric: {spec.metric} ({spec.mode}) must be one of the objectives "
+                          f"with its mode ({spec.objectives}); leave metric out to rank by the first")
+    if len(spec.objectives) > 1 and spec.scheduler == "asha":
+        raise ConfigError("scheduler: asha stops trials on one metric and would discard weightings "
+                          "on the Pareto front of the objectives; use scheduler: fifo with several "
+                          "objectives")
     a = spec.asha
     if a.max_t is not None and a.max_t > spec.stages:
         raise ConfigError(f"asha.max_t={a.max_t} exceeds stages={spec.stages}")
@@ -297,6 +312,23 @@ def _normalise(raw: dict[str, Any], source: str) -> dict[str, Any]:
             raw.pop(k, None)
     if raw.get("max_concurrent_trials", 1) == 0:
         raw["max_concurrent_trials"] = None
+    obj = raw.get("objectives")
+    if obj is None:
+        raw.pop("objectives", None)
+    elif isinstance(obj, list):  # [val_mse, val_geo_score: max]: a bare name is minimised
+        raw["objectives"] = {}
+        for o in obj:
+            raw["objectives"].update(o if isinstance(o, dict) else {str(o): "min"})
+    elif not isinstance(obj, dict):
+        raise ConfigError(f"objectives must map metrics to min | max, got {obj!r}")
+    for k, m in (raw.get("objectives") or {}).items():
+        if k not in VALIDATION_METRICS:
+            raise ConfigError(f"objectives.{k}: not a metric the trials report; one of "
+                              f"{', '.join(VALIDATION_METRICS)}")
+        if m not in ("min", "max"):
+            raise ConfigError(f"objectives.{k}: {m!r} must be min or max")
+    if raw.get("objectives") and "metric" not in raw:  # ranked by the first objective
+        raw["metric"], raw["mode"] = next(iter(raw["objectives"].items()))
     search = raw.get("search")
     if isinstance(search, dict):
         raw["search"] = {str(k): {"grid": v} if isinstance(v, list) else v for k, v in search.items()}

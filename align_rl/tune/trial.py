@@ -16,6 +16,7 @@ stage) draw fresh candidates by design.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -30,8 +31,9 @@ from align_rl.alignment.async_loop import run_async
 from align_rl.alignment.online import run_online
 from align_rl.config import Config, config_from_dict, with_values
 from align_rl.errors import InputError
-from align_rl.evaluation.results import as_dataset, score, split_row, was_scored
+from align_rl.evaluation.results import as_dataset, per_time_doc, score, split_row, was_scored
 from align_rl.evaluation.runner import run_evaluation
+from align_rl.evaluation.verdict import paired_change
 from align_rl.io.checkpoints import load_model
 from align_rl.io.pair_store import CandidateGroup, PairSet, PairStore
 from align_rl.owned import remove_owned
@@ -49,14 +51,25 @@ _EVAL_METRICS: dict[str, tuple[str, str, str]] = {
     "val_crps": ("analysis", "ensemble", "crps"),
     "val_fc_mse": ("forecast", "member", "mse"),
     "val_fc_mse_ensmean": ("forecast", "ensmean", "mse"),
+    "val_spread_skill": ("analysis", "ensemble", "spread_skill"),
+    "val_fc_crps": ("forecast", "ensemble", "crps"),
+    "val_fc_spread_skill": ("forecast", "ensemble", "spread_skill"),
 }
 ONLINE_MODES = ("online", "sync", "async")  # trials that draw their own candidates (own store)
+_DERIVED = {"val_spread_skill_gap": "val_spread_skill", "val_fc_spread_skill_gap": "val_fc_spread_skill"}
+"""|spread/skill − 1| of the time-mean ratio (0 = a reliable ensemble; lower is better), so that
+the ensemble's reliability can be an objective with mode min."""
 _DPO_METRICS = {"dpo_loss": "loss", "dpo_accuracy": "rewards/accuracies", "dpo_margin": "rewards/margins"}
+_SCORES = tuple(_EVAL_METRICS) + tuple(_DERIVED)
 VALIDATION_METRICS: tuple[str, ...] = (
-    tuple(_EVAL_METRICS) + tuple(f"{k}_change_pct" for k in _EVAL_METRICS) + tuple(_DPO_METRICS)
+    _SCORES + tuple(f"{k}_change_pct" for k in _SCORES)
+    + tuple(f"{k}_change_{end}" for k in _EVAL_METRICS for end in ("lo", "hi")) + tuple(_DPO_METRICS)
 )
-"""Metrics every DPO trial reports after each stage (``*_change_pct``: % change against the
-reference on the same validation times; negative = better for errors)."""
+"""Metrics every DPO trial reports after each stage (``val_fc_*``: of the members' forecasts at
+``rewards.forecast_hours``, 48 h by default; ``*_change_pct``: % change against the reference on
+the same validation times, negative = lower; ``*_change_lo`` / ``*_change_hi``: its 95 %
+moving-block bootstrap interval over the validation times,
+:func:`align_rl.evaluation.verdict.paired_change`)."""
 
 
 # ----------------------------------------------------------------------------- how a trial reads the evaluation
@@ -76,6 +89,35 @@ def eval_metrics(summary, row: str) -> dict[str, float]:
         v = score(ds, model, method, tab, m, stat)
         if v is not None:
             out[name] = float(v)
+    for name, src in _DERIVED.items():
+        if src in out:
+            out[name] = abs(out[src] - 1.0)
+    return out
+
+
+def eval_per_time(summary, row: str) -> dict[str, list[float]]:
+    """The per-time values (over the validation times, in time order) of the metrics of
+    :func:`eval_metrics` that are scored per time (not the derived ones)."""
+    ds = as_dataset(summary)
+    cells = per_time_doc(ds, "main").get(row) or {}
+    out = {}
+    for name, (tab, stat, m) in _EVAL_METRICS.items():
+        v = cells.get(tab, {}).get(stat, {}).get(m)
+        if v is not None:
+            out[name] = [float(x) for x in np.asarray(v, np.float64)]
+    return out
+
+
+def change_intervals(per_time: dict[str, list[float]], reference: dict[str, list[float]],
+                     seed: int = 0) -> dict[str, float]:
+    """``<metric>_change_lo`` / ``_hi``: the 95 % interval of the paired % change of each metric
+    against the reference on the same times (:func:`align_rl.evaluation.verdict.paired_change`)."""
+    out = {}
+    for k, v in per_time.items():
+        if k in reference and len(reference[k]) == len(v):
+            c = paired_change(np.asarray(v), np.asarray(reference[k]), seed=seed)
+            if all(math.isfinite(x) for x in c["ci"]):
+                out[f"{k}_change_lo"], out[f"{k}_change_hi"] = c["ci"]
     return out
 
 
@@ -96,6 +138,14 @@ def trial_config(base: Config | dict, params: dict[str, Any]) -> Config:
     """The align_rl config of one trial: ``base`` with the trial's dotted ``params`` applied
     (``rewards.weights`` replaced whole); ``base`` is untouched."""
     return with_values(base, params)
+
+
+def trial_points(spec: Any) -> list[dict[str, Any]]:
+    """Every listed point of the search space (grid, choice and simplex values; a range's two
+    bounds), the configurations whose resources :func:`check_trials` checks."""
+    keys = list(spec.search)
+    return [dict(zip(keys, combo)) for combo in
+            itertools.product(*(spec.search[k].probe_values() for k in keys))]
 
 
 def validation_config(cfg: Config, val: dict[str, Any], seed: int | None = None) -> Config:
@@ -122,13 +172,19 @@ def candidate_pool(cfg: Config, models: Any, lat: Any, lon: Any) -> Any:
 # ----------------------------------------------------------------------------- the trial
 
 
-def _policy_pairs(store: PairStore, cfg: Config) -> PairSet:
+def _policy_pairs(store: PairStore, cfg: Config, order: list[int] | None = None) -> PairSet:
     """The trial's pairs: reselected from the stored scores of the REFERENCE's candidates
-    (policy version 0) with the trial's reward weights and pair mode."""
+    (policy version 0) with the trial's reward weights and pair mode; with the seeded background
+    ``order``, only those of its first ``pairs.backgrounds`` backgrounds (the shared store holds
+    the most any trial uses)."""
     ps = store.reselect(cfg.rewards.weights, cfg.pairs.mode, per_background=cfg.pairs.pairs_per_background,
                         seed=cfg.run.seed, top_k=cfg.pairs.top_k_phys, decile=cfg.pairs.decile,
                         min_version=0, normalize=cfg.rewards.normalize)
-    keep = np.flatnonzero(ps.version == 0)
+    ok = ps.version == 0
+    if order is not None:
+        mine = np.asarray(order[:int(cfg.pairs.backgrounds)], dtype=np.int64)
+        ok &= np.isin(store.backgrounds()["bg_id"][ps.background].astype(np.int64), mine)
+    keep = np.flatnonzero(ok)
     ps = PairSet(ps.winner[keep], ps.loser[keep], ps.background[keep], ps.version[keep], ps.hash[keep],
                  ps.mode)
     if len(ps) == 0:
@@ -152,7 +208,7 @@ def dpo_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     sps, stages = int(ctx["steps_per_stage"]), int(ctx["stages"])
     ref_ckpt = Path(ctx["reference_ckpt"])
     store = PairStore.open(ctx["pairs"], mode="r")
-    pairs = _policy_pairs(store, cfg)
+    pairs = _policy_pairs(store, cfg, ctx.get("pref_order"))
     online: dict[str, Any] = {}
     if cfg.dpo.mode in ONLINE_MODES:
         store = seed_trial_store(store, tdir / "pairs.zarr", pairs)
@@ -179,8 +235,10 @@ def _validate_stage(vcfg: Config, ws: Workspace, res: Any, ctx: dict, out: Path,
     """The stage's short validation of the policy ``res.checkpoint``: the metrics to report."""
     model, _ = load_model(res.checkpoint, "diffusion")
     summary = run_evaluation(vcfg, ws, {"policy": model}, data=ctx["eval_data"], out=out, progress=False)
-    m = with_changes(eval_metrics(summary, f"policy/{ctx['validation']['method']}"),
-                     ctx["reference_metrics"])
+    row = f"policy/{ctx['validation']['method']}"
+    m = with_changes(eval_metrics(summary, row), ctx["reference_metrics"])
+    m.update(change_intervals(eval_per_time(summary, row), ctx.get("reference_per_time") or {},
+                              seed=int(ctx["base"]["run"]["seed"])))
     for k, src in _DPO_METRICS.items():
         if src in res.metrics:
             m[k] = float(res.metrics[src])
