@@ -18,14 +18,13 @@ from align_rl.config import Config
 from align_rl.evaluation.runner import EvalData, run_evaluation
 from align_rl.io import era5
 from align_rl.io.pair_store import PairStore
-from align_rl.pipeline import PrefData, store_meta
 from align_rl.training.pretraining import ensure_pretrained
 from align_rl.tune.results import write_atomic
 from align_rl.tune.spec import SweepSpec, steps_per_stage
 from align_rl.tune.trial import candidate_pool, eval_metrics, validation_config
 from align_rl.workspace import Workspace
 from align_rl.world.dataset import ensure_world
-from align_rl.world.splits import open_split
+from align_rl.world.splits import SplitData, open_split
 
 
 def prepare_shared(cfg: Config, spec: SweepSpec, out: Path, progress: bool = True) -> dict[str, Any]:
@@ -71,16 +70,16 @@ def validation_data(cfg: Config, ws: Any, progress: bool = False):
 
 def _ensure_pairs(cfg: Config, ws: Any, progress: bool) -> tuple[Path, Path]:
     """The shared pair store with the reference's scored candidates, exactly as the main job
-    builds it (same store identity ``align_rl.pipeline.store_meta``, the same first
+    builds it (same store identity ``align_rl.identity.pair_store``, the same first
     ``pairs.backgrounds`` backgrounds of the seeded order): reused when the main job (or an
     earlier sweep) has built it, completed otherwise. Returns ``(store path, dataset path)``."""
     world = ensure_world(cfg, ws, progress=progress)
     models = ensure_pretrained(cfg, ws, progress=progress)
     reference_ckpt = Path(models.paths.get("diffusion", ws.final_checkpoint("diffusion")))
-    pref = PrefData(cfg, ws, world, models, progress)
+    pref = SplitData(cfg, ws, world, models, progress, split="pref")
     path = Path(cfg.pairs.store or ws.pairs)
     store = PairStore.open(path, tuple(models.codec.latent_shape), list(cfg.rewards.names),
-                           meta=store_meta(cfg, reference_ckpt))
+                           meta=identity.pair_store(cfg, reference_ckpt))
     first = [int(i) for i in pref.order[:int(cfg.pairs.backgrounds)]]
     todo = [i for i in first if (i, 0, cfg.pairs.guidance) not in store.done_keys()]
     if todo:

@@ -33,9 +33,9 @@ from align_rl.evaluation.runner import run_evaluation
 from align_rl.io.checkpoints import load_model
 from align_rl.io.pair_store import CandidateGroup, PairSet, PairStore
 from align_rl.owned import remove_owned
-from align_rl.pipeline import PrefData
 from align_rl.training.pretraining import ensure_pretrained
 from align_rl.workspace import Workspace
+from align_rl.world.splits import SplitData
 
 # validation metric -> (table, statistic, metric) in run_evaluation's summary
 _EVAL_METRICS: dict[str, tuple[str, str, str]] = {
@@ -219,7 +219,7 @@ def _online_stage(cfg: Config, ws: Workspace, ctx: dict, store: PairStore, steps
     if "pool" not in state:
         base = config_from_dict(ctx["base"])  # the caches' identity is the base config's
         models = ensure_pretrained(base, ws, progress=False)
-        state["pref"] = PrefData(base, ws, Path(ctx["world"]), models, progress=False)
+        state["pref"] = SplitData(base, ws, Path(ctx["world"]), models, progress=False, split="pref")
         state["pool"] = candidate_pool(cfg, models, state["pref"].lat, state["pref"].lon)
     c = config_from_dict(cfg.to_dict())
     c.dpo.steps = int(steps)
