@@ -15,7 +15,9 @@ import yaml
 
 from align_rl.config import load_config
 from align_rl.errors import ConfigError
-from align_rl.tune.sweep import build_base_config, eval_metrics, load_spec, parse_spec, run_sweep, simplex_grid, split_overrides, trial_config, validation_config, with_changes
+from align_rl.tune.run import run_sweep
+from align_rl.tune.spec import build_base_config, load_spec, parse_spec, simplex_grid, split_overrides
+from align_rl.tune.trial import eval_metrics, trial_config, validation_config, with_changes
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE_CONFIGS = sorted((REPO / "tune_configs").glob("*.yaml"))
@@ -301,7 +303,7 @@ def test_dpo_trials_reselect_shared_pairs_train_in_stages_and_validate(tmp_path,
     from align_rl.io.checkpoints import load_model
     from align_rl.evaluation.runner import EvalData, run_evaluation
     from align_rl.io.pair_store import PairStore
-    from align_rl.tune.sweep import dpo_trial, eval_metrics
+    from align_rl.tune.trial import dpo_trial, eval_metrics
 
     from align_rl.alignment.candidates import background_order, make_tasks, valid_times
 
