@@ -28,6 +28,7 @@ from align_rl.errors import ConfigError
 from align_rl.evaluation.stage import evaluate_aligned
 from align_rl.io.pair_store import COMMIT_FILE, PairStore
 from align_rl.logs import stage
+from align_rl.models.loading import spec_of
 from align_rl.training.harness import init_ray
 from align_rl.training.pretraining import ensure_pretrained
 from align_rl.workspace import Workspace
@@ -75,9 +76,10 @@ def dpo_dir(cfg: Config, ws: Workspace, variant: str, meta: dict) -> Path:
 
 def validation_inputs(cfg: Config, ws: Workspace, store: Any, models: Any, progress: bool = True) -> dict:
     """What the learner's validation needs (:class:`align_rl.alignment.validation.Validator`):
-    ``dpo.val_backgrounds`` backgrounds spread over ``data.val`` and the models."""
+    ``dpo.val_backgrounds`` backgrounds spread over ``data.val`` and the models (the forecaster as
+    its spec, :func:`~align_rl.models.loading.spec_of`: the Train workers open their own)."""
     val = SplitData(cfg, ws, store, models, progress, split="val")
-    return {"codec": models.codec, "forecaster": models.forecaster, "normalizer": val.normalizer,
+    return {"codec": models.codec, "forecaster": spec_of(models.forecaster), "normalizer": val.normalizer,
             "lat": val.lat, "lon": val.lon, "tasks": val.tasks(val.spread_ids(cfg.dpo.val_backgrounds))}
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from align_rl.diffusion.guidance import label as method_label
 from align_rl.evaluation.results import BACKGROUND, as_dataset, row_changes, score
 from align_rl.evaluation.verdict import gain_verdict
 
@@ -23,7 +24,6 @@ PAPER = {  # Align-DA, ERA5, 1 % observations: % change of MSE against the unali
 }
 
 
-METHOD_LABEL = {"obsfree": "ObsFree", "repaint": "Repaint", "dps": "DPS"}
 
 
 def paper_checks(ds: xr.Dataset, baseline: str) -> list[dict]:
@@ -81,7 +81,7 @@ def alignment_section(results, variants: list[str], methods: list[str], info: di
             pa = PAPER["analysis"].get(m) if v == "M" else None
             pf = PAPER["forecast"].get(m) if v == "M" else None
             va, vf = gain_verdict(ch, "analysis"), gain_verdict(ch, "forecast")
-            label = f"Align-{METHOD_LABEL[m]}-{v}"
+            label = f"Align-{method_label(m)}-{v}"
             verdicts.append((label, "analysis", a["pct"], pa, va))
             verdicts.append((label, "48 h forecast", f["pct"], pf, vf))
             lines.append(f"| {label} | {fmt(a)} | {'' if pa is None else f'{pa:+.2f}'} | "
@@ -101,9 +101,9 @@ def alignment_section(results, variants: list[str], methods: list[str], info: di
                 continue
             g = ch["analysis"]["member"]["geo_score"]
             raised = bool(np.isfinite(g["pct"]) and g["ci"][0] > 0)
-            lines.append(f"| {METHOD_LABEL[m]} | {r0:.2f} | {r1:.2f} | {r1 - r0:+.2f} ({fmt(g)} %) | "
+            lines.append(f"| {method_label(m)} | {r0:.2f} | {r1:.2f} | {r1 - r0:+.2f} ({fmt(g)} %) | "
                          f"{'yes' if raised else 'no'} | {PAPER['geo_score_P'][0]} → {PAPER['geo_score_P'][1]} |")
-            verdicts.append((f"Align-{METHOD_LABEL[m]}-P", "Geo-Score", r1 - r0, None,
+            verdicts.append((f"Align-{method_label(m)}-P", "Geo-Score", r1 - r0, None,
                              {"gain": raised, "why": f"% change {fmt(g)}"}))
     lines += ["", "Verdict (a gain: single-member MSE lower with its interval below 0, ensemble-mean "
               "MSE and CRPS not higher, no NaN; the Geo-Score: raised with its interval above 0):", ""]
