@@ -162,6 +162,22 @@ def test_onnx_forecaster_through_the_reward_and_forecast_actors(tmp_path, ray_se
         np.testing.assert_allclose(out[i], want, rtol=1e-5, atol=1e-5)
 
 
+def test_each_actor_s_session_runs_on_its_own_device(tmp_path):
+    """A process holding a GPU asks onnxruntime for the CUDA execution provider on that GPU, then
+    the CPU; a build of onnxruntime without CUDA runs the session on the CPU."""
+    import onnxruntime as ort
+
+    from align_rl.models.forecaster import OnnxForecaster
+    from align_rl.models.loading import _onnx_providers
+
+    cuda = _onnx_providers(torch.device("cuda", 1))
+    assert cuda == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert _onnx_providers(torch.device("cpu")) == ["CPUExecutionProvider"]
+    fc = OnnxForecaster(write_fengwu_onnx(tmp_path / "fc.onnx"), None, providers=cuda)
+    want = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in ort.get_available_providers() else []
+    assert fc.session.get_providers() == want + ["CPUExecutionProvider"]
+
+
 # ----------------------------------------------------------------------------- the main job
 
 
