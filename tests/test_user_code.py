@@ -64,9 +64,13 @@ def write_fengwu_onnx(path: Path, batch: int | None = 1) -> Path:
 class FengWuLike(torch.nn.Module):
     """The same step as a torch module (for the TorchScript file and the exported program)."""
 
+    def __init__(self):
+        super().__init__()
+        self.n, self.a, self.b = N_CHANNELS, A, B
+
     def forward(self, x):
-        prev, curr = x[:, :N_CHANNELS], x[:, N_CHANNELS:]
-        return torch.cat([A * curr + B * prev, curr], dim=1)
+        prev, curr = x[:, :self.n], x[:, self.n:]
+        return torch.cat([self.a * curr + self.b * prev, curr], dim=1)
 
 
 def write_statistics(tmp: Path) -> list[str]:
@@ -268,8 +272,8 @@ def test_main_job_with_a_fengwu_onnx_forecaster_and_a_plugin_reaches_its_report(
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["torchscript", "export"])
 def test_main_job_with_a_torch_file_forecaster_reaches_its_report(tmp_path, fmt):
-    path = tmp_path / "fc.pt"
-    example = torch.zeros(1, 2 * N_CHANNELS, *NATIVE.shape)
+    path = tmp_path / ("fc.pt" if fmt == "torchscript" else "fc.pt2")
+    example = torch.zeros(2, 2 * N_CHANNELS, *NATIVE.shape)
     if fmt == "torchscript":
         torch.jit.save(torch.jit.script(FengWuLike()), str(path))
     else:
