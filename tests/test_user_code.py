@@ -273,13 +273,14 @@ def test_main_job_with_a_fengwu_onnx_forecaster_and_a_plugin_reaches_its_report(
 @pytest.mark.parametrize("fmt", ["torchscript", "export"])
 def test_main_job_with_a_torch_file_forecaster_reaches_its_report(tmp_path, fmt):
     path = tmp_path / ("fc.pt" if fmt == "torchscript" else "fc.pt2")
-    example = torch.zeros(2, 2 * N_CHANNELS, *NATIVE.shape)
+    # a torch file has no grid of its own here: it runs on the model grid (8 × 16)
+    example = torch.zeros(2, 2 * N_CHANNELS, 8, 16)
     if fmt == "torchscript":
         torch.jit.save(torch.jit.script(FengWuLike()), str(path))
     else:
         batch = torch.export.Dim("batch", min=1, max=1024)
         torch.export.save(torch.export.export(FengWuLike(), (example,), dynamic_shapes=({0: batch},)), str(path))
-    # a torch file runs on any grid: it runs on the model grid, latitude flipped as FengWu's
+    # latitude flipped as FengWu's, with its own statistics
     run, _ = _run_job(tmp_path, ["forecaster.kind=torch", f"forecaster.path={path}",
                                  "forecaster.lat_north_to_south=true", *write_statistics(tmp_path),
                                  "dpo.val_every=2", "dpo.val_backgrounds=1", "dpo.val_members=2"])
