@@ -39,6 +39,7 @@ from align_rl.devices import (
     sampling_place,
 )
 from align_rl.diffusion.analysis import Analysis, analyse
+from align_rl.diffusion.guidance import needs_obs
 from align_rl.errors import InputError
 from align_rl.training.harness import init_ray
 from align_rl.world.observations import Observations
@@ -184,7 +185,7 @@ def analyse_batch(cfg: Any, codec: Any, eps_model: Any, x_b: torch.Tensor, obs: 
     key, ref = _SESSION.model_ref(eps_model)
     gen = None if generator is None else (generator.device.type, generator.get_state().numpy())
     out = ray.get(_SESSION.actor.analyse.remote(
-        key, [ref], cpu_numpy(x_b), None if method == "obsfree" else _obs_payload(obs), method, _as_dict(sampler_cfg),
+        key, [ref], cpu_numpy(x_b), _obs_payload(obs) if needs_obs(method) else None, method, _as_dict(sampler_cfg),
         _as_dict(guidance_cfg), gen, members))
     if generator is not None:
         generator.set_state(torch.from_numpy(np.array(out["gen"])))

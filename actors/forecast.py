@@ -1,27 +1,29 @@
-"""ForecastActor: holds a forecaster and runs n-step rollouts on batches of normalised fields.
+"""ForecastActor: opens a forecaster from its spec and runs n-step rollouts on batches of normalised
+fields.
 
 Thin: the science is the forecaster's ``rollout`` (:mod:`align_rl.models.forecaster`). Declared by
 :func:`make_forecasters` with ``max_restarts`` / ``max_task_retries`` and CPU / GPU resources from
-``cfg.actors``. A forecaster that cannot be pickled (an ONNX session) is rebuilt inside each actor
-from the config (``load_forecaster(cfg, ws, normalizer)``); a model on its own grid (FengWu's
-721 × 1440 ONNX) comes back as a :class:`~align_rl.models.forecaster.RegriddedForecaster`, so each
-rollout maps the model grid → its grid → the model grid. :func:`forecast_batches` deals the
-batches of a job over the actors and submits a batch again when its actor died beyond Ray's own
-retries.
+``cfg.actors``. The forecaster arrives as a :class:`~align_rl.models.loading.ForecasterSpec` (an
+object ref put once) and each actor opens its own on its device (an ONNX model its own session,
+with the CUDA execution provider on a GPU share); a model on its own grid (FengWu's 721 × 1440
+ONNX) comes back as a :class:`~align_rl.models.forecaster.RegriddedForecaster`, so each rollout
+maps the model grid → its grid → the model grid. :func:`forecast_batches` deals the batches of a
+job over the actors and submits a batch again when its actor died beyond Ray's own retries.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import ray
 import torch
 
+from align_rl import plugins
 from align_rl.cpu import configure_worker
-from align_rl.devices import actor_device, cpu_numpy, from_numpy, module_device, place
+from align_rl.devices import actor_device, cpu_numpy, from_numpy, module_device
+from align_rl.models.loading import ForecasterSpec, spec_of
 
 from .sampler import actor_options
 
@@ -30,27 +32,16 @@ _RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError
 
 
 class ForecastActor:
-    """``forecaster``: a forecaster object (usually an object ref resolved by Ray), or ``None``
-    with ``loader={"cfg": Config.to_dict(), "workdir": str, "normalizer": Normalizer.to_dict()}``
-    to load it here with :func:`align_rl.models.loading.load_forecaster`."""
+    """``forecaster``: its :class:`~align_rl.models.loading.ForecasterSpec` (usually an object ref
+    resolved by Ray), opened here on ``device`` (``run.device`` as this actor resolves it) after
+    the ``run.plugins`` modules ``plugin_modules`` are imported (a kind they register)."""
 
-    def __init__(self, forecaster: Any = None, threads: int = 1, loader: dict | None = None,
-                 device: str = "cpu"):
+    def __init__(self, forecaster: ForecasterSpec, threads: int = 1, device: str = "cpu",
+                 plugin_modules: Sequence[str] = ()):
         configure_worker(threads)
+        plugins.load(plugin_modules)
         self.device = actor_device(device)
-        if forecaster is None:
-            if loader is None:
-                raise ValueError("ForecastActor needs a forecaster or a loader")
-            from align_rl.config import config_from_dict
-            from align_rl.io.normalization import Normalizer
-            from align_rl.models.loading import load_forecaster
-            from align_rl.workspace import Workspace
-
-            cfg = config_from_dict(loader["cfg"])
-            norm = Normalizer.from_dict(loader["normalizer"]) if loader.get("normalizer") else None
-            forecaster = load_forecaster(cfg, Workspace(root=Path(loader["workdir"])), norm,
-                                         device=self.device)
-        self.forecaster = place(forecaster, self.device)
+        self.forecaster = forecaster.open(self.device)
         self.calls = 0
 
     @torch.no_grad()
@@ -71,27 +62,15 @@ class ForecastActor:
                 "model_device": str(module_device(self.forecaster))}
 
 
-def make_forecasters(cfg, forecaster: Any = None, n: int | None = None, loader: dict | None = None) -> list:
-    """``n`` (default ``cfg.actors.forecasters``) forecast actors sharing one forecaster.
-
-    ``forecaster``: an object or an object ref (put once); when ``None``, ``loader`` (see
-    :class:`ForecastActor`) rebuilds it in each actor. Each actor resolves ``run.device`` itself
-    (:func:`align_rl.devices.actor_device`): CUDA when Ray gave it a GPU share.
-    """
+def make_forecasters(cfg, forecaster_ref: Any, n: int | None = None) -> list:
+    """``n`` (default ``cfg.actors.forecasters``) forecast actors sharing one forecaster spec
+    (``forecaster_ref``: an object ref of its :class:`~align_rl.models.loading.ForecasterSpec`,
+    or the spec). Each actor resolves ``run.device`` itself
+    (:func:`align_rl.devices.actor_device`): CUDA when Ray gave it a GPU share."""
     cls = ray.remote(ForecastActor).options(**actor_options(cfg))
     threads = max(1, int(cfg.actors.cpus_per_actor))
-    return [cls.remote(forecaster, threads, loader, cfg.run.device)
+    return [cls.remote(forecaster_ref, threads, cfg.run.device, list(cfg.run.plugins))
             for _ in range(int(n or cfg.actors.forecasters))]
-
-
-def forecaster_handle(forecaster: Any, cfg, workdir: str, normalizer=None) -> tuple[Any, dict | None]:
-    """``(object ref, None)`` when the forecaster pickles, else ``(None, loader)`` for the actors
-    to load it themselves from the config (ONNX sessions do not pickle)."""
-    try:
-        return ray.put(forecaster), None
-    except Exception:
-        return None, {"cfg": cfg.to_dict(), "workdir": str(workdir),
-                      "normalizer": normalizer.to_dict() if normalizer is not None else None}
 
 
 def forecast_batches(
@@ -143,14 +122,13 @@ def forecast_batches(
 
 
 def run_forecasts(cfg, forecaster: Any, batches: Sequence[tuple[np.ndarray, np.ndarray]], n_steps: int,
-                  workdir: str | Path, normalizer=None,
                   on_result: Callable[[int, np.ndarray], None] | None = None) -> None:
     """One job on ``cfg.actors.forecasters`` fresh forecast actors, stopped at the end: the last
     state after ``n_steps`` 6 h steps from each ``(prev, curr)`` batch of normalised
     ``(B, 69, H, W)`` frames, handed to ``on_result(i, state)`` as batch ``i`` arrives (the
-    :data:`align_rl.remote.Workers.forecast` of :func:`actors.install`)."""
-    ref, loader = forecaster_handle(forecaster, cfg, str(workdir), normalizer)
-    actors = make_forecasters(cfg, ref, loader=loader)
+    :data:`align_rl.remote.Workers.forecast` of :func:`actors.install`). ``forecaster``: a
+    forecaster or its spec; the actors get the spec (:func:`~align_rl.models.loading.spec_of`)."""
+    actors = make_forecasters(cfg, ray.put(spec_of(forecaster)))
     try:
         forecast_batches(actors, batches, n_steps, last_only=True, on_result=on_result)
     finally:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import ray
 
 from align_rl.alignment.candidates import make_group
+from align_rl.models.loading import spec_of
 
 from .reward import make_rewarders
 from .sampler import make_samplers
@@ -28,12 +29,14 @@ _RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError
 
 class CandidatePool:
     """``models``: anything with ``codec``, ``eps_model``, ``forecaster``, ``normalizer``
-    (e.g. :class:`~align_rl.training.pretraining.PretrainedModels`); ``lat``/``lon`` of the grid."""
+    (e.g. :class:`~align_rl.training.pretraining.PretrainedModels`); ``lat``/``lon`` of the grid.
+    The forecaster goes to the reward actors as its specification
+    (:func:`~align_rl.models.loading.spec_of`), each actor opens its own."""
 
     def __init__(self, cfg, models: Any, lat, lon, version: int = 0, samplers: int | None = None):
         self.cfg = cfg
         self.version = int(version)
-        self._refs = (ray.put(models.codec), ray.put(models.eps_model), ray.put(models.forecaster))
+        self._refs = (ray.put(models.codec), ray.put(models.eps_model), ray.put(spec_of(models.forecaster)))
         self._norm, self._lat, self._lon = models.normalizer, lat, lon
         self._n_samplers = samplers
         self._base_version = self.version

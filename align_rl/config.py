@@ -31,6 +31,7 @@ from align_rl.config_sections import (  # noqa: F401 - the sections are part of 
     DPOConfig, EvalConfig, ForecasterConfig, GuidanceConfig, ObsConfig, PairsConfig,
     PretrainConfig, RewardConfig, RunConfig, SamplerConfig, VAEConfig,
 )
+from align_rl import plugins
 from align_rl.errors import ConfigError, InputError
 from align_rl.io.grid import Grid
 from align_rl.models.shapes import dit_problems, vae_latent_shape, vae_problems
@@ -168,7 +169,7 @@ RANGES: dict[str, Rule] = {
     "obs.sigma_o": NON_NEGATIVE,
     "obs.mode": choice("point", "column"),
     "obs.r_floor": POSITIVE,
-    "forecaster.kind": choice("emulator", "onnx", "torch"),
+    "forecaster.kind": registry("align_rl.models.loading", "KINDS"),
     "forecaster.hidden": integer(1),
     "forecaster.depth": integer(1),
     "forecaster.steps": integer(1),
@@ -226,7 +227,7 @@ RANGES: dict[str, Rule] = {
     "pairs.pairs_per_background": integer(1),
     "pairs.top_k_phys": integer(1),
     "pairs.decile": in_range(0, 0.5, lo_open=True),  # top and bottom decile·N of N candidates
-    "pairs.guidance": registry("align_rl.io.pair_store", "GUIDANCES"),  # recorded in the pair store
+    "pairs.guidance": GUIDANCE_METHODS,
     "pairs.variants[]": PAIR_MODES,
     "dpo.beta": POSITIVE,
     "dpo.lr": POSITIVE,
@@ -311,6 +312,14 @@ EVAL_MODEL_NAMES = ("reference", "Align-M", "Align-P")
 its ``--models``)."""
 
 
+def _kind_needs_path(kind: str) -> bool:
+    """A registered forecaster kind that reads ``forecaster.path`` (an unknown one is reported by
+    its own rule)."""
+    from align_rl.models.loading import KINDS
+
+    return kind in KINDS and KINDS[kind].needs_path
+
+
 def _cross_rules(cfg: Config) -> list[str]:
     """Rules that tie keys together or need more than a range."""
     out: list[str] = _path_rules(cfg)
@@ -335,7 +344,7 @@ def _cross_rules(cfg: Config) -> list[str]:
         out.append(f"eval.models={cfg.eval.models} names a model twice")
     if cfg.data.source == "zarr" and not cfg.data.path:
         out.append("data.source=zarr needs data.path=PATH_OR_URL of a WeatherBench2 store")
-    if cfg.forecaster.kind in ("onnx", "torch") and not cfg.forecaster.path:
+    if not cfg.forecaster.path and _kind_needs_path(cfg.forecaster.kind):
         out.append(f"forecaster.kind={cfg.forecaster.kind} needs forecaster.path=FILE")
     w = cfg.rewards.weights
     if all(is_num(v) for v in w.values()) and sum(w.values()) <= 0:
@@ -359,5 +368,7 @@ def _cross_rules(cfg: Config) -> list[str]:
 
 def validate(cfg: Config) -> None:
     """One pass over the whole configuration; raises one :class:`ConfigError` listing every
-    problem, each naming the full key (``data.days``) and what is allowed."""
+    problem, each naming the full key (``data.days``) and what is allowed. The ``run.plugins``
+    modules are imported first (:mod:`align_rl.plugins`): the names they register count."""
+    plugins.load(cfg.run.plugins)
     raise_problems(check_rules(cfg, RANGES) + _cross_rules(cfg), "config")

@@ -30,6 +30,9 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     wandb_mode: str = "offline"  # offline | online | disabled
     wandb_project: str = "align_rl"
+    # modules imported in the driver and in every Ray actor and Train worker before work starts
+    # (align_rl.plugins): they register rewards, guidance methods and forecaster kinds by name
+    plugins: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -68,7 +71,7 @@ class ObsConfig:
 
 @dataclass
 class ForecasterConfig:
-    kind: str = "emulator"  # emulator | onnx | torch
+    kind: str = "emulator"  # emulator | onnx | torch | a kind registered by a run.plugins module
     path: str | None = None  # ONNX file or torch checkpoint for kind onnx / torch
     mean_path: str | None = None  # FengWu-style mean/std files (npy) for kind onnx
     std_path: str | None = None

@@ -9,7 +9,8 @@ The log file, ``<workdir>/logs/align_rl.log`` once :func:`setup` ran (appended t
 that workdir), holds everything with timestamps: the console's lines, what the process prints,
 Python warnings, Ray's own log records (below ERROR they stay off the console) and every line the
 Ray workers write (the driver receives them through Ray's log stream, :func:`route_ray`; only
-their progress bars go on to the console).
+their progress bars go on to the console). Ray's private hooks this needs are in
+:mod:`align_rl.ray_compat`.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from align_rl import ray_compat
+
 LOG_FILE = Path("logs") / "align_rl.log"
 """Where :func:`setup` writes, relative to the workdir."""
 
 FILE_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_TQDM_MAGIC = "__ray_tqdm_magic_token__"  # ray.experimental.tqdm_ray.RAY_TQDM_MAGIC
 _QUIET_PREFIXES = ("ray", "py.warnings")  # on the console from ERROR on only
 
 
@@ -44,8 +46,7 @@ def _raw(stream: Any) -> Any:
 def _bars_cleared(stream: Any) -> Iterator[None]:
     """Clear the progress bars on the console (tqdm's, and the workers' bars of Ray's tqdm_ray)
     while a line is written to ``stream`` (``sys.stdout`` or ``sys.stderr``), then draw them again."""
-    mgr = sys.modules.get("ray.experimental.tqdm_ray")
-    mgr = getattr(mgr, "_manager", None)
+    mgr = ray_compat.bar_manager()
     tqdm = sys.modules.get("tqdm")
     ctx = tqdm.tqdm.external_write_mode(file=stream) if tqdm is not None else contextlib.nullcontext()
     if mgr is not None:
@@ -233,17 +234,10 @@ def route_ray() -> None:
     ray_logger = logging.getLogger("ray")
     ray_logger.handlers.clear()  # Ray's own console handler
     ray_logger.propagate = True  # to the root: the log file, and the console from ERROR on
-    try:
-        import ray
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:  # pragma: no cover - another Ray version: Ray prints the workers' output
-        return
-    if not ray.is_initialized():
-        return
-    names = [n for n, _ in dispatcher.handlers]
-    if "ray_print_logs" in names:  # Ray prints to the console only when log_to_driver is on
-        dispatcher.remove_handler("ray_print_logs")
-        dispatcher.add_handler("ray_print_logs", _worker_output)
+    import ray
+
+    if ray.is_initialized():
+        ray_compat.replace_worker_printer(_worker_output)
 
 
 def _worker_output(batch: dict) -> None:
@@ -255,12 +249,10 @@ def _worker_output(batch: dict) -> None:
     ip = batch.get("ip")
     where = f"({who + ' ' if who else ''}pid={pid}{'' if ip == batch.get('localhost') else f', ip={ip}'})"
     if pid in ("raylet", "autoscaler"):  # printed on the console, and so in the log file
-        from ray._private.worker import print_to_stdstream
-
-        print_to_stdstream(batch, ignore_prefix=False)
+        ray_compat.print_batch(batch)
         return
     for line in batch.get("lines", []):
-        if _TQDM_MAGIC in line:
+        if ray_compat.TQDM_MAGIC in line:
             _bar_state(line)
         elif _sink is not None:
             _sink.line("worker", f"{where} {_ANSI.sub('', line)}")
@@ -279,9 +271,7 @@ def _bar_state(line: str) -> None:
         return
     if state.get("closed"):
         _closed_bars.add(uuid)
-    from ray.experimental import tqdm_ray
-
-    tqdm_ray.instance().process_state_update(state)
+    ray_compat.apply_bar_state(state)
 
 
 # ----------------------------------------------------------------------------- stages

@@ -30,6 +30,7 @@ from align_rl.errors import ConfigError
 from align_rl.evaluation.stage import evaluate_aligned
 from align_rl.io.pair_store import COMMIT_FILE, PairStore
 from align_rl.logs import stage
+from align_rl.models.loading import spec_of
 from align_rl.training.harness import init_ray
 from align_rl.training.resources import check_job
 from align_rl.training.pretraining import ensure_pretrained
@@ -44,15 +45,9 @@ def _log(msg: str) -> None:
     LOG.info(msg)
 
 
-def store_meta(cfg: Config, reference_ckpt: Path) -> dict:
-    """What the candidates of the preference store depend on (checked when it is reopened):
-    :func:`align_rl.identity.pair_store`."""
-    return identity.pair_store(cfg, reference_ckpt)
-
-
 def open_pair_store(cfg: Config, ws: Workspace, latent_shape, reference_ckpt: Path,
                     log=_log):
-    """The run's preference store for the current inputs (:func:`store_meta`).
+    """The run's preference store for the current inputs (:func:`align_rl.identity.pair_store`).
 
     With ``pairs.store`` set, that store (an error if it was built for other inputs). By default
     ``<workdir>/pairs.zarr``: a store there built for other inputs (another dataset, reference
@@ -60,7 +55,7 @@ def open_pair_store(cfg: Config, ws: Workspace, latent_shape, reference_ckpt: Pa
     a store set aside earlier for the current inputs is moved back, so switching configurations
     reuses each one's pairs.
     """
-    meta = store_meta(cfg, reference_ckpt)
+    meta = identity.pair_store(cfg, reference_ckpt)
     path = Path(cfg.pairs.store or ws.pairs)
     if cfg.pairs.store is None and (path / COMMIT_FILE).exists():
         old = dict(PairStore.open(path, mode="r").g.attrs.get("meta", {}))
@@ -82,16 +77,12 @@ def dpo_dir(cfg: Config, ws: Workspace, variant: str, meta: dict) -> Path:
     return Path(ws.dpo) / f"{variant}-{cfg.dpo.mode}-{identity.dpo_run(cfg, meta)}"
 
 
-def PrefData(cfg: Config, ws: Workspace, store: Any, models: Any, progress: bool = True):
-    """The preference split (:class:`align_rl.world.splits.SplitData` of ``data.pref``)."""
-    return SplitData(cfg, ws, store, models, progress, split="pref")
-
-
 def validation_inputs(cfg: Config, ws: Workspace, store: Any, models: Any, progress: bool = True) -> dict:
     """What the learner's validation needs (:class:`align_rl.alignment.validation.Validator`):
-    ``dpo.val_backgrounds`` backgrounds spread over ``data.val`` and the models."""
+    ``dpo.val_backgrounds`` backgrounds spread over ``data.val`` and the models (the forecaster as
+    its spec, :func:`~align_rl.models.loading.spec_of`: the Train workers open their own)."""
     val = SplitData(cfg, ws, store, models, progress, split="val")
-    return {"codec": models.codec, "forecaster": models.forecaster, "normalizer": val.normalizer,
+    return {"codec": models.codec, "forecaster": spec_of(models.forecaster), "normalizer": val.normalizer,
             "lat": val.lat, "lon": val.lon, "tasks": val.tasks(val.spread_ids(cfg.dpo.val_backgrounds))}
 
 
@@ -164,12 +155,12 @@ def run(cfg: Config, progress: bool = True, evaluate: bool = True) -> dict:
     timings["pretrain_s"] = st.seconds
     reference_ckpt = Path(models.paths.get("diffusion", ws.final_checkpoint("diffusion")))
     with stage("backgrounds of the preference split", LOG) as st:
-        pref = PrefData(cfg, ws, store, models, progress)
+        pref = SplitData(cfg, ws, store, models, progress, split="pref")
     timings["backgrounds_s"] = st.seconds
     _log(f"preference split: {len(pref.times)} usable times, using {cfg.pairs.backgrounds} "
          f"backgrounds × {cfg.pairs.candidates} candidates ({cfg.pairs.guidance})")
 
-    meta = store_meta(cfg, reference_ckpt)
+    meta = identity.pair_store(cfg, reference_ckpt)
     pstore = open_pair_store(cfg, ws, models.codec.latent_shape, reference_ckpt)
     variants = list(dict.fromkeys(cfg.pairs.variants))
     pool = remote.workers().candidate_pool(cfg, models, pref.lat, pref.lon)

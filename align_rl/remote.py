@@ -5,10 +5,10 @@ align_rl never imports ``actors``. The stages that need actors look them up here
 
 - ``candidate_pool(cfg, models, lat, lon)``: sampler and reward actors that draw, score and pair
   candidates (``actors.pool.CandidatePool``: ``build``, ``set_weights``, ``release``,
-  ``shutdown``), made by :mod:`align_rl.pipeline` and :mod:`align_rl.tune.sweep` (and handed to
+  ``shutdown``), made by :mod:`align_rl.pipeline` and :mod:`align_rl.tune.trial` (and handed to
   :func:`align_rl.alignment.online.run_online`);
-- ``forecast(cfg, forecaster, batches, n_steps, workdir, normalizer, on_result)``: forecast
-  actors that run ``n_steps`` 6 h steps from each ``(prev, curr)`` batch of normalised
+- ``forecast(cfg, forecaster, batches, n_steps, on_result)``: forecast actors (each opens the
+  forecaster from its spec, :func:`align_rl.models.loading.spec_of`) that run ``n_steps`` 6 h steps from each ``(prev, curr)`` batch of normalised
   ``(B, 69, H, W)`` frames, calling ``on_result(i, last_state)`` as batch ``i`` arrives
   (``actors.forecast.run_forecasts``), used by :mod:`align_rl.world.backgrounds`;
 - ``analyse(cfg, codec, eps_model, x_b, obs, method, sampler_cfg, guidance_cfg, generator,

@@ -82,7 +82,7 @@ import actors
 from align_rl import logs
 from align_rl.cli import parse_args, preflight
 from align_rl.errors import cli_errors
-from align_rl.tune import sweep
+from align_rl.tune import results, run, spec as sweep_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,14 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
-    cfg_items, spec_ov = sweep.split_overrides(args.overrides)
-    spec = sweep.load_spec(args.spec, spec_ov)
-    cfg = sweep.build_base_config(spec, args.config, cfg_items)
+    cfg_items, spec_ov = sweep_spec.split_overrides(args.overrides)
+    spec = sweep_spec.load_spec(args.spec, spec_ov)
+    cfg = sweep_spec.build_base_config(spec, args.config, cfg_items)
     preflight(cfg, outputs=("pairs",))
     actors.install()
     logs.setup(cfg.run.workdir)
-    result = sweep.run_sweep(spec, cfg, progress=not args.quiet)
-    out = sweep.sweep_dir(cfg, spec)
+    result = run.run_sweep(spec, cfg, progress=not args.quiet)
+    out = run.sweep_dir(cfg, spec)
     print(f"sweep {spec.name}: {len(result.rows)} trials in {result.seconds / 60:.1f} min; "
           f"results in {out / 'results.md'}")
     if result.best is None:
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(spec.goals()) > 1:
         print(f"Pareto front: {len(result.front)} trials; report: {out / 'report.md'}")
     print(f"best: {result.best.trial_id} {spec.metric}={result.best.metrics[spec.metric]:.5g} "
-          f"{sweep.fmt(result.best.params)} -> {out / 'best_config.yaml'}")
+          f"{results.fmt(result.best.params)} -> {out / 'best_config.yaml'}")
     return 0
 
 

@@ -9,15 +9,16 @@ End to end, each step reused from its cache when present:
    reward actors (``actors.*``), paired for every mode of ``pairs.variants`` and committed to the
    preference store (``pairs.store``, default ``<workdir>/pairs.zarr``);
 3. Diffusion-DPO per variant (``dpo.mode``: ``offline`` on the stored pairs, ``sync`` / ``online``
-   with refreshes by the policy in rounds, or ``async`` with samplers and learner at once),
-   checkpoints in ``<workdir>/dpo/<variant>-<hash>/``;
-4. the evaluation (``align_rl.evaluate.run_evaluation``) of the reference and the aligned models
+   with refreshes by the policy in rounds, or ``async`` with samplers and learner at once), for
+   each alignment seed (``dpo.seeds``), checkpoints in ``<workdir>/dpo/<variant>-<mode>-<hash>/``;
+4. the evaluation (:func:`align_rl.evaluation.runner.run_evaluation`) of the reference and the aligned models
    (``Align-M``, ``Align-P``) × ``guidance.methods`` on held-out ``data.test`` times, never used for
    pairs, with an "Alignment against the paper" section appended to ``report.md``.
 
 Ray: connects to ``RAY_ADDRESS`` when set (e.g. under ``ray job submit``), otherwise starts a
 local instance. Killing the driver and rerunning the same command resumes from the committed
-pairs and the last DPO checkpoint.
+pairs and the last DPO checkpoint. The modules of ``run.plugins`` (rewards, guidance methods,
+forecaster kinds of the user's own) are imported here and in every actor and Train worker.
 """
 
 from __future__ import annotations

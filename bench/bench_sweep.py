@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("WANDB_MODE", "offline")
 
-    from align_rl.tune.sweep import build_base_config, load_spec, prepare_shared, run_sweep, split_overrides, sweep_dir
+    from align_rl.tune.inputs import prepare_shared
+    from align_rl.tune.run import run_sweep, sweep_dir
+    from align_rl.tune.spec import build_base_config, load_spec, split_overrides
 
     config = a.config
     label = "embedded default" if not a.config else f"--config {a.config}"

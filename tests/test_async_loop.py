@@ -200,7 +200,8 @@ def test_cluster_configs_have_a_sampler_and_a_learner_group(tmp_path):
 def test_tune_config_compares_offline_sync_and_async(tmp_path):
     from pathlib import Path
 
-    from align_rl.tune.sweep import load_spec, trial_config
+    from align_rl.tune.spec import load_spec
+    from align_rl.tune.trial import trial_config
 
     spec = load_spec(Path(__file__).resolve().parents[1] / "tune_configs" / "offline_sync_async.yaml")
     assert spec.search["dpo.mode"].values == ["offline", "sync", "async"]

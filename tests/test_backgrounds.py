@@ -23,6 +23,7 @@ from align_rl.config import load_config
 from align_rl.errors import InputError
 from align_rl.io.grid import Grid
 from align_rl.models.forecaster import Forecaster
+from align_rl.models.loading import spec_of
 from align_rl.io.normalization import Normalizer
 from align_rl.io.schema import N_CHANNELS
 from align_rl.io.states import States
@@ -153,7 +154,7 @@ def test_forecast_actor_restarts_after_being_killed(tmp_path, ray_session):
     from actors.forecast import forecast_batches, make_forecasters
 
     cfg = _cfg(tmp_path, "actors.max_restarts=2", "actors.max_task_retries=2")
-    (actor,) = make_forecasters(cfg, ray.put(RollForecaster(1)), n=1)
+    (actor,) = make_forecasters(cfg, ray.put(spec_of(RollForecaster(1))), n=1)
     x = np.random.default_rng(0).standard_normal((6, 2, N_CHANNELS, 8, 16)).astype(np.float32)
     out = ray.get(actor.rollout.remote(x[:2, 0], x[:2, 1], 3))
     assert out.shape == (2, 3, N_CHANNELS, 8, 16)

@@ -96,11 +96,21 @@ def test_config_choices_follow_the_registries(monkeypatch):
         load_config(overrides=["guidance.methods=[ensrf]"])
     with pytest.raises(ConfigError, match=r"pairs\.mode='Q' must be one of M, P \(align_rl\.alignment\.pairs\.MODES\)"):
         load_config(overrides=["pairs.mode=Q"])
-    monkeypatch.setattr(guidance, "METHODS", guidance.METHODS + ("ensrf",))
-    assert load_config(overrides=["guidance.methods=[ensrf]"]).guidance.methods == ["ensrf"]
-    # the candidates' method is recorded in the pair store: its own list of guidance names counts
-    with pytest.raises(ConfigError, match=r"pairs\.guidance='ensrf' .*align_rl\.io\.pair_store\.GUIDANCES"):
+    with pytest.raises(ConfigError, match=r"pairs\.guidance='ensrf' .*align_rl\.diffusion\.guidance\.METHODS"):
         load_config(overrides=["pairs.guidance=ensrf"])
+    with pytest.raises(ConfigError, match=r"forecaster\.kind='fengwu' must be one of emulator, onnx, torch "
+                                          r"\(align_rl\.models\.loading\.KINDS\)"):
+        load_config(overrides=["forecaster.kind=fengwu"])
+    ensrf = guidance.GuidanceMethod("ensrf", "EnSRF", lambda codec, obs, g, **kw: None)
+    monkeypatch.setitem(guidance.METHODS, "ensrf", ensrf)
+    cfg = load_config(overrides=["guidance.methods=[ensrf]", "pairs.guidance=ensrf"])
+    assert cfg.guidance.methods == ["ensrf"] and cfg.pairs.guidance == "ensrf"
+    from align_rl.models import loading
+
+    monkeypatch.setitem(loading.KINDS, "fengwu", loading.ForecasterKind("fengwu", lambda s, d: None))
+    with pytest.raises(ConfigError, match="forecaster.kind=fengwu needs forecaster.path"):
+        load_config(overrides=["forecaster.kind=fengwu"])
+    assert load_config(overrides=["forecaster.kind=fengwu", "forecaster.path=x"]).forecaster.kind == "fengwu"
 
 
 def test_a_registry_rule_reads_the_registry_when_it_checks():
@@ -120,7 +130,7 @@ def test_sweep_validation_method_is_checked_against_the_guidance_registry(monkey
     with pytest.raises(ConfigError, match=r"x\.yaml: validation\.method='ensrf' must be one of obsfree, "
                                           r"repaint, dps \(align_rl\.diffusion\.guidance\.METHODS\)"):
         parse_spec(_spec(validation={"method": "ensrf"}), "x.yaml")
-    monkeypatch.setattr(guidance, "METHODS", guidance.METHODS + ("ensrf",))
+    monkeypatch.setitem(guidance.METHODS, "ensrf", guidance.GuidanceMethod("ensrf", "EnSRF", lambda *a, **k: None))
     assert parse_spec(_spec(validation={"method": "ensrf"}), "x.yaml").validation.method == "ensrf"
 
 

@@ -12,6 +12,7 @@ import torch
 from align_rl import devices
 from align_rl.config import load_config
 from align_rl.errors import ConfigError
+from align_rl.models.loading import spec_of
 
 from .tiny_align import LAT, LON, tiny_world
 
@@ -115,9 +116,9 @@ def test_actors_move_their_networks_to_the_resolved_device(tmp_path, monkeypatch
     assert next(s.eps_model.parameters()).device.type == "meta"
     assert next(s.codec.parameters()).device.type == "meta"
     assert s.info()["model_device"] == "meta"
-    r = ar.RewardActor(models.forecaster, models.normalizer, LAT, LON, cfg.to_dict())
+    r = ar.RewardActor(spec_of(models.forecaster), models.normalizer, LAT, LON, cfg.to_dict())
     assert r.info()["model_device"] == "meta"
-    f = af.ForecastActor(models.forecaster)
+    f = af.ForecastActor(spec_of(models.forecaster))
     assert f.info()["model_device"] == "meta"
     a = aa.AnalysisActor(models.codec, cfg.to_dict())
     assert next(a.codec.parameters()).device.type == "meta"
@@ -149,7 +150,7 @@ def test_actor_outputs_are_cpu_numpy_and_models_on_cpu(tmp_path, ray_session):
         assert all(isinstance(v, np.ndarray) for v in scores[0].values())
     finally:
         pool.shutdown()
-    fc = make_forecasters(cfg, ray.put(models.forecaster), n=1)[0]
+    fc = make_forecasters(cfg, ray.put(spec_of(models.forecaster)), n=1)[0]
     x = np.zeros((2, 69, 8, 16), np.float32)
     out = ray.get(fc.rollout.remote(x, x, 2, True))
     assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (2, 69, 8, 16)

@@ -125,7 +125,7 @@ def trap(monkeypatch):
     import align_rl.evaluation.runner as ev
     import align_rl.pipeline as tr
     import align_rl.training.pretraining as pre
-    import align_rl.tune.sweep as sw
+    import align_rl.tune.run as sw
 
     monkeypatch.setattr(tr, "run", reached)
     monkeypatch.setattr(pre, "ensure_pretrained", reached)

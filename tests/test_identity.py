@@ -17,7 +17,7 @@ from align_rl.config import load_config
 from align_rl.errors import InputError
 from align_rl.models.forecaster import TorchForecaster
 from align_rl.io.normalization import Normalizer
-from align_rl.pipeline import dpo_dir, store_meta
+from align_rl.pipeline import dpo_dir
 from align_rl.workspace import Workspace
 from tests.test_era5 import make_states, write_layout
 
@@ -61,22 +61,22 @@ def test_reference_checkpoint_same_key_in_main_job_and_sweep(tmp_path):
     cfg = _cfg(tmp_path)
     ref = _checkpoint(tmp_path / "run" / "checkpoints" / "diffusion" / "final.pt", {"weights": [1.0, 2.0]})
     validation = {"method": "obsfree", "backgrounds": 2}
-    main, sweep = store_meta(cfg, ref), identity.sweep_reference(cfg, validation, ref)
+    main, sweep = identity.pair_store(cfg, ref), identity.sweep_reference(cfg, validation, ref)
     assert main["reference"] == sweep["reference"] == identity.file_digest(ref)
     # touching the file (a copy, a restore from backup, `touch`) invalidates neither cache
     st = ref.stat()
     os.utime(ref, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
-    assert store_meta(cfg, ref) == main
+    assert identity.pair_store(cfg, ref) == main
     assert identity.sweep_reference(cfg, validation, ref) == sweep
     # a copy elsewhere is the same reference
     copy = tmp_path / "elsewhere.pt"
     shutil.copy(ref, copy)
-    assert store_meta(cfg, copy) == main
+    assert identity.pair_store(cfg, copy) == main
     # other bytes invalidate both
     _checkpoint(ref, {"weights": [1.0, 2.5]})
-    assert store_meta(cfg, ref)["reference"] != main["reference"]
+    assert identity.pair_store(cfg, ref)["reference"] != main["reference"]
     assert identity.sweep_reference(cfg, validation, ref)["reference"] != sweep["reference"]
-    assert identity.dpo_run(cfg, store_meta(cfg, ref)) != identity.dpo_run(cfg, main)
+    assert identity.dpo_run(cfg, identity.pair_store(cfg, ref)) != identity.dpo_run(cfg, main)
     with pytest.raises(InputError, match="does not exist"):
         identity.file_digest(tmp_path / "missing.pt")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from align_rl import logs
+from align_rl import logs, ray_compat
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,7 +98,7 @@ def test_worker_output_goes_to_the_file_and_each_bar_is_drawn_once(capsys, logge
     monkeypatch.setattr(logs, "_closed_bars", set())
 
     def bar(x, closed):
-        return json.dumps({"__magic_token__": logs._TQDM_MAGIC, "x": x, "pos": 0, "desc": "DPO v1",
+        return json.dumps({"__magic_token__": ray_compat.TQDM_MAGIC, "x": x, "pos": 0, "desc": "DPO v1",
                            "total": 10, "unit": "it", "ip": "127.0.0.1", "pid": 7, "uuid": "u1",
                            "closed": closed})
 

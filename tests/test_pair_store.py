@@ -178,3 +178,22 @@ def test_pair_sets_do_not_depend_on_the_commit_order(tmp_path):
     ra = a.reselect({"assim": 1.0, "phys": 0.5}, "M", per_background=2, seed=3)
     rb = b.reselect({"assim": 1.0, "phys": 0.5}, "M", per_background=2, seed=3)
     np.testing.assert_array_equal(ra.hash, rb.hash)
+
+
+def test_the_guidance_index_grows_with_each_new_method(tmp_path):
+    """The store's guidance index is the list of method names it has seen, in order of arrival:
+    a method registered later (a plugin's) gets the next index, and every committed row keeps
+    pointing at its own name after reopening."""
+    import dataclasses
+
+    p = tmp_path / "pairs.zarr"
+    st = PairStore.open(p, SHAPE, NAMES)
+    assert list(st.g.attrs["guidance_names"]) == []
+    st.append([group(0), dataclasses.replace(group(1), guidance="halfrepaint")])
+    st.append([dataclasses.replace(group(2), guidance="obsfree"), group(3)])
+    assert list(st.g.attrs["guidance_names"]) == ["dps", "halfrepaint", "obsfree"]
+    again = PairStore.open(p, mode="r")
+    assert again.backgrounds()["guidance"].tolist() == ["dps", "halfrepaint", "obsfree", "dps"]
+    assert again.done_keys() >= {(1, 0, "halfrepaint"), (2, 0, "obsfree"), (3, 0, "dps")}
+    with pytest.raises(ConfigError, match="no guidance"):
+        st.append([dataclasses.replace(group(4), guidance="")])

@@ -15,7 +15,9 @@ import yaml
 
 from align_rl.config import load_config
 from align_rl.errors import ConfigError
-from align_rl.tune.sweep import build_base_config, eval_metrics, load_spec, parse_spec, run_sweep, simplex_grid, split_overrides, trial_config, validation_config, with_changes
+from align_rl.tune.run import run_sweep
+from align_rl.tune.spec import build_base_config, load_spec, parse_spec, simplex_grid, split_overrides
+from align_rl.tune.trial import eval_metrics, trial_config, validation_config, with_changes
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE_CONFIGS = sorted((REPO / "tune_configs").glob("*.yaml"))
@@ -301,7 +303,7 @@ def test_dpo_trials_reselect_shared_pairs_train_in_stages_and_validate(tmp_path,
     from align_rl.io.checkpoints import load_model
     from align_rl.evaluation.runner import EvalData, run_evaluation
     from align_rl.io.pair_store import PairStore
-    from align_rl.tune.sweep import dpo_trial, eval_metrics
+    from align_rl.tune.trial import dpo_trial, eval_metrics
 
     from align_rl.alignment.candidates import background_order, make_tasks, valid_times
 
@@ -467,7 +469,7 @@ def test_resource_check_sums_what_is_held_at_once_and_checks_each_bundle_on_a_no
 
 
 def test_smoke_sweep_defaults_fit_two_cpus_and_a_trial_that_cannot_start_is_named():
-    from align_rl.tune.sweep import check_trials, trial_phases
+    from align_rl.tune.run import check_trials, trial_phases
 
     spec = load_spec(REPO / "tune_configs" / "smoke.yaml")
     cfg = build_base_config(spec)
@@ -497,7 +499,7 @@ def test_smoke_sweep_defaults_fit_two_cpus_and_a_trial_that_cannot_start_is_name
 def test_cluster_sweep_runs_one_trial_per_gpu():
     """tune_configs/cluster_simplex.yaml: each trial (learner, validation actors) takes one GPU's
     worth of shares, so a cluster of N one-GPU workers runs N trials at once."""
-    from align_rl.tune.sweep import check_trials, trial_phases
+    from align_rl.tune.run import check_trials, trial_phases
 
     spec = load_spec(REPO / "tune_configs" / "cluster_simplex.yaml")
     cfg = build_base_config(spec)

@@ -27,6 +27,7 @@ from align_rl.alignment.pairs import background_pairs, pair_rng, seed_of
 from align_rl.alignment.rewards import RewardContext, score_all
 from align_rl.devices import cpu_numpy, module_device
 from align_rl.diffusion.analysis import analyse
+from align_rl.diffusion.guidance import needs_obs
 from align_rl.errors import InputError
 from align_rl.io.pair_store import CandidateGroup
 from align_rl.world.observations import make_observations
@@ -123,7 +124,7 @@ def draw_candidates(codec: Any, eps_model: Any, tasks: Sequence[BackgroundTask],
         obs = make_observations(truth, obs_cfg.density, obs_cfg.sigma_o, obs_cfg.mode,
                                 obs_cfg.r_floor, generator=g_obs)
         g = torch.Generator().manual_seed(seed_of(seed, task.bg_id, version))
-        an = analyse(codec, eps_model, x_b, obs if method != "obsfree" else None, method,
+        an = analyse(codec, eps_model, x_b, obs if needs_obs(method) else None, method,
                      sampler_cfg, guidance_cfg, generator=g, members=members)
         with torch.no_grad():
             dev = next(codec.parameters()).device if hasattr(codec, "parameters") else "cpu"

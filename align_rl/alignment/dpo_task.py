@@ -12,7 +12,7 @@ policy's candidates against the reference's on ``data.val`` backgrounds
 ``val/reward_gain`` (the starting policy scores 0 when it is the reference) in ``best.pt``. At each
 checkpoint the policy is published as ``policy.pt``. Both are ``diffusion`` checkpoints that
 :func:`align_rl.io.checkpoints.load_model` reads, ``extra`` holding ``dpo_step``, ``dpo_version``
-and the reference's path. Validation runs on the CPU (the codec and the forecaster live there).
+and the reference's path. Validation runs on the CPU (the codec, and the forecaster opened there from its spec).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from align_rl.alignment.validation import Validator
 from align_rl.config import config_from_dict
 from align_rl.io.checkpoints import load_model, save_model
 from align_rl.io.pair_store import PairDataset, PairSet
+from align_rl.models.loading import open_forecaster
 from align_rl.training.loop import Task, Worker
 
 POLICY_FILE = "policy.pt"
@@ -87,7 +88,8 @@ class DPOTask(Task):
         if self.device.type != "cpu":
             ref, _ = load_model(self.conf["reference_ckpt"], "diffusion")
             ref.eval()
-        return Validator(v["codec"], v["forecaster"], ref, v["normalizer"], v["lat"], v["lon"],
+        # the forecaster arrives as its spec and is opened here (an ONNX session does not pickle)
+        return Validator(v["codec"], open_forecaster(v["forecaster"], "cpu"), ref, v["normalizer"], v["lat"], v["lon"],
                          v["tasks"], self.cfg, v["weights"], int(self.cfg.dpo.val_members),
                          seed=int(self.cfg.run.seed))
 

@@ -125,7 +125,7 @@ def _loop_config(cfg: Config, store_path: Path, ps: PairSet, reference_ckpt: Pat
     d = cfg.dpo
     val_every = int(d.val_every) if validation is not None and int(d.val_every) > 0 else 0
     return {
-        "make_task": dpo_task, "label": f"DPO v{version}", "cfg": cfg.to_dict(), "store": str(store_path),
+        "make_task": dpo_task, "label": f"DPO v{version}", "cfg": cfg.to_dict(), "plugins": list(cfg.run.plugins), "store": str(store_path),
         "winner": ps.winner.tolist(), "loser": ps.loser.tolist(), "background": ps.background.tolist(),
         "reference_ckpt": str(reference_ckpt), "init_ckpt": str(init_ckpt),
         "diffusion_cfg": _diffusion_section(reference_ckpt), "version": version,

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from align_rl.diffusion.guidance import METHODS, make_guidance
+from align_rl.diffusion.guidance import guidance_method, make_guidance
 from align_rl.diffusion.precision import autocast_policy, decode_with, wrap_eps
 from align_rl.diffusion.sampler import sample
 from align_rl.errors import ConfigError, InputError
@@ -79,8 +79,7 @@ def analyse(
     with an explicit ``autocast``). Randomness comes from ``generator`` only; the networks run on
     their device.
     """
-    if method not in METHODS:
-        raise ConfigError(f"guidance method {method!r} is not one of {', '.join(METHODS)}")
+    differentiates = guidance_method(method).differentiates  # ConfigError for an unknown name
     if x_b.ndim != 4:
         raise InputError(f"x_b must be (B, 69, H, W) normalised, got {tuple(x_b.shape)}")
     if not torch.isfinite(x_b).all():
@@ -112,7 +111,7 @@ def analyse(
     for i in range(0, B, bs):
         xb = x_b[i:i + bs].to(dev, torch.float32)
         o = obs[i:i + bs].to(dev) if obs is not None and hasattr(obs, "to") else obs
-        extra = {"autocast": autocast} if method == "dps" and in_grad else {}
+        extra = {"autocast": autocast} if differentiates and in_grad else {}
         with torch.no_grad():
             dec = decoder_for(codec, xb, decoding)
             z_b = dec.z_b if isinstance(dec, AnchoredCodec) else codec.encode(xb)  # encoded once

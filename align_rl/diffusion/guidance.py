@@ -28,6 +28,7 @@ projected to grid nodes (``obs.to_grid(x_b)``, done by :func:`align_rl.diffusion
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -35,9 +36,6 @@ import torch
 from align_rl.errors import ConfigError, InputError
 from align_rl.diffusion.sampler import StepContext
 from align_rl.diffusion.schedule import mu, sigma
-
-METHODS = ("obsfree", "repaint", "dps")
-
 
 def _rows(v: torch.Tensor, ctx: StepContext, like: torch.Tensor) -> torch.Tensor:
     """Observation tensor with one row per background -> one row per sample (B·N rows)."""
@@ -173,25 +171,77 @@ class LatentDPS:
         return z - self.zeta * self.gradient(z, ctx).to(z.dtype)
 
 
+def _get(g: Any, key: str, default: Any) -> Any:
+    if g is None:
+        return default
+    return g.get(key, default) if isinstance(g, dict) else getattr(g, key, default)
+
+
+@dataclass(frozen=True)
+class GuidanceMethod:
+    """A guidance method of the registry :data:`METHODS`.
+
+    ``name``: its config name (``guidance.methods``, ``pairs.guidance``); ``label``: its name in
+    reports (``Align-<label>-M``); ``build(codec, obs, guidance_cfg, **kwargs)`` returns the
+    guidance callable ``(z, ctx) -> z`` (``guidance_cfg``: a ``GuidanceConfig``-like object or
+    dict); ``needs_obs``: it reads the observations (else it gets none, and the evaluation's
+    observation ablations skip it); ``differentiates``: it back-propagates through the networks
+    and takes the sampler's ``autocast`` keyword for that pass (DPS)."""
+
+    name: str
+    label: str
+    build: Callable[..., Callable]
+    needs_obs: bool = True
+    differentiates: bool = False
+
+
+METHODS: dict[str, GuidanceMethod] = {}
+"""The guidance methods by name, in registration order (the config accepts these names)."""
+
+
+def register_guidance(method: GuidanceMethod) -> GuidanceMethod:
+    """Add ``method`` to :data:`METHODS` (a ``run.plugins`` module adds its own this way: one
+    module, no other file to edit)."""
+    METHODS[method.name] = method
+    return method
+
+
+def guidance_method(name: str) -> GuidanceMethod:
+    """The registered method ``name``; :class:`ConfigError` listing the known ones otherwise."""
+    if name not in METHODS:
+        raise ConfigError(f"guidance method {name!r} is not one of {', '.join(METHODS)} (a "
+                          "run.plugins module can register more)")
+    return METHODS[name]
+
+
+def label(name: str) -> str:
+    """A method's name in reports (its own name when it is not registered)."""
+    return METHODS[name].label if name in METHODS else name
+
+
+def needs_obs(name: str) -> bool:
+    """Whether the method reads observations."""
+    return guidance_method(name).needs_obs
+
+
+register_guidance(GuidanceMethod("obsfree", "ObsFree", lambda codec, obs, g, **kw: ObsFree(),
+                                  needs_obs=False))
+register_guidance(GuidanceMethod("repaint", "Repaint", lambda codec, obs, g, **kw: LatentRepaint(codec, obs)))
+register_guidance(GuidanceMethod(
+    "dps", "DPS", lambda codec, obs, g, **kw: LatentDPS(
+        codec, obs, zeta=_get(g, "dps_zeta", 1.0), likelihood=_get(g, "dps_likelihood", "norm"),
+        gamma=_get(g, "dps_gamma", 1e-2), **kw),
+    differentiates=True))
+
+
 def make_guidance(method: str, codec: Any, obs: Any, guidance_cfg: Any = None, **kwargs):
-    """Guidance named ``method`` (obsfree | repaint | dps) from a ``GuidanceConfig``-like object."""
-    if method == "obsfree":
-        return ObsFree()
-    if obs is None:
+    """Guidance named ``method`` (a name of :data:`METHODS`) from a ``GuidanceConfig``-like object;
+    ``kwargs`` go to a method that ``differentiates`` (``autocast``)."""
+    m = guidance_method(method)
+    if m.needs_obs and obs is None:
         raise InputError(f"guidance {method!r} needs observations")
-    if method == "repaint":
-        return LatentRepaint(codec, obs)
-    if method == "dps":
-        g = guidance_cfg
-
-        def get(key, default):
-            if g is None:
-                return default
-            return g.get(key, default) if isinstance(g, dict) else getattr(g, key, default)
-
-        return LatentDPS(codec, obs, zeta=get("dps_zeta", 1.0), likelihood=get("dps_likelihood", "norm"),
-                         gamma=get("dps_gamma", 1e-2), **kwargs)
-    raise ConfigError(f"guidance method {method!r} is not one of {', '.join(METHODS)}")
+    return m.build(codec, obs, guidance_cfg, **kwargs)
 
 
-__all__ = ["ObsFree", "LatentRepaint", "LatentDPS", "make_guidance", "METHODS"]
+__all__ = ["GuidanceMethod", "LatentDPS", "LatentRepaint", "METHODS", "ObsFree", "guidance_method",
+           "label", "make_guidance", "needs_obs", "register_guidance"]

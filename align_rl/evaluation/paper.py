@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from align_rl.diffusion.guidance import label as method_label
 from align_rl.evaluation.results import BACKGROUND, as_dataset, row_changes, score
 
 
@@ -22,7 +23,6 @@ PAPER = {  # Align-DA, ERA5, 1 % observations: % change of MSE against the unali
 }
 
 
-METHOD_LABEL = {"obsfree": "ObsFree", "repaint": "Repaint", "dps": "DPS"}
 
 
 def paper_checks(ds: xr.Dataset, baseline: str) -> list[dict]:
@@ -86,7 +86,7 @@ def alignment_section(results, variants: list[str], methods: list[str], info: di
             a, f = ch["analysis"]["member"]["mse"], ch["forecast"]["member"]["mse"]
             pa = PAPER["analysis"].get(m) if v == "M" else None
             pf = PAPER["forecast"].get(m) if v == "M" else None
-            lines.append(f"| Align-{METHOD_LABEL.get(m, m)}-{v} | {n_seeds} | {fmt(a)} | "
+            lines.append(f"| Align-{method_label(m)}-{v} | {n_seeds} | {fmt(a)} | "
                          f"{'' if pa is None else f'{pa:+.2f}'} | {fmt(ch['analysis']['ensmean']['mse'])} | "
                          f"{fmt(ch['analysis'].get('ensemble', {}).get('crps'))} | {fmt(f)} | "
                          f"{'' if pf is None else f'{pf:+.2f}'} |")
@@ -101,7 +101,7 @@ def alignment_section(results, variants: list[str], methods: list[str], info: di
             if r0 is None or r1 is None or ch is None:
                 continue
             g = ch["analysis"]["member"]["geo_score"]
-            lines.append(f"| {METHOD_LABEL.get(m, m)} | {r0:.2f} | {r1:.2f} | {r1 - r0:+.2f} ({fmt(g)} %) | "
+            lines.append(f"| {method_label(m)} | {r0:.2f} | {r1:.2f} | {r1 - r0:+.2f} ({fmt(g)} %) | "
                          f"{PAPER['geo_score_P'][0]} → {PAPER['geo_score_P'][1]} |")
     verdict = main_lines(ds, rows=rows, methods=methods)
     lines += [""] + verdict_section(verdict, title="### Verdict",

@@ -19,6 +19,7 @@ import numpy as np
 import xarray as xr
 
 from align_rl.evaluation import sections
+from align_rl.diffusion.guidance import label as method_label, needs_obs
 from align_rl.evaluation.results import (BACKGROUND, Evaluation, cell_change, cell_score, changes_doc,
                                          scores_doc, select_row, was_scored, write_netcdf)
 from align_rl.io.states import States
@@ -39,7 +40,6 @@ METRIC_LABELS: dict[str, str] = {
     "spread_skill_z500": "spread/skill z500",
 }
 TABLE_METRICS = ["mse", "mae", "wrmse_u10", "wrmse_v500", "wrmse_z500", "wrmse_t850"]
-METHOD_LABELS = {"obsfree": "ObsFree", "repaint": "Repaint", "dps": "DPS"}
 
 
 def _nanmean(a: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -75,7 +75,7 @@ def _label(row: str, baseline: str) -> str:
     if row == "background":
         return "Background"
     model, meth = row.split("/", 1)
-    m = METHOD_LABELS.get(meth, meth)
+    m = method_label(meth)
     return m if model == baseline else f"{model}-{m}"
 
 
@@ -175,7 +175,7 @@ def _ablation_tables(ds: xr.Dataset, doc: dict) -> list[str]:
     """Tables 3 (observation density) and 4 (observation error), single member."""
     L: list[str] = []
     abl = [x for x in doc["settings"] if x["ablation"] != "main"]
-    methods = [m for m in doc["methods"] if m != "obsfree"]
+    methods = [m for m in doc["methods"] if needs_obs(m)]
     for kind, title in (("density", "Scores per observation density"), ("error", "Scores per observation error")):
         sets = [x for x in abl if x["ablation"] == kind]
         if not sets:
@@ -276,7 +276,7 @@ def plot_maps(path: Path, maps: dict[str, np.ndarray], lat: np.ndarray, lon: np.
                 ax.axis("off")
                 continue
             im = ax.pcolormesh(lon, lat, p, cmap="RdBu_r", vmin=-vmax, vmax=vmax, shading="auto")
-            ax.set_title(f"{METHOD_LABELS.get(methods[c], methods[c])}: {title}", fontsize=9)
+            ax.set_title(f"{method_label(methods[c])}: {title}", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
     if im is not None:

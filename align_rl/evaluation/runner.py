@@ -23,6 +23,7 @@ from align_rl import remote
 from align_rl.config import Config
 from align_rl.devices import sampling_place
 from align_rl.diffusion.analysis import analyse
+from align_rl.diffusion.guidance import needs_obs
 from align_rl.errors import CheckpointError, ConfigError, InputError
 from align_rl.evaluation.paper import paper_checks
 from align_rl.evaluation.report import write_outputs
@@ -344,17 +345,17 @@ def _forecast_members(run: _Run, xa: torch.Tensor) -> torch.Tensor:
     b = max(1, int(run.cfg.pretrain.background_batch))
     batches = [(prev[i:i + b].numpy(), cur[i:i + b].numpy()) for i in range(0, len(cur), b)]
     out: list[Any] = [None] * len(batches)
-    remote.workers().forecast(run.cfg, run.data.forecaster, batches, inp.steps, run.cfg.run.workdir,
-                              run.data.normalizer, on_result=out.__setitem__)
+    remote.workers().forecast(run.cfg, run.data.forecaster, batches, inp.steps,
+                              on_result=out.__setitem__)
     return torch.from_numpy(np.concatenate(out)).float().reshape(xa.shape)
 
 
 def _jobs(plan: _Plan, models: dict[str, Any]) -> list[tuple[int, ObsSetting, int, str, str]]:
     """``(setting index, setting, method index, method, model)`` of every row, in order; no
-    observation-free rows in the ablations."""
+    row in the ablations for a method that reads no observations."""
     return [(si, s, mi, meth, name) for si, s in enumerate(plan.settings)
             for mi, meth in enumerate(plan.methods) for name in models
-            if not (s.ablation != "main" and meth == "obsfree")]
+            if s.ablation == "main" or needs_obs(meth)]
 
 
 def _sample_all(run: _Run, models: dict[str, Any], progress: bool) -> None:

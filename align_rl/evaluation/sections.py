@@ -11,12 +11,12 @@ import math
 import numpy as np
 import xarray as xr
 
+from align_rl.diffusion.guidance import label as method_label, needs_obs
 from align_rl.evaluation.bootstrap import closer_to_one, difference, paired_stat
 from align_rl.evaluation.results import BACKGROUND, change
 from align_rl.evaluation.seeds import across_seeds
 from align_rl.evaluation.verdict import ALPHA, cell_series, decide, geo_line, mse_line
 
-METHOD_LABELS = {"obsfree": "ObsFree", "repaint": "Repaint", "dps": "DPS"}
 
 
 def _coord(ds: xr.Dataset, name: str, default):
@@ -94,7 +94,7 @@ def _ci(c: dict, f="+.2f") -> str:
 
 
 def _label(row: str, meth: str) -> str:
-    return f"{row}-{METHOD_LABELS.get(meth, meth)}"
+    return f"{row}-{method_label(meth)}"
 
 
 def verdict_section(lines: list[dict], title: str = "## Verdict", family: str = "") -> list[str]:
@@ -294,12 +294,12 @@ def observation_tables(ds: xr.Dataset) -> list[str]:
               "ObsFree ignores the observations (its value is the main setting's, no verdict here).", ""]
         head = "density" if ablation == "density" else "σ_o"
         for row in verdict_rows(ds):
-            L += [f"### {row}", "", f"| {head} | " + " | ".join(METHOD_LABELS.get(m, m) for m in _methods(ds)) + " |",
+            L += [f"### {row}", "", f"| {head} | " + " | ".join(method_label(m) for m in _methods(ds)) + " |",
                   "|---|" + "---|" * len(_methods(ds))]
             for s, d, e in sets:
                 cells = []
                 for meth in _methods(ds):
-                    where = "main" if meth == "obsfree" else s
+                    where = s if needs_obs(meth) else "main"
                     cm = change(ds, row, meth, "analysis", "mse", "member", where)
                     ce = change(ds, row, meth, "analysis", "mse", "ensmean", where)
                     if cm is None:

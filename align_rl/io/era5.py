@@ -46,15 +46,12 @@ from align_rl.io.regrid import regrid
 from align_rl.io.schema import LEVELS, LONG_NAMES, N_CHANNELS
 from align_rl.io.states import States
 from align_rl.io.wb2_store import (Fields, Store, TimeRange, coarsen_values, open_dataset, parse_attrs,
-                                   register_normalizer, registered_normalizer, store_info, store_key,
+                                   register_normalizer, registered_normalizer, store_info,
                                    store_times, time_mask)
 
 __all__ = ["Fields", "TimeRange", "coarsen_values", "compute_normalizer", "load_normalizer",
            "open_fields", "open_states", "register_normalizer", "store_info", "store_times",
            "stream_normalizer"]
-
-_store_key, _parse_attrs = store_key, parse_attrs  # the names align_rl.world.dataset uses
-
 
 def open_fields(
     path: str | Path,

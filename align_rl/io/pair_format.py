@@ -9,7 +9,8 @@ Layout (one zarr v3 group, local path)::
     backgrounds/bg_id   (nb,) i8           id of the background (position in the pref split)
     backgrounds/time    (nb,) i8           analysis time, ns since 1970
     backgrounds/version (nb,) i4           policy version that drew its candidates
-    backgrounds/guidance(nb,) i1           index into attrs["guidance_names"]
+    backgrounds/guidance(nb,) i1           index into attrs["guidance_names"] (a list that grows
+                                          as a new method's candidates are appended)
     candidates/latent   (nc, C, h, w) f4   candidate analysis latents z_a
     candidates/background (nc,) i8         row in backgrounds
     candidates/member   (nc,) i4           member index within its background
@@ -54,7 +55,6 @@ from align_rl.errors import InputError, IntegrityError
 
 FORMAT = "align_rl.pairs/2"
 FORMATS = ("align_rl.pairs/1", FORMAT)  # /1: before digests (read as is, upgraded on appending)
-GUIDANCES = ("obsfree", "repaint", "dps")
 COMMIT_FILE = "COMMIT"
 DIGEST_BYTES = 16
 TABLES = ("backgrounds", "candidates", "pairs")
@@ -277,7 +277,7 @@ class StoreIntegrity:
         limits = {"candidates": {"background": c["backgrounds"]},
                   "pairs": {"winner": c["candidates"], "loser": c["candidates"],
                             "background": c["backgrounds"]},
-                  "backgrounds": {"guidance": len(GUIDANCES)}}[table]
+                  "backgrounds": {"guidance": len(self.g.attrs["guidance_names"])}}[table]
         for k, hi in limits.items():
             v = values.get(k)
             if v is not None and len(v) and (v.min() < 0 or v.max() >= hi):

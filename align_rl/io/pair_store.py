@@ -29,7 +29,6 @@ from align_rl.io.pair_format import (
     DIGEST_BYTES,
     FORMAT,
     FORMATS,
-    GUIDANCES,
     TABLES,
     PairSet,
     StoreIntegrity,
@@ -37,7 +36,7 @@ from align_rl.io.pair_format import (
 )
 from align_rl.owned import is_owned, mark
 
-__all__ = ["CandidateGroup", "FORMAT", "GUIDANCES", "PairDataset", "PairSet", "PairStore"]
+__all__ = ["CandidateGroup", "FORMAT", "PairDataset", "PairSet", "PairStore"]
 
 
 @dataclass
@@ -138,7 +137,7 @@ class PairStore(StoreIntegrity):
             ls = tuple(int(v) for v in attrs["latent_shape"])
             names = [str(v) for v in attrs["reward_names"]]
             gnames = [str(v) for v in attrs["guidance_names"]]
-            if len(ls) != 3 or min(ls) < 1 or not names or not gnames:
+            if len(ls) != 3 or min(ls) < 1 or not names or not all(gnames):
                 raise ValueError("out of range")
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(
@@ -205,7 +204,7 @@ class PairStore(StoreIntegrity):
             arr(f"pairs/{n}", (), dt, 4096)
         arr("pairs/hash", (HASH_BYTES,), "u1", 4096)
         g.attrs.update({"format": FORMAT, "latent_shape": [C, h, w],
-                        "reward_names": list(reward_names), "guidance_names": list(GUIDANCES),
+                        "reward_names": list(reward_names), "guidance_names": [],
                         "meta": dict(meta or {})})
         store = cls(p, g, list(reward_names), (C, h, w))
         store._write_commit(store._with_columns({"backgrounds": 0, "candidates": 0, "pairs": 0,
@@ -257,8 +256,10 @@ class PairStore(StoreIntegrity):
         missing = [k for k in self.reward_names if k not in grp.scores]
         if missing:
             raise InputError(f"candidates lack scores {missing} that the store keeps")
-        if grp.guidance not in gnames:
-            raise ConfigError(f"unknown guidance {grp.guidance!r}")
+        if not grp.guidance or not isinstance(grp.guidance, str):
+            raise ConfigError(f"candidates name no guidance method ({grp.guidance!r})")
+        if grp.guidance not in gnames:  # a method first stored now: its index is the next one
+            gnames.append(grp.guidance)
         N = lat.shape[0]
         scores = np.stack([np.asarray(grp.scores[k], dtype=np.float64).reshape(N)
                            for k in self.reward_names], axis=1)
@@ -334,6 +335,8 @@ class PairStore(StoreIntegrity):
             nc += len(cand_row[1])
         if not bg_rows:
             return {"backgrounds": 0, "candidates": 0, "pairs": 0, "skipped": skipped}
+        if len(gnames) != len(self.g.attrs["guidance_names"]):
+            self.g.attrs["guidance_names"] = gnames  # before the rows that point into it
         self._write_rows(c, bg_rows, cand_rows, pair_rows)
         b0, c0, p0 = c["backgrounds"], c["candidates"], c["pairs"]
         new = self._with_columns(dict(c, backgrounds=nb, candidates=nc, pairs=p0 + len(pair_rows)))

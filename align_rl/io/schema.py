@@ -94,7 +94,3 @@ def channels_of(var: str) -> list[int]:
         raise KeyError(f"unknown variable {var!r}; variables are {', '.join(LONG_NAMES)}")
     return idx
 
-
-def level_index(level: int) -> int:
-    """Position of a pressure level (hPa) in :data:`LEVELS`."""
-    return LEVELS.index(int(level))

@@ -18,7 +18,7 @@ import numpy as np
 import xarray as xr
 
 from align_rl.errors import InputError
-from align_rl.io.schema import CHANNEL_INFO, LEVEL_VARS, LEVELS, LONG_NAMES, SURFACE_VARS, UNITS, channels_of
+from align_rl.io.schema import LEVEL_VARS, LEVELS, LONG_NAMES, SURFACE_VARS, UNITS, channels_of
 from align_rl.io.states import States
 from align_rl.owned import require_owned, staged
 
@@ -78,10 +78,3 @@ def write_states(
         ds.to_zarr(new, mode="w", consolidated=True)
     return path
 
-
-def channel_table() -> list[dict[str, Any]]:
-    """The 69 channels as rows (index, name, long_name, level, units), for docs and reports."""
-    return [
-        {"index": c.index, "name": c.name, "long_name": c.long_name, "level": c.level, "units": c.units}
-        for c in CHANNEL_INFO
-    ]

@@ -150,19 +150,6 @@ class LatentDiT(nn.Module):
         self.skip_var.copy_(v.clamp_min(1e-4))
 
 
-def dit_param_count(latent_shape: tuple[int, int, int], patch: int, embed_dim: int, depth: int,
-                    mlp_ratio: int = 4) -> int:
-    """Hand formula of :class:`LatentDiT`'s parameter count."""
-    C, h, w = latent_shape
-    D, P = embed_dim, C * patch * patch
-    th, tw = h // patch, w // patch
-    block = (4 * D * D + 4 * D) * 2 + 2 * D + (2 * mlp_ratio * D * D + mlp_ratio * D + D) + 6 * D * D + 6 * D
-    embeds = 2 * (P * D + D) + 2 * (th + tw) * D + 2 * D
-    t_mlp = 2 * (D * D + D)
-    final = D * 2 * D + 2 * D + D * P + P
-    return embeds + t_mlp + depth * block + final
-
-
 def build_dit(diff_cfg: Any, latent_shape: tuple[int, int, int]) -> LatentDiT:
     """The score model of a ``diffusion`` config section (dataclass or dict) for latents
     ``(C, h, w)``; ConfigError when the latent does not divide into patches."""

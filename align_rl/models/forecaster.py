@@ -209,24 +209,31 @@ class OnnxForecaster(_StackedForecaster):
 
     ``path``: the .onnx file; ``normalizer``: the project's; ``mean_path``/``std_path``: the model's
     statistics (``.npy``, (69,), physical units; default: the project's normalisation);
-    ``lat_north_to_south``: the model expects latitude descending (FengWu: True). Models with a
-    fixed batch of 1 are run one sample at a time. Not differentiable.
+    ``lat_north_to_south``: the model expects latitude descending (FengWu: True); ``providers``:
+    onnxruntime's execution providers (default: CUDA when available, then the CPU); ``mean``/``std``:
+    the model's statistics as arrays instead of files. Models with a fixed batch of 1 are run one
+    sample at a time. Not differentiable. The session does not pickle: processes exchange
+    :class:`~align_rl.models.loading.ForecasterSpec` and open their own.
     """
 
     def __init__(self, path: str | Path, normalizer: Normalizer | None, mean_path=None,
-                 std_path=None, lat_north_to_south: bool = True, providers: list[str] | None = None):
+                 std_path=None, lat_north_to_south: bool = True, providers: list | None = None,
+                 mean=None, std=None):
         p = Path(path)
         if not p.exists():
             raise CheckpointError(f"ONNX forecaster {p} does not exist; set forecaster.path=FILE.onnx")
-        super().__init__(normalizer, load_stats(mean_path, "mean"), load_stats(std_path, "std"),
-                         lat_north_to_south)
+        if mean is None and std is None:
+            mean, std = load_stats(mean_path, "mean"), load_stats(std_path, "std")
+        super().__init__(normalizer, mean, std, lat_north_to_south)
         try:
             import onnxruntime as ort
         except ImportError:  # pragma: no cover
             raise ConfigError("forecaster.kind=onnx needs onnxruntime: pip install 'align_rl[onnx]'") from None
+        avail = ort.get_available_providers()
         if providers is None:
-            avail = ort.get_available_providers()
-            providers = [pv for pv in ("CUDAExecutionProvider", "CPUExecutionProvider") if pv in avail]
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        # those this onnxruntime build has (onnxruntime without CUDA runs on the CPU)
+        providers = [pv for pv in providers if (pv[0] if isinstance(pv, tuple) else pv) in avail]
         try:
             self.session = ort.InferenceSession(str(p), providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types

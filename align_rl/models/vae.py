@@ -116,19 +116,6 @@ class FieldVAE(nn.Module):
         return self.decode(z), mean, logvar
 
 
-def vae_param_count(grid: tuple[int, int], latent_channels: int, patch: int, embed_dim: int,
-                    depth: int, in_channels: int = N_CHANNELS, mlp_ratio: int = 4) -> int:
-    """Hand formula of :class:`FieldVAE`'s parameter count (each window block ``12D² + 13D`` at
-    MLP ratio 4)."""
-    H, W = grid
-    p, C, D = patch, latent_channels, embed_dim
-    h, w = H // p, W // p
-    block = 2 * 2 * D + (4 * D * D + 4 * D) + (2 * mlp_ratio * D * D + mlp_ratio * D + D)
-    enc = in_channels * p * p * D + D + (h + w) * D + depth * block + 2 * D + D * 2 * C + 2 * C
-    dec = C * D + D + (h + w) * D + depth * block + 2 * D + D * in_channels * p * p + in_channels * p * p
-    return enc + dec
-
-
 def _section(cfg: Any) -> dict[str, Any]:
     if is_dataclass(cfg):
         return asdict(cfg)

@@ -33,7 +33,8 @@ loop owns everything else:
 ``warmup`` (steps; None: ``min(100, steps / 10)``), ``decay`` (``cosine`` | ``constant``),
 ``batch_size``, ``grad_clip``, ``checkpoint_every``, ``val_every`` (0: never), ``log_every``
 (0: at validations and checkpoints only), ``threads``, ``out_dir``, ``resume``, ``wandb``
-(``{"mode", "project", "dir", "name", "group", "id", "config"}``), ``progress``, ``crash``.
+(``{"mode", "project", "dir", "name", "group", "id", "config"}``), ``progress``, ``crash``,
+``plugins`` (the ``run.plugins`` modules, imported on each worker before the task is built).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from align_rl import plugins
 from align_rl.cpu import configure_worker
 from align_rl.io.checkpoints import load_state, save_state
 
@@ -401,6 +403,7 @@ def train_loop(config: dict) -> None:
 
     ctx = ray.train.get_context()
     configure_worker(config.get("threads", 1))
+    plugins.load(config.get("plugins") or ())  # run.plugins, before the task is built
     w = Worker(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
     loop = Loop(config, w, ray.train.get_checkpoint())
     loop.prepare(ray.train.torch.prepare_model)

@@ -177,7 +177,7 @@ def _train(cfg: Config, ws: Workspace, stage: str, loop_config: dict, ident: dic
     lc = dict(loop_config)
     lc.update(model_cfg=asdict(section), steps=int(section.steps), lr=float(section.lr),
               batch_size=int(section.batch_size), seed=int(cfg.run.seed),
-              wandb=_wandb(cfg, ws, stage, ih))
+              wandb=_wandb(cfg, ws, stage, ih), plugins=list(cfg.run.plugins))
     lc.update(extra_loop or {})
     pre = _resources(cfg, stage)
     _log(f"training {stage}: {section.steps} steps, batch {section.batch_size}, "

@@ -147,11 +147,6 @@ TASKS: dict[str, Recipe] = {
 }
 
 
-def build_model(task: str, config: dict) -> nn.Module:
-    """The (untrained) network of ``task`` for a loop ``config`` (driver side, to load results)."""
-    return TASKS[task].build(config)
-
-
 def _get(ref):
     import ray
 

@@ -18,7 +18,7 @@ from align_rl.config import Config
 from align_rl.evaluation.runner import EvalData, run_evaluation
 from align_rl.errors import ConfigError
 from align_rl.io import era5
-from align_rl.pipeline import PrefData, open_pair_store
+from align_rl.pipeline import open_pair_store
 from align_rl.training.pretraining import ensure_pretrained
 from align_rl.tune.results import write_atomic
 from align_rl.tune.spec import SweepSpec, steps_per_stage
@@ -27,7 +27,7 @@ from align_rl.tune.trial import (
 )
 from align_rl.workspace import Workspace
 from align_rl.world.dataset import ensure_world
-from align_rl.world.splits import open_split
+from align_rl.world.splits import SplitData, open_split
 
 
 def prepare_shared(cfg: Config, spec: SweepSpec, out: Path, progress: bool = True) -> dict[str, Any]:
@@ -82,7 +82,7 @@ def _ensure_pairs(cfg: Config, ws: Any, progress: bool, backgrounds: int) -> tup
     world = ensure_world(cfg, ws, progress=progress)
     models = ensure_pretrained(cfg, ws, progress=progress)
     reference_ckpt = Path(models.paths.get("diffusion", ws.final_checkpoint("diffusion")))
-    pref = PrefData(cfg, ws, world, models, progress)
+    pref = SplitData(cfg, ws, world, models, progress, split="pref")
     store = open_pair_store(cfg, ws, tuple(models.codec.latent_shape), reference_ckpt)
     path = Path(store.path)
     if backgrounds > len(pref.order):

@@ -6,7 +6,7 @@ mapping (plus ``key=value`` overrides) into them with :func:`align_rl.loader.app
 keys), checks :data:`SPEC_RANGES` (ranges and choices, ``validation.method`` from the guidance
 registry, ``metric`` from the metrics the trials report) and the rules that tie keys together.
 Every :class:`~align_rl.errors.ConfigError` names the file, the key and what is allowed. The
-file's fields are documented in :mod:`align_rl.tune.sweep`.
+file's fields are documented in :mod:`align_rl.sweep`.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class Resources:
 
 @dataclass
 class SweepSpec:
-    """A sweep file (fields documented in :mod:`align_rl.tune.sweep`); ``source`` is its path."""
+    """A sweep file (fields documented in :mod:`align_rl.sweep`); ``source`` is its path."""
 
     name: str = ""
     question: str = ""
@@ -338,7 +338,7 @@ def _normalise(raw: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def parse_spec(raw: Any, source: str = "<sweep>", overrides: dict[str, Any] | None = None) -> SweepSpec:
-    """Validate a sweep mapping (see :mod:`align_rl.tune.sweep`) layered with ``overrides`` (a
+    """Validate a sweep mapping (see :mod:`align_rl.sweep`) layered with ``overrides`` (a
     nested mapping, :func:`split_overrides`); ConfigError names the file and the bad key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source} must hold a mapping (name, search, metric, ...)")

@@ -37,9 +37,9 @@ from align_rl.evaluation.verdict import paired_change
 from align_rl.io.checkpoints import load_model
 from align_rl.io.pair_store import CandidateGroup, PairSet, PairStore
 from align_rl.owned import remove_owned
-from align_rl.pipeline import PrefData
 from align_rl.training.pretraining import ensure_pretrained
 from align_rl.workspace import Workspace
+from align_rl.world.splits import SplitData
 
 # validation metric -> (table, statistic, metric) in run_evaluation's summary
 _EVAL_METRICS: dict[str, tuple[str, str, str]] = {
@@ -280,7 +280,7 @@ def _online_stage(cfg: Config, ws: Workspace, ctx: dict, store: PairStore, steps
     if "pref" not in state:
         base = config_from_dict(ctx["base"])  # the caches' identity is the base config's
         state["models"] = models = ensure_pretrained(base, ws, progress=False)
-        state["pref"] = PrefData(base, ws, Path(ctx["world"]), models, progress=False)
+        state["pref"] = SplitData(base, ws, Path(ctx["world"]), models, progress=False, split="pref")
         if cfg.dpo.mode != "async":  # the asynchronous loop starts its own actors
             state["pool"] = candidate_pool(cfg, models, state["pref"].lat, state["pref"].lon)
     c = config_from_dict(cfg.to_dict())

@@ -90,7 +90,6 @@ def compute_backgrounds(
     prev: np.ndarray,
     curr: np.ndarray,
     normalizer: Normalizer,
-    workdir: str | Path,
     progress: bool = True,
 ) -> np.ndarray:
     """48 h forecasts for the given index triples, on Ray forecast actors -> physical float32
@@ -117,7 +116,7 @@ def compute_backgrounds(
             if bar is not None:
                 bar.update(len(chunks[i]))
 
-        forecast(cfg, forecaster, batches, LEAD_STEPS, workdir, normalizer, on_result=store)
+        forecast(cfg, forecaster, batches, LEAD_STEPS, on_result=store)
     finally:
         if bar is not None:
             bar.close()
@@ -155,7 +154,7 @@ def ensure_backgrounds(cfg, ws, states: States, forecaster: Any, progress: bool 
         t0 = time.perf_counter()
         miss = ~have
         new = compute_backgrounds(cfg, states, forecaster, target[miss], prev[miss], curr[miss],
-                                  normalizer, ws.root, progress)
+                                  normalizer, progress)
         times = want[miss]
         if cached is not None:  # merge with what the store already holds
             keep = ~np.isin(cached.times, times)
