@@ -67,7 +67,7 @@ class RollForecaster(nn.Module, Forecaster):
 
 
 def _cfg(tmp_path, *extra):
-    return load_config(overrides=[f"run.workdir={tmp_path}", "data.grid=8x16", "actors.forecasters=2",
+    return load_config(overrides=[f"run.workdir={tmp_path}", "data.grid=8x16", "vae.window=2", "actors.forecasters=2",
                                   "pretrain.background_batch=3", "actors.cpus_per_actor=1", *extra])
 
 
