@@ -246,7 +246,8 @@ def main(argv=None) -> int:
     device = torch.device("cpu" if a.smoke else "cuda")
     name = "CPU (smoke)" if a.smoke else torch.cuda.get_device_name(0)
     dev = ["run.device=cpu"] if a.smoke else ["run.device=cuda", f"actors.gpus_per_actor={a.gpu_share}"]
-    small = SMOKE_NETS + ["pairs.candidates=4", "sampler.steps=2", "data.grid=16x32"] if a.smoke else []
+    small = SMOKE_NETS + ["pairs.candidates=4", "pairs.top_k_phys=2", "sampler.steps=2",
+                          "data.grid=16x32"] if a.smoke else []
     cfg = load_config(overrides=[*dev, *small, "actors.batch_size=1", "run.wandb_mode=disabled"])
     n_bg = 1 if a.smoke else a.backgrounds
     codec, dit, fc = demo_models(cfg)

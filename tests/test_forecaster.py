@@ -159,7 +159,7 @@ def test_load_forecaster_by_kind(setup, tmp_path):
         load_forecaster(cfg2, ws, norm)
     # onnx
     _export(tmp / "m.onnx", True)
-    cfg3 = load_config(overrides={"data": {"grid": f"{H}x{W}"},
+    cfg3 = load_config(overrides={"data": {"grid": f"{H}x{W}"}, "vae": {"window": 2},
                                   "forecaster": {"kind": "onnx", "path": str(tmp / "m.onnx"),
                                                  "mean_path": str(tmp / "mean.npy"),
                                                  "std_path": str(tmp / "std.npy")}})

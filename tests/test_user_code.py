@@ -163,7 +163,8 @@ def test_onnx_forecaster_through_the_reward_and_forecast_actors(tmp_path, ray_se
     run_forecasts(cfg, models.forecaster, batches, 3, on_result=out.__setitem__)
     for i, (p, c) in enumerate(batches):
         want = models.forecaster.rollout(torch.from_numpy(p), torch.from_numpy(c), 3)[:, -1].numpy()
-        np.testing.assert_allclose(out[i], want, rtol=1e-5, atol=1e-5)
+        # another process's session: float32 sums in another order, over 3 steps
+        np.testing.assert_allclose(out[i], want, rtol=1e-4, atol=1e-4)
 
 
 def test_each_actor_s_session_runs_on_its_own_device(tmp_path):
