@@ -113,6 +113,13 @@ def plot_front(rows: Sequence[Any], front: Sequence[Any], path: Path, reference:
     if norm is not None:
         fig.colorbar(sc, ax=ax, label=color)
     ax.legend(loc="best", fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Write ``fig`` to ``path`` (PNG) through a temporary beside it, and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp.png")
@@ -143,10 +150,4 @@ def plot_curves(rows: Sequence[Any], path: Path, y: str = "val_mse_change_pct", 
     ax.set_ylabel(f"{y} (% vs reference)")
     if len(runs) <= 12:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path)
