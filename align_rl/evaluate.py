@@ -72,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     actors.install()
     logs.setup(cfg.run.workdir)
     ws = Workspace.from_config(cfg)
-    data, ref = runner.load_eval_data(cfg, ws)
-    models = {"reference": ref}
-    models.update(runner.load_models(specs, cfg, tuple(getattr(data.codec, "latent_shape", ())) or None))
+    data, models = runner.data_and_models(cfg, ws, specs)
     with logs.stage("evaluation"):
         ev = runner.run_evaluation(cfg, ws, models, data=data, out=args.out)
     out = Path(args.out or cfg.eval.out or ws.eval)

@@ -65,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     actors.install()
     logs.setup(cfg.run.workdir)
     ws = Workspace.from_config(cfg)
-    data, ref = runner.load_eval_data(cfg, ws)
-    models = {"reference": ref}
-    models.update(runner.load_models(specs, cfg, tuple(getattr(data.codec, "latent_shape", ())) or None))
+    data, models = runner.data_and_models(cfg, ws, specs)
     with logs.stage("network experiment"), staged(out, "network") as new:
         doc = run_network_experiment(cfg, data, models, new, args.obs or None, settings)
     print(f"network experiment of {', '.join(models)} (DPS) on {len(doc['times'])} times, "

@@ -179,6 +179,15 @@ def load_eval_data(cfg: Config, ws: Workspace) -> tuple[EvalData, Any]:
     return data, pre.eps_model
 
 
+
+def data_and_models(cfg: Config, ws: Workspace, specs: list[str]) -> tuple[EvalData, dict[str, Any]]:
+    """What a command evaluates: :func:`load_eval_data` and the models, the reference first, then
+    the ``NAME=CHECKPOINT`` ``specs`` (:func:`load_models`)."""
+    data, ref = load_eval_data(cfg, ws)
+    models = {"reference": ref}
+    models.update(load_models(specs, cfg, tuple(getattr(data.codec, "latent_shape", ())) or None))
+    return data, models
+
 def _norm_t(normalizer: Normalizer, states: States, times: np.ndarray) -> torch.Tensor:
     idx = [states.time_index(t) for t in times]
     if any(i is None for i in idx):
