@@ -181,7 +181,9 @@ def _train(cfg: Config, ws: Workspace, stage: str, loop_config: dict, ident: dic
               wandb=_wandb(cfg, ws, stage, ih), plugins=list(cfg.run.plugins))
     lc.update(extra_loop or {})
     pre = _resources(cfg, stage)
-    _log(f"training {stage}: {section.steps} steps, batch {section.batch_size}, "
+    stop = (f" (at most; stops after {section.patience} validations without a lower loss)"
+            if int(section.patience) else "")
+    _log(f"training {stage}: {section.steps} steps{stop}, batch {section.batch_size}, "
          f"{num_workers or pre.num_workers or 'auto'} worker(s) × {pre.cpus_per_worker} CPU(s)"
          f"{' + 1 GPU' if pre.use_gpu else ''} "
          f"(run {stage}-{ih})")
