@@ -206,8 +206,9 @@ def run_network_experiment(cfg: Config, data: EvalData, models: dict[str, Any], 
     baseline = cfg.eval.baseline if cfg.eval.baseline in models else next(iter(models))
     plan = network_rows(models, baseline)
     table = ScoreTable()
+    bg = deterministic_metrics(x_b, truth, data.normalizer, lat, lon)
     for stat in ("member", "ensmean"):
-        table.add(SETTING, BACKGROUND, METHOD, "analysis", stat, deterministic_metrics(x_b, truth, data.normalizer, lat, lon))
+        table.add(SETTING, BACKGROUND, METHOD, "analysis", stat, bg)
     obs_stats = {"background": omb_oma(obs, x_b, x_b)["O-B"]}
     reference = None
     for row, eps in plan.sampled.items():

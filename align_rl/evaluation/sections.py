@@ -206,8 +206,8 @@ def decomposition_section(ds: xr.Dataset, setting: str = "main") -> list[str]:
                 d = mse_decomposition(ds, row, meth, kind, setting)
                 if d is None:
                     continue
-                L.append(f"| {_label(row, meth)} | {kind} | {_ci(d['member'], '+.5f')} | {_ci(d['ensmean'], '+.5f')} | "
-                         f"{_ci(d['spread'], '+.5f')} | {_num(100 * d['share'], '.0f')} % | "
+                L.append(f"| {_label(row, meth)} | {kind} | {_ci(d['member'], '+.5f')} | "
+                         f"{_ci(d['ensmean'], '+.5f')} | {_ci(d['spread'], '+.5f')} | {_num(100 * d['share'], '.0f')} % | "
                          f"{d['spread_reference']:.5f} → {d['spread_row']:.5f} |")
     return L + [""]
 
