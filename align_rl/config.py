@@ -274,6 +274,7 @@ RANGES: dict[str, Rule] = {
     "eval.densities[]": FRACTION,
     "eval.errors[]": NON_NEGATIVE,
     "eval.map_samples": integer(1),
+    "eval.blend_times": integer(0),  # 0: no Blend-val baseline
     "eval.batch_size": integer(1),
     "eval.sampling": choice("auto", "actor", "driver"),
 }

@@ -273,6 +273,10 @@ class EvalConfig:
     densities: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.05, 0.1])
     errors: list[float] = field(default_factory=lambda: [0.0, 0.02, 0.05])
     map_samples: int = 10
+    # validation times (spread over data.val like the test times) on which the reference's ensemble
+    # mean is blended towards the background, w fitted by least squares: the Blend-val baseline
+    # every MSE verdict line must beat (docs/method.md §10); 0 turns it off
+    blend_times: int = 16
     out: str | None = None  # default: <workdir>/eval
     batch_size: int = 8  # backgrounds per sampler call (each call runs batch_size × members rows)
     # where the analyses run: actor (a Ray actor holding actors.gpus_per_actor of a GPU) | driver |

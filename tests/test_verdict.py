@@ -110,6 +110,41 @@ def test_blend_weight_reaches_the_target_cost():
     assert baselines.blend_weight(x, xb, y, c * 10) == 1.0
 
 
+def test_least_squares_blend_weight_matches_a_grid_search():
+    """The closed-form weight of the ensemble mean towards the background against a brute-force
+    search over 100,001 weights, on hand-built fields (truth, a biased background, members whose
+    mean errs differently), and its clipped cases."""
+    lat = torch.linspace(-1.4, 1.4, 6, dtype=torch.float64)
+    lon = torch.linspace(0, 6.0, 8, dtype=torch.float64)
+    la, lo = torch.meshgrid(lat, lon, indexing="ij")
+    c = torch.arange(3, dtype=torch.float64).reshape(1, 3, 1, 1)
+    t = torch.arange(4, dtype=torch.float64).reshape(4, 1, 1, 1)
+    y = torch.cos(la) * torch.sin(lo + 0.3 * t) + 0.2 * c                      # truth (T, C, H, W)
+    xb = y + 0.5 * torch.sin(2 * la) + 0.1 * c * torch.cos(lo)                 # background
+    err = 0.4 * torch.cos(3 * lo) * torch.cos(la) - 0.3 * torch.sin(2 * la)    # the mean's own error
+    n = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64).reshape(1, 3, 1, 1, 1)
+    x = (y + err).unsqueeze(1) + 0.2 * n * torch.sin(la + lo)                  # members (T, N, C, H, W)
+    m = x.mean(dim=1)
+
+    def sse(w):
+        return float((((1 - w) * m + w * xb - y) ** 2).sum())
+
+    grid = np.linspace(0, 1, 100_001)
+    best = grid[int(np.argmin([sse(w) for w in grid]))]
+    w = baselines.least_squares_weight(x, xb, y)
+    assert 0.05 < w < 0.95 and w == pytest.approx(best, abs=2e-5)
+    blended = baselines.blend(x, xb, w)
+    torch.testing.assert_close(blended.mean(dim=1), (1 - w) * m + w * xb)
+    assert baselines.least_squares_weight(x, y, y) == pytest.approx(1.0)     # the background is the truth
+    assert baselines.least_squares_weight(x, y + 2 * err, y) == 0.0          # the optimum −1 is clipped
+    assert baselines.least_squares_weight(x, m, y) == 0.0                    # nothing to blend
+    bad = x.clone()
+    bad[0, 0, 0, 0, 0] = float("nan")                                        # a diverged time is left out
+    assert baselines.least_squares_weight(bad, xb, y) == pytest.approx(
+        baselines.least_squares_weight(x[1:], xb[1:], y[1:]))
+    assert np.isnan(baselines.least_squares_weight(torch.full_like(x, float("nan")), xb, y))
+
+
 # ----------------------------------------------------------------------------- verdict lines
 T = 48
 
@@ -126,7 +161,8 @@ def _dataset(models: dict[str, dict], trivial=True) -> xr.Dataset:
         name = row.split("@seed")[0]
         if name not in nets and not row.startswith(("Shrink-", "Blend-")) and row != "reference":
             nets[name] = groups.get(name, None)
-    plan = plan_rows({k: (v if v else object()) for k, v in nets.items()}, trivial=trivial)
+    plan = plan_rows({k: (v if v else object()) for k, v in nets.items()}, trivial=trivial,
+                     blend_val="Blend-val" in models)
     table = ScoreTable()
     for row, cells in models.items():
         for (kind, stat, metric), v in cells.items():
@@ -174,6 +210,38 @@ def test_a_narrower_ensemble_is_not_a_gain():
     assert ln["gain"], ln["why"]
     assert {t["name"] for t in ln["tests"]} == {"ensemble-mean MSE vs reference", "CRPS vs reference",
                                                 "single-member MSE vs shrink", "CRPS vs shrink"}
+
+
+def test_a_gain_must_beat_the_validation_fitted_blend():
+    """With the Blend-val row, an MSE line is a gain only when its ensemble-mean MSE is below that
+    row's too: an aligned row that beats the reference and shrink but is no better than Blend-val
+    is not a gain (the blend-val test is the failing one); one clearly better is a gain. The row
+    gets no verdict line of its own."""
+    rng = np.random.default_rng(5)
+    ens, spread = _ref(rng)
+    crps = 0.1 + 0.005 * rng.standard_normal(T)
+    ref = _row(ens, ens + spread, crps, np.full(T, 0.5))
+    shrink = _row(ens, ens + 0.8 * spread, crps * 1.005, np.full(T, 0.45))
+    good = _row(ens * 0.95, ens * 0.95 + 0.8 * spread, crps * 0.97, np.full(T, 0.52))
+
+    def line(blend_factor):
+        ds = _dataset({"reference": ref, "Align-M": good, "Shrink-M": shrink,
+                       "Blend-val": _row(ens * blend_factor, ens * blend_factor + spread, crps, np.full(T, 0.5))})
+        lines = main_lines(ds)
+        assert [ln["model"] for ln in lines] == ["Align-M"]
+        return lines[0]
+
+    same = line(0.95)  # the blend is as good as Align-M
+    assert not same["gain"]
+    assert same["why"][0].startswith("ensemble-mean MSE vs blend-val")
+    worse = line(0.93)  # the blend is better
+    assert not worse["gain"]
+    bv = next(t for t in worse["tests"] if t["name"] == "ensemble-mean MSE vs blend-val")
+    assert bv["value"] == pytest.approx(100 * (0.95 / 0.93 - 1)) and bv["ci"][0] > 0
+    better = line(1.0)  # Align-M 5 % below the blend
+    assert better["gain"], better["why"]
+    assert "ensemble-mean MSE vs blend-val" in {t["name"] for t in better["tests"]}
+    assert "blend-val" in "\n".join(verdict_section([better]))
 
 
 def test_holm_turns_a_borderline_line_into_no_gain():

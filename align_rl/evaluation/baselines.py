@@ -7,7 +7,10 @@ stored reference members, with no extra sampling:
   is the reference's, only the spread narrows;
 - *towards the background*: the reference members blended with the background,
   ``x_n + w (x_b − x_n)``, one ``w ∈ [0, 1]`` per row such that the time-mean single-member MSE
-  equals the aligned model's: Geo-Scores compared at equal MSE cost.
+  equals the aligned model's: Geo-Scores compared at equal MSE cost;
+- *towards the background, w from val* (``Blend-val``): the same blend, ``w`` the least-squares
+  weight of the reference's ensemble mean fitted on validation times (:func:`least_squares_weight`),
+  so a model must be better than the best blend a user could pick without seeing the test times.
 
 Fields are normalised tensors: members ``(T, N, 69, H, W)``, background and truth ``(T, 69, H, W)``.
 """
@@ -76,3 +79,28 @@ def blend_weight(members: torch.Tensor, background: torch.Tensor, truth: torch.T
 def blend(members: torch.Tensor, background: torch.Tensor, w: float) -> torch.Tensor:
     """``x_n + w (x_b − x_n)`` for every member (T, N, 69, H, W), background (T, 69, H, W)."""
     return members + float(w) * (background.unsqueeze(1).to(members.dtype) - members)
+
+
+def least_squares_weight(members: torch.Tensor, background: torch.Tensor, truth: torch.Tensor) -> float:
+    """The ``w ∈ [0, 1]`` whose blend of the ensemble mean ``m`` towards the background,
+    ``(1 − w) m + w x_b``, has the least squared error summed over times, channels and grid
+    (normalised, unweighted, as the MSE): the blend's error is ``(m − y) − w (m − x_b)``, a convex
+    quadratic in ``w``, so
+
+        w* = clip(Σ ⟨m − y, m − x_b⟩ / Σ |m − x_b|², 0, 1)
+
+    (the unconstrained minimum clipped to the interval is the constrained one). The blended members
+    ``x_n + w (x_b − x_n)`` (:func:`blend`) have this ensemble mean. ``members`` (T, N, 69, H, W),
+    ``background`` and ``truth`` (T, 69, H, W); times with non-finite members are left out. Returns
+    NaN when no time is finite, 0 when the mean equals the background everywhere."""
+    if members.ndim != 5 or background.shape != truth.shape or members.shape[:1] + members.shape[2:] != truth.shape:
+        raise InputError(f"members (T, N, 69, H, W) {tuple(members.shape)}, background {tuple(background.shape)} "
+                         f"and truth {tuple(truth.shape)} (T, 69, H, W) do not match")
+    x = members.double()
+    ok = torch.isfinite(x).flatten(1).all(dim=1)
+    if not bool(ok.any()):
+        return float("nan")
+    m = x[ok].mean(dim=1)
+    d = m - background[ok].double()
+    num, den = float((d * (m - truth[ok].double())).sum()), float((d * d).sum())
+    return 0.0 if den <= 0 else float(np.clip(num / den, 0.0, 1.0))

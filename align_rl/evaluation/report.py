@@ -214,7 +214,7 @@ def write_report_md(path: Path, ds: xr.Dataset, doc: dict, files: list[str], lin
                                                         "row × method × kind (analysis, forecast), and the "
                                                         "Geo-Score lines of -P rows")
                 + sections.spread_skill_section(ds) + sections.decomposition_section(ds)
-                + sections.baselines_section(ds, doc.get("blend_weights")) + sections.seeds_section(ds))
+                + sections.baselines_section(ds, doc.get("blend_weights"), doc.get("blend_val")) + sections.seeds_section(ds))
     L = (_intro(doc) + evidence + _main_tables(ds, doc) + sections.observation_tables(ds)
          + _ablation_tables(ds, doc) + _checks_and_failures(doc))
     L += ["", "## Files", ""] + [f"- `{f}`" for f in files]

@@ -25,8 +25,8 @@ Coordinates of ``model`` (:mod:`align_rl.evaluation.seeds`, absent in results of
 ``seed_of`` (for one seed's row of an aligned model run with several seeds, the row of their
 mean, else ``""``), ``seed`` (that seed's index, else −1), ``n_seeds`` (the seeds a row rests on:
 several for the mean row, else 1), ``trivial_for`` / ``trivial_kind`` (for a trivial baseline,
-:mod:`align_rl.evaluation.baselines`: the aligned row it is built for and ``shrink`` | ``blend``,
-else ``""``).
+:mod:`align_rl.evaluation.baselines`: the aligned row it is built for and ``shrink`` | ``blend``, or
+the baseline and ``blend-val`` for the row ``Blend-val``; else ``""``).
 
 Attributes: ``baseline``, ``members``, ``grid``, ``forecast_hours``, ``seed``.
 Select with ``.sel`` and a dict (``method`` is also the name of ``.sel``'s own keyword), e.g.
@@ -329,7 +329,9 @@ def settings_doc(ds: xr.Dataset) -> list[dict]:
 class Evaluation:
     """What :func:`align_rl.evaluation.runner.run_evaluation` returns: ``ds`` (the summarised
     Dataset, module doc) and ``meta`` (``sampler``, ``guidance``, ``forecast_start``,
-    ``failures``, ``checks``, ``seconds``, ``files``)."""
+    ``failures``, ``checks``, ``seconds``, ``files``, ``blend_weights``, ``blend_val``: per
+    ``"<setting> <method>"`` the validation-fitted weight ``w``, the number of validation times and
+    the first and last)."""
 
     ds: xr.Dataset
     meta: dict = field(default_factory=dict)
@@ -369,7 +371,7 @@ class Evaluation:
             "guidance": self.meta.get("guidance"),
             "grid": str(ds.attrs["grid"]),
             **{k: self.meta[k] for k in ("forecast_start", "failures", "checks", "seconds", "files",
-                                         "verdict", "blend_weights") if k in self.meta},
+                                         "verdict", "blend_weights", "blend_val") if k in self.meta},
         }
         if per_time:
             doc["per_time"] = {s: per_time_doc(ds, s) for s in per_time}

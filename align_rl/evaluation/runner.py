@@ -57,7 +57,9 @@ from align_rl.world.splits import open_split
 class EvalData:
     """Everything the evaluation reads, in physical units (``truth`` must hold ``t`` and
     ``t + rewards.forecast_hours`` of every analysis time ``t``; ``backgrounds`` the 48 h forecasts
-    valid at ``t`` and at ``t − 6 h``, the latter the first frame of the forecasts)."""
+    valid at ``t`` and at ``t − 6 h``, the latter the first frame of the forecasts). ``val_truth``
+    / ``val_backgrounds``: the same of the ``data.val`` split, on which the weight of the
+    ``Blend-val`` baseline is fitted (None: no such baseline)."""
 
     truth: States
     backgrounds: States
@@ -65,6 +67,8 @@ class EvalData:
     codec: Any
     forecaster: Any
     truth_store: Path | None = None  # store holding the truth (for the align_rl.score hint)
+    val_truth: States | None = None
+    val_backgrounds: States | None = None
 
 
 @dataclass
@@ -106,12 +110,14 @@ class _Plan:
 class _Products:
     """What the sampling leaves: the scores; per (model, method) of the main setting the ensemble
     means (physical, (T, 69, H, W)) and the z500 errors of the first map times (``|ens. mean −
-    truth|``, (map_n, H, W)), in batches; per setting the observed fraction; the failures."""
+    truth|``, (map_n, H, W)), in batches; per setting the observed fraction; the failures; the
+    blend weights (``Blend-P``: at Align-P's cost; ``blend_val``: fitted on validation times)."""
 
     table: ScoreTable = field(default_factory=ScoreTable)
     ens_means: dict = field(default_factory=dict)
     z500_err: dict = field(default_factory=dict)
     blend_weights: dict = field(default_factory=dict)
+    blend_val: dict = field(default_factory=dict)
     obs_fraction: dict = field(default_factory=dict)
     failures: list = field(default_factory=list)
 
@@ -125,6 +131,7 @@ class _Run:
     inp: Inputs
     plan: _Plan
     prod: _Products = field(default_factory=_Products)
+    val: Inputs | None = None  # the validation times of the Blend-val fit (None: no such baseline)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -176,6 +183,8 @@ def load_eval_data(cfg: Config, ws: Workspace) -> tuple[EvalData, Any]:
     normalizer = getattr(pre, "normalizer", None) or era5.load_normalizer(store)
     truth, bgs = open_split(cfg, ws, store, pre.forecaster, cfg.data.test)
     data = EvalData(truth, bgs, normalizer, pre.codec, pre.forecaster, truth_store=Path(store))
+    if int(cfg.eval.blend_times) > 0:  # the Blend-val baseline's fit (backgrounds from their cache)
+        data.val_truth, data.val_backgrounds = open_split(cfg, ws, store, pre.forecaster, cfg.data.val)
     return data, pre.eps_model
 
 
@@ -206,7 +215,24 @@ def prepare_inputs(data: EvalData, times: np.ndarray, steps: int) -> Inputs:
                   _norm_t(norm, data.backgrounds, times), steps)
 
 
-def _plan(cfg: Config, models: dict[str, Any], n_times: int) -> _Plan:
+def validation_inputs(cfg: Config, data: EvalData, steps: int) -> Inputs | None:
+    """The ``eval.blend_times`` validation times of the ``Blend-val`` fit, spread over ``data.val``
+    as the test times are over ``data.test`` (:func:`select_times`, same forecast lead), with their
+    normalised truth and backgrounds; None when ``eval.blend_times`` is 0 or ``data`` holds no
+    validation split."""
+    n = int(cfg.eval.blend_times)
+    if n <= 0 or data.val_truth is None or data.val_backgrounds is None:
+        return None
+    try:
+        times = select_times(data.val_truth, data.val_backgrounds, cfg.data.val, n, STEP_HOURS * steps)
+    except InputError as exc:
+        raise InputError(f"the Blend-val baseline (eval.blend_times={n}) needs validation times: {exc}; "
+                         "or set eval.blend_times=0 to turn it off") from exc
+    val = EvalData(data.val_truth, data.val_backgrounds, data.normalizer, data.codec, data.forecaster)
+    return prepare_inputs(val, times, steps)
+
+
+def _plan(cfg: Config, models: dict[str, Any], n_times: int, blend_val: bool = False) -> _Plan:
     members = int(cfg.eval.members)
     if members < 2:
         raise ConfigError("eval.members must be >= 2 (ensemble mean, CRPS and spread/skill need it)")
@@ -215,7 +241,7 @@ def _plan(cfg: Config, models: dict[str, Any], n_times: int) -> _Plan:
         raise ConfigError(f"the baseline {baseline!r} must be one score network, not one per seed")
     return _Plan(observation_settings(cfg), list(cfg.guidance.methods), baseline,
                  members, max(1, int(cfg.eval.batch_size)), min(int(cfg.eval.map_samples), n_times),
-                 plan_rows(models, baseline))
+                 plan_rows(models, baseline, blend_val=blend_val))
 
 
 def _check_models(cfg: Config, models: dict[str, Any]) -> None:
@@ -322,13 +348,47 @@ def _score_members(run: _Run, s: ObsSetting, meth: str, name: str, members: torc
             _keep_maps(run, (name, meth), sl, xa)
 
 
-def _trivial_rows(run: _Run, s: ObsSetting, meth: str, reference: torch.Tensor) -> None:
+def _fit_blend_val(run: _Run, s: ObsSetting, si: int, mi: int, meth: str, eps_model: Any) -> float:
+    """The ``Blend-val`` weight of one (setting, method): the reference ``eps_model`` analyses the
+    validation times ``run.val`` (same sampler, guidance and members as the test rows; observations
+    drawn from the validation truth with the setting's density and error; its own seeds), and ``w``
+    is the least-squares weight of their ensemble mean towards the background
+    (:func:`align_rl.evaluation.baselines.least_squares_weight`). Batches that diverge are left out
+    (and listed in the failures); NaN when all do."""
+    val, cfg, plan = run.val, run.cfg, run.plan
+    obs = make_observations(val.truth, s.density, s.sigma_o, cfg.obs.mode, cfg.obs.r_floor,
+                            generator=torch.Generator().manual_seed(cfg.run.seed * 1000 + 917 + si))
+    gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + 100 * si + mi + 50_000)
+    T, out = len(val.times), []
+    for sl in [slice(i, min(T, i + plan.batch)) for i in range(0, T, plan.batch)]:
+        try:
+            out.append(_analyse_batch(run.data, eps_model, val.background[sl], obs[sl], meth, cfg, gen,
+                                      plan.members))
+        except InputError as exc:
+            run.prod.failures.append({"setting": s.name, "row": f"{plan.baseline}/{meth} (validation, Blend-val fit)",
+                                      "times": [sl.start, sl.stop], "error": str(exc)})
+            out.append(torch.full((sl.stop - sl.start, plan.members, *val.background.shape[1:]), float("nan")))
+    w = baselines.least_squares_weight(torch.cat(out), val.background, val.truth)
+    run.prod.blend_val[f"{s.name} {meth}"] = {
+        "w": w, "setting": s.name, "method": meth, "val_times": T,
+        "first": np.datetime_as_string(val.times[0], unit="h"), "last": np.datetime_as_string(val.times[-1], unit="h")}
+    return w
+
+
+def _trivial_rows(run: _Run, s: ObsSetting, si: int, mi: int, meth: str, reference: torch.Tensor,
+                  eps_ref: Any) -> None:
     """The trivial baselines of one (setting, method) from the reference members ``reference``
     (T, N, 69, H, W) (:mod:`align_rl.evaluation.baselines`): *shrink* to the aligned row's spread
     term per time (scored with forecasts), *towards the background* to its time-mean
-    single-member MSE (analyses only)."""
+    single-member MSE (analyses only), and ``Blend-val`` with the weight fitted on validation
+    times by the reference network ``eps_ref`` (:func:`_fit_blend_val`; scored with forecasts)."""
     table = run.prod.table
     for row, (kind, target) in run.plan.rows.trivial.items():
+        if kind == "blend-val":
+            w = _fit_blend_val(run, s, si, mi, meth, eps_ref)
+            if np.isfinite(w):
+                _score_members(run, s, meth, row, baselines.blend(reference, run.inp.background, w))
+            continue
         mem = table.series(s.name, target, meth, "analysis", "member")
         ens = table.series(s.name, target, meth, "analysis", "ensmean")
         if "mse" not in mem or "mse" not in ens:
@@ -389,7 +449,7 @@ def _sample_all(run: _Run, models: dict[str, Any], progress: bool) -> None:
             for group, seed_rows in rows.groups.items():
                 run.prod.table.add_mean(s.name, group, seed_rows, meth)
             if reference is not None:
-                _trivial_rows(run, s, meth, reference)
+                _trivial_rows(run, s, si, mi, meth, reference, models[run.plan.baseline])
             reference = None
         if bar is not None:
             bar.update(1)
@@ -414,7 +474,8 @@ def run_evaluation(
     progress: bool = True,
 ) -> Evaluation:
     """Evaluate ``models`` (name → ε_θ, or name → [ε_θ per seed], :mod:`align_rl.evaluation.seeds`)
-    × ``cfg.guidance.methods``, with the trivial baselines of the aligned models; write the
+    × ``cfg.guidance.methods``, with the trivial baselines of the aligned models and (when ``data``
+    holds the validation split and ``eval.blend_times`` > 0) the ``Blend-val`` row; write the
     report files.
 
     ``data``: the truth, backgrounds, normaliser, codec and forecaster (loaded from the workspace
@@ -430,7 +491,9 @@ def run_evaluation(
     _check_models(cfg, models)
     steps = forecast_steps(cfg.rewards.forecast_hours)
     times = select_times(data.truth, data.backgrounds, cfg.data.test, cfg.eval.times, STEP_HOURS * steps)
-    run = _Run(cfg, data, prepare_inputs(data, times, steps), _plan(cfg, models, len(times)))
+    val = validation_inputs(cfg, data, steps)
+    run = _Run(cfg, data, prepare_inputs(data, times, steps), _plan(cfg, models, len(times), val is not None),
+               val=val)
     sampled = run.plan.rows.sampled
     for m in [*sampled.values(), data.codec]:
         if hasattr(m, "eval"):
@@ -469,6 +532,7 @@ def _summarise(run: _Run, models: list[str]) -> Evaluation:
         "forecast_start": f"(background valid at t-6h, analysis at t), {steps} x {STEP_HOURS} h",
         "failures": run.prod.failures,
         "blend_weights": run.prod.blend_weights,
+        "blend_val": run.prod.blend_val,
     }
     meta["checks"] = paper_checks(ds, plan.baseline)
     return Evaluation(ds, meta)

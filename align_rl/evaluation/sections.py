@@ -15,7 +15,7 @@ from align_rl.diffusion.guidance import label as method_label, needs_obs
 from align_rl.evaluation.bootstrap import closer_to_one, difference, paired_stat
 from align_rl.evaluation.results import BACKGROUND, change
 from align_rl.evaluation.seeds import across_seeds
-from align_rl.evaluation.verdict import ALPHA, cell_series, decide, geo_line, mse_line
+from align_rl.evaluation.verdict import ALPHA, blend_val_row, cell_series, decide, geo_line, mse_line
 
 
 
@@ -103,7 +103,9 @@ def verdict_section(lines: list[dict], title: str = "## Verdict", family: str = 
     L = [title, "",
          "A gain (docs/method.md §10) needs: the ensemble-mean MSE and the CRPS lower than the "
          "reference's, and the single-member MSE and the CRPS lower than the *shrink* baseline's "
-         "(the reference narrowed to the model's spread), each a one-sided circular-block bootstrap "
+         "(the reference narrowed to the model's spread), and, where the *Blend-val* row exists, the "
+         "ensemble-mean MSE lower than that of the reference blended towards the background with the "
+         "weight fitted on validation times; each a one-sided circular-block bootstrap "
          f"test; the line's p-value is the largest of them and must be ≤ {ALPHA} after the Holm "
          "correction over the family; the spread/skill no further from 1 than the reference's (the "
          "interval of the excess |SS − 1| reaches 0); with several seeds every seed's ensemble-mean "
@@ -212,8 +214,11 @@ def decomposition_section(ds: xr.Dataset, setting: str = "main") -> list[str]:
     return L + [""]
 
 
-def baselines_section(ds: xr.Dataset, blend_weights: dict | None = None) -> list[str]:
-    """The trivial baselines against the reference and the aligned rows against them."""
+def baselines_section(ds: xr.Dataset, blend_weights: dict | None = None,
+                      blend_val: dict | None = None) -> list[str]:
+    """The trivial baselines against the reference and the aligned rows against them;
+    ``blend_val``: the validation-fitted weights (``metrics.json``'s ``blend_val``) of the
+    *Blend-val* table (:func:`blend_val_section`)."""
     if not trivial_rows(ds):
         return []
 
@@ -230,7 +235,7 @@ def baselines_section(ds: xr.Dataset, blend_weights: dict | None = None) -> list
     for meth in _methods(ds):
         for t, f, k in zip(ds["model"].values, _coord(ds, "trivial_for", ""), _coord(ds, "trivial_kind", "")):
             t, f = str(t), str(f)
-            if not f:
+            if not f or str(k) == "blend-val":
                 continue
             for kind in ("analysis", "forecast"):
                 def s(who, stat, metric):
@@ -250,6 +255,44 @@ def baselines_section(ds: xr.Dataset, blend_weights: dict | None = None) -> list
                 L.append(f"| {_label(f, meth)} | {t} | {kind} | {cells[0]} | {cells[1]} | {trip[0]} | {trip[1]} |")
     if blend_weights:
         L += ["", "Blend weights w: " + ", ".join(f"{k} {v:.3f}" for k, v in blend_weights.items()) + "."]
+    return L + [""] + blend_val_section(ds, blend_val)
+
+
+def blend_val_section(ds: xr.Dataset, blend_val: dict | None = None) -> list[str]:
+    """The *Blend-val* baseline of the main setting: per method the weight fitted on validation
+    times, the row's ensemble-mean MSE, and the ensemble-mean MSE % change of the reference and of
+    every verdict row against it (analyses and forecasts, 95 % intervals)."""
+    bv = blend_val_row(ds)
+    if bv is None:
+        return []
+    seed = int(ds.attrs.get("seed", 0))
+    base = str(ds.attrs.get("baseline", "reference"))
+    fits = {(v.get("setting"), v.get("method")): v for v in (blend_val or {}).values()}
+    any_fit = next(iter(fits.values()), None)
+    where = (f"{any_fit['val_times']} validation times ({any_fit['first']} … {any_fit['last']})"
+             if any_fit else "the validation times")
+    rows = [base] + verdict_rows(ds)
+    L = [f"### Towards the background, w from val ({bv})", "",
+         f"The reference members blended towards the background, x_n + w (x_b − x_n), with one w per "
+         f"method fitted on {where} analysed by the reference as the test times are (same sampler, guidance, "
+         "members): the least-squares weight of the ensemble mean m, w = clip(Σ ⟨m − y, m − x_b⟩ / "
+         "Σ |m − x_b|², 0, 1), sums over times, channels and grid (normalised). Unlike an oracle blend "
+         "fitted on the test times, it is a baseline a user could run. Every MSE verdict line needs its "
+         "ensemble-mean MSE below this row's. Ensemble-mean MSE % change against it, 95 % intervals.", "",
+         "| method | w (val) | kind | Blend-val ens-mean MSE | " + " | ".join(rows) + " |",
+         "|---|---|---|---|" + "---|" * len(rows)]
+    for meth in _methods(ds):
+        fit = fits.get(("main", meth))
+        w = "–" if fit is None else _num(fit["w"], ".3f")
+        for kind in ("analysis", "forecast"):
+            b = cell_series(ds, "main", bv, meth, kind, "ensmean", "mse")
+            if b is None:
+                continue
+            cells = []
+            for row in rows:
+                a = cell_series(ds, "main", row, meth, kind, "ensmean", "mse")
+                cells.append("–" if a is None else _ci(paired_stat(a, b, seed=seed)))
+            L.append(f"| {method_label(meth)} | {w} | {kind} | {np.nanmean(b):.5f} | " + " | ".join(cells) + " |")
     return L + [""]
 
 

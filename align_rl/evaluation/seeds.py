@@ -6,7 +6,9 @@ seed, ``<name>@seed<k>``, and the row ``<name>`` holds the per-time mean of thei
 seed mean: its change against the reference and its interval are those of the mean). A model given
 as one network is one row (one seed). Every aligned model ``Align-<V>`` gets a trivial baseline
 row (:mod:`align_rl.evaluation.baselines`): ``Blend-P`` (towards the background) for ``Align-P``
-(the physics variant, whose gain is the Geo-Score), ``Shrink-<V>`` for every other variant.
+(the physics variant, whose gain is the Geo-Score), ``Shrink-<V>`` for every other variant; with
+``blend_val``, one more row, ``Blend-val`` (the reference towards the background with the weight
+fitted on validation times), built from the baseline for every MSE verdict line.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from align_rl.errors import ConfigError
 
 SEED_SEP = "@seed"
 ALIGNED = re.compile(r"^Align-(?P<v>[A-Za-z0-9_]+)$")
+BLEND_VAL = "Blend-val"
+"""The row of the reference blended towards the background with the validation-fitted weight."""
 
 
 @dataclass
@@ -57,8 +61,10 @@ class RowPlan:
         }
 
 
-def plan_rows(models: dict[str, Any], baseline: str = "reference", trivial: bool = True) -> RowPlan:
-    """The :class:`RowPlan` of ``models`` (name → network, or → list of networks, one per seed)."""
+def plan_rows(models: dict[str, Any], baseline: str = "reference", trivial: bool = True,
+              blend_val: bool = False) -> RowPlan:
+    """The :class:`RowPlan` of ``models`` (name → network, or → list of networks, one per seed);
+    ``blend_val``: add the row :data:`BLEND_VAL` (kind ``blend-val``, built for the baseline)."""
     plan = RowPlan()
     for name, m in models.items():
         if SEED_SEP in name:
@@ -82,6 +88,10 @@ def plan_rows(models: dict[str, Any], baseline: str = "reference", trivial: bool
             if row in models:
                 raise ConfigError(f"model name {row!r} is the trivial baseline of {name}; rename it")
             plan.trivial[row] = (kind, name)
+    if blend_val:
+        if BLEND_VAL in models:
+            raise ConfigError(f"model name {BLEND_VAL!r} is the validation-fitted blend baseline; rename it")
+        plan.trivial[BLEND_VAL] = ("blend-val", baseline)
     return plan
 
 

@@ -7,7 +7,9 @@ An MSE line (aligned model, method, kind = analysis | forecast) is a gain when
 1. the ensemble-mean MSE and the CRPS are lower than the reference's, **and** the single-member
    MSE and the CRPS are lower than those of the *shrink* baseline (the reference members pulled
    towards their mean until their spread equals the model's, :mod:`align_rl.evaluation.baselines`):
-   the line's p-value is the largest of these four one-sided p-values (intersection-union test),
+   and, when the evaluation has the ``Blend-val`` row (the reference blended towards the
+   background with the weight fitted on validation times), the ensemble-mean MSE lower than that
+   row's: the line's p-value is the largest of these one-sided p-values (intersection-union test),
    and its Holm-adjusted p-value is at most :data:`ALPHA` (one-sided 2.5 % = a 95 % two-sided
    interval below 0);
 2. the spread/skill is no further from 1 than the reference's: the 95 % interval of
@@ -64,6 +66,16 @@ def trivial_row(ds: xr.Dataset, model: str, kind: str) -> str | None:
     return None
 
 
+def blend_val_row(ds: xr.Dataset) -> str | None:
+    """The ``Blend-val`` row (trivial kind ``blend-val``), or None when the evaluation has none."""
+    if "trivial_kind" not in ds.coords:
+        return None
+    for m, k in zip(ds["model"].values, ds["trivial_kind"].values):
+        if str(k) == "blend-val":
+            return str(m)
+    return None
+
+
 def _test(name: str, c: dict, side: str) -> dict:
     return {"name": name, "value": c.get("pct", c.get("value")), "ci": c["ci"], "p": c[f"p_{side}"],
             "n_nan": c["n_nan"], "n": c["n"], "ess": c["ess"], "block": c["block"]}
@@ -94,6 +106,10 @@ def mse_line(ds: xr.Dataset, model: str, method: str, kind: str, reference: str 
             a, b = s(model, stat, metric), s(shrink, stat, metric)
             if a is not None and b is not None:
                 tests.append(_test(label, paired_change(a, b, seed=seed), "lo"))
+    bv = blend_val_row(ds)
+    bm = None if bv is None else s(bv, "ensmean", "mse")
+    if bm is not None:
+        tests.append(_test("ensemble-mean MSE vs blend-val", paired_change(mm, bm, seed=seed), "lo"))
     line = {"model": model, "method": method, "kind": kind, "setting": setting, "what": "MSE",
             "tests": tests, "p": max(t["p"] if np.isfinite(t["p"]) else 1.0 for t in tests),
             "why": []}
@@ -193,4 +209,4 @@ def _fmt(t: dict) -> str:
     return f"{v:+.2f} % [{lo:+.2f}, {hi:+.2f}]"
 
 
-__all__ += ["N_BOOT", "cell_series", "seed_rows", "trivial_row"]
+__all__ += ["N_BOOT", "cell_series", "seed_rows", "trivial_row", "blend_val_row"]
