@@ -413,6 +413,69 @@ def test_seeds_baselines_and_observation_tables_end_to_end(setup, tmp_path):
     assert list(back.seed_of.values)[3:5] == ["Align-M", "Align-M"]
 
 
+def test_blend_val_row_is_fitted_on_validation_times_and_scored_on_test(setup, tmp_path):
+    """With a validation split, the evaluation fits the Blend-val weight on ``eval.blend_times``
+    validation times and scores the reference blended towards the background on test (analyses
+    and forecasts): its ensemble mean is ``(1 − w) m_ref + w x_b`` (checked against the stored
+    reference ensemble mean), the MSE verdict lines test against it, and the report shows w.
+    ``eval.blend_times=0`` turns it off."""
+    from dataclasses import replace
+
+    from align_rl.evaluation.runner import validation_inputs
+    from align_rl.io import era5
+
+    _, data0, _, _ = setup
+    # validation backgrounds far worse than the test ones, so that the fitted w lies inside (0, 1)
+    bg = data0.backgrounds
+    noise = np.random.default_rng(7).normal(size=bg.values.shape) * data0.normalizer.std[None, :, None, None]
+    val_bg = States((bg.values + 3.0 * noise).astype(np.float32), bg.times, bg.lat, bg.lon, attrs=dict(bg.attrs))
+    data = replace(data0, val_truth=data0.truth, val_backgrounds=val_bg)
+    over = [f"run.workdir={tmp_path}", "run.wandb_mode=disabled", "data.grid=16x32",
+            "data.test=[2005-01-01, 2005-12-31]", "data.val=[2005-01-03, 2005-01-04]", "sampler.steps=2",
+            "guidance.methods=[dps]", "eval.times=3", "eval.members=2", "eval.map_samples=1",
+            "eval.batch_size=3", "eval.blend_times=2", "obs.density=0.1", "guidance.dps_zeta=0.01"]
+    cfg = load_config(None, over)
+    assert validation_inputs(load_config(None, over + ["eval.blend_times=0"]), data, 8) is None
+    assert validation_inputs(cfg, data0, 8) is None  # no validation split given
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ev = run_evaluation(cfg, Workspace.from_config(cfg), {"reference": Prior(), "Align-M": Prior(a=0.9, s=0.45)},
+                            data=data, out=tmp_path / "ev", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    ds = ev.ds
+    assert list(ds.model.values) == ["background", "reference", "Align-M", "Shrink-M", "Blend-val"]
+    assert str(ds.trivial_kind.sel(model="Blend-val").values) == "blend-val"
+    fit = ev.meta["blend_val"]["main dps"]
+    assert fit["val_times"] == 2 and fit["first"].startswith("2005-01-03") and 0.0 < fit["w"] < 1.0
+    w = fit["w"]
+    for kind in ("analysis", "forecast"):
+        for stat, metric in (("member", "mse"), ("ensmean", "mse"), ("ensemble", "crps"), ("ensemble", "spread_skill")):
+            assert bool(ds.scored.sel({"setting": "main", "model": "Blend-val", "method": "dps", "kind": kind,
+                                       "stat": stat, "metric": metric}))
+    # the row's ensemble mean is the blend of the reference's stored ensemble mean (physical)
+    norm = data.normalizer
+    ref_mean = era5.open_states(tmp_path / "ev" / "analyses" / "reference-dps.zarr", check_units=False)
+    idx = [data.truth.time_index(t) for t in ev.times]
+    jdx = [data.backgrounds.time_index(t) for t in ev.times]
+    y = norm.normalize(data.truth.values[idx].astype(np.float64))
+    m = norm.normalize(ref_mean.values.astype(np.float64))
+    xb = norm.normalize(data.backgrounds.values[jdx].astype(np.float64))
+    want = (((1 - w) * m + w * xb - y) ** 2).mean(axis=(1, 2, 3))
+    got = ds.score.sel({"setting": "main", "model": "Blend-val", "method": "dps", "kind": "analysis",
+                        "stat": "ensmean", "metric": "mse"}).values
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    doc = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert doc["blend_val"]["main dps"]["w"] == pytest.approx(w)
+    for v in doc["verdict"]:
+        if v["what"] == "MSE":
+            assert "ensemble-mean MSE vs blend-val" in {t["name"] for t in v["tests"]}, v
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert "### Towards the background, w from val (Blend-val)" in report
+    assert f"| DPS | {w:.3f} | analysis |" in report and f"| DPS | {w:.3f} | forecast |" in report
+
+
 def test_evaluate_aligned_takes_one_checkpoint_per_seed(setup, tmp_path, monkeypatch):
     """The main job's contract: ``{variant: [checkpoint per seed]}`` (or one path, one seed); the
     seeds become seed rows and their mean the ``Align-<variant>`` row of the report's verdict."""
