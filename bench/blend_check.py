@@ -11,7 +11,9 @@ times, and for every method compares, in normalised MSE over the 69 channels:
   best **on these very times** (an oracle: the most this trivial baseline can do).
 
 An aligned model that beats even the oracle blend has learnt more than "stay closer to the
-background". Prints a Markdown table.
+background". Prints a Markdown table. This is a check on the test times themselves; the verdict
+(docs/method.md §10) uses the honest version, the ``Blend-val`` row of the evaluation, whose
+weight is fitted on validation times (``eval.blend_times``).
 """
 
 from __future__ import annotations

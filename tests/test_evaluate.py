@@ -12,7 +12,7 @@ from torch import nn
 
 from align_rl.config import load_config
 from align_rl.errors import ConfigError
-from align_rl.evaluation.results import open_results, row_changes, row_scores, score
+from align_rl.evaluation.results import open_results, row_changes, row_scores, score, was_scored
 from align_rl.evaluation.runner import EvalData, load_models, run_evaluation, select_times
 from align_rl.evaluation.verdict import paired_change
 from align_rl.io.grid import Grid
@@ -434,7 +434,7 @@ def test_blend_val_row_is_fitted_on_validation_times_and_scored_on_test(setup, t
             "data.test=[2005-01-01, 2005-12-31]", "data.val=[2005-01-03, 2005-01-04]", "sampler.steps=2",
             "guidance.methods=[dps]", "eval.times=3", "eval.members=2", "eval.map_samples=1",
             "eval.batch_size=3", "eval.blend_times=2", "obs.density=0.1", "guidance.dps_zeta=0.01"]
-    cfg = load_config(None, over)
+    cfg = load_config(None, over + ["eval.ablations=[density]", "eval.densities=[0.3]"])
     assert validation_inputs(load_config(None, over + ["eval.blend_times=0"]), data, 8) is None
     assert validation_inputs(cfg, data0, 8) is None  # no validation split given
     threads = torch.get_num_threads()
@@ -471,8 +471,14 @@ def test_blend_val_row_is_fitted_on_validation_times_and_scored_on_test(setup, t
     for v in doc["verdict"]:
         if v["what"] == "MSE":
             assert "ensemble-mean MSE vs blend-val" in {t["name"] for t in v["tests"]}, v
+    # an observation setting has its own fit, row and verdict test
+    dense = ev.meta["blend_val"]["density=0.3 dps"]
+    assert 0.0 <= dense["w"] <= 1.0 and was_scored(ds, "Blend-val", "dps", "analysis", "ensmean", "density=0.3")
+    from align_rl.evaluation.sections import ablation_lines
+    assert "ensemble-mean MSE vs blend-val" in {t["name"] for t in ablation_lines(ds, "density")[0]["tests"]}
     report = (tmp_path / "ev" / "report.md").read_text()
     assert "### Towards the background, w from val (Blend-val)" in report
+    assert f"density=0.3 DPS {dense['w']:.3f}" in report
     assert f"| DPS | {w:.3f} | analysis |" in report and f"| DPS | {w:.3f} | forecast |" in report
 
 

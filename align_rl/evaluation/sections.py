@@ -293,6 +293,11 @@ def blend_val_section(ds: xr.Dataset, blend_val: dict | None = None) -> list[str
                 a = cell_series(ds, "main", row, meth, kind, "ensmean", "mse")
                 cells.append("–" if a is None else _ci(paired_stat(a, b, seed=seed)))
             L.append(f"| {method_label(meth)} | {w} | {kind} | {np.nanmean(b):.5f} | " + " | ".join(cells) + " |")
+    other = [f"{v['setting']} {method_label(v['method'])} {_num(v['w'], '.3f')}" for v in fits.values()
+             if v.get("setting") != "main"]
+    if other:
+        L += ["", "Blend-val weights of the observation settings (fitted on validation observations of that "
+                  "setting): " + ", ".join(other) + "."]
     return L + [""]
 
 
