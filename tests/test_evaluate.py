@@ -482,6 +482,32 @@ def test_blend_val_row_is_fitted_on_validation_times_and_scored_on_test(setup, t
     assert f"| DPS | {w:.3f} | analysis |" in report and f"| DPS | {w:.3f} | forecast |" in report
 
 
+def test_load_eval_data_opens_the_validation_split_for_blend_val(setup, tmp_path, monkeypatch):
+    """The evaluation's loader opens ``data.val`` beside ``data.test`` when ``eval.blend_times`` > 0
+    (the Blend-val fit), and not when it is 0."""
+    from types import SimpleNamespace
+
+    from align_rl.evaluation import runner
+
+    _, data, _, _ = setup
+    opened = []
+
+    def fake_split(cfg, ws, store, forecaster, dates, progress=True):
+        opened.append(list(dates))
+        return data.truth, data.backgrounds
+
+    pre = SimpleNamespace(normalizer=data.normalizer, codec=data.codec, forecaster=data.forecaster, eps_model=Prior())
+    monkeypatch.setattr(runner, "ensure_world", lambda cfg, ws: tmp_path / "world.zarr")
+    monkeypatch.setattr(runner, "ensure_pretrained", lambda cfg, ws: pre)
+    monkeypatch.setattr(runner, "open_split", fake_split)
+    base = [f"run.workdir={tmp_path}", "data.test=[2005-01-01, 2005-12-31]", "data.val=[2003-01-01, 2003-12-31]"]
+    d, _ = runner.load_eval_data(load_config(None, base), Workspace.from_config(load_config(None, base)))
+    assert opened == [["2005-01-01", "2005-12-31"], ["2003-01-01", "2003-12-31"]] and d.val_truth is data.truth
+    opened.clear()
+    d, _ = runner.load_eval_data(load_config(None, base + ["eval.blend_times=0"]), Workspace.from_config(load_config(None, base)))
+    assert opened == [["2005-01-01", "2005-12-31"]] and d.val_truth is None
+
+
 def test_evaluate_aligned_takes_one_checkpoint_per_seed(setup, tmp_path, monkeypatch):
     """The main job's contract: ``{variant: [checkpoint per seed]}`` (or one path, one seed); the
     seeds become seed rows and their mean the ``Align-<variant>`` row of the report's verdict."""
