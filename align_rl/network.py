@@ -23,7 +23,7 @@ from pathlib import Path
 import actors
 from align_rl import logs
 from align_rl.cli import check_model_specs, parse_args, preflight, split_model_specs
-from align_rl.config import load_config
+from align_rl.config import load_config, with_values
 from align_rl.errors import cli_errors
 from align_rl.evaluation import runner
 from align_rl.evaluation.network import NetworkSettings, load_records, run_network_experiment
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     actors.install()
     logs.setup(cfg.run.workdir)
     ws = Workspace.from_config(cfg)
-    data, models = runner.data_and_models(cfg, ws, specs)
+    # no Blend-val row here (docs/method.md §10): the validation split is not opened
+    data, models = runner.data_and_models(with_values(cfg, {"eval.blend_times": 0}), ws, specs)
     with logs.stage("network experiment"), staged(out, "network") as new:
         doc = run_network_experiment(cfg, data, models, new, args.obs or None, settings)
     print(f"network experiment of {', '.join(models)} (DPS) on {len(doc['times'])} times, "
