@@ -122,11 +122,18 @@ def command_lines(text: str) -> list[tuple[int, str]]:
 
 
 def _drop_optional_groups(cmd: str) -> str:
-    """A synopsis's ``[--opt VALUE]`` groups removed (``key=[a, b]`` values are kept: their ``[``
-    follows ``=``)."""
-    out, i = [], 0
+    """A synopsis's ``[--opt VALUE]`` groups removed. Only a ``[`` that starts a word outside
+    quotes and braces opens one: ``key=[a, b]`` and ``"key={grid: [1, 2]}"`` are kept."""
+    out, i, quote, braces = [], 0, "", 0
     while i < len(cmd):
-        if cmd[i] == "[" and (i == 0 or cmd[i - 1].isspace()):
+        c = cmd[i]
+        if quote:
+            quote = "" if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c in "{}":
+            braces += 1 if c == "{" else -1
+        elif c == "[" and braces == 0 and (i == 0 or cmd[i - 1].isspace()):
             depth = 0
             while i < len(cmd):
                 depth += {"[": 1, "]": -1}.get(cmd[i], 0)
@@ -134,7 +141,7 @@ def _drop_optional_groups(cmd: str) -> str:
                 if depth == 0:
                     break
             continue
-        out.append(cmd[i])
+        out.append(c)
         i += 1
     return "".join(out)
 
@@ -354,6 +361,8 @@ def test_the_checks_fail_on_a_key_or_command_that_does_not_exist():
 def test_synopsis_lines_are_read_as_their_commands():
     assert _argv("python -m align_rl.pretrain forecaster|vae|diffusion [--config FILE] [key=value ...]"
                  ) == ("pretrain", ["forecaster"])
+    assert _argv('python -m align_rl.sweep s.yaml [--config FILE] "search.dpo.lr={grid: [1, 2]}" a=[1, 2]'
+                 ) == ("sweep", ["s.yaml", "search.dpo.lr={grid: [1, 2]}", "a=[1,", "2]"])
     assert _argv("X=1 ray job submit --working-dir . -- python -m align_rl.train --config c.yaml "
                  "pairs.variants=[M] # note") == ("train", ["--config", "c.yaml", "pairs.variants=[M]"])
 
