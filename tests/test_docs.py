@@ -5,7 +5,8 @@
   command's own argument parser and its configuration loading (``align_rl.config.load_config``:
   unknown keys and bad values are refused), without running the job;
 - every configuration key they name in backticks (``dpo.seeds``) is a field of
-  :class:`align_rl.config.Config`;
+  :class:`align_rl.config.Config`, and every Python name (``align_rl.evaluation.runner.
+  run_evaluation``) exists;
 - the "From Python" blocks of ``docs/usage.md`` run, in order, on a tiny world;
 - the README's test command is the one ``.ci/run`` runs.
 
@@ -309,7 +310,49 @@ def key_problems(path_name: str, text: str) -> tuple[int, list[str]]:
     return seen, problems
 
 
+# ----------------------------------------------------------------------------- Python names
+
+
+_DOTTED = re.compile(r"(?<![\w./])((?:align_rl|actors)(?:\.[A-Za-z_]\w*)+)(?![\w/<])")
+
+
+def resolves(dotted: str) -> bool:
+    """``align_rl.io.pair_store.PairStore.reselect``: a module and attributes that exist."""
+    parts = dotted.split(".")
+    for k in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:k]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[k:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+def name_problems(path_name: str, text: str) -> tuple[int, list[str]]:
+    """(number of dotted Python names seen, ``file:line: name`` of each that does not exist)."""
+    seen, problems = 0, []
+    for n, code in inline_spans(text):
+        for m in _DOTTED.finditer(code):
+            first, second = m.group(1).split(".")[:2]
+            if first == "actors" and second in {f.name for f in dataclasses.fields(Config().actors)}:
+                continue  # the configuration key actors.<field>, not the package
+            seen += 1
+            if not resolves(m.group(1)):
+                problems.append(f"{path_name}:{n}: {m.group(1)} does not exist")
+    return seen, problems
+
+
 # ----------------------------------------------------------------------------- the tests
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_python_name_in_the_docs_exists(doc):
+    n, problems = name_problems(str(doc.relative_to(REPO)), doc.read_text())
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
@@ -327,6 +370,7 @@ def test_the_docs_show_command_lines_of_every_command():
     assert {"train", "pretrain", "evaluate", "network", "score", "sweep", "data"} <= names
     keys = sum(key_problems(d.name, d.read_text())[0] for d in DOCS)
     assert keys > 100  # the configuration keys the docs name, each checked
+    assert sum(name_problems(d.name, d.read_text())[0] for d in DOCS) > 20  # and Python names
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
@@ -356,6 +400,9 @@ def test_the_checks_fail_on_a_key_or_command_that_does_not_exist():
     n, problems = key_problems("synthetic.md", text)
     assert [p.split(":")[1] for p in problems] == ["1", "4"], problems
     assert all("dpo.momentum is not a configuration key" in p for p in problems)
+    n, problems = name_problems("synthetic.md", "`align_rl.evaluate.run_evaluation` and\n"
+                                "`align_rl.evaluation.runner.run_evaluation(cfg, ws, models)`")
+    assert n == 2 and problems == ["synthetic.md:1: align_rl.evaluate.run_evaluation does not exist"]
 
 
 def test_synopsis_lines_are_read_as_their_commands():
