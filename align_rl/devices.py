@@ -1,6 +1,6 @@
 """Where models run: ``run.device`` (auto | cpu | cuda) resolved in each process.
 
-Rules (README, "GPUs"):
+Rules (docs/usage.md, "GPUs"):
 
 - ``cpu``: every model stays on the CPU; actors reserve no GPU (``actors.gpus_per_actor`` is not
   requested).

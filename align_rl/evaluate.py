@@ -12,8 +12,8 @@ setting and method), so model comparisons are paired. Per analysis time (then av
   u10, v500, z500, t850, Geo-Score; for one member (the mean over members of each member's score,
   i.e. the expected score of a single analysis, as the paper's) and for the ensemble mean;
 - Table 2, 48 h forecasts started from the analyses (the forecaster's 8 × 6 h rollout from
-  ``(x_{t−6h}, x_a)``, with ``x_{t−6h}`` the background's own state 6 h before analysis time,
-  something a DA system has, never the truth; docs/method.md §7.3) against the truth 48 h later;
+  ``(x_b(t−6h), x_a)``, with ``x_b(t−6h)`` the 48 h background valid 6 h before, never the truth:
+  docs/method.md §7.3) against the truth 48 h later;
 - probabilistic scores: fair CRPS and spread/skill ratio;
 - a background row (the 48 h forecast used as ``x_b``), and its forecast;
 - ablations when ``eval.ablations`` lists ``density`` (Table 3) or ``error`` (Table 4): the
@@ -21,9 +21,7 @@ setting and method), so model comparisons are paired. Per analysis time (then av
 - % change against ``eval.baseline`` with a 95 % paired circular-block bootstrap interval over
   times (block from the autocorrelation, effective sample size beside it);
 - the verdict of docs/method.md §10: spread/skill, the single-member MSE change split into its
-  ensemble-mean and spread parts, the trivial baselines ``Shrink-<V>`` / ``Blend-P`` and
-  ``Blend-val`` (the reference towards the background, the weight fitted on ``eval.blend_times``
-  validation times; needs the ``data.val`` split, ``eval.blend_times=0`` turns it off), the
+  ensemble-mean and spread parts, the trivial baselines ``Shrink-<V>`` / ``Blend-P``, the
   across-seed spread, Holm-corrected verdict lines. Several seeds of one model:
   ``--models Align-M@seed0=a.pt Align-M@seed1=b.pt …`` (rows per seed and their mean ``Align-M``).
 

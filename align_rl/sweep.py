@@ -12,7 +12,7 @@ A sweep file (YAML) holds::
       dpo.beta: {grid: [1000, 8000]}
       dpo.lr: {loguniform: [1.0e-6, 1.0e-4]}
       pairs.mode: {choice: [M, P]}
-      dpo.momentum: {uniform: [0.0, 1.0]}          # (any numeric key)
+      dpo.anchor: {uniform: [0.0, 10.0]}           # (any numeric key)
       rewards.weights: {simplex: {keys: [assim, forecast, phys], step: 0.25}}
     metric: val_mse                # one of VALIDATION_METRICS (reported after every stage)
     mode: min                      # min | max
