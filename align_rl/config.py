@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from align_rl.config_sections import (  # noqa: F401 - the sections are part of this module's API
-    HASH_UNLESS_SET, PRESETS, ActorsConfig, ChecksConfig, Config, DataConfig, DiffusionConfig,
+    PRESETS, ActorsConfig, ChecksConfig, Config, DataConfig, DiffusionConfig, cached, runtime,
     DPOConfig, EvalConfig, ForecasterConfig, GuidanceConfig, ObsConfig, PairsConfig,
     PretrainConfig, RewardConfig, RunConfig, SamplerConfig, VAEConfig,
 )
