@@ -12,8 +12,10 @@ command does work: every float must be finite, every key in :data:`RANGES` must 
 (a range, an integer bound, a set of choices or the names of a registry such as
 ``align_rl.diffusion.guidance.METHODS``), and a few rules tie keys together. A new numeric
 config field needs an entry in :data:`RANGES` (``tests/test_hardening.py`` checks that every one
-has). YAML values are read as in YAML 1.2: ``0x40``, ``0o17``, ``1_000`` or ``1:20`` stay strings,
-and ``1e-5`` is a number.
+has), and every new field declares the caches its value enters, ``cached(default, *caches)`` or
+``runtime(default)`` (:mod:`align_rl.config_sections`; ``tests/test_identity_declared.py``).
+YAML values are read as in YAML 1.2: ``0x40``, ``0o17``, ``1_000`` or ``1:20`` stay strings, and
+``1e-5`` is a number.
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ The keys changed once, when they moved here (one digest length, stores by conten
 path): caches in workdirs written before are not recognised and are simply rebuilt. A default
 preference store is moved aside to ``pairs-<key>.zarr``, never deleted (one set with
 ``pairs.store`` is refused as built for other inputs: point it at a new folder), and a pretraining
-run interrupted before the change (``checkpoints/<model>/<model>-<key>/``) starts afresh.
+run interrupted before the change (``checkpoints/<model>/<model>-<key>/``) starts afresh. When the
+fields came to declare their caches, every key stayed as it was (``tests/test_identity_declared.py``).
 """
 
 from __future__ import annotations
