@@ -175,6 +175,8 @@ RANGES: dict[str, Rule] = {
     "forecaster.hidden": integer(1),
     "forecaster.depth": integer(1),
     "forecaster.steps": integer(1),
+    "forecaster.val_every": integer(0),  # 0: pretrain.val_every
+    "forecaster.patience": integer(0),  # 0: no early stopping
     "forecaster.lr": POSITIVE,
     "forecaster.batch_size": integer(1),
     "vae.preset": choice("demo", "paper"),
@@ -186,6 +188,8 @@ RANGES: dict[str, Rule] = {
     "vae.window": integer(1),
     "vae.kl_weight": NON_NEGATIVE,
     "vae.steps": integer(1),
+    "vae.val_every": integer(0),  # 0: pretrain.val_every
+    "vae.patience": integer(0),  # 0: no early stopping
     "vae.lr": POSITIVE,
     "vae.batch_size": integer(1),
     "diffusion.preset": choice("demo", "paper"),
@@ -197,6 +201,8 @@ RANGES: dict[str, Rule] = {
     "diffusion.num_workers": integer(0),  # 0: pretrain.num_workers
     "diffusion.cpus_per_worker": integer(0),  # 0: pretrain.cpus_per_worker
     "diffusion.steps": integer(1),
+    "diffusion.val_every": integer(0),  # 0: pretrain.val_every
+    "diffusion.patience": integer(0),  # 0: no early stopping
     "diffusion.lr": POSITIVE,
     "diffusion.batch_size": integer(1),
     "pretrain.num_workers": integer(0),  # 0: auto

@@ -127,6 +127,9 @@ class ForecasterConfig:
     steps: int = cached(800, "forecaster")
     lr: float = cached(1e-3, "forecaster")
     batch_size: int = cached(16, "forecaster")
+    # early stopping as for diffusion (0, 0: validate every pretrain.val_every, train all steps)
+    val_every: int = cached(0, "forecaster", unless_set=True)
+    patience: int = cached(0, "forecaster", unless_set=True)
 
 
 @dataclass
@@ -144,6 +147,9 @@ class VAEConfig:
     steps: int = cached(3000, "vae")
     lr: float = cached(1e-3, "vae")
     batch_size: int = cached(16, "vae")
+    # early stopping as for diffusion (0, 0: validate every pretrain.val_every, train all steps)
+    val_every: int = cached(0, "vae", unless_set=True)
+    patience: int = cached(0, "vae", unless_set=True)
 
 
 @dataclass
@@ -168,6 +174,12 @@ class DiffusionConfig:
     steps: int = cached(2000, "diffusion")
     lr: float = cached(1e-3, "diffusion")
     batch_size: int = cached(32, "diffusion")
+    # early stopping on the validation split's score-matching loss: validate every val_every
+    # steps (0 = pretrain.val_every), stop after patience validations without a lower loss and
+    # keep the best (0 = train all steps, keep the last). On the independent default world the
+    # loss is lowest after a few hundred steps and rises after (BENCHMARKS.md, pretraining)
+    val_every: int = cached(50, "diffusion")
+    patience: int = cached(6, "diffusion")
 
 
 @dataclass
@@ -178,7 +190,9 @@ class PretrainConfig:
     use_gpu: bool = runtime(False)
     cpus_per_worker: int = runtime(1)  # CPUs (= torch threads) per worker
     checkpoint_every: int = runtime(250)
-    val_every: int = runtime(250)
+    # validation interval of a model whose own val_every is 0; with its patience it picks the model
+    # kept, so it enters the pretrained models' keys (only when changed: older keys stay)
+    val_every: int = cached(250, "forecaster", "vae", "diffusion", unless_set=True)
     max_failures: int = runtime(2)
     # times per forecast-actor call when computing the 48 h backgrounds
     background_batch: int = runtime(32)
@@ -288,9 +302,10 @@ class DPOConfig:
     # the alignment seed (docs/method.md §9.5): the learner's batch order, t and ε, and the pair
     # draw from the stored candidates; 0 is run.seed itself. The main job aligns each variant for
     # seeds seed … seed + seeds − 1 and evaluates every one (the report: the mean and the
-    # across-seed spread; a gain must hold for every seed). dpo.seeds=1 for a quicker first look
+    # across-seed spread; a gain must hold for every seed). The default job runs one seed to stay
+    # near its time budget; dpo.seeds=3 gives the evidence that BENCHMARKS.md records
     seed: int = cached(0, "dpo")
-    seeds: int = runtime(3)  # how many runs, each its own folder
+    seeds: int = runtime(1)  # how many runs, each its own folder
     # GPU share of each learner worker when it uses GPUs (< 1: shares a GPU, e.g. with a sweep trial's
     # validation actors: one trial per GPU)
     gpus_per_worker: float = cached(1.0, "dpo", unless_set=True)

@@ -10,7 +10,8 @@ network of radiosondes and surface stations (written as IODA files into ``<out>/
 back). Quality control: the background check (``--background-k``, 0 turns it off) and the paper's
 filter against the truth (``--reference-k``, 0 turns it off). Writes ``report.md`` and
 ``metrics.json`` into ``--out`` (default ``<workdir>/network``) with each aligned model's % change
-against ``eval.baseline`` and the same gain verdict as the evaluation report.
+against ``eval.baseline``, its *shrink* baseline and the evaluation report's verdict (Holm-corrected
+over the aligned models, docs/method.md §10).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"network experiment of {', '.join(models)} (DPS) on {len(doc['times'])} times, "
           f"{doc['observations']['n_used']} observations: {out / 'report.md'}")
     for name, v in doc["verdict"].items():
-        print(f"  [{'gain' if v['gain'] else 'no gain'}] {name} against {doc['baseline']}: {v['why']}")
+        print(f"  [{'gain' if v['gain'] else 'no gain'}] {name} against {doc['baseline']} and "
+              f"{doc['shrink'][name]} (p Holm {v['p_holm']:.4f}): {'; '.join(v['why'])}")
     return 0
 
 

@@ -196,23 +196,7 @@ def test_block_bootstrap_widens_for_correlated_times():
     assert blk["ci"][0] <= blk["pct"] <= blk["ci"][1]
 
 
-def test_gain_verdict():
-    from align_rl.evaluation.verdict import gain_verdict
-
-    def ch(p, lo, hi, n_nan=0):
-        return {"pct": p, "ci": [lo, hi], "n": 12, "n_nan": n_nan}
-
-    ok = {"analysis": {"member": {"mse": ch(-3, -5, -1)}, "ensmean": {"mse": ch(-1, -2, -0.5)},
-                       "ensemble": {"crps": ch(-2, -3, -1)}}}
-    assert gain_verdict(ok)["gain"]
-    wide = {"analysis": {**ok["analysis"], "ensmean": {"mse": ch(-3, -5, 0.2)}}}
-    assert not gain_verdict(wide)["gain"]
-    collapse = {"analysis": {**ok["analysis"], "ensmean": {"mse": ch(1.0, -0.5, 2.0)}}}
-    assert "ensemble-mean" in gain_verdict(collapse)["why"]
-    crps = {"analysis": {**ok["analysis"], "ensemble": {"crps": ch(0.4, -1, 2)}}}
-    assert "CRPS" in gain_verdict(crps)["why"]
-    nan = {"analysis": {**ok["analysis"], "ensmean": {"mse": ch(-3, -5, -1, n_nan=2)}}}
-    assert "NaN" in gain_verdict(nan)["why"]
+def test_load_models_refuses_an_entry_without_a_checkpoint():
     cfg = load_config(None, [])
     with pytest.raises(ConfigError, match="NAME=CHECKPOINT"):
         load_models(["no-equals-sign"], cfg)

@@ -21,20 +21,25 @@ from align_rl.models.forecaster import (EmulatorForecaster, Forecaster, Regridde
 
 # Which fields entered which key before the fields declared it, found by changing every field of
 # the default config one at a time and seeing which keys changed (the key functions' hand-written
-# lists of f75470b). "dpo_sampled": the fields that enter a DPO run's key only when dpo.mode has
-# samplers (sync, async). No field was added or removed deliberately.
+# lists of da403fd). "dpo_sampled": the fields that enter a DPO run's key only when dpo.mode has
+# samplers (sync, async). One field was added deliberately: pretrain.val_every now enters the
+# pretrained models' keys (declared unless_set, so only when changed: a model whose own val_every
+# is 0 validates at that interval and, with its patience, keeps the best one validated).
 BEFORE: dict[str, set[str]] = {
     "dataset": {"data.burn_in_days", "data.coarsen", "data.days", "data.gap_days", "data.grid",
                 "data.members", "data.normalization", "data.pref", "data.seed", "data.source",
                 "data.stats_times", "data.test", "data.train", "data.val"},
     "forecaster": {"forecaster.batch_size", "forecaster.depth", "forecaster.hidden", "forecaster.kind",
                    "forecaster.lat_north_to_south", "forecaster.lr", "forecaster.mean_path",
-                   "forecaster.path", "forecaster.std_path", "forecaster.steps", "run.seed"},
+                   "forecaster.path", "forecaster.std_path", "forecaster.steps", "forecaster.val_every",
+                   "forecaster.patience", "run.seed"},
     "vae": {"run.seed", "vae.batch_size", "vae.depth", "vae.embed_dim", "vae.heads", "vae.kl_weight",
-            "vae.latent_channels", "vae.lr", "vae.patch", "vae.preset", "vae.steps", "vae.window"},
+            "vae.latent_channels", "vae.lr", "vae.patch", "vae.preset", "vae.steps", "vae.window",
+            "vae.val_every", "vae.patience"},
     "diffusion": {"diffusion.background_skip", "diffusion.batch_size", "diffusion.depth",
                   "diffusion.embed_dim", "diffusion.eps_skip", "diffusion.heads", "diffusion.lr",
-                  "diffusion.patch", "diffusion.preset", "diffusion.steps", "run.seed"},
+                  "diffusion.patch", "diffusion.preset", "diffusion.steps", "diffusion.val_every",
+                  "diffusion.patience", "run.seed"},
     "backgrounds": set(),
     "pairs": {"data.pref", "guidance.dps_gamma", "guidance.dps_likelihood", "guidance.dps_zeta",
               "guidance.methods", "obs.density", "obs.mode", "obs.r_floor", "obs.sigma_o",
@@ -55,19 +60,19 @@ BEFORE: dict[str, set[str]] = {
                         "sampler.decode", "sampler.members", "sampler.steps", "sampler.tau"},
 }
 
-# The keys of the default config (and two variants) computed by the code of f75470b, before the
+# The keys of the default config (and two variants) computed by the code of da403fd, before the
 # fields declared their caches: the same inputs give the same keys, so existing workdirs are reused.
 BEFORE_KEYS = {
     "default": {"world": "b15dfa86bdf07294", "normalization": "726edebff2857bbf",
-                "forecaster": "abc26e59a9916feb", "vae": "eba58d3905614c06", "diffusion": "f5388baf72896288",
-                "pairs": "9412e09c5fe1b3c4", "dpo": "dc8e248c7440ebe6", "sweep": "eb619be8a889fdda"},
+                "forecaster": "abc26e59a9916feb", "vae": "eba58d3905614c06", "diffusion": "9e1e15f5f22df0a9",
+                "pairs": "272696b1bb9a480a", "dpo": "ecdf7819f0cff3dd", "sweep": "f6361ca25ee65e4f"},
     "async": {"world": "b15dfa86bdf07294", "normalization": "726edebff2857bbf",
-              "forecaster": "abc26e59a9916feb", "vae": "eba58d3905614c06", "diffusion": "f5388baf72896288",
-              "pairs": "9412e09c5fe1b3c4", "dpo": "6d2eee2f4906118b", "sweep": "eb619be8a889fdda"},
+              "forecaster": "abc26e59a9916feb", "vae": "eba58d3905614c06", "diffusion": "9e1e15f5f22df0a9",
+              "pairs": "272696b1bb9a480a", "dpo": "9a73fda0506eebb4", "sweep": "f6361ca25ee65e4f"},
     "unless_set": {"world": "4d13e1c2f59b2991", "normalization": "ce5dc8e7e027794f",
                    "forecaster": "6f13857ba45e20f2", "vae": "6f2b00139da00668",
-                   "diffusion": "6ae698f968e23f0a", "pairs": "928d52df6e29e0c1", "dpo": "1a7946909433ac72",
-                   "sweep": "17e1c9fdaad8a821"},
+                   "diffusion": "b49aad8886fcf549", "pairs": "0975b4cbda7a7026", "dpo": "8341e797318d9700",
+                   "sweep": "e18c9425287d9134"},
 }
 VARIANTS = {"default": [], "async": ["dpo.mode=async"],
             "unless_set": ["sampler.autocast=bf16", "dpo.gpus_per_worker=0.5", "data.stats_times=10"]}

@@ -150,6 +150,26 @@ def test_ddp_worker_crash_resumes_from_the_last_checkpoint(tmp_path, ray_session
     assert m["val/rmse_6h"] < 0.5 * m["val/rmse_persistence"], m
 
 
+@pytest.mark.ray
+def test_early_stopping_stops_every_worker_and_returns_the_best_model(tmp_path, ray_session):
+    """Two DDP workers, learning rate 0: the validation loss never falls below the starting
+    model's, so with val_every 5 and patience 2 the run stops at step 10 of 40 on both workers
+    (the broadcast agrees) and returns the starting weights as the best model."""
+    from align_rl.config import PretrainConfig
+    from align_rl.training.harness import run_training
+    from align_rl.training.tasks import TASKS
+
+    pre = PretrainConfig(num_workers=2, cpus_per_worker=1, checkpoint_every=20, val_every=250, max_failures=0)
+    job = dict(_forecaster_job(), steps=40, lr=0.0, val_every=5, patience=2)
+    res = run_training("forecaster", job, pre, tmp_path / "ray", "patience")
+    m = res.metrics
+    assert (m["best_step"], m["last_step"], m["stopped_early"]) == (0, 10, True), m
+    assert [h["step"] for h in res.history if "val/loss" in h] == [5, 10]
+    torch.manual_seed(job["seed"])
+    start = TASKS["forecaster"].build(job).state_dict()
+    assert all(torch.equal(res.state_dict[k], v) for k, v in start.items())
+
+
 def _tiny_store(tmp_path):
     from align_rl.io.store import write_states
 

@@ -249,6 +249,52 @@ def test_validation_keeps_the_best_model(tmp_path):
     assert loop.model.training and loop.state()["best"] == {"step": 3, "val/score": 0.9}
 
 
+class _Falling(_Line):
+    """Validation losses 0.5, 0.4, 0.45, 0.46, 0.3 in turn (lower is better); the start 0.6."""
+
+    best_key, best_mode = "val/loss", "min"
+
+    def __init__(self, config, worker):
+        super().__init__(config, worker)
+        self.losses = [0.5, 0.4, 0.45, 0.46, 0.3]
+
+    def initial_score(self, model):
+        return 0.6
+
+    def validate(self, model):
+        return {"val/loss": self.losses.pop(0)}
+
+
+def test_patience_stops_after_validations_without_a_lower_loss_and_keeps_the_best(tmp_path):
+    """val_every 1, patience 2: the best is step 2 (0.4); steps 3 and 4 do not beat it, so the
+    loop is out of patience after step 4 and hands on the weights it had at step 2."""
+    loop = Loop(_config(tmp_path, val_every=1, patience=2, steps=5, make_task=_Falling), Worker())
+    loop.prepare(lambda m: m)
+    out, at_step2 = [], None
+    for _ in range(4):
+        loop.train_step()
+        m = loop.metrics()
+        loop.validate(m)
+        out.append(loop.out_of_patience())
+        if loop.step == 2:
+            at_step2 = {k: v.clone() for k, v in loop.raw.state_dict().items()}
+    assert out == [False, False, False, True]
+    assert loop.best == {"step": 2, "val/loss": 0.4}
+    st = loop.state()
+    assert all(torch.equal(st["best_model"][k], v) for k, v in at_step2.items())
+    assert not all(torch.equal(st["model"][k], v) for k, v in at_step2.items())
+
+
+def test_without_patience_the_loop_keeps_no_copy_and_never_stops(tmp_path):
+    loop = Loop(_config(tmp_path, val_every=1, steps=5, make_task=_Falling), Worker())
+    loop.prepare(lambda m: m)
+    for _ in range(4):
+        loop.train_step()
+        loop.validate(loop.metrics())
+        assert not loop.out_of_patience()
+    assert loop.state()["best_model"] is None and loop.best["val/loss"] == 0.4
+
+
 def test_auto_workers_follow_the_cluster_not_the_free_cpus(monkeypatch):
     """pretrain.num_workers=0 counts the cluster's CPUs: CPUs still held by a previous stage's
     actors must not change the data-parallel batches (and so the trained model)."""

@@ -18,7 +18,7 @@ from align_rl.evaluation.metrics import mse
 from align_rl.evaluation.results import ScoreTable, open_results, row_changes, summarise, write_netcdf
 from align_rl.evaluation.seeds import across_seeds, plan_rows
 from align_rl.evaluation.sections import main_lines, observation_tables, verdict_section
-from align_rl.evaluation.verdict import decide, gain_verdict, mse_line
+from align_rl.evaluation.verdict import decide, mse_line
 
 
 def ar1(n: int, rho: float, rng: np.random.Generator) -> np.ndarray:
@@ -240,18 +240,6 @@ def test_old_results_without_new_variables_still_read(tmp_path):
     assert c["pct"] == pytest.approx(-10) and np.isnan(c["p_lo"])
     assert main_lines(back)[0]["model"] == "other"
     assert observation_tables(back) == []
-
-
-def test_quick_gain_verdict_needs_intervals_below_zero():
-    def ch(p, lo, hi, n_nan=0):
-        return {"pct": p, "ci": [lo, hi], "n": 12, "n_nan": n_nan}
-
-    ok = {"analysis": {"member": {"mse": ch(-3, -5, -1)}, "ensmean": {"mse": ch(-1, -2, -0.5)},
-                       "ensemble": {"crps": ch(-2, -3, -1)}}}
-    assert gain_verdict(ok)["gain"]
-    assert "ensemble-mean" in gain_verdict({"analysis": {**ok["analysis"], "ensmean": {"mse": ch(-1, -2, 0.5)}}})["why"]
-    assert "CRPS" in gain_verdict({"analysis": {**ok["analysis"], "ensemble": {"crps": ch(-0.04, -1, 2)}}})["why"]
-    assert "NaN" in gain_verdict({"analysis": {**ok["analysis"], "ensmean": {"mse": ch(-1, -2, -1, 2)}}})["why"]
 
 
 def test_load_models_groups_seed_checkpoints(tmp_path, monkeypatch):

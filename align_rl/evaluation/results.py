@@ -256,8 +256,7 @@ def row_scores(ds: xr.Dataset, model: str, method: str, setting: str = "main") -
 
 
 def row_changes(ds: xr.Dataset, model: str, method: str, setting: str = "main") -> dict | None:
-    """``{kind: {stat: {metric: change}}}`` of one row (the form
-    :func:`~align_rl.evaluation.verdict.gain_verdict` reads), or None when not compared."""
+    """``{kind: {stat: {metric: change}}}`` of one row, or None when not compared."""
     return _tree(select_row(ds, model, method, setting), "compared", _change_at)
 
 

@@ -137,9 +137,10 @@ def verdict_section(lines: list[dict], title: str = "## Verdict", family: str = 
     return L + [""]
 
 
-def spread_skill_section(ds: xr.Dataset) -> list[str]:
-    """Spread/skill (mean over channels) of every row, method and kind, its % change against the
-    reference and the excess distance to 1, ``|SS − 1| − |SS_ref − 1|``, with 95 % intervals."""
+def spread_skill_section(ds: xr.Dataset, setting: str = "main") -> list[str]:
+    """Spread/skill (mean over channels) of every row, method and kind of ``setting``, its % change
+    against the reference and the excess distance to 1, ``|SS − 1| − |SS_ref − 1|``, with 95 %
+    intervals."""
     base = str(ds.attrs.get("baseline", "reference"))
     seed = int(ds.attrs.get("seed", 0))
 
@@ -151,8 +152,8 @@ def spread_skill_section(ds: xr.Dataset) -> list[str]:
     for meth in _methods(ds):
         for row in rows:
             for kind in ("analysis", "forecast"):
-                a = cell_series(ds, "main", row, meth, kind, "ensemble", "spread_skill")
-                b = cell_series(ds, "main", base, meth, kind, "ensemble", "spread_skill")
+                a = cell_series(ds, setting, row, meth, kind, "ensemble", "spread_skill")
+                b = cell_series(ds, setting, base, meth, kind, "ensemble", "spread_skill")
                 if a is None or b is None:
                     continue
                 if row == base:
@@ -164,13 +165,34 @@ def spread_skill_section(ds: xr.Dataset) -> list[str]:
     return L + [""]
 
 
-def decomposition_section(ds: xr.Dataset) -> list[str]:
-    """The single-member MSE change against the reference split into the ensemble-mean MSE part
-    and the spread part (single-member MSE = ensemble-mean MSE + mean_n |x_n − m|², per time),
-    absolute (normalised MSE units) with 95 % intervals."""
+def mse_decomposition(ds: xr.Dataset, row: str, method: str, kind: str, setting: str = "main") -> dict | None:
+    """The single-member MSE change of ``row`` against the reference split into the ensemble-mean
+    MSE part and the spread part (single-member MSE = ensemble-mean MSE + mean_n |x_n − m|², per
+    time): ``{"member", "ensmean", "spread"}`` each an absolute change (normalised MSE units) as
+    :func:`~align_rl.evaluation.bootstrap.paired_stat` returns it (95 % interval), ``"share"`` (the
+    spread part's share of the single-member change), ``"spread_reference"`` and ``"spread_row"``
+    (time means of the spread term); None when either row lacks those scores."""
     base = str(ds.attrs.get("baseline", "reference"))
     seed = int(ds.attrs.get("seed", 0))
+    parts = {}
+    for who in (row, base):
+        m = cell_series(ds, setting, who, method, kind, "member", "mse")
+        e = cell_series(ds, setting, who, method, kind, "ensmean", "mse")
+        parts[who] = None if m is None or e is None else (m, e, m - e)
+    if parts[row] is None or parts[base] is None:
+        return None
+    (m1, e1, s1), (m0, e0, s0) = parts[row], parts[base]
+    dm = paired_stat(m1, m0, difference, seed=seed)
+    dsp = paired_stat(s1, s0, difference, seed=seed)
+    return {"member": dm, "ensmean": paired_stat(e1, e0, difference, seed=seed), "spread": dsp,
+            "share": dsp["value"] / dm["value"] if dm["value"] else float("nan"),
+            "spread_reference": float(np.nanmean(s0)), "spread_row": float(np.nanmean(s1))}
 
+
+def decomposition_section(ds: xr.Dataset, setting: str = "main") -> list[str]:
+    """The single-member MSE change against the reference of every row of ``setting`` split into
+    the ensemble-mean MSE part and the spread part (:func:`mse_decomposition`), absolute
+    (normalised MSE units) with 95 % intervals."""
     L = ["## Decomposition of the single-member MSE change", "",
          "Single-member MSE = ensemble-mean MSE + spread term (mean over members of |x_n − mean|²). "
          "A narrower ensemble lowers the single-member MSE through the spread term alone; the "
@@ -181,21 +203,12 @@ def decomposition_section(ds: xr.Dataset) -> list[str]:
     for meth in _methods(ds):
         for row in verdict_rows(ds) + trivial_rows(ds):
             for kind in ("analysis", "forecast"):
-                parts = {}
-                for who in (row, base):
-                    m = cell_series(ds, "main", who, meth, kind, "member", "mse")
-                    e = cell_series(ds, "main", who, meth, kind, "ensmean", "mse")
-                    parts[who] = None if m is None or e is None else (m, e, m - e)
-                if parts[row] is None or parts[base] is None:
+                d = mse_decomposition(ds, row, meth, kind, setting)
+                if d is None:
                     continue
-                (m1, e1, s1), (m0, e0, s0) = parts[row], parts[base]
-                dm = paired_stat(m1, m0, difference, seed=seed)
-                de = paired_stat(e1, e0, difference, seed=seed)
-                dsp = paired_stat(s1, s0, difference, seed=seed)
-                share = dsp["value"] / dm["value"] if dm["value"] else float("nan")
-                L.append(f"| {_label(row, meth)} | {kind} | {_ci(dm, '+.5f')} | {_ci(de, '+.5f')} | "
-                         f"{_ci(dsp, '+.5f')} | {_num(100 * share, '.0f')} % | "
-                         f"{np.nanmean(s0):.5f} → {np.nanmean(s1):.5f} |")
+                L.append(f"| {_label(row, meth)} | {kind} | {_ci(d['member'], '+.5f')} | "
+                         f"{_ci(d['ensmean'], '+.5f')} | {_ci(d['spread'], '+.5f')} | {_num(100 * d['share'], '.0f')} % | "
+                         f"{d['spread_reference']:.5f} → {d['spread_row']:.5f} |")
     return L + [""]
 
 

@@ -78,6 +78,18 @@ def probabilistic_metrics(ens_norm: torch.Tensor, truth_norm: torch.Tensor, norm
     }
 
 
+def analysis_scores(xa: torch.Tensor, truth: torch.Tensor, normalizer: Normalizer, lat: np.ndarray,
+                    lon: np.ndarray) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+    """Every analysis score of an ensemble ``xa`` (T, N, 69, H, W) against ``truth`` (T, 69, H, W),
+    both normalised: ``{("analysis", stat): {metric: (T,)}}``, stat ``member`` (each member's
+    score, averaged), ``ensmean`` (the members' mean) or ``ensemble`` (CRPS, spread/skill)."""
+    return {
+        ("analysis", "member"): deterministic_metrics(xa, truth, normalizer, lat, lon),
+        ("analysis", "ensmean"): deterministic_metrics(xa.mean(dim=1), truth, normalizer, lat, lon),
+        ("analysis", "ensemble"): probabilistic_metrics(xa, truth, normalizer, lat),
+    }
+
+
 def member_inputs(x_prev: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The forecaster's two input frames of every member, flattened: ``x_prev`` (T, 69, H, W)
     repeated over the members of ``x0`` (T, N, 69, H, W); both (T·N, 69, H, W), time-major."""
@@ -112,11 +124,7 @@ def score_batch(xa: torch.Tensor, truth: torch.Tensor, prev: torch.Tensor, truth
     ``member`` (each member's score, averaged), ``ensmean`` (the members' mean) or ``ensemble``
     (CRPS, spread/skill). ``forecasts``: the members' forecasts when already made elsewhere
     (e.g. on forecast actors), else made here."""
-    out = {
-        ("analysis", "member"): deterministic_metrics(xa, truth, normalizer, lat, lon),
-        ("analysis", "ensmean"): deterministic_metrics(xa.mean(dim=1), truth, normalizer, lat, lon),
-        ("analysis", "ensemble"): probabilistic_metrics(xa, truth, normalizer, lat),
-    }
+    out = analysis_scores(xa, truth, normalizer, lat, lon)
     fm = forecast_from(forecaster, prev, xa, steps) if forecasts is None else forecasts
     out[("forecast", "member")] = deterministic_metrics(fm, truth_fc, normalizer, lat, lon, geo=False)
     out[("forecast", "ensmean")] = deterministic_metrics(fm.mean(dim=1), truth_fc, normalizer, lat, lon,

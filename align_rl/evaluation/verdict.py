@@ -29,7 +29,7 @@ import xarray as xr
 from align_rl.evaluation.bootstrap import (N_BOOT, closer_to_one, holm, paired_change, paired_stat,
                                            pct_change)
 
-__all__ = ["ALPHA", "paired_change", "holm", "mse_line", "geo_line", "decide", "gain_verdict"]
+__all__ = ["ALPHA", "paired_change", "holm", "mse_line", "geo_line", "decide"]
 
 ALPHA = 0.025
 """One-sided family level of the Holm correction (= a two-sided 95 % interval below 0)."""
@@ -191,29 +191,6 @@ def _fmt(t: dict) -> str:
     if v is None or not np.isfinite(v):
         return "n/a"
     return f"{v:+.2f} % [{lo:+.2f}, {hi:+.2f}]"
-
-
-def gain_verdict(changes: dict, table: str = "analysis") -> dict:
-    """A quick verdict from a row's changes alone (``{table: {stat: {metric: paired_change}}}``),
-    without baselines, seeds or the Holm correction: the ensemble-mean MSE and the CRPS lower with
-    their 95 % intervals below 0, and no NaN. The report's verdict is :func:`decide` over
-    :func:`mse_line` lines. Returns ``{"gain": bool, "why": str}``."""
-    t = changes.get(table, {})
-    ens = t.get("ensmean", {}).get("mse")
-    crps = t.get("ensemble", {}).get("crps")
-    if ens is None or not np.isfinite(ens["pct"]):
-        return {"gain": False, "why": "no ensemble-mean MSE"}
-    present = [c for c in (ens, crps) if c]
-    nan = max(int(c.get("n_nan", 0)) for c in present)
-    if nan:
-        return {"gain": False, "why": f"{nan} time(s) with NaN analyses"}
-    for name, c in (("ensemble-mean MSE", ens), ("CRPS", crps)):
-        if c is None:
-            continue
-        if not (np.isfinite(c["pct"]) and c["pct"] < 0 and c["ci"][1] < 0):
-            return {"gain": False, "why": f"{name} {c['pct']:+.2f} % [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}] "
-                                          "not below 0"}
-    return {"gain": True, "why": "ensemble-mean MSE and CRPS lower (intervals below 0)"}
 
 
 __all__ += ["N_BOOT", "cell_series", "seed_rows", "trivial_row"]

@@ -304,7 +304,8 @@ def run_training(
     sc = scaling_config(pre, num_workers)
     config = dict(loop_config)
     config.update(task=task, make_task=pretrain_task, threads=max(1, int(pre.cpus_per_worker)),
-                  checkpoint_every=int(pre.checkpoint_every), val_every=int(pre.val_every),
+                  checkpoint_every=int(pre.checkpoint_every),
+                  val_every=int(loop_config.get("val_every") or pre.val_every),
                   num_workers=sc.num_workers, log_every=0, label=f"pretrain {task}")
     w = dict(config.get("wandb") or {})
     w.setdefault("config", {k: v for k, v in config.items() if k in WANDB_KEYS})
@@ -323,6 +324,13 @@ def run_training(
     history = list(state["history"])
     with_val = [h for h in history if "val/loss" in h]
     metrics = dict(with_val[-1] if with_val else (history[-1] if history else {}))
-    return TrainResult(task=task, state_dict=state["model"], metrics=metrics, history=history,
+    model = state["model"]
+    if state.get("best_model") is not None:  # early stopping: the best validated model
+        model, best_step = state["best_model"], int(state["best"]["step"])
+        at_best = [h for h in with_val if int(h.get("step", -1)) == best_step]
+        metrics = dict(at_best[-1] if at_best else metrics)
+        metrics.update(best_step=best_step, last_step=int(state["step"]),
+                       stopped_early=bool(state.get("stopped")))
+    return TrainResult(task=task, state_dict=model, metrics=metrics, history=history,
                        starts=list(state["starts"]), checkpoint=str(result.checkpoint.path),
                        wall_s=wall)

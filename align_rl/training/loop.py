@@ -19,7 +19,9 @@ loop owns everything else:
   to wandb (``wandb.mode``, offline by default) and, with an ``out_dir``, to
   ``out_dir/metrics.jsonl`` (one JSON line per logged step, written at checkpoints);
 - **validation** (rank 0) every ``val_every`` steps and at the end; a task with a ``best_key``
-  keeps the best validated model (:meth:`Task.keep_best`);
+  keeps the best validated model (:meth:`Task.keep_best`, and in the state as ``best_model``);
+  with ``patience`` > 0 the run **stops early** once ``patience`` validations in a row have not
+  improved on the best (all workers stop at the same step; the state records ``stopped``);
 - **checkpoints** every ``checkpoint_every`` steps and at the end: rank 0 writes ``state.pt``
   (:func:`align_rl.io.checkpoints.save_state`) into a Ray checkpoint and, with an ``out_dir``,
   publishes the model (:meth:`Task.publish`) and then ``out_dir/state.pt`` (the commit point);
@@ -31,7 +33,8 @@ loop owns everything else:
 
 ``config`` keys: ``make_task`` (``(config, Worker) -> Task``), ``steps``, ``seed``, ``lr``,
 ``warmup`` (steps; None: ``min(100, steps / 10)``), ``decay`` (``cosine`` | ``constant``),
-``batch_size``, ``grad_clip``, ``checkpoint_every``, ``val_every`` (0: never), ``log_every``
+``batch_size``, ``grad_clip``, ``checkpoint_every``, ``val_every`` (0: never), ``patience``
+(validations without improvement before stopping; 0: never stop early), ``log_every``
 (0: at validations and checkpoints only), ``threads``, ``out_dir``, ``resume``, ``wandb``
 (``{"mode", "project", "dir", "name", "group", "id", "config"}``), ``progress``, ``crash``,
 ``plugins`` (the ``run.plugins`` modules, imported on each worker before the task is built).
@@ -75,7 +78,8 @@ class Task:
     name = "task"
     hint = "lower the learning rate"  # how to fix a non-finite loss
     echo = False  # print one console line per validation
-    best_key: str | None = None  # a validation metric to keep the best model by (higher = better)
+    best_key: str | None = None  # a validation metric to keep the best model by
+    best_mode = "max"  # "max": higher best_key is better; "min": lower is better
 
     def build(self, device: torch.device) -> nn.Module:
         """The trainable network (any frozen model the loss needs stays inside the task)."""
@@ -288,15 +292,19 @@ class Loop:
         self.opt = torch.optim.AdamW(model.parameters(), lr=float(config["lr"]), weight_decay=0.0)
         state = resume_state(ckpt, config)
         self.start, self.history, self.starts, self.best = 0, [], [], {}
+        self.best_model: dict | None = None
+        self.stopped = False
         if state is not None:
             model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optim"])
             self.start, self.history = int(state["step"]), list(state["history"])
             self.starts, self.best = list(state.get("starts") or []), dict(state.get("best") or {})
+            self.best_model, self.stopped = state.get("best_model"), bool(state.get("stopped"))
         self.starts.append(self.start)
         self.model = model
         self.step, self.written = self.start, len(self.history)
         self.val_every = int(config.get("val_every") or 0)
+        self.patience = int(config.get("patience") or 0)
         self.per_worker = per_worker_batch(int(config["batch_size"]), worker.world)
         self.window = Window()
 
@@ -314,7 +322,13 @@ class Loop:
             self.raw.train()
             self._keep_best()
 
+    def _better(self, value: float) -> bool:
+        old = float(self.best[self.task.best_key])
+        return value < old if self.task.best_mode == "min" else value > old
+
     def _keep_best(self) -> None:
+        if self.patience:  # early stopping hands the best model on through the state
+            self.best_model = {k: v.detach().to("cpu", copy=True) for k, v in self.raw.state_dict().items()}
         if self.out_dir is not None:  # a task keeps its best model in out_dir only
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.task.keep_best(self.out_dir, self.raw, int(self.best["step"]), self.best)
@@ -359,17 +373,23 @@ class Loop:
         m.update(vm)
         key = self.task.best_key
         if key:
-            if vm[key] > float(self.best[key]):
+            if self._better(float(vm[key])):
                 self.best = {"step": self.step, key: vm[key]}
                 self._keep_best()
             m[BEST_STEP] = float(self.best["step"])
+
+    def out_of_patience(self) -> bool:
+        """Rank 0: ``patience`` validations since the best one (never without a ``best_key``)."""
+        if not (self.patience and self.val_every and self.task.best_key and self.best):
+            return False
+        return self.step - int(self.best["step"]) >= self.patience * self.val_every
 
     def state(self) -> dict[str, Any]:
         """The training state (CPU tensors) that a resumed run starts from."""
         return {"model": to_cpu(self.raw.state_dict()), "optim": to_cpu(self.opt.state_dict()),
                 "step": self.step, "target": self.steps, "history": self.history,
                 "starts": self.starts, "best": self.best, "task": self.task.name,
-                **self.task.constants()}
+                "best_model": self.best_model, "stopped": self.stopped, **self.task.constants()}
 
     def commit(self, directory: Path) -> None:
         """Rank 0 at a checkpoint: ``state.pt`` into ``directory`` (the Ray checkpoint) and, with
@@ -390,6 +410,18 @@ class Loop:
         print(f"[{self.task.name}] step {self.step}/{self.steps} loss {m['loss']:.4g} "
               + " ".join(f"{k} {v:.4g}" for k, v in m.items() if k.startswith("val/"))
               + f" ({m['samples_per_s']:.1f} samples/s)", flush=True)
+
+
+def agree(flag: bool, w: Worker) -> bool:
+    """Rank 0's ``flag`` on every worker (a broadcast over the process group when there are
+    several workers)."""
+    if w.world <= 1:
+        return bool(flag)
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=w.device)
+    dist.broadcast(t, src=0)
+    return bool(t.item() > 0.5)
 
 
 def _crash_now(crash: dict | None, rank: int, step: int) -> bool:
@@ -413,9 +445,9 @@ def train_loop(config: dict) -> None:
     log_every, ckpt_every = int(config.get("log_every") or 0), max(1, int(config["checkpoint_every"]))
     pending = 0
     try:
-        if loop.start >= loop.steps:  # restored a finished run: report once so the result carries it
+        if loop.start >= loop.steps or loop.stopped:  # restored a finished run: report once
             ray.train.report({"step": loop.start, "attempt": len(loop.starts)})
-        while loop.step < loop.steps:
+        while loop.step < loop.steps and not loop.stopped:
             loop.train_step()
             step, last = loop.step, loop.step == loop.steps
             pending += 1
@@ -427,12 +459,18 @@ def train_loop(config: dict) -> None:
             if not (do_val or do_ckpt or (log_every and step % log_every == 0)):
                 continue
             m = loop.metrics()
+            if w.rank == 0 and do_val:
+                loop.validate(m)
+            if do_val and loop.patience and not last and agree(w.rank == 0 and loop.out_of_patience(), w):
+                loop.stopped = do_ckpt = True  # every worker stops here, with a checkpoint
+                m["stopped_early"] = 1.0
             if w.rank == 0:
-                if do_val:
-                    loop.validate(m)
                 loop.history.append(dict(m))
                 if do_val and loop.task.echo:
                     loop.echo(m)
+                if loop.stopped:
+                    print(f"[{loop.task.name}] stopped early at step {step}: no better validation "
+                          f"than step {int(loop.best['step'])} in {loop.patience} validations", flush=True)
                 if run is not None:
                     run.log(m, step=step)
             if do_ckpt:
@@ -450,6 +488,8 @@ def train_loop(config: dict) -> None:
                     os._exit(1)  # a hard worker death, as a lost node or OOM kill would be
             elif do_val:
                 ray.train.report(m)
+            if loop.stopped:
+                break
     finally:
         bar.close()
         if run is not None:

@@ -176,17 +176,22 @@ def _train(cfg: Config, ws: Workspace, stage: str, loop_config: dict, ident: dic
     section = getattr(cfg, stage)
     lc = dict(loop_config)
     lc.update(model_cfg=asdict(section), steps=int(section.steps), lr=float(section.lr),
+              val_every=int(section.val_every), patience=int(section.patience),
               batch_size=int(section.batch_size), seed=int(cfg.run.seed),
               wandb=_wandb(cfg, ws, stage, ih), plugins=list(cfg.run.plugins))
     lc.update(extra_loop or {})
     pre = _resources(cfg, stage)
-    _log(f"training {stage}: {section.steps} steps, batch {section.batch_size}, "
+    stop = (f" (at most; stops after {section.patience} validations without a lower loss)"
+            if int(section.patience) else "")
+    _log(f"training {stage}: {section.steps} steps{stop}, batch {section.batch_size}, "
          f"{num_workers or pre.num_workers or 'auto'} worker(s) × {pre.cpus_per_worker} CPU(s)"
          f"{' + 1 GPU' if pre.use_gpu else ''} "
          f"(run {stage}-{ih})")
     res = run_training(stage, lc, pre, ws.checkpoints(stage), f"{stage}-{ih}", num_workers)
+    kept = (f"; kept step {res.metrics['best_step']} of {res.metrics['last_step']}"
+            if "best_step" in res.metrics else "")
     _log(f"{stage} done in {res.wall_s:.0f} s ({res.samples_per_s:.1f} samples/s); "
-         + ", ".join(f"{k} {v:.4g}" for k, v in res.metrics.items() if k.startswith("val/")))
+         + ", ".join(f"{k} {v:.4g}" for k, v in res.metrics.items() if k.startswith("val/")) + kept)
     return res
 
 

@@ -166,6 +166,8 @@ class PretrainTask(Task):
         self.seed = int(config["seed"])
         self.train_ds = self.recipe.dataset(_get(config["data"]["train"]))
         self.val_ds = self.recipe.dataset(_get(config["data"]["val"])) if worker.rank == 0 else None
+        if int(config.get("patience") or 0) > 0:  # early stopping keeps the lowest validation loss
+            self.best_key, self.best_mode = "val/loss", "min"
 
     def build(self, device: torch.device) -> nn.Module:
         return self.recipe.build(self.config)
