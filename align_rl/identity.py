@@ -262,7 +262,8 @@ def _parts(cfg: Config, *caches: str) -> dict[str, dict[str, Any]]:
 
 
 def _rest(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The sections a key does not place by name, nested under their names (empty today)."""
+    """The sections a key does not place by name, nested under their names (e.g. ``pretrain`` in
+    the pretraining keys when ``pretrain.val_every`` is changed)."""
     return {name: d for name, d in parts.items() if d}
 
 
