@@ -12,8 +12,10 @@ command does work: every float must be finite, every key in :data:`RANGES` must 
 (a range, an integer bound, a set of choices or the names of a registry such as
 ``align_rl.diffusion.guidance.METHODS``), and a few rules tie keys together. A new numeric
 config field needs an entry in :data:`RANGES` (``tests/test_hardening.py`` checks that every one
-has). YAML values are read as in YAML 1.2: ``0x40``, ``0o17``, ``1_000`` or ``1:20`` stay strings,
-and ``1e-5`` is a number.
+has), and every new field declares the caches its value enters, ``cached(default, *caches)`` or
+``runtime(default)`` (:mod:`align_rl.config_sections`; ``tests/test_identity_declared.py``).
+YAML values are read as in YAML 1.2: ``0x40``, ``0o17``, ``1_000`` or ``1:20`` stay strings, and
+``1e-5`` is a number.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from align_rl.config_sections import (  # noqa: F401 - the sections are part of this module's API
-    HASH_UNLESS_SET, PRESETS, ActorsConfig, ChecksConfig, Config, DataConfig, DiffusionConfig,
+    PRESETS, ActorsConfig, ChecksConfig, Config, DataConfig, DiffusionConfig, cached, runtime,
     DPOConfig, EvalConfig, ForecasterConfig, GuidanceConfig, ObsConfig, PairsConfig,
     PretrainConfig, RewardConfig, RunConfig, SamplerConfig, VAEConfig,
 )

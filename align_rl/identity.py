@@ -6,6 +6,13 @@ A key is a content hash: ``sha256`` of the canonical JSON of what the result dep
 content, never by their path, name, size or modification time: a file or store copied elsewhere
 keeps its identity, and touching a file changes nothing.
 
+Which config fields enter which key is declared beside each field, in its dataclass metadata
+(:func:`align_rl.config_sections.cached` / :func:`~align_rl.config_sections.runtime`, the cache
+names of :data:`CACHES`), and read here (:func:`cache_fields`, :func:`section_dict`): a key holds
+every field that declares it, so a new field enters its caches by its declaration alone, and a
+test checks that every field declares something. A forecaster enters by its own
+``fingerprint()`` (:meth:`align_rl.models.forecaster.Forecaster.fingerprint`).
+
 Each cache, its identity and where the key is kept:
 
 - simulated world: :func:`world` (the ``data`` section); the store's ``config_hash`` attribute.
@@ -26,7 +33,8 @@ The keys changed once, when they moved here (one digest length, stores by conten
 path): caches in workdirs written before are not recognised and are simply rebuilt. A default
 preference store is moved aside to ``pairs-<key>.zarr``, never deleted (one set with
 ``pairs.store`` is refused as built for other inputs: point it at a new folder), and a pretraining
-run interrupted before the change (``checkpoints/<model>/<model>-<key>/``) starts afresh.
+run interrupted before the change (``checkpoints/<model>/<model>-<key>/``) starts afresh. When the
+fields came to declare their caches, every key stayed as it was (``tests/test_identity_declared.py``).
 """
 
 from __future__ import annotations
@@ -47,8 +55,26 @@ if TYPE_CHECKING:  # pragma: no cover
 DIGEST_CHARS = 16
 """Hex characters of every cache key (64 bits)."""
 
-RESOURCE_KEYS = ("num_workers", "cpus_per_worker")
-"""Fields of a model section that say how it trains, not what it is (left out of its identity)."""
+CACHES: dict[str, str] = {
+    "dataset": "the dataset: the simulated world, a store's normalisation statistics, and the "
+               "dataset part of every later key (:func:`world`, :func:`data_dict`)",
+    "forecaster": "the pretrained forecaster (:func:`pretraining`)",
+    "vae": "the pretrained VAE (:func:`pretraining`)",
+    "diffusion": "the pretrained diffusion model, the reference (:func:`pretraining`)",
+    "backgrounds": "the 48 h background cache (:func:`backgrounds`)",
+    "pairs": "the preference store's candidates and scores (:func:`pair_store`)",
+    "dpo": "a DPO learner run's folder (:func:`dpo_run`)",
+    "dpo_sampled": "a DPO learner run's folder when its schedule has samplers (dpo.mode sync or "
+                   "async; :func:`dpo_run`)",
+    "sweep_reference": "a sweep's reference validation metrics (:func:`sweep_reference`)",
+}
+"""The caches a config field may declare (``cached(default, *caches)``), by name."""
+
+CACHES_META = "caches"
+"""The metadata key of a config field naming the caches its value enters (``()``: none)."""
+UNLESS_SET_META = "unless_set"
+"""The metadata key of a config field that counts only when it differs from its default (so that
+adding it does not invalidate the caches of runs made before it)."""
 
 VOLATILE_ATTRS = ("wall_seconds", "threads", "threads_dropped_to_1_at_step", "seconds")
 """Store attributes that record how a store was written (timings), not what it holds."""
@@ -153,62 +179,100 @@ def _is_module(obj: Any) -> bool:
     return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "parameters", None))
 
 
-def forecaster_digest(forecaster: Any, cfg: Config | None = None) -> str:
-    """The identity of a forecaster (:mod:`align_rl.models.forecaster`): a ``fingerprint`` string
-    attribute when it has one; a torch module's state dict; a wrapped module's state dict with
-    its conversion statistics; a regridded forecaster's inner one and both grids; an ONNX model's
-    files ``cfg.forecaster.{path, mean_path, std_path}`` by content."""
-    parts: dict[str, Any] = {"type": type(forecaster).__name__}
+def forecaster_digest(forecaster: Any) -> str:
+    """The identity of a forecaster: its ``fingerprint()`` (every forecaster of
+    :mod:`align_rl.models.forecaster`, and a plugin's); for another object, a ``fingerprint``
+    string attribute or, for a torch module, its state dict. Else :class:`InputError`."""
     fp = getattr(forecaster, "fingerprint", None)
-    module = getattr(forecaster, "module", None)
+    if callable(fp):
+        return fp()
+    name = type(forecaster).__name__
     if isinstance(fp, str):
-        parts["fingerprint"] = fp
-    elif _is_module(forecaster):
-        parts["state"] = module_digest(forecaster)
-    elif _is_module(module):
-        parts["state"] = module_digest(module)
-        stats = [v for v in (getattr(forecaster, "_a", None), getattr(forecaster, "_b", None)) if v is not None]
-        parts["stats"] = array_digest(*stats) if stats else None
-        parts["flip"] = bool(getattr(forecaster, "flip", False))
-    elif getattr(forecaster, "inner", None) is not None:
-        parts["inner"] = forecaster_digest(forecaster.inner, cfg)
-        parts["grids"] = [str(getattr(forecaster, "model", "")), str(getattr(forecaster, "native", ""))]
-    elif cfg is not None and cfg.forecaster.path:
-        f = cfg.forecaster
-        parts["files"] = [file_digest(p) if p else None for p in (f.path, f.mean_path, f.std_path)]
-        parts["lat_north_to_south"] = bool(f.lat_north_to_south)
-    else:
-        raise InputError(
-            f"cannot fingerprint a forecaster of type {type(forecaster).__name__} for the caches; "
-            "give it a `fingerprint` string attribute or use a torch / ONNX forecaster"
-        )
-    return digest(parts)
+        return digest({"type": name, "fingerprint": fp})
+    if _is_module(forecaster):
+        return digest({"type": name, "state": module_digest(forecaster)})
+    raise InputError(
+        f"cannot fingerprint a forecaster of type {name} for the caches; give it a "
+        "`fingerprint()` method (align_rl.models.forecaster.Forecaster) or use a torch module"
+    )
 
 
 # ----------------------------------------------------------------------------- config sections
 
 
-def section_dict(cfg: Config, name: str, drop: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A config section as a dict for an identity: fields marked ``HASH_UNLESS_SET``
-    (:mod:`align_rl.config`) count only when they differ from their default, so that adding a
-    key does not invalidate caches; ``drop`` lists fields left out."""
+def _caches_of(f: dataclasses.Field) -> tuple[str, ...] | None:
+    """The caches a config field declares, ``()`` for none, None when it declares nothing."""
+    caches = f.metadata.get(CACHES_META)
+    return None if caches is None else tuple(caches)
+
+
+def undeclared(config: Any) -> list[str]:
+    """``section.field`` of every field of a config (a :class:`~align_rl.config.Config` or its
+    class; every dataclass section) that declares neither its caches nor ``runtime``."""
+    return [f"{sec.name}.{f.name}" for sec in dataclasses.fields(config)
+            for f in dataclasses.fields(_section_type(config, sec)) if _caches_of(f) is None]
+
+
+def _section_type(config: Any, sec: dataclasses.Field) -> Any:
+    if not isinstance(config, type):
+        return type(getattr(config, sec.name))
+    return sec.default_factory if callable(sec.default_factory) else sec.type
+
+
+def cache_fields(config: Any, cache: str) -> dict[str, tuple[str, ...]]:
+    """``{section: (field, ...)}`` of the fields that declare ``cache`` (sections without one left
+    out), in declaration order."""
+    if cache not in CACHES:
+        raise KeyError(f"unknown cache {cache!r}; one of {', '.join(CACHES)}")
+    out = {}
+    for sec in dataclasses.fields(config):
+        names = tuple(f.name for f in dataclasses.fields(_section_type(config, sec))
+                      if cache in (_caches_of(f) or ()))
+        if names:
+            out[sec.name] = names
+    return out
+
+
+def section_dict(cfg: Config, name: str, *caches: str) -> dict[str, Any]:
+    """A config section as a dict for an identity: the fields that declare one of ``caches`` (none
+    given: every field), those declared ``unless_set`` only when they differ from their default
+    (so that adding a key does not invalidate caches)."""
     sec = getattr(cfg, name)
     out = dataclasses.asdict(sec)
     for f in dataclasses.fields(sec):
-        if f.name in drop or (f.metadata.get("hash") == "unless-set" and getattr(sec, f.name) == f.default):
+        wanted = not caches or bool(set(caches) & set(_caches_of(f) or ()))
+        if not wanted or (f.metadata.get(UNLESS_SET_META) and getattr(sec, f.name) == f.default):
             out.pop(f.name)
     return out
 
 
 def section_digest(cfg: Config, *sections: str) -> str:
-    """The content hash of some config sections (:func:`section_dict` of each)."""
+    """The content hash of some config sections (:func:`section_dict` of each, every field)."""
     return digest({name: section_dict(cfg, name) for name in sections})
 
 
+def _parts(cfg: Config, *caches: str) -> dict[str, dict[str, Any]]:
+    """``{section: section_dict(cfg, section, *caches)}`` of every section with a field that
+    declares one of ``caches``. Each key below takes the sections it places by name
+    (``parts.pop``) and keeps the rest (:func:`_rest`), so a field declared later in another
+    section enters the key too."""
+    names = {sec for c in caches for sec in cache_fields(cfg, c)}
+    return {sec.name: section_dict(cfg, sec.name, *caches) for sec in dataclasses.fields(cfg)
+            if sec.name in names}
+
+
+def _rest(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The sections a key does not place by name, nested under their names (e.g. ``pretrain`` in
+    the pretraining keys when ``pretrain.val_every`` is changed)."""
+    return {name: d for name, d in parts.items() if d}
+
+
 def data_dict(cfg: Config) -> dict[str, Any]:
-    """The ``data`` section as it enters identities: without ``path`` (the store enters by its
-    content, :func:`dataset`) and with a ``normalization`` file or store by its content."""
-    d = section_dict(cfg, "data", drop=("path",))
+    """The fields that declare the ``dataset`` cache as they enter identities: the ``data``
+    section without ``path`` (``runtime``: the store enters by its content, :func:`dataset`), with
+    a ``normalization`` file or store by its content."""
+    parts = _parts(cfg, "dataset")
+    d = {**parts.pop("data", {}), **_rest(parts)}
     norm = d.get("normalization")
     if norm:
         remote = "://" in str(norm)
@@ -338,18 +402,20 @@ def normalization(cfg: Config, store: str | Path) -> str:
 
 
 def pretraining(cfg: Config, stage: str, store: str | Path, grid, deps: dict[str, str] | None = None) -> dict:
-    """The identity of a pretrained stage (``forecaster``, ``vae``, ``diffusion``): its config
-    section without :data:`RESOURCE_KEYS`, the dataset, the model grid ``(H, W)``, the seed and
-    ``deps`` (:func:`diffusion_deps` for the diffusion model). Stored in the checkpoint."""
-    return {"stage": stage, "config": section_dict(cfg, stage, drop=RESOURCE_KEYS),
-            "data": dataset(cfg, store), "grid": [int(v) for v in grid], "seed": int(cfg.run.seed),
-            "deps": dict(deps or {})}
+    """The identity of a pretrained stage (``forecaster``, ``vae``, ``diffusion``): the fields that
+    declare the stage's cache (its own section's under ``config``: not the score model's workers
+    and CPUs; ``run.seed``), the dataset, the model grid ``(H, W)`` and ``deps``
+    (:func:`diffusion_deps` for the diffusion model). Stored in the checkpoint."""
+    parts = _parts(cfg, stage)
+    return {"stage": stage, "config": parts.pop(stage, {}), **parts.pop("run", {}),
+            "data": dataset(cfg, store), "grid": [int(v) for v in grid], "deps": dict(deps or {}),
+            **_rest(parts)}
 
 
-def diffusion_deps(codec: Any, forecaster: Any, cfg: Config) -> dict[str, str]:
+def diffusion_deps(codec: Any, forecaster: Any) -> dict[str, str]:
     """What the diffusion model is trained on besides the data: the VAE (latents) and the
     forecaster (backgrounds), by content."""
-    return {"vae": module_digest(codec), "forecaster": forecaster_digest(forecaster, cfg)}
+    return {"vae": module_digest(codec), "forecaster": forecaster_digest(forecaster)}
 
 
 def backgrounds(cfg: Config, ws: Any, states: Any, forecaster: Any, normalizer: Any,
@@ -357,7 +423,8 @@ def backgrounds(cfg: Config, ws: Any, states: Any, forecaster: Any, normalizer: 
     """The key of the background cache (one store for every split, so not the states' times):
     the run's dataset (:func:`dataset` of :func:`run_store`; for states that are not read from
     a store, e.g. in tests, their ``source`` attribute), the statistics the forecaster's inputs
-    are normalised with, the grid, the forecaster and the lead time."""
+    are normalised with, the grid, the forecaster (:func:`forecaster_digest`), the lead time and
+    any field that declares the ``backgrounds`` cache (none today)."""
     store = run_store(cfg, ws)
     local = "://" not in str(store)
     if not local or Path(store).exists():
@@ -366,7 +433,8 @@ def backgrounds(cfg: Config, ws: Any, states: Any, forecaster: Any, normalizer: 
         data = {"source": str(states.attrs.get("source", "unknown")), "data": data_digest(cfg)}
     return {"dataset": data, "normalization": digest(normalizer.to_dict()),
             "grid": f"{len(states.lat)}x{len(states.lon)}",
-            "forecaster": forecaster_digest(forecaster, cfg), "lead_hours": int(lead_hours)}
+            "forecaster": forecaster_digest(forecaster), "lead_hours": int(lead_hours),
+            **_rest(_parts(cfg, "backgrounds"))}
 
 
 def reference(path: str | Path) -> str:
@@ -376,44 +444,40 @@ def reference(path: str | Path) -> str:
 
 def pair_store(cfg: Config, reference_ckpt: str | Path) -> dict[str, str]:
     """What the candidates of the preference store depend on (its ``meta``, checked when it is
-    reopened): dataset, observations, sampler and guidance sections, the candidate settings
-    (rewards, count, guidance, seed, preference split) and the reference checkpoint."""
-    r, p = cfg.rewards, cfg.pairs
-    candidates = {"rewards": {"names": list(r.names), "forecast_hours": r.forecast_hours,
-                              "geo_level": r.geo_level, "geo_equator_band": r.geo_equator_band},
-                  "pairs": {"candidates": p.candidates, "guidance": p.guidance},
-                  "seed": cfg.run.seed, "pref": cfg.data.pref, "first_frame": FORECAST_FIRST_FRAME}
-    return {"data": data_digest(cfg), "obs": section_digest(cfg, "obs"),
-            "sampler": section_digest(cfg, "sampler"), "guidance": section_digest(cfg, "guidance"),
-            "candidates": digest(candidates), "reference": reference(reference_ckpt)}
-
-
-DPO_NOT_A_RUN = ("seeds",)
-"""``dpo`` fields that no single learner run depends on (how many seeds the main job runs)."""
-DPO_WITH_SAMPLERS = ("sync_every", "staleness", "online_backgrounds", "reuse", "refresh_reference",
-                     "warm_start")
-"""``dpo`` fields that only the schedules with samplers read (sync rounds, async): left out of an
-offline run's key, so adding one does not retrain offline results."""
+    reopened): the dataset, the fields that declare the ``pairs`` cache (the observation, sampler
+    and guidance sections each by its digest; the candidate settings: rewards, count, guidance,
+    seed, preference split) and the reference checkpoint."""
+    parts = _parts(cfg, "pairs")
+    sections = {name: digest({name: parts.pop(name, {})}) for name in ("obs", "sampler", "guidance")}
+    candidates = {"rewards": parts.pop("rewards", {}), "pairs": parts.pop("pairs", {}),
+                  **parts.pop("run", {}), **parts.pop("data", {}), "first_frame": FORECAST_FIRST_FRAME,
+                  **_rest(parts)}
+    return {"data": data_digest(cfg), **sections, "candidates": digest(candidates),
+            "reference": reference(reference_ckpt)}
 
 
 def dpo_run(cfg: Config, meta: dict) -> str:
-    """The key of a DPO learner folder: the preference store's ``meta`` (:func:`pair_store`), the
-    ``dpo`` section (without :data:`DPO_NOT_A_RUN`, and offline without
-    :data:`DPO_WITH_SAMPLERS`), the reward weights and normalisation and the pair settings."""
-    pairs = {k: v for k, v in section_dict(cfg, "pairs").items() if k not in ("variants", "mode", "store")}
-    drop = DPO_NOT_A_RUN + (DPO_WITH_SAMPLERS if cfg.dpo.mode == "offline" else ())
-    return digest({"meta": meta, "dpo": section_dict(cfg, "dpo", drop=drop), "weights": cfg.rewards.weights,
-                   "normalize": cfg.rewards.normalize, "pairs": pairs})
+    """The key of a DPO learner folder: the preference store's ``meta`` (:func:`pair_store`) and
+    the fields that declare the ``dpo`` cache (the ``dpo`` section but ``seeds``, the reward
+    weights and normalisation, the pair settings) and, for the schedules with samplers (``sync``,
+    ``async``), ``dpo_sampled`` (the ``dpo`` fields only they read: an offline run's key leaves
+    them out, so adding one does not retrain offline results)."""
+    caches = ("dpo",) if cfg.dpo.mode == "offline" else ("dpo", "dpo_sampled")
+    parts = _parts(cfg, *caches)
+    return digest({"meta": meta, "dpo": parts.pop("dpo", {}), **parts.pop("rewards", {}),
+                   "pairs": parts.pop("pairs", {}), **_rest(parts)})
 
 
 def sweep_reference(cfg: Config, validation: dict, reference_ckpt: str | Path) -> dict[str, Any]:
     """The key of a sweep's cached reference validation metrics: the validation settings, the
-    validation split, the seed, the sampler, observation and guidance sections and the reference
-    checkpoint (by content, as in :func:`pair_store`)."""
-    return {"validation": dict(validation), "val": list(cfg.data.val), "seed": int(cfg.run.seed),
-            "first_frame": FORECAST_FIRST_FRAME,
-            "sampler": section_digest(cfg, "sampler"), "obs": section_digest(cfg, "obs"),
-            "guidance": section_digest(cfg, "guidance"), "reference": reference(reference_ckpt)}
+    fields that declare the ``sweep_reference`` cache (the validation split, the seed, the sampler,
+    observation and guidance sections) and the reference checkpoint (by content, as in
+    :func:`pair_store`)."""
+    parts = _parts(cfg, "sweep_reference")
+    sections = {name: digest({name: parts.pop(name, {})}) for name in ("sampler", "obs", "guidance")}
+    return {"validation": dict(validation), **parts.pop("data", {}), **parts.pop("run", {}),
+            "first_frame": FORECAST_FIRST_FRAME, **sections, "reference": reference(reference_ckpt),
+            **_rest(parts)}
 
 
 def clear_memo() -> None:
@@ -422,8 +486,8 @@ def clear_memo() -> None:
     _STORE_MEMO.clear()
 
 
-__all__ = ["DIGEST_CHARS", "array_digest", "backgrounds", "canonical", "data_dict", "data_digest",
-           "dataset", "diffusion_deps",
+__all__ = ["CACHES", "DIGEST_CHARS", "array_digest", "backgrounds", "cache_fields", "canonical",
+           "data_dict", "data_digest", "dataset", "diffusion_deps", "undeclared",
            "digest", "dpo_run", "file_digest", "forecaster_digest", "module_digest", "normalization",
            "pair_store", "pretraining", "reference", "run_store", "same", "section_dict",
            "section_digest", "store_digest", "sweep_reference", "world", "clear_memo"]

@@ -52,7 +52,7 @@ def test_one_digest_length_everywhere(tmp_path, store):
             identity.section_digest(cfg, "obs"), cfg.section_hash("data"),
             identity.forecaster_digest(net), identity.normalization(cfg, store),
             identity.dpo_run(cfg, meta), identity.reference(ref), *meta.values(),
-            *identity.dataset(cfg, store).values(), *identity.diffusion_deps(net, net, cfg).values()]
+            *identity.dataset(cfg, store).values(), *identity.diffusion_deps(net, net).values()]
     assert all(HEX.match(k) for k in keys), keys
     assert dpo_dir(cfg, Workspace(tmp_path), "M", meta).name.endswith(identity.dpo_run(cfg, meta))
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from align_rl import identity
 from align_rl.errors import CheckpointError, ConfigError, InputError
 from align_rl.io.grid import Grid, LatLonGrid
 from align_rl.io.normalization import Normalizer
@@ -124,6 +125,18 @@ class Forecaster:
             out.append(x_curr)
         return torch.stack(out, dim=1)
 
+    def fingerprint(self) -> str:
+        """The forecaster's identity in the keys of the caches built with it (the backgrounds, the
+        diffusion model: :mod:`align_rl.identity`), a hex digest: equal for the same model, another
+        for a model that computes otherwise. By default a torch module's class and weights
+        (:func:`~align_rl.identity.module_digest`); a forecaster that is not a torch module (a
+        plugin's kind) overrides it with a digest of its files, weights and statistics."""
+        if isinstance(self, nn.Module):
+            return identity.digest({"type": type(self).__name__, "state": identity.module_digest(self)})
+        raise InputError(f"a forecaster of type {type(self).__name__} has no fingerprint for the caches; "
+                         "give it a fingerprint() method returning a digest of its files, weights and "
+                         "statistics (align_rl.identity.digest)")
+
 
 class EmulatorForecaster(nn.Module, Forecaster):
     """The trained :class:`EmulatorNet` as a forecaster (differentiable)."""
@@ -177,6 +190,11 @@ class _StackedForecaster(Forecaster):
             self._a = self._b = None
         self.flip = bool(lat_north_to_south)
 
+    def _conversion(self) -> dict[str, Any]:
+        """The conversion's part of a fingerprint: the statistics (or None) and the latitude order."""
+        stats = identity.array_digest(self._a, self._b) if self._a is not None else None
+        return {"stats": stats, "flip": self.flip}
+
     def _to_model(self, x: torch.Tensor) -> torch.Tensor:
         if self._a is not None:
             x = x * self._a.to(x) + self._b.to(x)
@@ -211,7 +229,8 @@ class OnnxForecaster(_StackedForecaster):
     statistics (``.npy``, (69,), physical units; default: the project's normalisation);
     ``lat_north_to_south``: the model expects latitude descending (FengWu: True); ``providers``:
     onnxruntime's execution providers (default: CUDA when available, then the CPU); ``mean``/``std``:
-    the model's statistics as arrays instead of files. Models with a fixed batch of 1 are run one
+    the model's statistics as arrays (with ``mean_path``/``std_path`` too, the files they were read
+    from: the fingerprint reads the files). Models with a fixed batch of 1 are run one
     sample at a time. Not differentiable. The session does not pickle: processes exchange
     :class:`~align_rl.models.loading.ForecasterSpec` and open their own.
     """
@@ -225,6 +244,7 @@ class OnnxForecaster(_StackedForecaster):
         if mean is None and std is None:
             mean, std = load_stats(mean_path, "mean"), load_stats(std_path, "std")
         super().__init__(normalizer, mean, std, lat_north_to_south)
+        self.stat_paths = tuple(str(v) if v else None for v in (mean_path, std_path))
         try:
             import onnxruntime as ort
         except ImportError:  # pragma: no cover
@@ -251,6 +271,16 @@ class OnnxForecaster(_StackedForecaster):
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         self.grid = tuple(shape[2:]) if all(isinstance(s, int) for s in shape[2:]) else None
         self.path = str(p)
+
+    def fingerprint(self) -> str:
+        """The model file and the statistics files by content, and the latitude order (statistics
+        given as arrays only: their values)."""
+        parts: dict[str, Any] = {
+            "type": type(self).__name__, "lat_north_to_south": self.flip,
+            "files": [identity.file_digest(f) if f else None for f in (self.path, *self.stat_paths)]}
+        if self._a is not None and not any(self.stat_paths):
+            parts["stats"] = self._conversion()["stats"]
+        return identity.digest(parts)
 
     def _run(self, stacked: torch.Tensor) -> torch.Tensor:
         if self.grid is not None and tuple(stacked.shape[-2:]) != self.grid:
@@ -299,6 +329,11 @@ class RegriddedForecaster(Forecaster):
     def step(self, x_prev: torch.Tensor, x_curr: torch.Tensor) -> torch.Tensor:
         return self.rollout(x_prev, x_curr, 1)[:, 0]
 
+    def fingerprint(self) -> str:
+        """The inner forecaster's fingerprint and both grids."""
+        return identity.digest({"type": type(self).__name__, "inner": identity.forecaster_digest(self.inner),
+                                "grids": [str(self.model), str(self.native)]})
+
     def to(self, device) -> "RegriddedForecaster":
         if hasattr(self.inner, "to"):
             self.inner.to(device)
@@ -321,6 +356,12 @@ class TorchForecaster(_StackedForecaster):
         super().__init__(normalizer, mean, std, lat_north_to_south)
         self.module = module
         self.stacked = stacked
+
+    def fingerprint(self) -> str:
+        """The module's weights (:func:`~align_rl.identity.module_digest`), the statistics and the
+        latitude order."""
+        return identity.digest({"type": type(self).__name__, "state": identity.module_digest(self.module),
+                                **self._conversion()})
 
     def _run(self, stacked: torch.Tensor) -> torch.Tensor:
         if self.stacked:

@@ -49,7 +49,8 @@ class ForecasterSpec:
     statistics (:meth:`Normalizer.to_dict`, physical units); ``mean``/``std``: the model's own
     statistics, (69,) physical units, or None (the model uses the project's normalisation);
     ``lat_north_to_south``: the model expects latitude descending; ``module``: the forecaster
-    object of the ``emulator`` kind (its weights travel with the spec)."""
+    object of the ``emulator`` kind (its weights travel with the spec); ``mean_path``/``std_path``:
+    the files ``mean``/``std`` were read from (the forecaster's fingerprint reads them)."""
 
     kind: str
     path: str | None = None
@@ -59,6 +60,8 @@ class ForecasterSpec:
     std: tuple[float, ...] | None = None
     lat_north_to_south: bool = True
     module: Any = None
+    mean_path: str | None = None
+    std_path: str | None = None
 
     def project_normalizer(self) -> Normalizer | None:
         return Normalizer.from_dict(self.normalizer) if self.normalizer is not None else None
@@ -147,8 +150,9 @@ def _onnx_providers(device: torch.device) -> list:
 @register_forecaster_kind("onnx")
 def _open_onnx(spec: ForecasterSpec, device: torch.device) -> Forecaster:
     mean, std = spec.statistics()
-    fc = OnnxForecaster(spec.path, spec.project_normalizer(), lat_north_to_south=spec.lat_north_to_south,
-                        providers=_onnx_providers(device), mean=mean, std=std)
+    fc = OnnxForecaster(spec.path, spec.project_normalizer(), spec.mean_path, spec.std_path,
+                        lat_north_to_south=spec.lat_north_to_south, providers=_onnx_providers(device),
+                        mean=mean, std=std)
     return on_model_grid(fc, spec.grid) if spec.grid else fc
 
 
@@ -205,7 +209,8 @@ def forecaster_spec(cfg, ws, normalizer: Normalizer | None, device: str | torch.
         normalizer=normalizer.to_dict() if normalizer is not None else None,
         mean=None if mean is None else tuple(float(v) for v in mean),
         std=None if std is None else tuple(float(v) for v in std),
-        lat_north_to_south=bool(fc.lat_north_to_south))
+        lat_north_to_south=bool(fc.lat_north_to_south),
+        mean_path=str(fc.mean_path) if fc.mean_path else None, std_path=str(fc.std_path) if fc.std_path else None)
     if fc.kind == "emulator":
         path = Path(fc.path) if fc.path else ws.final_checkpoint("forecaster")
         net, _ = load_model(path, "forecaster", expect=fc, device=device)

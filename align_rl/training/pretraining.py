@@ -259,7 +259,7 @@ def pretrain_diffusion(cfg: Config, ws: Workspace, data: PretrainData, codec, fo
     validation backgrounds (States)."""
     info: dict[str, Any] = {"trained": False}
     path = ws.final_checkpoint("diffusion")
-    deps = identity.diffusion_deps(codec, forecaster, cfg)
+    deps = identity.diffusion_deps(codec, forecaster)
     ident = _identity(cfg, "diffusion", data, deps)
     latent_shape = tuple(codec.latent_shape)
     if not force and path.exists() and _same(_stored_identity(path, "diffusion"), ident):
