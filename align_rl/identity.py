@@ -374,7 +374,7 @@ def run_store(cfg: Config, ws: Any) -> str | Path:
 # ----------------------------------------------------------------------------- named identities
 
 
-FORECAST_FIRST_FRAME = "background(t-6h)"
+FORECAST_FIRST_FRAME = "background(t-6h)+increment"
 """The first frame of every 48 h forecast from an analysis (rewards, validation, evaluation):
 docs/method.md §7.3. Part of the keys of what those forecasts feed."""
 

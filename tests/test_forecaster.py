@@ -284,3 +284,39 @@ def test_model_to_fengwu_grid_round_trip():
         back = fc.from_native(up)
         errs.append(float((back - x).abs().max() / (x.amax() - x.amin())))
     assert errs[0] < 0.03 and errs[1] < errs[0] / 2.5, errs
+
+
+class _Extrapolate:
+    """A linear two-frame forecaster: ``x_next = 2 x_curr − x_prev`` (constant 6 h tendency)."""
+
+    def rollout(self, x_prev, x_curr, steps):
+        out = []
+        for _ in range(steps):
+            x_prev, x_curr = x_curr, 2 * x_curr - x_prev
+            out.append(x_curr)
+        return torch.stack(out, dim=1)
+
+
+def test_first_frames_keep_the_background_tendency_for_every_member():
+    """The shifted first frame x_b(t−6h) + (x_a − x_b) makes the forecast of an analysis the
+    background's forecast plus the increment for a linear forecaster (hand result: x_a + n·(x_b −
+    x_b(t−6h))); the unshifted frame x_b(t−6h) would add n·(x_a − x_b) on top."""
+    from align_rl.evaluation.skill import forecast_from
+    from align_rl.models.forecaster import first_frames
+
+    g = torch.Generator().manual_seed(0)
+    T, N, shape = 3, 4, (69, 4, 8)
+    prev_b, x_b = torch.randn(T, *shape, generator=g), torch.randn(T, *shape, generator=g)
+    x_a = x_b.unsqueeze(1) + 0.1 * torch.randn(T, N, *shape, generator=g)
+    prev = first_frames(prev_b, x_b, x_a)
+    assert prev.shape == x_a.shape
+    f = forecast_from(_Extrapolate(), prev, x_a, 8)
+    expected = x_a + 8 * (x_b - prev_b).unsqueeze(1)
+    assert torch.allclose(f, expected, atol=1e-5)
+    unshifted = forecast_from(_Extrapolate(), prev_b, x_a, 8)
+    assert torch.allclose(unshifted, expected + 8 * (x_a - x_b.unsqueeze(1)), atol=1e-4)
+    # no increment: the background's own frames; one background with a member axis in front
+    assert torch.equal(first_frames(prev_b[0], x_b[0], x_b[0]), prev_b[0])
+    assert first_frames(prev_b[0], x_b[0], x_a[0]).shape == (N, *shape)
+    with pytest.raises(ValueError, match="do not match"):
+        first_frames(prev_b, x_b, x_a[None])

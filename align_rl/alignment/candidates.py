@@ -30,14 +30,15 @@ from align_rl.diffusion.analysis import analyse
 from align_rl.diffusion.guidance import needs_obs
 from align_rl.errors import InputError
 from align_rl.io.pair_store import CandidateGroup
+from align_rl.models.forecaster import first_frames
 from align_rl.world.observations import make_observations
 
 
 @dataclass
 class BackgroundTask:
     """One preference background: ``x_b``, ``truth`` (69, H, W) normalised at ``time`` (ns);
-    ``x_prev``, the forecasts' first frame at ``t − 6 h`` (the background valid then, never the
-    truth), and ``truth_fc`` at ``t + forecast_hours`` (normalised, None when the forecast reward
+    ``x_prev``, the background valid at ``t − 6 h`` (the forecasts' first frame, shifted by each
+    candidate's increment: :func:`align_rl.models.forecaster.first_frames`; never the truth), and ``truth_fc`` at ``t + forecast_hours`` (normalised, None when the forecast reward
     is not computed)."""
 
     bg_id: int
@@ -160,7 +161,7 @@ def score_candidates(forecaster: Any, normalizer: Any, lat: np.ndarray, lon: np.
             if task.x_prev is None or task.truth_fc is None:
                 raise InputError(f"background {task.bg_id} has no first frame or truth for the "
                                  "forecast reward")
-            prev = torch.from_numpy(task.x_prev)[None].expand_as(fields).contiguous()
+            prev = first_frames(torch.from_numpy(task.x_prev), torch.from_numpy(task.x_b), fields)
             fc = forecast_from(forecaster, prev, fields, int(reward_cfg.forecast_hours))
             tfc = torch.from_numpy(task.truth_fc)
         ctx = RewardContext(fields, torch.from_numpy(task.truth), normalizer, lat, lon, fc, tfc,

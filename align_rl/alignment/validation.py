@@ -25,6 +25,7 @@ import torch
 
 from align_rl.alignment.candidates import BackgroundTask, Drawn, draw_candidates, forecast_from
 from align_rl.alignment.rewards import RewardContext, composite, score_all
+from align_rl.models.forecaster import first_frames
 
 
 def ranking_weights(variant: str, weights: Mapping[str, float]) -> dict[str, float]:
@@ -69,7 +70,7 @@ class Validator:
         fc = None
         if "forecast" in c.rewards.names:
             x = torch.from_numpy(d.fields)
-            prev = torch.from_numpy(task.x_prev)[None].expand_as(x).contiguous()
+            prev = first_frames(torch.from_numpy(task.x_prev), torch.from_numpy(task.x_b), x)
             fc = forecast_from(self.forecaster, prev, x, int(c.rewards.forecast_hours))
         return _Ref(d, fc)
 

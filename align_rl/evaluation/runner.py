@@ -45,6 +45,7 @@ from align_rl.io.checkpoints import load_model
 from align_rl.io.normalization import Normalizer
 from align_rl.io.schema import channel_index
 from align_rl.io.states import States
+from align_rl.models.forecaster import first_frames
 from align_rl.training.pretraining import ensure_pretrained
 from align_rl.workspace import Workspace
 from align_rl.world.backgrounds import LEAD_STEPS as BACKGROUND_STEPS
@@ -206,8 +207,9 @@ def _norm_t(normalizer: Normalizer, states: States, times: np.ndarray) -> torch.
 
 def prepare_inputs(data: EvalData, times: np.ndarray, steps: int) -> Inputs:
     """The normalised truth and backgrounds at ``times`` (forecast lead ``steps`` × 6 h); the
-    forecasts' first frame ``prev`` is the background valid at ``t − 6 h``, which a data-assimilation
-    system has at analysis time, never the truth (docs/method.md §7.3)."""
+    forecasts' first frame starts from ``prev``, the background valid at ``t − 6 h``, which a
+    data-assimilation system has at analysis time, never the truth, shifted by each analysis's
+    increment (:func:`align_rl.models.forecaster.first_frames`, docs/method.md §7.3)."""
     norm = data.normalizer
     return Inputs(times, _norm_t(norm, data.truth, times),
                   _norm_t(norm, data.backgrounds, times - hours(STEP_HOURS)),
@@ -333,7 +335,8 @@ def _score_members(run: _Run, s: ObsSetting, meth: str, name: str, members: torc
     for sl in _batches(run):
         xa = members[sl]
         if forecast:
-            scores = score_batch(xa, inp.truth[sl], inp.prev[sl], inp.truth_fc[sl], data.forecaster,
+            scores = score_batch(xa, inp.truth[sl], first_frames(inp.prev[sl], inp.background[sl], xa),
+                                 inp.truth_fc[sl], data.forecaster,
                                  inp.steps, data.normalizer, data.truth.lat, data.truth.lon,
                                  forecasts=forecasts[sl])
         else:
@@ -409,8 +412,8 @@ def _forecast_members(run: _Run, xa: torch.Tensor) -> torch.Tensor:
     actors with their GPU shares (:data:`align_rl.remote.Workers.forecast`), one job per row."""
     inp = run.inp
     if sampling_place(run.cfg) == "driver":
-        return forecast_from(run.data.forecaster, inp.prev, xa, inp.steps)
-    prev, cur = member_inputs(inp.prev, xa)
+        return forecast_from(run.data.forecaster, first_frames(inp.prev, inp.background, xa), xa, inp.steps)
+    prev, cur = member_inputs(first_frames(inp.prev, inp.background, xa), xa)
     b = max(1, int(run.cfg.pretrain.background_batch))
     batches = [(prev[i:i + b].numpy(), cur[i:i + b].numpy()) for i in range(0, len(cur), b)]
     out: list[Any] = [None] * len(batches)

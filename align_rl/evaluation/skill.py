@@ -92,8 +92,11 @@ def analysis_scores(xa: torch.Tensor, truth: torch.Tensor, normalizer: Normalize
 
 def member_inputs(x_prev: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The forecaster's two input frames of every member, flattened: ``x_prev`` (T, 69, H, W)
-    repeated over the members of ``x0`` (T, N, 69, H, W); both (T·N, 69, H, W), time-major."""
+    repeated over the members of ``x0`` (T, N, 69, H, W), or one per member (T, N, 69, H, W, e.g.
+    :func:`align_rl.models.forecaster.first_frames`); both (T·N, 69, H, W), time-major."""
     T, N = x0.shape[:2]
+    if x_prev.ndim == x0.ndim:
+        return x_prev.reshape(T * N, *x0.shape[2:]), x0.reshape(T * N, *x0.shape[2:])
     return (x_prev.unsqueeze(1).expand_as(x0).reshape(T * N, *x0.shape[2:]),
             x0.reshape(T * N, *x0.shape[2:]))
 

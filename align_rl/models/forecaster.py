@@ -99,6 +99,22 @@ def build_emulator(fc_cfg: Any, grid: Any = None) -> EmulatorNet:
     return net
 
 
+def first_frames(prev_b: torch.Tensor, x_b: torch.Tensor, x_a: torch.Tensor) -> torch.Tensor:
+    """The first input frame of a forecast from the analysis ``x_a``: the background's own state
+    6 h before analysis time shifted by the analysis increment, ``x_b(t − 6 h) + (x_a − x_b(t))``
+    (docs/method.md §7.3). The two frames then keep the background's 6 h tendency, which a
+    two-frame forecaster (FengWu's interface) reads; an analysis with no increment gets the
+    background's own frames. Normalised; ``prev_b`` and ``x_b`` (…, 69, H, W), ``x_a`` of the same
+    shape or with a member axis before the channels (…, N, 69, H, W); returns the shape of ``x_a``."""
+    if x_a.ndim == x_b.ndim + 1:  # members: insert their axis before the channels
+        axis = x_b.ndim - 3
+        prev_b, x_b = prev_b.unsqueeze(axis), x_b.unsqueeze(axis)
+    elif x_a.ndim != x_b.ndim:
+        raise ValueError(f"analysis {tuple(x_a.shape)} and background {tuple(x_b.shape)} do not match")
+    prev_b, x_b = prev_b.to(x_a.dtype), x_b.to(x_a.dtype)
+    return (prev_b + (x_a - x_b)).expand_as(x_a).contiguous()
+
+
 def _check_pair(x_prev: torch.Tensor, x_curr: torch.Tensor) -> None:
     if x_prev.shape != x_curr.shape or x_curr.ndim != 4 or x_curr.shape[1] != N_CHANNELS:
         raise InputError(
