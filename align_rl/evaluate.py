@@ -12,7 +12,8 @@ setting and method), so model comparisons are paired. Per analysis time (then av
   u10, v500, z500, t850, Geo-Score; for one member (the mean over members of each member's score,
   i.e. the expected score of a single analysis, as the paper's) and for the ensemble mean;
 - Table 2, 48 h forecasts started from the analyses (the forecaster's 8 × 6 h rollout from
-  ``(x_b(t−6h), x_a)``, with ``x_b(t−6h)`` the 48 h background valid 6 h before, never the truth:
+  ``(x_b(t−6h) + x_a − x_b(t), x_a)``, with ``x_b(t−6h)`` the 48 h background valid 6 h before,
+  shifted by the analysis increment, never the truth:
   docs/method.md §7.3) against the truth 48 h later;
 - probabilistic scores: fair CRPS and spread/skill ratio;
 - a background row (the 48 h forecast used as ``x_b``), and its forecast;

@@ -11,7 +11,8 @@ Fields are normalised ``(69, H, W)``; latents standardised ``(C, h, w)``.
 
 48 h forecasts from an analysis (the ``forecast`` reward): the forecaster's two-frame step needs the
 state 6 h before the analysis. A data-assimilation system has no truth there, so the first frame
-is the 48 h background valid at ``t − 6 h`` (docs/method.md §7.3), the same for every candidate, so
+is the 48 h background valid at ``t − 6 h`` shifted by the candidate's analysis increment
+(docs/method.md §7.3: the two frames keep the background's tendency), so
 only the analysis differs between candidates.
 """
 

@@ -407,7 +407,8 @@ def _trivial_rows(run: _Run, s: ObsSetting, si: int, mi: int, meth: str, referen
 
 def _forecast_members(run: _Run, xa: torch.Tensor) -> torch.Tensor:
     """The ``rewards.forecast_hours`` forecasts (T, N, 69, H, W) normalised of every member of the
-    analyses ``xa`` (T, N, 69, H, W), each from ``(background at t − 6 h, member)``: in the driver, or,
+    analyses ``xa`` (T, N, 69, H, W), each from ``(background at t − 6 h + the member's increment,
+    member)`` (:func:`align_rl.models.forecaster.first_frames`): in the driver, or,
     when the evaluation samples in an actor (:func:`align_rl.devices.sampling_place`), on forecast
     actors with their GPU shares (:data:`align_rl.remote.Workers.forecast`), one job per row."""
     inp = run.inp
@@ -532,7 +533,7 @@ def _summarise(run: _Run, models: list[str]) -> Evaluation:
     meta = {
         "sampler": {k: getattr(cfg.sampler, k) for k in ("steps", "corrections", "tau")},
         "guidance": cfg.to_dict()["guidance"],
-        "forecast_start": f"(background valid at t-6h, analysis at t), {steps} x {STEP_HOURS} h",
+        "forecast_start": f"(background valid at t-6h + analysis increment, analysis at t), {steps} x {STEP_HOURS} h",
         "failures": run.prod.failures,
         "blend_weights": run.prod.blend_weights,
         "blend_val": run.prod.blend_val,
