@@ -22,7 +22,8 @@ setting and method), so model comparisons are paired. Per analysis time (then av
 - % change against ``eval.baseline`` with a 95 % paired circular-block bootstrap interval over
   times (block from the autocorrelation, effective sample size beside it);
 - the verdict of docs/method.md §10: spread/skill, the single-member MSE change split into its
-  ensemble-mean and spread parts, the trivial baselines ``Shrink-<V>`` / ``Blend-P``, the
+  ensemble-mean and spread parts, the trivial baselines ``Shrink-<V>`` / ``Blend-P`` (and, with
+  ``eval.blend_times`` > 0, ``Blend-val`` and each ``-M`` row's ``Blend-val-<row>``), the
   across-seed spread, Holm-corrected verdict lines. Several seeds of one model:
   ``--models Align-M@seed0=a.pt Align-M@seed1=b.pt …`` (rows per seed and their mean ``Align-M``).
 

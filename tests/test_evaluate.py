@@ -440,13 +440,17 @@ def test_blend_val_row_is_fitted_on_validation_times_and_scored_on_test(setup, t
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ev = run_evaluation(cfg, Workspace.from_config(cfg), {"reference": Prior(), "Align-M": Prior(a=0.9, s=0.45)},
+        ev = run_evaluation(cfg, Workspace.from_config(cfg), {"reference": Prior(), "Align-M": Prior(a=0.9, s=0.45),
+                                                             "Align-P": Prior(a=0.95, s=0.5)},
                             data=data, out=tmp_path / "ev", progress=False)
     finally:
         torch.set_num_threads(threads)
     ds = ev.ds
-    assert list(ds.model.values) == ["background", "reference", "Align-M", "Shrink-M", "Blend-val"]
+    assert list(ds.model.values) == ["background", "reference", "Align-M", "Align-P", "Shrink-M", "Blend-P",
+                                     "Blend-val", "Blend-val-Align-M"]  # Blend-val-<row> for the -M row only
     assert str(ds.trivial_kind.sel(model="Blend-val").values) == "blend-val"
+    assert str(ds.trivial_kind.sel(model="Blend-val-Align-M").values) == "blend-val-aligned"
+    assert str(ds.trivial_for.sel(model="Blend-val-Align-M").values) == "Align-M"
     fit = ev.meta["blend_val"]["main dps"]
     assert fit["val_times"] == 2 and fit["first"].startswith("2005-01-03") and 0.0 < fit["w"] < 1.0
     w = fit["w"]
@@ -466,8 +470,23 @@ def test_blend_val_row_is_fitted_on_validation_times_and_scored_on_test(setup, t
     got = ds.score.sel({"setting": "main", "model": "Blend-val", "method": "dps", "kind": "analysis",
                         "stat": "ensmean", "metric": "mse"}).values
     np.testing.assert_allclose(got, want, rtol=1e-4)
+    # Blend-val-Align-M: Align-M's stored ensemble mean blended with Align-M's own val-fitted w
+    fit_a = ev.meta["blend_val"]["main Align-M/dps"]
+    w_a = fit_a["w"]
+    assert fit_a["row"] == "Align-M" and fit_a["val_times"] == 2 and 0.0 <= w_a <= 1.0 and w_a != w
+    al_mean = era5.open_states(tmp_path / "ev" / "analyses" / "Align-M-dps.zarr", check_units=False)
+    m_a = norm.normalize(al_mean.values.astype(np.float64))
+    want_a = (((1 - w_a) * m_a + w_a * xb - y) ** 2).mean(axis=(1, 2, 3))
+    got_a = ds.score.sel({"setting": "main", "model": "Blend-val-Align-M", "method": "dps", "kind": "analysis",
+                          "stat": "ensmean", "metric": "mse"}).values
+    np.testing.assert_allclose(got_a, want_a, rtol=1e-4)
+    assert was_scored(ds, "Blend-val-Align-M", "dps", "forecast", "ensmean")
+    assert "density=0.3 Align-M/dps" in ev.meta["blend_val"]
+    assert not any("Align-P/" in k for k in ev.meta["blend_val"])
     doc = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert doc["blend_val"]["main dps"]["w"] == pytest.approx(w)
+    assert doc["blend_val"]["main Align-M/dps"]["w"] == pytest.approx(w_a)
+    assert {v["model"] for v in doc["verdict"]} == {"Align-M", "Align-P"}  # no line of the blended rows
     for v in doc["verdict"]:
         if v["what"] == "MSE":
             assert "ensemble-mean MSE vs blend-val" in {t["name"] for t in v["tests"]}, v
@@ -480,6 +499,49 @@ def test_blend_val_row_is_fitted_on_validation_times_and_scored_on_test(setup, t
     assert "### Towards the background, w from val (Blend-val)" in report
     assert f"density=0.3 DPS {dense['w']:.3f}" in report
     assert f"| DPS | {w:.3f} | analysis |" in report and f"| DPS | {w:.3f} | forecast |" in report
+    assert "#### Both blended" in report
+    for kind in ("analysis", "forecast"):
+        assert f"| Blend-val-Align-M-DPS | {w:.3f} | {w_a:.3f} | {kind} |" in report
+    assert "Blend-val-Align-P" not in report
+
+
+def test_blend_val_rows_of_a_several_seed_model(setup, tmp_path):
+    """A several-seed Align-M gets one ``Blend-val-Align-M@seed<k>`` per seed, each with its own
+    val-fitted w, and ``Blend-val-Align-M``, their per-time mean (n_seeds 2); none of them gets a
+    verdict line, and the *Both blended* table lists both seeds' weights."""
+    from dataclasses import replace
+
+    _, data0, _, _ = setup
+    bg = data0.backgrounds  # far worse validation backgrounds: fitted weights inside (0, 1)
+    noise = np.random.default_rng(7).normal(size=bg.values.shape) * data0.normalizer.std[None, :, None, None]
+    val_bg = States((bg.values + 3.0 * noise).astype(np.float32), bg.times, bg.lat, bg.lon, attrs=dict(bg.attrs))
+    data = replace(data0, val_truth=data0.truth, val_backgrounds=val_bg)
+    cfg = load_config(None, [f"run.workdir={tmp_path}", "run.wandb_mode=disabled", "data.grid=16x32",
+                             "data.test=[2005-01-01, 2005-12-31]", "data.val=[2005-01-03, 2005-01-04]",
+                             "sampler.steps=2", "guidance.methods=[dps]", "eval.times=2", "eval.members=2",
+                             "eval.map_samples=1", "eval.batch_size=2", "eval.blend_times=2", "obs.density=0.1",
+                             "guidance.dps_zeta=0.01", "eval.ablations=[]"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ev = run_evaluation(cfg, Workspace.from_config(cfg),
+                            {"reference": Prior(), "Align-M": [Prior(a=0.9, s=0.45), Prior(a=0.8, s=0.4)]},
+                            data=data, out=tmp_path / "ev", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    ds = ev.ds
+    rows = ["Blend-val-Align-M@seed0", "Blend-val-Align-M@seed1", "Blend-val-Align-M"]
+    assert list(ds.model.values)[-3:] == rows
+    assert [str(ds.trivial_for.sel(model=r).values) for r in rows] == ["Align-M@seed0", "Align-M@seed1", "Align-M"]
+    assert int(ds.n_seeds.sel(model="Blend-val-Align-M")) == 2
+    sel = {"setting": "main", "method": "dps", "kind": "forecast", "stat": "ensmean", "metric": "mse"}
+    per_seed = [ds.score.sel(sel | {"model": r}).values for r in rows[:2]]
+    np.testing.assert_allclose(ds.score.sel(sel | {"model": rows[2]}).values, np.mean(per_seed, axis=0))
+    w0, w1 = (ev.meta["blend_val"][f"main Align-M@seed{k}/dps"]["w"] for k in (0, 1))
+    assert w0 != w1 and 0.0 < w0 < 1.0
+    assert {v["model"] for v in ev.meta["verdict"]} == {"Align-M"}
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert f"| Blend-val-Align-M-DPS | {ev.meta['blend_val']['main dps']['w']:.3f} | {w0:.3f}, {w1:.3f} | analysis |" in report
 
 
 def test_load_eval_data_opens_the_validation_split_for_blend_val(setup, tmp_path, monkeypatch):

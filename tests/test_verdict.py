@@ -244,6 +244,39 @@ def test_a_gain_must_beat_the_validation_fitted_blend():
     assert "blend-val" in "\n".join(verdict_section([better]))
 
 
+def test_the_blended_aligned_row_gets_no_verdict_line_and_is_reported_against_blend_val():
+    """``Blend-val-Align-M`` (Align-M's members blended with its own val-fitted w) is a trivial row:
+    even when it beats everything it gets no verdict line, Align-M's line does not test against it,
+    and it is no verdict row; the *Both blended* table gives its ensemble-mean MSE % change against
+    Blend-val (hand-computed: 0.90 / 0.95 − 1) with both weights."""
+    from align_rl.evaluation.sections import both_blended_section, verdict_rows
+
+    rng = np.random.default_rng(6)
+    ens, spread = _ref(rng)
+    crps = 0.1 + 0.005 * rng.standard_normal(T)
+    ref = _row(ens, ens + spread, crps, np.full(T, 0.5))
+    ds = _dataset({"reference": ref, "Align-M": _row(ens * 0.97, ens * 0.97 + spread, crps * 0.98, np.full(T, 0.5)),
+                   "Shrink-M": _row(ens, ens + 0.9 * spread, crps, np.full(T, 0.5)),
+                   "Blend-val": _row(ens * 0.95, ens * 0.95 + spread, crps, np.full(T, 0.5)),
+                   "Blend-val-Align-M": _row(ens * 0.90, ens * 0.90 + spread, crps * 0.9, np.full(T, 0.5))})
+    assert str(ds.trivial_for.sel(model="Blend-val-Align-M").values) == "Align-M"
+    assert str(ds.trivial_kind.sel(model="Blend-val-Align-M").values) == "blend-val-aligned"
+    assert verdict_rows(ds) == ["Align-M"]
+    lines = main_lines(ds)
+    assert [ln["model"] for ln in lines] == ["Align-M"]
+    assert {t["name"] for t in lines[0]["tests"]} == {
+        "ensemble-mean MSE vs reference", "CRPS vs reference", "single-member MSE vs shrink", "CRPS vs shrink",
+        "ensemble-mean MSE vs blend-val"}
+    assert not lines[0]["gain"]  # Align-M itself does not beat Blend-val
+    fits = {"main dps": {"w": 0.25, "setting": "main", "method": "dps", "row": "reference"},
+            "main Align-M/dps": {"w": 0.125, "setting": "main", "method": "dps", "row": "Align-M"}}
+    table = "\n".join(both_blended_section(ds, fits))
+    assert "#### Both blended" in table
+    want = 100 * (0.90 / 0.95 - 1)
+    assert f"| Blend-val-Align-M-DPS | 0.250 | 0.125 | analysis | {np.mean(ens * 0.95):.5f} | " \
+           f"{np.mean(ens * 0.90):.5f} | {want:+.2f} [" in table
+
+
 def test_holm_turns_a_borderline_line_into_no_gain():
     """A line with p just below 0.025 is a gain alone, not in a family of 10 such lines."""
     line = {"p": 0.02, "tests": [{"name": "x", "p": 0.02, "value": -1.0, "ci": [-2.0, -0.1]}],
@@ -281,6 +314,26 @@ def test_seeds_mean_row_spread_and_every_seed_rule():
     assert not ln["conditions"]["every seed lower"] and not ln["gain"]  # … but one seed is not lower
     text = "\n".join(verdict_section([ln], family="test"))
     assert "NOT a gain" in text and "not every seed" in text and "Holm family: test (1 lines)" in text
+
+
+def test_plan_rows_blend_val_rows_of_the_aligned_m_rows():
+    """With ``blend_val``: one ``Blend-val-<row>`` per -M row (each seed row, the seed mean as
+    their mean; ``Align-<x>-M`` too), none for -P or other models; a clash is refused."""
+    p = plan_rows({"reference": 1, "Align-M": [1, 2], "Align-P": 3, "Align-rl-M": 4, "other": 5},
+                  blend_val=True)
+    assert {r: v for r, v in p.trivial.items() if v[0] == "blend-val-aligned"} == {
+        "Blend-val-Align-M@seed0": ("blend-val-aligned", "Align-M@seed0"),
+        "Blend-val-Align-M@seed1": ("blend-val-aligned", "Align-M@seed1"),
+        "Blend-val-Align-M": ("blend-val-aligned", "Align-M"),
+        "Blend-val-Align-rl-M": ("blend-val-aligned", "Align-rl-M")}
+    assert p.trivial_means == {"Blend-val-Align-M": ["Blend-val-Align-M@seed0", "Blend-val-Align-M@seed1"]}
+    names = p.names()
+    c = p.coords(names)
+    assert c["n_seeds"][1][names.index("Blend-val-Align-M")] == 2
+    assert c["seed_of"][1][names.index("Blend-val-Align-M@seed0")] == ""
+    assert "Blend-val-Align-M" not in plan_rows({"reference": 1, "Align-M": 2}).trivial
+    with pytest.raises(ConfigError, match="Blend-val-Align-M"):
+        plan_rows({"reference": 1, "Align-M": 2, "Blend-val-Align-M": 3}, blend_val=True)
 
 
 def test_plan_rows_names_and_refusals():

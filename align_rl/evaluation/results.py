@@ -26,7 +26,8 @@ Coordinates of ``model`` (:mod:`align_rl.evaluation.seeds`, absent in results of
 mean, else ``""``), ``seed`` (that seed's index, else −1), ``n_seeds`` (the seeds a row rests on:
 several for the mean row, else 1), ``trivial_for`` / ``trivial_kind`` (for a trivial baseline,
 :mod:`align_rl.evaluation.baselines`: the aligned row it is built for and ``shrink`` | ``blend``, or
-the baseline and ``blend-val`` for the row ``Blend-val``; else ``""``).
+the baseline and ``blend-val`` for the row ``Blend-val``, or the aligned row and
+``blend-val-aligned`` for a row ``Blend-val-<row>``; else ``""``).
 
 Attributes: ``baseline``, ``members``, ``grid``, ``forecast_hours``, ``seed``.
 Select with ``.sel`` and a dict (``method`` is also the name of ``.sel``'s own keyword), e.g.

@@ -29,7 +29,7 @@ from align_rl.evaluation.paper import paper_checks
 from align_rl.evaluation.report import write_outputs
 from align_rl.evaluation import baselines
 from align_rl.evaluation.results import BACKGROUND, Evaluation, ScoreTable, scores_doc, summarise
-from align_rl.evaluation.seeds import SEED_SEP, RowPlan, plan_rows
+from align_rl.evaluation.seeds import BLEND_VAL_ALIGNED, SEED_SEP, RowPlan, plan_rows
 from align_rl.evaluation.skill import (
     STEP_HOURS,
     deterministic_metrics,
@@ -351,14 +351,20 @@ def _score_members(run: _Run, s: ObsSetting, meth: str, name: str, members: torc
             _keep_maps(run, (name, meth), sl, xa)
 
 
-def _fit_blend_val(run: _Run, s: ObsSetting, si: int, mi: int, meth: str, eps_model: Any) -> float:
-    """The ``Blend-val`` weight of one (setting, method): the reference ``eps_model`` analyses the
-    validation times ``run.val`` (same sampler, guidance and members as the test rows; observations
-    drawn from the validation truth with the setting's density and error; its own seeds), and ``w``
-    is the least-squares weight of their ensemble mean towards the background
-    (:func:`align_rl.evaluation.baselines.least_squares_weight`). Batches that diverge are left out
-    (and listed in the failures); NaN when all do."""
+def _fit_blend_val(run: _Run, s: ObsSetting, si: int, mi: int, meth: str, eps_model: Any,
+                   row: str | None = None) -> float:
+    """The ``Blend-val`` weight of one (setting, method) and one row (``row``: the baseline when
+    None, else an aligned row, :data:`~align_rl.evaluation.seeds.BLEND_VAL_ALIGNED`): its network
+    ``eps_model`` analyses the validation times ``run.val`` (same sampler, guidance and members as
+    the test rows; observations drawn from the validation truth with the setting's density and
+    error; its own seeds, the same for every row, so the rows' fits are paired), and ``w`` is the
+    least-squares weight of their ensemble mean towards the background
+    (:func:`align_rl.evaluation.baselines.least_squares_weight`). Recorded in
+    ``run.prod.blend_val`` under ``"<setting> <method>"`` (the baseline) or ``"<setting>
+    <row>/<method>"``. Batches that diverge are left out (and listed in the failures); NaN when all
+    do."""
     val, cfg, plan = run.val, run.cfg, run.plan
+    row = row or plan.baseline
     obs = make_observations(val.truth, s.density, s.sigma_o, cfg.obs.mode, cfg.obs.r_floor,
                             generator=torch.Generator().manual_seed(cfg.run.seed * 1000 + 917 + si))
     gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + 100 * si + mi + 50_000)
@@ -368,29 +374,38 @@ def _fit_blend_val(run: _Run, s: ObsSetting, si: int, mi: int, meth: str, eps_mo
             out.append(_analyse_batch(run.data, eps_model, val.background[sl], obs[sl], meth, cfg, gen,
                                       plan.members))
         except InputError as exc:
-            run.prod.failures.append({"setting": s.name, "row": f"{plan.baseline}/{meth} (validation, Blend-val fit)",
+            run.prod.failures.append({"setting": s.name, "row": f"{row}/{meth} (validation, Blend-val fit)",
                                       "times": [sl.start, sl.stop], "error": str(exc)})
             out.append(torch.full((sl.stop - sl.start, plan.members, *val.background.shape[1:]), float("nan")))
     w = baselines.least_squares_weight(torch.cat(out), val.background, val.truth)
-    run.prod.blend_val[f"{s.name} {meth}"] = {
-        "w": w, "setting": s.name, "method": meth, "val_times": T,
+    key = f"{s.name} {meth}" if row == plan.baseline else f"{s.name} {row}/{meth}"
+    run.prod.blend_val[key] = {
+        "w": w, "setting": s.name, "method": meth, "row": row, "val_times": T,
         "first": np.datetime_as_string(val.times[0], unit="h"), "last": np.datetime_as_string(val.times[-1], unit="h")}
     return w
 
 
-def _trivial_rows(run: _Run, s: ObsSetting, si: int, mi: int, meth: str, reference: torch.Tensor,
-                  eps_ref: Any) -> None:
-    """The trivial baselines of one (setting, method) from the reference members ``reference``
-    (T, N, 69, H, W) (:mod:`align_rl.evaluation.baselines`): *shrink* to the aligned row's spread
-    term per time (scored with forecasts), *towards the background* to its time-mean
-    single-member MSE (analyses only), and ``Blend-val`` with the weight fitted on validation
-    times by the reference network ``eps_ref`` (:func:`_fit_blend_val`; scored with forecasts)."""
-    table = run.prod.table
+def _trivial_rows(run: _Run, s: ObsSetting, si: int, mi: int, meth: str, members: dict[str, torch.Tensor],
+                  models: dict[str, Any]) -> None:
+    """The trivial baselines of one (setting, method) from the stored members ``members`` (row →
+    (T, N, 69, H, W) normalised; the baseline's, and the aligned ``-M`` rows' when ``Blend-val`` is
+    on) (:mod:`align_rl.evaluation.baselines`): *shrink* the reference to the aligned row's spread
+    term per time (scored with forecasts), *towards the background* to its time-mean single-member
+    MSE (analyses only), ``Blend-val`` the reference with the weight fitted on validation times by
+    the reference network (:func:`_fit_blend_val`; scored with forecasts), and ``Blend-val-<row>``
+    the aligned row's members with the weight fitted the same way by that row's network ``models[row]``
+    (then the seed-mean rows of those, :attr:`~align_rl.evaluation.seeds.RowPlan.trivial_means`)."""
+    table, base = run.prod.table, run.plan.baseline
+    reference = members[base]
     for row, (kind, target) in run.plan.rows.trivial.items():
-        if kind == "blend-val":
-            w = _fit_blend_val(run, s, si, mi, meth, eps_ref)
+        if row in run.plan.rows.trivial_means:
+            continue  # a seed mean: after its seed rows
+        if kind in ("blend-val", BLEND_VAL_ALIGNED):
+            if target not in members:
+                continue  # the row was not run here
+            w = _fit_blend_val(run, s, si, mi, meth, models[target], None if kind == "blend-val" else target)
             if np.isfinite(w):
-                _score_members(run, s, meth, row, baselines.blend(reference, run.inp.background, w))
+                _score_members(run, s, meth, row, baselines.blend(members[target], run.inp.background, w))
             continue
         mem = table.series(s.name, target, meth, "analysis", "member")
         ens = table.series(s.name, target, meth, "analysis", "ensmean")
@@ -403,6 +418,8 @@ def _trivial_rows(run: _Run, s: ObsSetting, si: int, mi: int, meth: str, referen
             w = baselines.blend_weight(reference, run.inp.background, run.inp.truth, target_mse)
             run.prod.blend_weights[f"{s.name} {row}/{meth}"] = w
             _score_members(run, s, meth, row, baselines.blend(reference, run.inp.background, w), forecast=False)
+    for row, seed_rows in run.plan.rows.trivial_means.items():
+        table.add_mean(s.name, row, seed_rows, meth)
 
 
 def _forecast_members(run: _Run, xa: torch.Tensor) -> torch.Tensor:
@@ -443,18 +460,19 @@ def _sample_all(run: _Run, models: dict[str, Any], progress: bool) -> None:
         obs[si] = make_observations(run.inp.truth, s.density, s.sigma_o, cfg.obs.mode, cfg.obs.r_floor,
                                     generator=torch.Generator().manual_seed(cfg.run.seed * 1000 + 17 + si))
         run.prod.obs_fraction[s.name] = obs[si].fraction
-    reference = None
+    keep = {run.plan.baseline} | {t for k, t in rows.trivial.values() if k == BLEND_VAL_ALIGNED}
+    kept: dict[str, torch.Tensor] = {}  # the members the trivial rows of this (setting, method) need
     for j, (si, s, mi, meth, name) in enumerate(jobs):
         gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + 100 * si + mi)
         members = _sample_row(run, s, obs[si], meth, name, models[name], gen)
-        if name == run.plan.baseline:
-            reference = members
+        if name in keep:
+            kept[name] = members
         if j + 1 == len(jobs) or jobs[j + 1][:3] != (si, s, mi):  # the (setting, method) is done
             for group, seed_rows in rows.groups.items():
                 run.prod.table.add_mean(s.name, group, seed_rows, meth)
-            if reference is not None:
-                _trivial_rows(run, s, si, mi, meth, reference, models[run.plan.baseline])
-            reference = None
+            if run.plan.baseline in kept:
+                _trivial_rows(run, s, si, mi, meth, kept, models)
+            kept = {}
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"{s.name} {name}/{meth}")
@@ -479,8 +497,8 @@ def run_evaluation(
 ) -> Evaluation:
     """Evaluate ``models`` (name → ε_θ, or name → [ε_θ per seed], :mod:`align_rl.evaluation.seeds`)
     × ``cfg.guidance.methods``, with the trivial baselines of the aligned models and (when ``data``
-    holds the validation split and ``eval.blend_times`` > 0) the ``Blend-val`` row; write the
-    report files.
+    holds the validation split and ``eval.blend_times`` > 0) the ``Blend-val`` row and the
+    ``Blend-val-<row>`` rows of the aligned ``-M`` rows; write the report files.
 
     ``data``: the truth, backgrounds, normaliser, codec and forecaster (loaded from the workspace
     caches when None; then ``models`` defaults to ``{"reference": pretrained ε_θ}``). Returns the

@@ -14,8 +14,9 @@ import xarray as xr
 from align_rl.diffusion.guidance import label as method_label, needs_obs
 from align_rl.evaluation.bootstrap import closer_to_one, difference, paired_stat
 from align_rl.evaluation.results import BACKGROUND, change
-from align_rl.evaluation.seeds import across_seeds
-from align_rl.evaluation.verdict import ALPHA, blend_val_row, cell_series, decide, geo_line, mse_line
+from align_rl.evaluation.seeds import BLEND_VAL_ALIGNED, across_seeds
+from align_rl.evaluation.verdict import (ALPHA, blend_val_row, cell_series, decide, geo_line, mse_line,
+                                         seed_rows)
 
 
 
@@ -235,7 +236,7 @@ def baselines_section(ds: xr.Dataset, blend_weights: dict | None = None,
     for meth in _methods(ds):
         for t, f, k in zip(ds["model"].values, _coord(ds, "trivial_for", ""), _coord(ds, "trivial_kind", "")):
             t, f = str(t), str(f)
-            if not f or str(k) == "blend-val":
+            if not f or str(k) in ("blend-val", BLEND_VAL_ALIGNED):
                 continue
             for kind in ("analysis", "forecast"):
                 def s(who, stat, metric):
@@ -267,7 +268,8 @@ def blend_val_section(ds: xr.Dataset, blend_val: dict | None = None) -> list[str
         return []
     seed = int(ds.attrs.get("seed", 0))
     base = str(ds.attrs.get("baseline", "reference"))
-    fits = {(v.get("setting"), v.get("method")): v for v in (blend_val or {}).values()}
+    fits = {(v.get("setting"), v.get("method")): v for v in (blend_val or {}).values()
+            if v.get("row", base) == base}
     any_fit = next(iter(fits.values()), None)
     where = (f"{any_fit['val_times']} validation times ({any_fit['first']} … {any_fit['last']})"
              if any_fit else "the validation times")
@@ -298,6 +300,53 @@ def blend_val_section(ds: xr.Dataset, blend_val: dict | None = None) -> list[str
     if other:
         L += ["", "Blend-val weights of the observation settings (fitted on validation observations of that "
                   "setting): " + ", ".join(other) + "."]
+    return L + [""] + both_blended_section(ds, blend_val)
+
+
+def both_blended_section(ds: xr.Dataset, blend_val: dict | None = None) -> list[str]:
+    """The *Both blended* table of the main setting: per aligned ``-M`` row (its seed-mean row for
+    several seeds), method and kind, the reference's and the aligned model's validation-fitted w
+    (``metrics.json``'s ``blend_val``; one per seed), the ensemble-mean MSE of ``Blend-val`` and of
+    ``Blend-val-<row>``, and the % changes of ``Blend-val-<row>`` against ``Blend-val``
+    (ensemble-mean MSE, CRPS; 95 % intervals). Reported, not part of the verdict."""
+    bv = blend_val_row(ds)
+    pairs = [(str(t), str(f)) for t, f, k in zip(ds["model"].values, _coord(ds, "trivial_for", ""),
+                                                 _coord(ds, "trivial_kind", ""))
+             if str(k) == BLEND_VAL_ALIGNED and str(f) in verdict_rows(ds)]
+    if bv is None or not pairs:
+        return []
+    seed = int(ds.attrs.get("seed", 0))
+    base = str(ds.attrs.get("baseline", "reference"))
+    fits = list((blend_val or {}).values())
+
+    def w_of(rows: list[str], meth: str) -> str:
+        ws = [v["w"] for r in rows for v in fits
+              if v.get("row", base) == r and v.get("setting") == "main" and v.get("method") == meth]
+        return ", ".join(_num(w, ".3f") for w in ws) or "–"
+
+    L = ["#### Both blended", "",
+         "Like with like: each aligned -M model's own members blended towards the background, "
+         "x_n + w_a (x_b − x_n), with its own w_a fitted as the reference's w (same validation times, "
+         "observations and sampler noise, its own analyses; one per seed), against the blended reference "
+         f"({bv}). Does alignment add something beyond a move towards the background? Reported, not part "
+         "of the verdict (which asks the aligned model itself to beat Blend-val). % change against "
+         f"{bv}, 95 % intervals.", "",
+         f"| row | w {base} | w aligned | kind | {bv} ens-mean MSE | both blended ens-mean MSE | "
+         "ens-mean MSE % | CRPS % |", "|---|---|---|---|---|---|---|---|"]
+    for meth in _methods(ds):
+        w_ref = w_of([base], meth)
+        for row, aligned in pairs:
+            w_al = w_of(seed_rows(ds, aligned) or [aligned], meth)
+            for kind in ("analysis", "forecast"):
+                def s(who, stat, metric):
+                    return cell_series(ds, "main", who, meth, kind, stat, metric)
+                a, b = s(row, "ensmean", "mse"), s(bv, "ensmean", "mse")
+                if a is None or b is None:
+                    continue
+                ca, cb = s(row, "ensemble", "crps"), s(bv, "ensemble", "crps")
+                crps = "–" if ca is None or cb is None else _ci(paired_stat(ca, cb, seed=seed))
+                L.append(f"| {_label(row, meth)} | {w_ref} | {w_al} | {kind} | {np.nanmean(b):.5f} | "
+                         f"{np.nanmean(a):.5f} | {_ci(paired_stat(a, b, seed=seed))} | {crps} |")
     return L + [""]
 
 

@@ -8,7 +8,12 @@ as one network is one row (one seed). Every aligned model ``Align-<V>`` gets a t
 row (:mod:`align_rl.evaluation.baselines`): ``Blend-P`` (towards the background) for ``Align-P``
 (the physics variant, whose gain is the Geo-Score), ``Shrink-<V>`` for every other variant; with
 ``blend_val``, one more row, ``Blend-val`` (the reference towards the background with the weight
-fitted on validation times), built from the baseline for every MSE verdict line.
+fitted on validation times), built from the baseline for every MSE verdict line, and per aligned
+``-M`` row ``<row>`` (``Align-M``, ``Align-<anything>-M``, each seed row ``Align-M@seed<k>``) the row
+``Blend-val-<row>`` (kind ``blend-val-aligned``): that model's own members blended towards the
+background with its own validation-fitted weight, the like-with-like comparison the report shows
+beside ``Blend-val`` (no verdict line of its own). A several-seed model's ``Blend-val-<name>`` is the
+per-time mean of its seeds' ``Blend-val-<name>@seed<k>`` rows (:attr:`RowPlan.trivial_means`).
 """
 
 from __future__ import annotations
@@ -26,17 +31,28 @@ SEED_SEP = "@seed"
 ALIGNED = re.compile(r"^Align-(?P<v>[A-Za-z0-9_]+)$")
 BLEND_VAL = "Blend-val"
 """The row of the reference blended towards the background with the validation-fitted weight."""
+BLEND_VAL_ALIGNED = "blend-val-aligned"
+"""The trivial kind of ``Blend-val-<row>``: an aligned ``-M`` row blended with its own val-fitted w."""
+MSE_ALIGNED = re.compile(r"^Align-(?:.+-)?M$")
+"""The aligned rows (seed rows by their model's name) that get a ``Blend-val-<row>`` row."""
+
+
+def blend_val_name(row: str) -> str:
+    """The ``Blend-val-<row>`` row of an aligned row: ``Align-M@seed1`` → ``Blend-val-Align-M@seed1``."""
+    return f"{BLEND_VAL}-{row}"
 
 
 @dataclass
 class RowPlan:
     """The rows of one evaluation: ``sampled`` (row name → score network, in order), ``groups``
     (mean row → its per-seed rows, only for several seeds), ``trivial`` (baseline row →
-    ``(kind, aligned row)``)."""
+    ``(kind, aligned row)``), ``trivial_means`` (a trivial row that is the per-time mean of
+    per-seed trivial rows → those rows: ``Blend-val-Align-M`` → ``Blend-val-Align-M@seed<k>``)."""
 
     sampled: dict[str, Any] = field(default_factory=dict)
     groups: dict[str, list[str]] = field(default_factory=dict)
     trivial: dict[str, tuple[str, str]] = field(default_factory=dict)
+    trivial_means: dict[str, list[str]] = field(default_factory=dict)
 
     def names(self) -> list[str]:
         """Every row but the background, in the Dataset's order: for each model its (mean) row,
@@ -55,7 +71,7 @@ class RowPlan:
         return {
             "seed_of": ("model", [seed_of.get(n, "") for n in names]),
             "seed": ("model", [int(n.rsplit(SEED_SEP, 1)[1]) if n in seed_of else -1 for n in names]),
-            "n_seeds": ("model", [len(self.groups.get(n, [n])) for n in names]),
+            "n_seeds": ("model", [len(self.groups.get(n, self.trivial_means.get(n, [n]))) for n in names]),
             "trivial_for": ("model", [self.trivial.get(n, ("", ""))[1] for n in names]),
             "trivial_kind": ("model", [self.trivial.get(n, ("", ""))[0] for n in names]),
         }
@@ -64,7 +80,9 @@ class RowPlan:
 def plan_rows(models: dict[str, Any], baseline: str = "reference", trivial: bool = True,
               blend_val: bool = False) -> RowPlan:
     """The :class:`RowPlan` of ``models`` (name → network, or → list of networks, one per seed);
-    ``blend_val``: add the row :data:`BLEND_VAL` (kind ``blend-val``, built for the baseline)."""
+    ``blend_val``: add the row :data:`BLEND_VAL` (kind ``blend-val``, built for the baseline) and
+    per aligned ``-M`` row (:data:`MSE_ALIGNED`; each seed row, and the seed mean as their mean)
+    its ``Blend-val-<row>`` (kind :data:`BLEND_VAL_ALIGNED`, built for that row)."""
     plan = RowPlan()
     for name, m in models.items():
         if SEED_SEP in name:
@@ -92,7 +110,24 @@ def plan_rows(models: dict[str, Any], baseline: str = "reference", trivial: bool
         if BLEND_VAL in models:
             raise ConfigError(f"model name {BLEND_VAL!r} is the validation-fitted blend baseline; rename it")
         plan.trivial[BLEND_VAL] = ("blend-val", baseline)
+        _plan_blend_val_aligned(plan, models, baseline)
     return plan
+
+
+def _plan_blend_val_aligned(plan: RowPlan, models: dict[str, Any], baseline: str) -> None:
+    """The ``Blend-val-<row>`` rows of the aligned ``-M`` models of ``plan`` (seed rows first, then
+    their mean row)."""
+    for name in models:
+        if name == baseline or MSE_ALIGNED.match(name) is None:
+            continue
+        rows = plan.groups.get(name, [name])
+        for row in [*rows, name] if name in plan.groups else rows:
+            if blend_val_name(row) in models:
+                raise ConfigError(f"model name {blend_val_name(row)!r} is the validation-fitted blend of "
+                                  f"{row}; rename it")
+            plan.trivial[blend_val_name(row)] = (BLEND_VAL_ALIGNED, row)
+        if name in plan.groups:
+            plan.trivial_means[blend_val_name(name)] = [blend_val_name(r) for r in rows]
 
 
 def group_of(name: str) -> str:
