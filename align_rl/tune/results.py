@@ -48,6 +48,11 @@ class SweepResult:
     reference: dict[str, float] = field(default_factory=dict)  # the reference's validation metrics
 
 
+
+def _title(title: str, spec) -> list[str]:
+    """A sweep document's first lines: its title and the sweep's question."""
+    return [f"# {title}", ""] + ([f"**Question.** {spec.question}", ""] if spec.question else [])
+
 def fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -149,9 +154,7 @@ def write_results(result: SweepResult, spec: SweepSpec, cfg: Config, out: Path) 
     w.writerows(body)
     write_atomic(out / "results.csv", buf.getvalue())
     header, body = results_columns(result, spec)
-    lines = [f"# Sweep `{spec.name}`", ""]
-    if spec.question:
-        lines += [f"**Question.** {spec.question}", ""]
+    lines = _title(f"Sweep `{spec.name}`", spec)
     lines += [f"Metric: `{spec.metric}` ({spec.mode}); scheduler: {spec.scheduler}; "
               f"{len(result.rows)} trials, {spec.stages} stages of "
               f"{steps_per_stage(spec, cfg)} DPO steps; validation: {spec.validation.times} val "
@@ -243,9 +246,7 @@ def write_report(result: SweepResult, spec: SweepSpec, cfg: Config, out: Path) -
     png = plot_front(result.rows, front, out / "front.png", result.reference, label=_weights_label,
                      title=f"sweep {spec.name}" + (f"; labels: weights {'/'.join(keys)}" if keys else ""))
     done = sum(t.status == "completed" for t in result.rows)
-    lines = [f"# Sweep `{spec.name}`: report", ""]
-    if spec.question:
-        lines += [f"**Question.** {spec.question}", ""]
+    lines = _title(f"Sweep `{spec.name}`: report", spec)
     lines += [f"Objectives: {', '.join(f'`{k}` ({m})' for k, m in goals.items())}. "
               f"{len(result.rows)} trials ({done} completed), {spec.stages} stages of "
               f"{steps_per_stage(spec, cfg)} DPO steps; validation on {spec.validation.times} VAL "
