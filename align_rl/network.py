@@ -2,6 +2,7 @@
 
 ``python -m align_rl.network --models Align-DPS-M=CHECKPOINT [--obs FILE ...] [--out DIR]
 [--window-hours 3] [--background-k 5] [--reference-k 0.1] [--sondes 60] [--surface 200]
+[--dps-zeta 0.2]
 [key=value ...]``
 
 DPS analyses of the reference model and of each aligned model from point observations: the IODA-v2
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-scale", choices=("climate", "obs_error"), default=d.reference_scale)
     p.add_argument("--sondes", type=int, default=d.sondes)
     p.add_argument("--surface", type=int, default=d.surface)
+    p.add_argument("--dps-zeta", type=float, default=d.dps_zeta,
+                   help="DPS guidance strength for these observations (default %(default)s, chosen on "
+                        "validation times; guidance.dps_zeta is tuned for gridded observations)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return p
 
@@ -57,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, list(args.overrides) + more)
     check_model_specs(specs)
     settings = NetworkSettings(args.window_hours, args.background_k, args.reference_k,
-                               args.reference_scale, args.sondes, args.surface, cfg.run.seed)
+                               args.reference_scale, args.sondes, args.surface, cfg.run.seed,
+                               args.dps_zeta)
     if args.obs:
         load_records(args.obs)  # bad files fail before the world and the models are built
     preflight(cfg)
