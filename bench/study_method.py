@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def _setup(overrides: list[str], split: str):
+    import actors
     from align_rl.config import load_config
     from align_rl.world.dataset import ensure_world
     from align_rl.evaluation.runner import EvalData
@@ -41,6 +42,7 @@ def _setup(overrides: list[str], split: str):
 
     cfg = load_config(overrides=overrides)
     ws = Workspace.from_config(cfg)
+    actors.install()  # the Ray actors the stages use (align_rl.remote)
     init_ray()
     store = ensure_world(cfg, ws, progress=False)
     pre = ensure_pretrained(cfg, ws, progress=False)
