@@ -18,6 +18,7 @@ from align_rl.alignment.dpo_task import BEST_FILE, GAIN
 from align_rl.alignment.validation import Validator
 from align_rl.config import config_from_dict
 from align_rl.io.checkpoints import load_model, read_checkpoint, save_model
+from align_rl.models.loading import open_forecaster
 
 VALIDATION_FILE = "validation.jsonl"
 
@@ -48,7 +49,8 @@ class PublishedValidation:
         self.policy, _ = load_model(reference_ckpt, "diffusion")
         self.diffusion_cfg = dict(read_checkpoint(reference_ckpt)["config"])
         v = validation
-        self.validator = Validator(v["codec"], v["forecaster"], ref, v["normalizer"], v["lat"], v["lon"],
+        # the forecaster travels as a specification (ForecasterSpec); this actor opens its own
+        self.validator = Validator(v["codec"], open_forecaster(v["forecaster"]), ref, v["normalizer"], v["lat"], v["lon"],
                                    v["tasks"], self.cfg, v["weights"], int(self.cfg.dpo.val_members),
                                    seed=int(self.cfg.run.seed))
         self.records = read_records(self.out_dir)
