@@ -189,7 +189,6 @@ def load_eval_data(cfg: Config, ws: Workspace) -> tuple[EvalData, Any]:
     return data, pre.eps_model
 
 
-
 def data_and_models(cfg: Config, ws: Workspace, specs: list[str]) -> tuple[EvalData, dict[str, Any]]:
     """What a command evaluates: :func:`load_eval_data` and the models, the reference first, then
     the ``NAME=CHECKPOINT`` ``specs`` (:func:`load_models`)."""
@@ -197,6 +196,7 @@ def data_and_models(cfg: Config, ws: Workspace, specs: list[str]) -> tuple[EvalD
     models = {"reference": ref}
     models.update(load_models(specs, cfg, tuple(getattr(data.codec, "latent_shape", ())) or None))
     return data, models
+
 
 def _norm_t(normalizer: Normalizer, states: States, times: np.ndarray) -> torch.Tensor:
     idx = [states.time_index(t) for t in times]
@@ -335,8 +335,8 @@ def _score_members(run: _Run, s: ObsSetting, meth: str, name: str, members: torc
     for sl in _batches(run):
         xa = members[sl]
         if forecast:
-            scores = score_batch(xa, inp.truth[sl], first_frames(inp.prev[sl], inp.background[sl], xa),
-                                 inp.truth_fc[sl], data.forecaster,
+            # the members' forecasts are made once above (_forecast_members, its first frames)
+            scores = score_batch(xa, inp.truth[sl], None, inp.truth_fc[sl], data.forecaster,
                                  inp.steps, data.normalizer, data.truth.lat, data.truth.lon,
                                  forecasts=forecasts[sl])
         else:

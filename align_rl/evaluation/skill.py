@@ -117,7 +117,7 @@ def forecast_from(forecaster: Any, x_prev: torch.Tensor, x0: torch.Tensor, steps
     return f.reshape(x0.shape) if has_members else f
 
 
-def score_batch(xa: torch.Tensor, truth: torch.Tensor, prev: torch.Tensor, truth_fc: torch.Tensor,
+def score_batch(xa: torch.Tensor, truth: torch.Tensor, prev: torch.Tensor | None, truth_fc: torch.Tensor,
                 forecaster: Any, steps: int, normalizer: Normalizer, lat: np.ndarray,
                 lon: np.ndarray, forecasts: torch.Tensor | None = None
                 ) -> dict[tuple[str, str], dict[str, np.ndarray]]:
@@ -125,7 +125,8 @@ def score_batch(xa: torch.Tensor, truth: torch.Tensor, prev: torch.Tensor, truth
     ``{(kind, stat): {metric: (T,)}}`` with kind ``analysis`` (against ``truth`` (T, 69, H, W))
     or ``forecast`` (``steps`` × 6 h from ``(prev, member)`` against ``truth_fc``), stat
     ``member`` (each member's score, averaged), ``ensmean`` (the members' mean) or ``ensemble``
-    (CRPS, spread/skill). ``forecasts``: the members' forecasts when already made elsewhere
+    (CRPS, spread/skill). ``prev`` may be None when ``forecasts`` are given.
+    ``forecasts``: the members' forecasts when already made elsewhere
     (e.g. on forecast actors), else made here."""
     out = analysis_scores(xa, truth, normalizer, lat, lon)
     fm = forecast_from(forecaster, prev, xa, steps) if forecasts is None else forecasts
