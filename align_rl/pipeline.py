@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from align_rl import identity, remote
-from align_rl.alignment.async_loop import run_async
+from align_rl.alignment.async_loop import BUFFER_STORE, run_async
 from align_rl.alignment.learner import run_dpo
 from align_rl.alignment.online import run_online
 from align_rl.alignment.pairs import alignment_seed
@@ -95,16 +95,15 @@ def _dpo_variant(cfg: Config, ws: Workspace, v: str, pool: Any, pstore: Any, pre
     """DPO of one variant (``dpo.mode``) -> ``(DPOResult, number of pairs)``."""
     out_dir = dpo_dir(cfg, ws, v, meta)
     if cfg.dpo.mode == "async":  # samplers and learner at once (docs/method.md §9.4)
-        vpath = pstore.path.with_name(pstore.path.name.removesuffix(".zarr") + f"-async-{v}.zarr")
         res = run_async(cfg, remote.workers(),
                         lambda c: remote.workers().candidate_pool(c, models, pref.lat, pref.lon),
-                        vpath, models.codec.latent_shape, pref.tasks, pref.order, reference_ckpt, v,
+                        models.codec.latent_shape, pref.tasks, pref.order, reference_ckpt, v,
                         out_dir, progress=progress, log=_log, validation=_validation_for(val_ctx, cfg, v),
                         warm_store=pstore, meta=meta)
-        return res, len(PairStore.open(vpath, mode="r").pair_set(v, min_version=0))
+        return res, len(PairStore.open(out_dir / BUFFER_STORE, mode="r").pair_set(v, min_version=0))
     if cfg.dpo.mode in ("online", "sync"):  # sync rounds ("online" is their alias)
-        # each online variant has its own lineage of policy versions, so its own buffer
-        vpath = pstore.path.with_name(pstore.path.name.removesuffix(".zarr") + f"-online-{v}.zarr")
+        # each run has its own lineage of policy versions, so its own buffer in its own folder
+        vpath = out_dir / BUFFER_STORE
         vstore = PairStore.open(vpath, tuple(models.codec.latent_shape),
                                 list(cfg.rewards.names), meta=meta)
         res = run_online(cfg, ws, pool, vstore, pref.tasks, pref.order, reference_ckpt, v,
@@ -117,7 +116,8 @@ def _dpo_variant(cfg: Config, ws: Workspace, v: str, pool: Any, pstore: Any, pre
         cfg.rewards.weights, v, cfg.pairs.pairs_per_background,
         alignment_seed(cfg.run.seed, cfg.dpo.seed),
         cfg.pairs.top_k_phys, cfg.pairs.decile, min_version=0,
-        normalize=cfg.rewards.normalize)
+        normalize=cfg.rewards.normalize,
+        bg_ids=[int(i) for i in pref.order[:int(cfg.pairs.backgrounds)]])
     res = run_dpo(cfg, ws, (pstore, ps), reference_ckpt, out_dir=out_dir, mode=v,
                   progress=progress, validation=_validation_for(val_ctx, cfg, v))
     return res, len(ps)

@@ -68,6 +68,18 @@ def test_staleness_bound_and_newest_first(tmp_path):
     assert staleness_histogram(b.takes) == {0: 8, 1: 4}
 
 
+def test_pairs_of_a_version_above_the_learners_wait(tmp_path):
+    """After a resume from an earlier checkpoint the buffer can hold pairs drawn by versions the
+    learner has not reached again: they are not taken until it has (no negative staleness)."""
+    b = buffer(tmp_path, s=1, u=5)
+    b.add([group(0, 0), group(1, 2), group(2, 3)])
+    out = b.take(0, 0, 4, current=2)  # eligible: versions 1 … 2 only
+    assert out["versions"].tolist() == [2, 2, 2, 2]
+    assert b.take(1, 0, 5, current=2) is None
+    assert b.take(1, 0, 1, current=0)["versions"].tolist() == [0]
+    assert min(staleness_histogram(b.takes)) == 0
+
+
 def test_log_resumes_and_rolls_back_undone_steps(tmp_path):
     b = buffer(tmp_path, s=5, u=1)
     b.add([group(i, 0) for i in range(3)])  # 12 pairs
@@ -103,6 +115,26 @@ def test_warm_start_rebuilds_the_offline_groups_and_pairs(tmp_path):
     b = buffer(tmp_path)
     assert b.add(warm)["pairs"] == 12
     assert set(bytes(h) for h in b.ps.hash) == set(bytes(h) for h in off.pair_set("M").hash)
+    # only the backgrounds the offline run of the same settings uses
+    assert [g.key for g in warm_groups(off, "M", W, PCFG, 0, "zscore", bg_ids=[2, 0])] == \
+        [groups[0].key, groups[2].key]
+
+
+def test_async_runs_follow_the_alignment_seed(tmp_path, monkeypatch):
+    """dpo.seed reaches the asynchronous learner (its batch order, t and ε)."""
+    from align_rl.alignment import async_loop
+    from align_rl.alignment.async_loop import learner_config
+    from align_rl.alignment.pairs import alignment_seed
+    from align_rl.config import Config, with_values
+
+    monkeypatch.setattr(async_loop, "_diffusion_section", lambda ckpt: {})
+    seeds = []
+    for s in (0, 1, 2):
+        cfg = with_values(Config(), {"dpo.seed": s, "dpo.mode": "async"})
+        c = learner_config(cfg, tmp_path / "ref.pt", tmp_path / "ref.pt", tmp_path, None, None, "M", False)
+        assert c["seed"] == alignment_seed(cfg.run.seed, s)
+        seeds.append(c["seed"])
+    assert len(set(seeds)) == 3
 
 
 def test_loop_measures_from_hand_made_timelines():

@@ -46,7 +46,7 @@ def tiny_async_run(tmp_path: Path, steps: int, extra: list[str] | None = None):
                       "tasks": tasks_for([int(order[-1])]),
                       "weights": ranking_weights("M", cfg.rewards.weights)}
     return run_async(cfg, install(), lambda cc: CandidatePool(cc, models, LAT, LON),
-                     ws.root / "pairs-async-M.zarr", models.codec.latent_shape, tasks_for, order[:-1],
+                     models.codec.latent_shape, tasks_for, order[:-1],
                      ref, "M", ws.dpo / "M-async", progress=False, log=print, validation=validation)
 
 
@@ -80,7 +80,7 @@ def test_killed_driver_rerun_resumes_without_training_a_step_twice(tmp_path):
     assert [x["step"] for x in lines if "loss" in x] == list(range(1, 11))  # nothing trained twice
     assert [t["step"] for t in read_takes(out / "takes.jsonl")] == list(range(10))
     assert "loop/overlap" in lines[-1]  # the loop's measures came last
-    store = PairStore.open(tmp_path / "pairs-async-M.zarr", mode="r")
+    store = PairStore.open(out / "buffer.zarr", mode="r")
     b = store.backgrounds()
     assert len(set(zip(b["bg_id"].tolist(), b["version"].tolist()))) == store.num_backgrounds
 
@@ -94,7 +94,7 @@ def test_async_run_trains_from_the_live_buffer_and_resumes(tmp_path, ray_session
     s, u = 1, 2
     val = ["dpo.val_every=2", "dpo.val_backgrounds=1", "dpo.val_members=2"]
     out = tmp_path / "dpo" / "M-async"
-    store_path = tmp_path / "pairs-async-M.zarr"
+    store_path = out / "buffer.zarr"
     res = tiny_async_run(tmp_path, 6, val)
     assert res.step == 6 and res.version == 3 and res.checkpoint.name == "best.pt"
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -105,6 +105,7 @@ def test_async_run_trains_from_the_live_buffer_and_resumes(tmp_path, ray_session
     takes = read_takes(out / "takes.jsonl")
     assert [t["step"] for t in takes] == list(range(6))
     assert max(t["current"] - v for t in takes for v in t["versions"]) <= s
+    assert min(t["current"] - v for t in takes for v in t["versions"]) >= 0  # never a newer version
     assert max(Counter(h for t in takes for h in t["pairs"]).values()) <= u
     vals = [json.loads(x) for x in (out / "validation.jsonl").read_text().splitlines()]
     assert {v["version"] for v in vals} >= {3}  # the final policy at least, off the learner's path

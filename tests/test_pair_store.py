@@ -110,6 +110,10 @@ def test_reselect_uses_stored_scores_and_drop_stale(tmp_path):
         assert w == rows[np.argmax(sc["assim"][rows])]
     # deterministic
     np.testing.assert_array_equal(ps.hash, st.reselect({"assim": 1.0}, "M", per_background=1).hash)
+    # a store holding more backgrounds than the run uses: only the run's backgrounds' pairs
+    bg = st.backgrounds()
+    sub = st.reselect(None, "P", per_background=4, top_k=2, bg_ids=[0, 2])
+    assert len(sub) == 4 * 4 and set(bg["bg_id"][sub.background].tolist()) == {0, 2}
     # staleness: version 0 leaves the view
     n_all = len(st.pair_set("M"))
     n_new = st.drop_stale(1)

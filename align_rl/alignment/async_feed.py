@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from align_rl.alignment.candidates import make_group
+from align_rl.alignment.pairs import alignment_seed
 
 SAMPLER_TIMELINE = "timeline-samplers.jsonl"
 
@@ -133,7 +134,7 @@ class SamplerFeed(threading.Thread):
                 self._again(job, inflight, held, f"stale weights (v{scores['stale']})")
                 continue
             groups = [make_group(t, d, sc, cfg.pairs.guidance, self.modes, cfg.pairs, weights,
-                                 cfg.run.seed, cfg.rewards.normalize)
+                                 alignment_seed(cfg.run.seed, cfg.dpo.seed), cfg.rewards.normalize)
                       for t, d, sc in zip(job["chunk"], drawn, scores)]
             out = ray.get(self.buffer.add.remote(groups))
             rec = {"t0": job["t0"], "t1": time.time(), "slot": job["slot"], "version": job["version"],

@@ -6,10 +6,12 @@ One run, four sides at once:
 - **samplers** (:class:`~align_rl.alignment.async_feed.SamplerFeed`, a driver thread over the
   candidate pool's persistent sampler and reward actors): draw candidates for new preference
   backgrounds with the newest published weights, for the whole run;
-- **buffer** (a buffer actor over :class:`~align_rl.alignment.buffer.PairBuffer`): the pair store
-  ``store_path`` with each pair's policy version, the staleness bound ``dpo.staleness``, the reuse
-  limit ``dpo.reuse``, warm-started from the offline store's version-0 groups when one is given
-  (``dpo.warm_start``);
+- **buffer** (a buffer actor over :class:`~align_rl.alignment.buffer.PairBuffer`): the run's own
+  pair store ``out_dir/buffer.zarr`` (one lineage of policy versions per run: another seed or
+  setting never reads it) with each pair's policy version, the staleness bound ``dpo.staleness``,
+  the reuse limit ``dpo.reuse``, warm-started from the offline store's version-0 groups of the
+  first ``pairs.backgrounds`` backgrounds of ``order`` (those the offline run uses) when one is
+  given (``dpo.warm_start``);
 - **learner** (:class:`~align_rl.alignment.async_task.AsyncDPOTask`): ONE Ray Train run of
   ``dpo.steps`` steps reading its batches from the buffer, publishing its weights every
   ``dpo.sync_every`` steps to the weight-store actor (object refs) without waiting;
@@ -50,6 +52,7 @@ from align_rl.alignment.buffer import warm_groups
 from align_rl.alignment.dpo_task import BEST_FILE, GAIN, POLICY_FILE
 from align_rl.alignment.learner import DPOResult, _diffusion_section, _wandb
 from align_rl.alignment.loop_metrics import loop_metrics
+from align_rl.alignment.pairs import alignment_seed
 from align_rl.config import Config
 from align_rl.devices import resolve_use_gpu
 from align_rl.errors import ConfigError, InputError
@@ -58,6 +61,7 @@ from align_rl.training.harness import fit_loop, init_ray, worker_scaling
 from align_rl.training.loop import METRICS_FILE, read_state, wandb_run
 
 METRICS_JSON = "async_metrics.json"
+BUFFER_STORE = "buffer.zarr"  # the run's pair buffer, in its own folder
 
 
 def plan_sides(resources: dict, cfg: Config, use_gpu: bool, validator: bool) -> dict:
@@ -86,7 +90,7 @@ def learner_config(cfg: Config, reference_ckpt: Path, init_ckpt: Path, out_dir: 
         "make_task": async_dpo_task, "label": f"DPO-{mode} async", "cfg": cfg.to_dict(),
         "reference_ckpt": str(reference_ckpt), "init_ckpt": str(init_ckpt),
         "diffusion_cfg": _diffusion_section(reference_ckpt), "version": 0,
-        "steps": int(d.steps), "seed": int(cfg.run.seed), "lr": float(d.lr), "warmup": int(d.warmup_steps),
+        "steps": int(d.steps), "seed": alignment_seed(cfg.run.seed, d.seed), "lr": float(d.lr), "warmup": int(d.warmup_steps),
         "decay": "constant", "batch_size": int(d.batch_size), "grad_clip": float(d.grad_clip),
         "checkpoint_every": max(1, int(d.checkpoint_every)), "val_every": 0, "log_every": 1,
         "threads": max(1, int(d.cpus_per_worker)), "out_dir": str(out_dir), "resume": True,
@@ -194,7 +198,7 @@ def _report(cfg: Config, out_dir: Path, mode: str, m: dict, step: int) -> None:
             run.finish()
 
 
-def run_async(cfg: Config, workers: Any, make_pool: Callable[[Config], Any], store_path: Path,
+def run_async(cfg: Config, workers: Any, make_pool: Callable[[Config], Any],
               latent_shape: Sequence[int], tasks_for: Callable[[list[int]], list], order: Sequence[int],
               reference_ckpt: Path, mode: str, out_dir: Path, progress: bool = True,
               log: Callable[[str], None] = print, validation: dict | None = None,
@@ -203,7 +207,8 @@ def run_async(cfg: Config, workers: Any, make_pool: Callable[[Config], Any], sto
     :class:`align_rl.remote.Workers` (its ``stream`` actors); ``make_pool(cfg)``: a candidate pool
     (``ensure``, ``samplers``, ``rewarders``, ``shutdown``) for the given config; ``tasks_for(ids)``:
     background tasks; ``order``: the seeded background order; ``warm_store``: the offline pair
-    store (warm start). Returns the learner's result (``best.pt`` when validated)."""
+    store (warm start). The buffer is ``out_dir/buffer.zarr``. Returns the learner's result
+    (``best.pt`` when validated)."""
     import ray
 
     if workers is None or getattr(workers, "stream", None) is None:
@@ -227,11 +232,13 @@ def run_async(cfg: Config, workers: Any, make_pool: Callable[[Config], Any], sto
         f"resources{' (sampler / learner node groups)' if plan['groups'] else ''}")
     st = workers.stream
     wstore = st.weight_store()
-    buffer = st.buffer(str(store_path), tuple(latent_shape), list(cfg.rewards.names), mode,
-                       int(d.staleness), int(d.reuse), str(out_dir), int(cfg.run.seed), meta)
+    seed = alignment_seed(cfg.run.seed, d.seed)
+    buffer = st.buffer(str(out_dir / BUFFER_STORE), tuple(latent_shape), list(cfg.rewards.names), mode,
+                       int(d.staleness), int(d.reuse), str(out_dir), seed, meta)
     if warm_store is not None and bool(d.warm_start) and warm_store.num_pairs:
+        first = [int(i) for i in order[:int(cfg.pairs.backgrounds)]]
         added = ray.get(buffer.add.remote(warm_groups(warm_store, mode, cfg.rewards.weights, cfg.pairs,
-                                                      int(cfg.run.seed), cfg.rewards.normalize)))
+                                                      seed, cfg.rewards.normalize, first)))
         log(f"async DPO-{mode}: warm start, {added['pairs']} pairs of the offline store added")
     v0, step0, sd = _start_weights(out_dir, reference_ckpt, int(d.sync_every))
     ray.get(wstore.publish.remote(v0, step0, [ray.put(sd)]))
@@ -290,4 +297,4 @@ def run_async(cfg: Config, workers: Any, make_pool: Callable[[Config], Any], sto
     return _result(out_dir, state, validated)
 
 
-__all__ = ["METRICS_JSON", "VALIDATION_FILE", "learner_config", "measure", "plan_sides", "run_async"]
+__all__ = ["BUFFER_STORE", "METRICS_JSON", "VALIDATION_FILE", "learner_config", "measure", "plan_sides", "run_async"]

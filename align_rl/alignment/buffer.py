@@ -121,9 +121,13 @@ class PairBuffer:
         os.replace(tmp, self.log_path)
 
     def eligible(self, current: int) -> np.ndarray:
-        """Positions (in the buffer's pair set) of the pairs a learner at ``current`` may take."""
+        """Positions (in the buffer's pair set) of the pairs a learner at ``current`` may take:
+        versions ``current − s … current``, used fewer than ``u`` times."""
         uses = np.fromiter((self.uses.get(k, 0) for k in self.keys), np.int64, len(self.keys))
-        return np.flatnonzero((self.ps.version >= int(current) - self.s) & (uses < self.u))
+        v = self.ps.version
+        # never a version above the learner's: such pairs exist only after a resume from an
+        # earlier checkpoint, and wait until the learner is at their version again
+        return np.flatnonzero((v >= int(current) - self.s) & (v <= int(current)) & (uses < self.u))
 
     def take(self, step: int, rank: int, size: int, current: int) -> dict | None:
         """The batch of learner ``step`` on worker ``rank`` (``size`` distinct pairs) for a learner
@@ -158,15 +162,19 @@ class PairBuffer:
 
 
 def warm_groups(store: PairStore, mode: str, weights: Mapping[str, float], pairs_cfg: Any, seed: int,
-                normalize: str = "zscore") -> list[CandidateGroup]:
-    """The version-0 candidate groups of an offline ``store`` with their ``mode`` pairs chosen again
-    with the run's ``weights`` and ``normalize`` (the seeds of :func:`pair_rng`, so the same pairs as
-    the offline run's when nothing changed), to warm-start the buffer."""
+                normalize: str = "zscore", bg_ids: Iterable[int] | None = None) -> list[CandidateGroup]:
+    """The version-0 candidate groups of an offline ``store`` (only the backgrounds ``bg_ids`` when
+    given: those the offline run of the same settings uses) with their ``mode`` pairs chosen again
+    with the run's ``weights``, ``normalize`` and alignment ``seed`` (the seeds of
+    :func:`pair_rng`, so the same pairs as the offline run's), to warm-start the buffer."""
     b = store.backgrounds()
     cb = store.candidate_backgrounds()
     scores = store.scores()
     out = []
-    for row in np.flatnonzero(b["version"] == 0):
+    rows0 = b["version"] == 0
+    if bg_ids is not None:
+        rows0 &= np.isin(b["bg_id"].astype(np.int64), np.fromiter(bg_ids, np.int64))
+    for row in np.flatnonzero(rows0):
         rows = np.flatnonzero(cb == row)
         if len(rows) < 2:
             continue

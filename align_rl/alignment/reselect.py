@@ -9,7 +9,7 @@ committed with the candidates, and other weights give a new selection.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import numpy as np
 
@@ -17,27 +17,33 @@ from align_rl.alignment.pairs import HASH_BYTES, background_pairs, pair_hash, pa
 from align_rl.io.pair_format import PairSet
 
 
-def _groups(store: Any, min_version: int):
+def _groups(store: Any, min_version: int, bg_ids: Collection[int] | None = None):
     """``(background row, bg_id, version, candidate rows)`` of every committed background group
-    of version ≥ ``min_version`` with at least two candidates."""
+    of version ≥ ``min_version`` with at least two candidates (only those of ``bg_ids`` when
+    given)."""
+    keep = None if bg_ids is None else {int(i) for i in bg_ids}
     cb = store.candidate_backgrounds()
     bg = store.backgrounds()
     order = np.argsort(cb, kind="stable")
     starts = np.searchsorted(cb[order], np.arange(len(bg["bg_id"]) + 1))
     for b in range(len(bg["bg_id"])):
         rows = order[starts[b]:starts[b + 1]]
+        if keep is not None and int(bg["bg_id"][b]) not in keep:
+            continue
         if int(bg["version"][b]) >= min_version and len(rows) >= 2:
             yield b, int(bg["bg_id"][b]), int(bg["version"][b]), rows
 
 
 def reselect_pairs(store: Any, weights: Mapping[str, float] | None, mode: str = "M",
                    per_background: int = 8, seed: int = 0, top_k: int = 5, decile: float = 0.1,
-                   min_version: int | None = None, normalize: str = "zscore") -> PairSet:
+                   min_version: int | None = None, normalize: str = "zscore",
+                   bg_ids: Collection[int] | None = None) -> PairSet:
     """A new :class:`~align_rl.io.pair_format.PairSet` from the stored scores of ``store`` (a
     :class:`~align_rl.io.pair_store.PairStore`).
 
     Per committed background group of version ≥ ``min_version`` (default: the store's stale
-    bound): ``select`` by ``mode`` with ``weights``, stratified ``pair_up``, dedup by content hash
+    bound), and of the backgrounds ``bg_ids`` when given (a store that holds more backgrounds than a
+    run uses, e.g. after a run with a larger ``pairs.backgrounds``): ``select`` by ``mode`` with ``weights``, stratified ``pair_up``, dedup by content hash
     (``(z_b, z_w, z_l)``, :func:`~align_rl.alignment.pairs.pair_hash`). Not written to the store;
     hand ``(store, pair_set)`` to :class:`~align_rl.io.pair_store.PairDataset` or ``run_dpo``.
     """
@@ -46,7 +52,7 @@ def reselect_pairs(store: Any, weights: Mapping[str, float] | None, mode: str = 
     sc = store.scores()
     W, L, B, V, H = [], [], [], [], []
     seen: set[bytes] = set()
-    for b, bg_id, version, rows in _groups(store, mv):
+    for b, bg_id, version, rows in _groups(store, mv, bg_ids):
         s = {k: v[rows] for k, v in sc.items()}
         rng = pair_rng(seed, bg_id, version, mode)
         pl = background_pairs(s, mode, weights, per_background, rng, top_k, decile, normalize)

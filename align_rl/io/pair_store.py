@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -417,11 +417,13 @@ class PairStore(StoreIntegrity):
 
     def reselect(self, weights: Mapping[str, float] | None, mode: str = "M",
                  per_background: int = 8, seed: int = 0, top_k: int = 5, decile: float = 0.1,
-                 min_version: int | None = None, normalize: str = "zscore") -> PairSet:
+                 min_version: int | None = None, normalize: str = "zscore",
+                 bg_ids: Any = None) -> PairSet:
         """A new pair set from the STORED per-candidate scores (no sampling, no rollouts):
-        :func:`align_rl.alignment.reselect.reselect_pairs` of this store."""
+        :func:`align_rl.alignment.reselect.reselect_pairs` of this store (only the backgrounds
+        ``bg_ids`` when given)."""
         return reselect_pairs(self, weights, mode, per_background, seed, top_k, decile,
-                              min_version, normalize)
+                              min_version, normalize, bg_ids)
 
 
 class PairDataset(torch.utils.data.Dataset):

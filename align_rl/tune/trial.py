@@ -28,6 +28,7 @@ import numpy as np
 from align_rl import remote
 from align_rl.alignment.learner import run_dpo
 from align_rl.alignment.async_loop import run_async
+from align_rl.alignment.pairs import alignment_seed
 from align_rl.alignment.online import run_online
 from align_rl.config import Config, config_from_dict, with_values
 from align_rl.errors import InputError
@@ -177,14 +178,12 @@ def _policy_pairs(store: PairStore, cfg: Config, order: list[int] | None = None)
     (policy version 0) with the trial's reward weights and pair mode; with the seeded background
     ``order``, only those of its first ``pairs.backgrounds`` backgrounds (the shared store holds
     the most any trial uses)."""
+    mine = None if order is None else [int(i) for i in order[:int(cfg.pairs.backgrounds)]]
     ps = store.reselect(cfg.rewards.weights, cfg.pairs.mode, per_background=cfg.pairs.pairs_per_background,
-                        seed=cfg.run.seed, top_k=cfg.pairs.top_k_phys, decile=cfg.pairs.decile,
-                        min_version=0, normalize=cfg.rewards.normalize)
-    ok = ps.version == 0
-    if order is not None:
-        mine = np.asarray(order[:int(cfg.pairs.backgrounds)], dtype=np.int64)
-        ok &= np.isin(store.backgrounds()["bg_id"][ps.background].astype(np.int64), mine)
-    keep = np.flatnonzero(ok)
+                        seed=alignment_seed(cfg.run.seed, cfg.dpo.seed), top_k=cfg.pairs.top_k_phys,
+                        decile=cfg.pairs.decile, min_version=0, normalize=cfg.rewards.normalize,
+                        bg_ids=mine)
+    keep = np.flatnonzero(ps.version == 0)
     ps = PairSet(ps.winner[keep], ps.loser[keep], ps.background[keep], ps.version[keep], ps.hash[keep],
                  ps.mode)
     if len(ps) == 0:
@@ -289,7 +288,7 @@ def _online_stage(cfg: Config, ws: Workspace, ctx: dict, store: PairStore, steps
     if cfg.dpo.mode == "async":  # the trial's store warm-starts the buffer (docs/method.md §9.4)
         m = state["models"]
         return run_async(c, remote.workers(), lambda cc: candidate_pool(cc, m, pref.lat, pref.lon),
-                         out_dir.parent / "pairs-async.zarr", m.codec.latent_shape, pref.tasks,
+                         m.codec.latent_shape, pref.tasks,
                          pref.order, Path(ctx["reference_ckpt"]), cfg.pairs.mode, out_dir,
                          progress=False, log=lambda msg: None, warm_store=store)
     return run_online(c, ws, state["pool"], store, pref.tasks, pref.order, Path(ctx["reference_ckpt"]),
