@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: the machine's CPU name and BENCHMARKS.md sections."""
+"""Helpers shared by the benchmark scripts: the machine's CPU name, BENCHMARKS.md sections and an
+evaluation split of the default world's caches."""
 
 from __future__ import annotations
 
@@ -32,3 +33,32 @@ def replace_section(section: str, text: str, path: Path = ROOT / "BENCHMARKS.md"
     else:
         new = old.rstrip("\n") + "\n\n" + text
     path.write_text(new)
+
+
+def split_setup(overrides: list[str], split: str):
+    """The default world's caches for an evaluation on ``split`` (val | test): ``(cfg, ecfg, ws,
+    store, pre, data)``, where ``ecfg`` takes its evaluation times from ``split`` and ``data`` holds
+    that split's truth and backgrounds (the run's world and pretrained models, from ``run.workdir``)."""
+    import copy
+
+    import actors
+    from align_rl.config import load_config
+    from align_rl.world.dataset import ensure_world
+    from align_rl.evaluation.runner import EvalData
+    from align_rl.training.pretraining import ensure_pretrained
+    from align_rl.world.splits import SplitData
+    from align_rl.training.harness import init_ray
+    from align_rl.workspace import Workspace
+
+    cfg = load_config(overrides=overrides)
+    ws = Workspace.from_config(cfg)
+    actors.install()  # the Ray actors the stages use (align_rl.remote)
+    init_ray()
+    store = ensure_world(cfg, ws, progress=False)
+    pre = ensure_pretrained(cfg, ws, progress=False)
+    sd = SplitData(cfg, ws, store, pre, progress=False, split=split)
+    data = EvalData(sd.truth, sd.backgrounds, sd.normalizer, pre.codec, pre.forecaster,
+                    truth_store=Path(store))
+    ecfg = copy.deepcopy(cfg)
+    ecfg.data.test = list(getattr(cfg.data, split))  # the evaluation's times come from this split
+    return cfg, ecfg, ws, store, pre, data

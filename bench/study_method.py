@@ -20,7 +20,6 @@ The pretrained models and the world come from the workdir's caches (``run.workdi
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -29,29 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _setup(overrides: list[str], split: str):
-    import actors
-    from align_rl.config import load_config
-    from align_rl.world.dataset import ensure_world
-    from align_rl.evaluation.runner import EvalData
-    from align_rl.training.pretraining import ensure_pretrained
-    from align_rl.world.splits import SplitData
-    from align_rl.training.harness import init_ray
-    from align_rl.workspace import Workspace
-
-    cfg = load_config(overrides=overrides)
-    ws = Workspace.from_config(cfg)
-    actors.install()  # the Ray actors the stages use (align_rl.remote)
-    init_ray()
-    store = ensure_world(cfg, ws, progress=False)
-    pre = ensure_pretrained(cfg, ws, progress=False)
-    sd = SplitData(cfg, ws, store, pre, progress=False, split=split)
-    data = EvalData(sd.truth, sd.backgrounds, sd.normalizer, pre.codec, pre.forecaster,
-                    truth_store=Path(store))
-    ecfg = copy.deepcopy(cfg)
-    ecfg.data.test = list(getattr(cfg.data, split))  # the evaluation's times come from this split
-    return cfg, ecfg, ws, store, pre, data
+from bench._common import split_setup  # noqa: E402
 
 
 def _rows(ev, tag: str) -> list[dict]:
@@ -91,7 +68,7 @@ def cmd_analyses(args) -> None:
     from align_rl.evaluation.runner import run_evaluation
 
     for dec in (args.decode or ["plain", "anchored"]):
-        cfg, ecfg, ws, store, pre, data = _setup(args.overrides + [f"sampler.decode={dec}"], args.split)
+        cfg, ecfg, ws, store, pre, data = split_setup(args.overrides + [f"sampler.decode={dec}"], args.split)
         t = time.perf_counter()
         s = run_evaluation(ecfg, ws, {"reference": pre.eps_model}, data=data,
                            out=Path(ws.root) / "study" / f"analyses-{dec}-{args.split}", progress=False)
@@ -108,7 +85,7 @@ def cmd_align(args) -> None:
     from align_rl.evaluation.runner import run_evaluation
     from align_rl.pipeline import run
 
-    cfg, ecfg, ws, store, pre, data = _setup(args.overrides, args.split)
+    cfg, ecfg, ws, store, pre, data = split_setup(args.overrides, args.split)
     t0 = time.perf_counter()
     summary = run(cfg, progress=False, evaluate=False)  # the main job's pairs and DPO, cached
     models = {"reference": pre.eps_model}
