@@ -120,8 +120,8 @@ def draw_candidates(codec: Any, eps_model: Any, tasks: Sequence[BackgroundTask],
 
     out = []
     for task in tasks:
-        x_b = torch.from_numpy(np.asarray(task.x_b, np.float32))[None]
-        truth = torch.from_numpy(np.asarray(task.truth, np.float32))[None]
+        x_b = torch.from_numpy(np.array(task.x_b, np.float32))[None]
+        truth = torch.from_numpy(np.array(task.truth, np.float32))[None]
         g_obs = torch.Generator().manual_seed(seed_of(seed, task.bg_id))
         obs = make_observations(truth, obs_cfg.density, obs_cfg.sigma_o, obs_cfg.mode,
                                 obs_cfg.r_floor, generator=g_obs)
