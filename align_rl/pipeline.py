@@ -157,7 +157,8 @@ def run(cfg: Config, progress: bool = True, evaluate: bool = True) -> dict:
     with stage("backgrounds of the preference split", LOG) as st:
         pref = SplitData(cfg, ws, store, models, progress, split="pref")
     timings["backgrounds_s"] = st.seconds
-    _log(f"preference split: {len(pref.times)} usable times, using {cfg.pairs.backgrounds} "
+    _log(f"preference split: {len(pref.times)} usable times, using "
+         f"{min(int(cfg.pairs.backgrounds), len(pref.times))} "
          f"backgrounds × {cfg.pairs.candidates} candidates ({cfg.pairs.guidance})")
 
     meta = identity.pair_store(cfg, reference_ckpt)

@@ -64,16 +64,17 @@ BEFORE: dict[str, set[str]] = {
 # fields declared their caches: the same inputs give the same keys, so existing workdirs are reused.
 # The pairs, dpo and sweep keys changed once since, on purpose: the forecasts' first frame became
 # the background at t − 6 h shifted by the analysis increment (identity.FORECAST_FIRST_FRAME).
+# The dpo key changed once more, on purpose: the default pairs.backgrounds went from 64 to 160.
 BEFORE_KEYS = {
     "default": {"world": "b15dfa86bdf07294", "normalization": "726edebff2857bbf",
                 "forecaster": "abc26e59a9916feb", "vae": "eba58d3905614c06", "diffusion": "9e1e15f5f22df0a9",
-                "pairs": "16e9c63d0d5b37ec", "dpo": "6dc3d3cdbcd5ba13", "sweep": "dcf7517815ae872e"},
+                "pairs": "16e9c63d0d5b37ec", "dpo": "d1fc3bc371cb1e10", "sweep": "dcf7517815ae872e"},
     "async": {"world": "b15dfa86bdf07294", "normalization": "726edebff2857bbf",
               "forecaster": "abc26e59a9916feb", "vae": "eba58d3905614c06", "diffusion": "9e1e15f5f22df0a9",
-              "pairs": "16e9c63d0d5b37ec", "dpo": "fcb0e5f101e767f3", "sweep": "dcf7517815ae872e"},
+              "pairs": "16e9c63d0d5b37ec", "dpo": "7a9caf881f2503fa", "sweep": "dcf7517815ae872e"},
     "unless_set": {"world": "4d13e1c2f59b2991", "normalization": "ce5dc8e7e027794f",
                    "forecaster": "6f13857ba45e20f2", "vae": "6f2b00139da00668",
-                   "diffusion": "b49aad8886fcf549", "pairs": "25ff2e8906069b70", "dpo": "b7c224fc9c46e185",
+                   "diffusion": "b49aad8886fcf549", "pairs": "25ff2e8906069b70", "dpo": "353f46a0adab3410",
                    "sweep": "bf4a02efdcb7c4f5"},
 }
 VARIANTS = {"default": [], "async": ["dpo.mode=async"],
