@@ -152,6 +152,17 @@ def test_overrides_go_to_the_config_or_to_the_sweep_file():
     assert cfg.dpo.steps == 7
 
 
+def test_a_search_dimension_on_the_command_line_replaces_the_files():
+    """The simplex of reward_simplex.yaml replaced by one weighting (the default's, to validate it
+    exactly as the front's trials): not merged into a dimension of two kinds."""
+    _, ov = split_overrides(["name=reward_default",
+                             "search.rewards.weights={grid: [{assim: 1, forecast: 1, phys: 1}]}"])
+    spec = load_spec(REPO / "tune_configs" / "reward_simplex.yaml", ov)
+    dim = spec.search["rewards.weights"]
+    assert spec.name == "reward_default" and dim.kind == "grid"
+    assert dim.values == [{"assim": 1, "forecast": 1, "phys": 1}] and spec.grid_size() == 1
+
+
 def test_trial_config_applies_dotted_params_and_replaces_weights():
     base = load_config(overrides=["rewards.weights={assim: 1, forecast: 1, phys: 1}"])
     cfg = trial_config(base, {"dpo.beta": 123.0, "pairs.mode": "P",

@@ -342,9 +342,13 @@ def parse_spec(raw: Any, source: str = "<sweep>", overrides: dict[str, Any] | No
     nested mapping, :func:`split_overrides`); ConfigError names the file and the bad key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source} must hold a mapping (name, search, metric, ...)")
+    over = overrides or {}
+    if isinstance(over.get("search"), dict) and isinstance(raw.get("search"), dict):
+        # a dimension given on the command line replaces the file's dimension of that key whole
+        raw = {**raw, "search": {k: v for k, v in raw["search"].items() if k not in over["search"]}}
     try:
         spec = SweepSpec()
-        apply(spec, _normalise(merge(raw, overrides or {}, replace=("weights",)), source), what="sweep")
+        apply(spec, _normalise(merge(raw, over, replace=("weights",)), source), what="sweep")
         spec.question = spec.question.strip()
         spec.base = nest(spec.base)
         raise_problems(check_rules(spec, SPEC_RANGES), "sweep")
