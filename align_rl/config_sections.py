@@ -243,8 +243,8 @@ class PairsConfig:
     # its DPO folder (dpo/<variant>-<mode>-<key>), so it is no part of the key
     mode: str = runtime("M")
     candidates: int = cached(16, "pairs", "dpo")  # N candidates per background (paper: 32)
-    # preference backgrounds drawn from the pref split, at most its usable times (158 on the
-    # default world: all of them); 160 against 64 gave a larger gain on val at equal learner
+    # preference backgrounds drawn from the pref split: at most this many (a larger value takes
+    # every usable time, 158 on the default world, in the main job and in sweeps alike); 160 against 64 gave a larger gain on val at equal learner
     # steps, 3 seeds (BENCHMARKS.md, "Online against offline")
     backgrounds: int = cached(160, "dpo")
     pairs_per_background: int = cached(16, "dpo")

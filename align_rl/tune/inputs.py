@@ -9,6 +9,7 @@ so that each trial also reports its paired % change against the reference.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,6 @@ from typing import Any
 from align_rl import identity
 from align_rl.config import Config
 from align_rl.evaluation.runner import EvalData, run_evaluation
-from align_rl.errors import ConfigError
 from align_rl.io import era5
 from align_rl.pipeline import open_pair_store
 from align_rl.training.pretraining import ensure_pretrained
@@ -28,6 +28,8 @@ from align_rl.tune.trial import (
 from align_rl.workspace import Workspace
 from align_rl.world.dataset import ensure_world
 from align_rl.world.splits import SplitData, open_split
+
+LOG = logging.getLogger("align_rl.sweep")
 
 
 def prepare_shared(cfg: Config, spec: SweepSpec, out: Path, progress: bool = True) -> dict[str, Any]:
@@ -85,9 +87,10 @@ def _ensure_pairs(cfg: Config, ws: Any, progress: bool, backgrounds: int) -> tup
     pref = SplitData(cfg, ws, world, models, progress, split="pref")
     store = open_pair_store(cfg, ws, tuple(models.codec.latent_shape), reference_ckpt)
     path = Path(store.path)
-    if backgrounds > len(pref.order):
-        raise ConfigError(f"pairs.backgrounds={backgrounds} but the preference split (data.pref) has "
-                          f"{len(pref.order)} usable times; lower it or widen data.pref")
+    if backgrounds > len(pref.order):  # at most the usable times, as in the main job
+        LOG.warning(f"pairs.backgrounds={backgrounds} is more than the {len(pref.order)} usable times of "
+                    f"data.pref: trials use all {len(pref.order)} (a wider data.pref gives more)")
+        backgrounds = len(pref.order)
     first = [int(i) for i in pref.order[:int(backgrounds)]]
     todo = [i for i in first if (i, 0, cfg.pairs.guidance) not in store.done_keys()]
     if todo:
