@@ -20,6 +20,7 @@ from typing import Any
 
 from align_rl import identity, remote
 from align_rl.alignment.async_loop import BUFFER_STORE, run_async
+from align_rl.alignment.candidates import first_backgrounds
 from align_rl.alignment.learner import run_dpo
 from align_rl.alignment.online import run_online
 from align_rl.alignment.pairs import alignment_seed
@@ -117,7 +118,7 @@ def _dpo_variant(cfg: Config, ws: Workspace, v: str, pool: Any, pstore: Any, pre
         alignment_seed(cfg.run.seed, cfg.dpo.seed),
         cfg.pairs.top_k_phys, cfg.pairs.decile, min_version=0,
         normalize=cfg.rewards.normalize,
-        bg_ids=[int(i) for i in pref.order[:int(cfg.pairs.backgrounds)]])
+        bg_ids=first_backgrounds(pref.order, cfg.pairs.backgrounds))
     res = run_dpo(cfg, ws, (pstore, ps), reference_ckpt, out_dir=out_dir, mode=v,
                   progress=progress, validation=_validation_for(val_ctx, cfg, v))
     return res, len(ps)
@@ -170,7 +171,7 @@ def run(cfg: Config, progress: bool = True, evaluate: bool = True) -> dict:
     try:
         if cfg.dpo.mode == "offline":
             with stage("pairs", LOG) as st:
-                first = [int(i) for i in pref.order[:int(cfg.pairs.backgrounds)]]
+                first = first_backgrounds(pref.order, cfg.pairs.backgrounds)
                 built = pool.build(pref.tasks(first), pstore, variants, progress=progress)
             timings["pairs_s"] = st.seconds
             _log(f"pairs: {built['pairs']} new ({built['backgrounds']} backgrounds in "

@@ -49,6 +49,7 @@ from align_rl.alignment.async_feed import SAMPLER_TIMELINE, SamplerFeed
 from align_rl.alignment.async_task import TIMELINE_FILE, async_dpo_task, version_at
 from align_rl.alignment.async_validation import VALIDATION_FILE, read_records
 from align_rl.alignment.buffer import warm_groups
+from align_rl.alignment.candidates import first_backgrounds
 from align_rl.alignment.dpo_task import BEST_FILE, GAIN, POLICY_FILE
 from align_rl.alignment.learner import DPOResult, _diffusion_section, _wandb
 from align_rl.alignment.loop_metrics import loop_metrics
@@ -236,7 +237,7 @@ def run_async(cfg: Config, workers: Any, make_pool: Callable[[Config], Any],
     buffer = st.buffer(str(out_dir / BUFFER_STORE), tuple(latent_shape), list(cfg.rewards.names), mode,
                        int(d.staleness), int(d.reuse), str(out_dir), seed, meta)
     if warm_store is not None and bool(d.warm_start) and warm_store.num_pairs:
-        first = [int(i) for i in order[:int(cfg.pairs.backgrounds)]]
+        first = first_backgrounds(order, cfg.pairs.backgrounds)
         added = ray.get(buffer.add.remote(warm_groups(warm_store, mode, cfg.rewards.weights, cfg.pairs,
                                                       seed, cfg.rewards.normalize, first)))
         log(f"async DPO-{mode}: warm start, {added['pairs']} pairs of the offline store added")

@@ -86,6 +86,12 @@ def background_order(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed_of(seed, 7)).permutation(n)
 
 
+def first_backgrounds(order: Sequence[int], n: int) -> list[int]:
+    """The preference backgrounds an offline run uses: the first ``n`` (``pairs.backgrounds``)
+    ids of the seeded ``order`` (:func:`background_order`; all of them when ``n`` is larger)."""
+    return [int(i) for i in order[:int(n)]]
+
+
 def make_tasks(ids: Sequence[int], times: np.ndarray, truth: Any, backgrounds: Any, normalizer: Any,
                forecast_hours: int | None) -> list[BackgroundTask]:
     """Tasks of background ids (positions in ``times``) from ``States`` of the truth and the

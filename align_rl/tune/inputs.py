@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from align_rl import identity
+from align_rl.alignment.candidates import first_backgrounds
 from align_rl.config import Config
 from align_rl.evaluation.runner import EvalData, run_evaluation
 from align_rl.io import era5
@@ -91,7 +92,7 @@ def _ensure_pairs(cfg: Config, ws: Any, progress: bool, backgrounds: int) -> tup
         LOG.warning(f"pairs.backgrounds={backgrounds} is more than the {len(pref.order)} usable times of "
                     f"data.pref: trials use all {len(pref.order)} (a wider data.pref gives more)")
         backgrounds = len(pref.order)
-    first = [int(i) for i in pref.order[:int(backgrounds)]]
+    first = first_backgrounds(pref.order, backgrounds)
     todo = [i for i in first if (i, 0, cfg.pairs.guidance) not in store.done_keys()]
     if todo:
         pool = candidate_pool(cfg, models, pref.lat, pref.lon)

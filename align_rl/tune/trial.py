@@ -28,6 +28,7 @@ import numpy as np
 from align_rl import remote
 from align_rl.alignment.learner import run_dpo
 from align_rl.alignment.async_loop import run_async
+from align_rl.alignment.candidates import first_backgrounds
 from align_rl.alignment.pairs import alignment_seed
 from align_rl.alignment.online import run_online
 from align_rl.config import Config, config_from_dict, with_values
@@ -178,7 +179,7 @@ def _policy_pairs(store: PairStore, cfg: Config, order: list[int] | None = None)
     (policy version 0) with the trial's reward weights and pair mode; with the seeded background
     ``order``, only those of its first ``pairs.backgrounds`` backgrounds (the shared store holds
     the most any trial uses)."""
-    mine = None if order is None else [int(i) for i in order[:int(cfg.pairs.backgrounds)]]
+    mine = None if order is None else first_backgrounds(order, cfg.pairs.backgrounds)
     ps = store.reselect(cfg.rewards.weights, cfg.pairs.mode, per_background=cfg.pairs.pairs_per_background,
                         seed=alignment_seed(cfg.run.seed, cfg.dpo.seed), top_k=cfg.pairs.top_k_phys,
                         decile=cfg.pairs.decile, min_version=0, normalize=cfg.rewards.normalize,
