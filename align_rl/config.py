@@ -175,6 +175,7 @@ RANGES: dict[str, Rule] = {
     "forecaster.hidden": integer(1),
     "forecaster.depth": integer(1),
     "forecaster.steps": integer(1),
+    "forecaster.precision": choice("auto", "fp32", "bf16"),
     "forecaster.val_every": integer(0),  # 0: pretrain.val_every
     "forecaster.patience": integer(0),  # 0: no early stopping
     "forecaster.lr": POSITIVE,
@@ -188,6 +189,9 @@ RANGES: dict[str, Rule] = {
     "vae.window": integer(1),
     "vae.kl_weight": NON_NEGATIVE,
     "vae.steps": integer(1),
+    "vae.precision": choice("auto", "fp32", "bf16"),
+    "vae.num_workers": integer(0),  # 0: pretrain.num_workers
+    "vae.cpus_per_worker": integer(0),  # 0: pretrain.cpus_per_worker
     "vae.val_every": integer(0),  # 0: pretrain.val_every
     "vae.patience": integer(0),  # 0: no early stopping
     "vae.lr": POSITIVE,
@@ -201,6 +205,7 @@ RANGES: dict[str, Rule] = {
     "diffusion.num_workers": integer(0),  # 0: pretrain.num_workers
     "diffusion.cpus_per_worker": integer(0),  # 0: pretrain.cpus_per_worker
     "diffusion.steps": integer(1),
+    "diffusion.precision": choice("auto", "fp32", "bf16"),
     "diffusion.val_every": integer(0),  # 0: pretrain.val_every
     "diffusion.patience": integer(0),  # 0: no early stopping
     "diffusion.lr": POSITIVE,

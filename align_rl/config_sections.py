@@ -127,6 +127,10 @@ class ForecasterConfig:
     steps: int = cached(800, "forecaster")
     lr: float = cached(1e-3, "forecaster")
     batch_size: int = cached(16, "forecaster")
+    # precision of the training step's forward pass (align_rl.training.loop.autocast): auto = bf16
+    # autocast where the hardware does bf16 arithmetic (1.5x faster steps on an AVX512-BF16 CPU,
+    # BENCHMARKS.md), else fp32; fp32 | bf16 force it. Rollouts always run in float32
+    precision: str = cached("auto", "forecaster")
     # early stopping as for diffusion (0, 0: validate every pretrain.val_every, train all steps)
     val_every: int = cached(0, "forecaster", unless_set=True)
     patience: int = cached(0, "forecaster", unless_set=True)
@@ -147,6 +151,12 @@ class VAEConfig:
     steps: int = cached(3000, "vae")
     lr: float = cached(1e-3, "vae")
     batch_size: int = cached(16, "vae")
+    # as forecaster.precision; fp32 by default: bf16 made the VAE's window-attention step no faster
+    precision: str = cached("fp32", "vae", unless_set=True)
+    # Ray Train workers and CPUs (= torch threads) per worker, as for diffusion: one 2-thread
+    # worker took a VAE step 1.2x faster than 2 single-thread DDP workers (BENCHMARKS.md)
+    num_workers: int = runtime(1)
+    cpus_per_worker: int = runtime(2)
     # early stopping as for diffusion (0, 0: validate every pretrain.val_every, train all steps)
     val_every: int = cached(0, "vae", unless_set=True)
     patience: int = cached(0, "vae", unless_set=True)
@@ -174,12 +184,14 @@ class DiffusionConfig:
     steps: int = cached(2000, "diffusion")
     lr: float = cached(1e-3, "diffusion")
     batch_size: int = cached(32, "diffusion")
+    precision: str = cached("auto", "diffusion")  # as forecaster.precision (1.4x on a bf16 CPU)
     # early stopping on the validation split's score-matching loss: validate every val_every
     # steps (0 = pretrain.val_every), stop after patience validations without a lower loss and
     # keep the best (0 = train all steps, keep the last). On the independent default world the
-    # loss is lowest after a few hundred steps and rises after (BENCHMARKS.md, pretraining)
+    # loss is lowest after a few hundred steps and rises after (BENCHMARKS.md, pretraining); 3
+    # validations: the loss was flat within 1 % from step 150 to its minimum and rose after it
     val_every: int = cached(50, "diffusion")
-    patience: int = cached(6, "diffusion")
+    patience: int = cached(3, "diffusion")
 
 
 @dataclass
@@ -389,7 +401,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "data": {"grid": "128x256"},
         "vae": {"preset": "paper", "embed_dim": 1024, "depth": 24, "heads": 16, "window": 8,
-                "lr": 2e-4, "batch_size": 32, "steps": 140_000},
+                "lr": 2e-4, "batch_size": 32, "steps": 140_000,
+                "num_workers": 0, "cpus_per_worker": 0},  # the pretrain section's GPU workers
         "diffusion": {"preset": "paper", "embed_dim": 1024, "depth": 24, "heads": 16,
                       "steps": 100_000, "lr": 1e-4, "batch_size": 32,
                       "num_workers": 0, "cpus_per_worker": 0},  # the pretrain section's GPU workers

@@ -9,7 +9,13 @@ flushing denormals to zero keeps every step at the live cost (``bench/bench_alig
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+"""x86 CPU flags of native bf16 arithmetic (``/proc/cpuinfo``)."""
 
 
 def configure_worker(threads: int | float = 1) -> int:
@@ -20,3 +26,20 @@ def configure_worker(threads: int | float = 1) -> int:
     torch.set_num_threads(n)
     torch.set_flush_denormal(True)
     return n
+
+
+def has_bf16_flags(cpuinfo: str) -> bool:
+    """Whether the first ``flags`` line of a ``/proc/cpuinfo`` text names native bf16 arithmetic."""
+    flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), [])
+    return any(f in flags for f in BF16_FLAGS)
+
+
+@functools.lru_cache(maxsize=1)
+def native_bf16() -> bool:
+    """Whether this machine's CPU does bf16 arithmetic natively (AVX512-BF16 or AMX, read from
+    ``/proc/cpuinfo``; False elsewhere): there bf16 autocast speeds up matrix products; without it
+    oneDNN emulates bf16, slower than float32 (``bench/bench_precision.py``)."""
+    try:
+        return has_bf16_flags(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return False

@@ -42,6 +42,7 @@ def split_setup(overrides: list[str], split: str):
     import copy
 
     import actors
+    from align_rl import logs
     from align_rl.config import load_config
     from align_rl.world.dataset import ensure_world
     from align_rl.evaluation.runner import EvalData
@@ -52,6 +53,7 @@ def split_setup(overrides: list[str], split: str):
 
     cfg = load_config(overrides=overrides)
     ws = Workspace.from_config(cfg)
+    logs.setup(cfg.run.workdir)  # Ray's own records to <workdir>/logs/align_rl.log, not the console
     actors.install()  # the Ray actors the stages use (align_rl.remote)
     init_ray()
     store = ensure_world(cfg, ws, progress=False)

@@ -24,7 +24,9 @@ from align_rl.models.forecaster import (EmulatorForecaster, Forecaster, Regridde
 # lists of da403fd). "dpo_sampled": the fields that enter a DPO run's key only when dpo.mode has
 # samplers (sync, async). One field was added deliberately: pretrain.val_every now enters the
 # pretrained models' keys (declared unless_set, so only when changed: a model whose own val_every
-# is 0 validates at that interval and, with its patience, keeps the best one validated).
+# is 0 validates at that interval and, with its patience, keeps the best one validated). Two more
+# since, deliberately, in the keys at every value: forecaster.precision and diffusion.precision
+# (bf16 autocast where the hardware does bf16 arithmetic trains other weights).
 BEFORE: dict[str, set[str]] = {
     "dataset": {"data.burn_in_days", "data.coarsen", "data.days", "data.gap_days", "data.grid",
                 "data.members", "data.normalization", "data.pref", "data.seed", "data.source",
@@ -32,14 +34,14 @@ BEFORE: dict[str, set[str]] = {
     "forecaster": {"forecaster.batch_size", "forecaster.depth", "forecaster.hidden", "forecaster.kind",
                    "forecaster.lat_north_to_south", "forecaster.lr", "forecaster.mean_path",
                    "forecaster.path", "forecaster.std_path", "forecaster.steps", "forecaster.val_every",
-                   "forecaster.patience", "run.seed"},
+                   "forecaster.patience", "forecaster.precision", "run.seed"},
     "vae": {"run.seed", "vae.batch_size", "vae.depth", "vae.embed_dim", "vae.heads", "vae.kl_weight",
             "vae.latent_channels", "vae.lr", "vae.patch", "vae.preset", "vae.steps", "vae.window",
             "vae.val_every", "vae.patience"},
     "diffusion": {"diffusion.background_skip", "diffusion.batch_size", "diffusion.depth",
                   "diffusion.embed_dim", "diffusion.eps_skip", "diffusion.heads", "diffusion.lr",
                   "diffusion.patch", "diffusion.preset", "diffusion.steps", "diffusion.val_every",
-                  "diffusion.patience", "run.seed"},
+                  "diffusion.patience", "diffusion.precision", "run.seed"},
     "backgrounds": set(),
     "pairs": {"data.pref", "guidance.dps_gamma", "guidance.dps_likelihood", "guidance.dps_zeta",
               "guidance.methods", "obs.density", "obs.mode", "obs.r_floor", "obs.sigma_o",
@@ -65,17 +67,19 @@ BEFORE: dict[str, set[str]] = {
 # The pairs, dpo and sweep keys changed once since, on purpose: the forecasts' first frame became
 # the background at t − 6 h shifted by the analysis increment (identity.FORECAST_FIRST_FRAME).
 # The dpo key changed once more, on purpose: the default pairs.backgrounds went from 64 to 160.
+# The forecaster and diffusion keys (and the later ones) changed on purpose: their precision
+# fields, and diffusion.patience 6 -> 3.
 BEFORE_KEYS = {
     "default": {"world": "b15dfa86bdf07294", "normalization": "726edebff2857bbf",
-                "forecaster": "abc26e59a9916feb", "vae": "eba58d3905614c06", "diffusion": "9e1e15f5f22df0a9",
-                "pairs": "16e9c63d0d5b37ec", "dpo": "d1fc3bc371cb1e10", "sweep": "dcf7517815ae872e"},
+                "forecaster": "ba32c2fdfa742f02", "vae": "eba58d3905614c06", "diffusion": "8eec85387f9fc0f2",
+                "pairs": "b5e1fd1baed4fa6b", "dpo": "e78e3a53296735a8", "sweep": "92201ea915bf742c"},
     "async": {"world": "b15dfa86bdf07294", "normalization": "726edebff2857bbf",
-              "forecaster": "abc26e59a9916feb", "vae": "eba58d3905614c06", "diffusion": "9e1e15f5f22df0a9",
-              "pairs": "16e9c63d0d5b37ec", "dpo": "7a9caf881f2503fa", "sweep": "dcf7517815ae872e"},
+              "forecaster": "ba32c2fdfa742f02", "vae": "eba58d3905614c06", "diffusion": "8eec85387f9fc0f2",
+              "pairs": "b5e1fd1baed4fa6b", "dpo": "9aaf5238d2eaacd4", "sweep": "92201ea915bf742c"},
     "unless_set": {"world": "4d13e1c2f59b2991", "normalization": "ce5dc8e7e027794f",
-                   "forecaster": "6f13857ba45e20f2", "vae": "6f2b00139da00668",
-                   "diffusion": "b49aad8886fcf549", "pairs": "25ff2e8906069b70", "dpo": "353f46a0adab3410",
-                   "sweep": "bf4a02efdcb7c4f5"},
+                   "forecaster": "810294282dab7c98", "vae": "6f2b00139da00668",
+                   "diffusion": "f7ecc1f773320998", "pairs": "bf98311b083bfa6e", "dpo": "24d74f24ca528ab3",
+                   "sweep": "833f7d78325e1abc"},
 }
 VARIANTS = {"default": [], "async": ["dpo.mode=async"],
             "unless_set": ["sampler.autocast=bf16", "dpo.gpus_per_worker=0.5", "data.stats_times=10"]}

@@ -312,3 +312,53 @@ def test_auto_workers_follow_the_cluster_not_the_free_cpus(monkeypatch):
     assert auto_workers(pre) == 2  # capped
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     assert auto_workers(pre) == 1
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def test_native_bf16_reads_the_cpu_flags():
+    from align_rl.cpu import has_bf16_flags
+
+    assert has_bf16_flags("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert has_bf16_flags("flags : sse amx_bf16 amx_tile\n")
+    assert not has_bf16_flags("flags\t\t: fpu avx2 avx512f avx512bw\n")
+    assert not has_bf16_flags("no flags line here\n")
+
+
+def test_auto_precision_is_bf16_only_on_a_cpu_with_bf16_arithmetic(monkeypatch):
+    import align_rl.training.loop as loop_mod
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(loop_mod, "native_bf16", lambda: True)
+    assert loop_mod.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(loop_mod, "native_bf16", lambda: False)
+    assert loop_mod.resolve_precision("auto", cpu) == "fp32"
+    assert loop_mod.resolve_precision("bf16", cpu) == "bf16"  # forced
+    assert loop_mod.resolve_precision(None, cpu) == "fp32"
+    with pytest.raises(ValueError, match="fp16.*auto, fp32, bf16"):
+        loop_mod.resolve_precision("fp16", cpu)
+
+
+class _Dtype(_Line):
+    """The line task, recording the dtype of the network's output."""
+
+    def loss(self, model, batch, gen):
+        (x,) = batch
+        y = model(x)
+        self.dtype = y.dtype
+        return torch.mean((y.float() - 3 * x) ** 2), {}
+
+
+def test_bf16_runs_the_forward_pass_in_bf16_and_learns_as_float32_does(tmp_path):
+    """Under bf16 the linear layer's output is bf16 while the weights stay float32, and 60 steps
+    end where float32's do (to bf16's 3 significant digits)."""
+    w = {}
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        loop = Loop(_config(tmp_path / precision, make_task=_Dtype, steps=60, precision=precision), Worker())
+        for _ in range(60):
+            loop.train_step()
+        assert loop.task.dtype == dtype and loop.raw.weight.dtype == torch.float32
+        w[precision] = float(loop.raw.weight)
+    assert 2.5 < w["fp32"] < 3.0  # on its way to y = 3x
+    assert w["bf16"] == pytest.approx(w["fp32"], abs=0.01)

@@ -277,7 +277,7 @@ def fit_loop(config: dict[str, Any], scaling, storage_path: str | Path, run_name
     return result, time.perf_counter() - t0
 
 
-WANDB_KEYS = ("task", "model_cfg", "steps", "lr", "batch_size", "seed", "num_workers")
+WANDB_KEYS = ("task", "model_cfg", "steps", "lr", "batch_size", "seed", "num_workers", "precision")
 
 
 def run_training(

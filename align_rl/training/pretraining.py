@@ -36,6 +36,7 @@ from align_rl.models.loading import load_forecaster
 from align_rl.models.vae import LatentCodec, build_vae, fit_latent_stats
 from align_rl.training.datasets import fixed_subset, latent_pairs, normalized_values
 from align_rl.training.harness import init_ray, run_training
+from align_rl.training.loop import resolve_precision
 from align_rl.training.quality import evaluate_models, format_summary  # noqa: F401 (the command prints it)
 from align_rl.workspace import Workspace
 from align_rl.world.backgrounds import ensure_backgrounds
@@ -153,19 +154,26 @@ def _log(msg: str) -> None:
 
 def _resources(cfg: Config, stage: str) -> PretrainConfig:
     """``cfg.pretrain`` with ``use_gpu`` resolved from ``run.device``
-    (:func:`~align_rl.devices.resolve_use_gpu`) and, for the score model, its own
-    ``num_workers`` / ``cpus_per_worker`` (0: keep the pretrain value; the CPUs per worker capped
-    by the Ray cluster's CPUs when the workers run on CPUs)."""
+    (:func:`~align_rl.devices.resolve_use_gpu`) and, for a model whose section has them (the VAE,
+    the score model), its own ``num_workers`` / ``cpus_per_worker`` (0: keep the pretrain value;
+    the CPUs per worker capped by the Ray cluster's CPUs when the workers run on CPUs)."""
     init_ray()
     pre = replace(cfg.pretrain, use_gpu=resolve_use_gpu(cfg.run.device, cfg.pretrain.use_gpu,
                                                         "pretrain.use_gpu"))
-    if stage != "diffusion":
+    d = getattr(cfg, stage)
+    if not hasattr(d, "cpus_per_worker"):
         return pre
-    d = cfg.diffusion
     cpus = int(d.cpus_per_worker) or int(pre.cpus_per_worker)
     if not pre.use_gpu and ray.is_initialized():
         cpus = max(1, min(cpus, int(ray.cluster_resources().get("CPU", 1))))
     return replace(pre, num_workers=int(d.num_workers) or int(pre.num_workers), cpus_per_worker=cpus)
+
+
+def _precision(precision: str, use_gpu: bool) -> str:
+    """``precision`` for the log line, ``auto`` with what it means on this machine."""
+    if precision != "auto":
+        return precision
+    return f"auto = {resolve_precision('auto', torch.device('cuda' if use_gpu else 'cpu'))} here"
 
 
 def _train(cfg: Config, ws: Workspace, stage: str, loop_config: dict, ident: dict,
@@ -178,6 +186,7 @@ def _train(cfg: Config, ws: Workspace, stage: str, loop_config: dict, ident: dic
     lc.update(model_cfg=asdict(section), steps=int(section.steps), lr=float(section.lr),
               val_every=int(section.val_every), patience=int(section.patience),
               batch_size=int(section.batch_size), seed=int(cfg.run.seed),
+              precision=str(getattr(section, "precision", "fp32")),
               wandb=_wandb(cfg, ws, stage, ih), plugins=list(cfg.run.plugins))
     lc.update(extra_loop or {})
     pre = _resources(cfg, stage)
@@ -185,7 +194,7 @@ def _train(cfg: Config, ws: Workspace, stage: str, loop_config: dict, ident: dic
             if int(section.patience) else "")
     _log(f"training {stage}: {section.steps} steps{stop}, batch {section.batch_size}, "
          f"{num_workers or pre.num_workers or 'auto'} worker(s) × {pre.cpus_per_worker} CPU(s)"
-         f"{' + 1 GPU' if pre.use_gpu else ''} "
+         f"{' + 1 GPU' if pre.use_gpu else ''}, precision {_precision(lc['precision'], pre.use_gpu)} "
          f"(run {stage}-{ih})")
     res = run_training(stage, lc, pre, ws.checkpoints(stage), f"{stage}-{ih}", num_workers)
     kept = (f"; kept step {res.metrics['best_step']} of {res.metrics['last_step']}"
