@@ -162,7 +162,7 @@ def score_candidates(forecaster: Any, normalizer: Any, lat: np.ndarray, lon: np.
     out = []
     for task in tasks:
         d = by_id[task.bg_id]
-        fields = torch.from_numpy(d.fields)
+        fields = torch.tensor(d.fields)  # a copy: fields from the object store are read-only
         fc = tfc = None
         if "forecast" in reward_cfg.names:
             if task.x_prev is None or task.truth_fc is None:
