@@ -64,3 +64,19 @@ def split_setup(overrides: list[str], split: str):
     ecfg = copy.deepcopy(cfg)
     ecfg.data.test = list(getattr(cfg.data, split))  # the evaluation's times come from this split
     return cfg, ecfg, ws, store, pre, data
+
+
+def demo_arrays(cfg, n_frames: int = 64):
+    """Random normalised data of the demo shapes for throughput benches (the step cost does not
+    depend on the values): ``(grid, frames (T, 69, H, W), times (T,) 6-hourly, latents (T, C, h, w))``."""
+    import numpy as np
+
+    from align_rl.io.grid import Grid
+    from align_rl.models.vae import build_vae
+
+    g = Grid.parse(cfg.data.grid)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n_frames, 69, g.nlat, g.nlon)).astype(np.float32)
+    times = np.datetime64("2000-01-01", "ns") + np.arange(n_frames) * np.timedelta64(6, "h")
+    z = rng.standard_normal((n_frames, *build_vae(cfg.vae, g).latent_shape)).astype(np.float32)
+    return g, x, times, z

@@ -23,17 +23,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_name  # noqa: E402
+from _common import cpu_name, demo_arrays  # noqa: E402
 
 from align_rl.config import load_config  # noqa: E402
-from align_rl.io.grid import Grid  # noqa: E402
-from align_rl.models.vae import build_vae  # noqa: E402
 from align_rl.training.loop import Loop, Worker  # noqa: E402
 from align_rl.training.tasks import pretrain_task  # noqa: E402
 
@@ -50,12 +47,8 @@ def bf16_flags() -> str:
 def configs(n_frames: int = 64) -> dict[str, dict]:
     """Loop configs of the three pretraining tasks on random data of the demo shapes."""
     cfg = load_config()
-    g = Grid.parse(cfg.data.grid)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((n_frames, 69, g.nlat, g.nlon)).astype(np.float32)
-    times = np.datetime64("2000-01-01", "ns") + np.arange(n_frames) * np.timedelta64(6, "h")
-    C, h, w = build_vae(cfg.vae, g).latent_shape
-    z = rng.standard_normal((n_frames, C, h, w)).astype(np.float32)
+    g, x, times, z = demo_arrays(cfg, n_frames)
+    C, h, w = z.shape[1:]
     common = {"seed": 0, "make_task": pretrain_task, "checkpoint_every": 10**9, "val_every": 0}
 
     def section(name):

@@ -30,16 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_name, replace_section  # noqa: E402
+from _common import cpu_name, demo_arrays, replace_section  # noqa: E402
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from align_rl.config import PretrainConfig, load_config  # noqa: E402
-from align_rl.io.grid import Grid  # noqa: E402
 
 SECTION = "## Pretraining on Ray Train (align_rl.pretrain)"
 LAYOUTS = (("1 worker x 1 thread", 1, 1), ("1 worker x 2 threads", 1, 2), ("2 DDP workers x 1 thread", 2, 1))
@@ -58,14 +56,8 @@ def jobs(cfg, n_frames: int = 64) -> dict[str, dict]:
     """Loop configs of the three models on random data of the demo shapes."""
     import ray
 
-    g = Grid.parse(cfg.data.grid)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((n_frames, 69, g.nlat, g.nlon)).astype(np.float32)
-    times = np.datetime64("2000-01-01", "ns") + np.arange(n_frames) * np.timedelta64(6, "h")
-    from align_rl.models.vae import build_vae
-
-    C, h, w = build_vae(cfg.vae, g).latent_shape
-    z = rng.standard_normal((n_frames, C, h, w)).astype(np.float32)
+    g, x, times, z = demo_arrays(cfg, n_frames)
+    C, h, w = z.shape[1:]
     seq = ray.put({"values": x, "times": times})
     frames = ray.put({"values": x})
     lat = ray.put({"z": z, "z_b": z[::-1].copy()})
