@@ -151,6 +151,8 @@ DATE_RANGE = Rule("[start, end] ISO dates with start <= end, e.g. [2000-01-01, 2
 GUIDANCE_METHODS = registry("align_rl.diffusion.guidance", "METHODS")
 PAIR_MODES = registry("align_rl.alignment.pairs", "MODES")
 
+PRECISION = choice("auto", "fp32", "bf16")  # <model>.precision (align_rl.training.loop.PRECISIONS)
+
 RANGES: dict[str, Rule] = {
     # full key -> rule; "key[]" applies to every list entry, "key.*" to every mapping value
     "run.seed": integer(0),
@@ -175,7 +177,7 @@ RANGES: dict[str, Rule] = {
     "forecaster.hidden": integer(1),
     "forecaster.depth": integer(1),
     "forecaster.steps": integer(1),
-    "forecaster.precision": choice("auto", "fp32", "bf16"),
+    "forecaster.precision": PRECISION,
     "forecaster.val_every": integer(0),  # 0: pretrain.val_every
     "forecaster.patience": integer(0),  # 0: no early stopping
     "forecaster.lr": POSITIVE,
@@ -189,7 +191,7 @@ RANGES: dict[str, Rule] = {
     "vae.window": integer(1),
     "vae.kl_weight": NON_NEGATIVE,
     "vae.steps": integer(1),
-    "vae.precision": choice("auto", "fp32", "bf16"),
+    "vae.precision": PRECISION,
     "vae.num_workers": integer(0),  # 0: pretrain.num_workers
     "vae.cpus_per_worker": integer(0),  # 0: pretrain.cpus_per_worker
     "vae.val_every": integer(0),  # 0: pretrain.val_every
@@ -205,7 +207,7 @@ RANGES: dict[str, Rule] = {
     "diffusion.num_workers": integer(0),  # 0: pretrain.num_workers
     "diffusion.cpus_per_worker": integer(0),  # 0: pretrain.cpus_per_worker
     "diffusion.steps": integer(1),
-    "diffusion.precision": choice("auto", "fp32", "bf16"),
+    "diffusion.precision": PRECISION,
     "diffusion.val_every": integer(0),  # 0: pretrain.val_every
     "diffusion.patience": integer(0),  # 0: no early stopping
     "diffusion.lr": POSITIVE,

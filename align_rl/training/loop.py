@@ -335,6 +335,7 @@ class Loop:
         self.val_every = int(config.get("val_every") or 0)
         self.patience = int(config.get("patience") or 0)
         self.per_worker = per_worker_batch(int(config["batch_size"]), worker.world)
+        self.precision = resolve_precision(config.get("precision"), worker.device)  # once, not per step
         self.window = Window()
 
     @property
@@ -371,7 +372,7 @@ class Loop:
         gen = step_generator(self.seed, step, w.rank, w.device)
         for g in self.opt.param_groups:
             g["lr"] = lr_at(step, self.steps, float(c["lr"]), c.get("warmup"), c.get("decay", "cosine"))
-        with autocast(w.device, c.get("precision")):
+        with autocast(w.device, self.precision):
             loss, parts = self.task.loss(self.model, batch, gen)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{self.task.name} loss is {float(loss)} at step {step}; {self.task.hint}")

@@ -186,7 +186,7 @@ def _train(cfg: Config, ws: Workspace, stage: str, loop_config: dict, ident: dic
     lc.update(model_cfg=asdict(section), steps=int(section.steps), lr=float(section.lr),
               val_every=int(section.val_every), patience=int(section.patience),
               batch_size=int(section.batch_size), seed=int(cfg.run.seed),
-              precision=str(getattr(section, "precision", "fp32")),
+              precision=str(section.precision),
               wandb=_wandb(cfg, ws, stage, ih), plugins=list(cfg.run.plugins))
     lc.update(extra_loop or {})
     pre = _resources(cfg, stage)
